@@ -1,0 +1,135 @@
+//! The process-wide context shared by listeners, the pipeline and the admin API.
+
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use ipnet::IpNet;
+
+use crate::config::Config;
+use crate::integration::http::{build_client, HttpClient};
+use crate::metrics::Metrics;
+use crate::snapshot;
+use crate::state::{LoadError, StateHandle};
+
+pub struct App {
+    pub config: Config,
+    pub state: StateHandle,
+    pub metrics: Metrics,
+    pub client: HttpClient,
+    ready: AtomicBool,
+    draining: AtomicBool,
+    /// Open client connections on the data-plane listeners (drained on shutdown).
+    pub active_connections: AtomicUsize,
+}
+
+impl App {
+    pub fn new(config: Config) -> Result<Arc<Self>, String> {
+        let client = build_client(&config.upstream)?;
+        Ok(Arc::new(Self {
+            config,
+            state: StateHandle::default(),
+            metrics: Metrics::new(),
+            client,
+            ready: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+            active_connections: AtomicUsize::new(0),
+        }))
+    }
+
+    pub fn is_trusted_proxy(&self, ip: IpAddr) -> bool {
+        let ip = canonical_ip(ip);
+        self.config
+            .network
+            .trusted_proxies
+            .iter()
+            .any(|n: &IpNet| n.contains(&ip))
+    }
+
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Release);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire) && !self.draining.load(Ordering::Acquire)
+    }
+
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    /// Loads every `*.json` of the snapshot directory. An invalid file is reported and
+    /// skipped; the others load. Returns (loaded, rejected).
+    pub fn load_snapshot_dir(&self, dir: &Path) -> (usize, usize) {
+        let files = match snapshot::snapshot_files(dir) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::error!(dir = %dir.display(), error = %e, "cannot read the snapshot directory");
+                return (0, 0);
+            }
+        };
+        let (mut loaded, mut rejected) = (0, 0);
+        for file in files {
+            match snapshot::build_file(&file) {
+                Ok(api) => {
+                    let (id, revision) = (api.id.clone(), api.revision);
+                    match self.install(Arc::new(api)) {
+                        Ok(()) => {
+                            tracing::info!(file = %file.display(), api_id = %id, revision, "snapshot loaded");
+                            loaded += 1;
+                        }
+                        Err(e) => {
+                            tracing::error!(file = %file.display(), api_id = %id, error = %e, "snapshot rejected");
+                            rejected += 1;
+                        }
+                    }
+                }
+                Err(issues) => {
+                    self.metrics
+                        .snapshot_reloads
+                        .with_label_values(&["rejected"])
+                        .inc();
+                    for i in &issues {
+                        tracing::error!(file = %file.display(), problem = %i, "invalid snapshot skipped");
+                    }
+                    rejected += 1;
+                }
+            }
+        }
+        (loaded, rejected)
+    }
+
+    /// Publishes a compiled API, counting the outcome.
+    pub fn install(&self, api: Arc<snapshot::CompiledApi>) -> Result<(), LoadError> {
+        let (id, revision) = (api.id.clone(), api.revision);
+        match self.state.install(api) {
+            Ok(()) => {
+                self.metrics
+                    .snapshot_reloads
+                    .with_label_values(&["loaded"])
+                    .inc();
+                self.metrics
+                    .snapshot_revision
+                    .with_label_values(&[&id])
+                    .set(revision as i64);
+                Ok(())
+            }
+            Err(e) => {
+                self.metrics
+                    .snapshot_reloads
+                    .with_label_values(&["rejected"])
+                    .inc();
+                Err(e)
+            }
+        }
+    }
+}
+
+/// An IPv4-mapped IPv6 address as the IPv4 address it carries.
+pub fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        IpAddr::V4(_) => ip,
+    }
+}

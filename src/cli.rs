@@ -1,0 +1,290 @@
+//! Command line (`operations.md`, "Command line"): `run` (the default), `validate`, and
+//! `demo` (the gateway plus a local echo backend, for the README's examples).
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::app::App;
+use crate::config::{Config, Overrides};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "scp-gateway",
+    version,
+    about = "API gateway data plane serving SCP deployment snapshots"
+)]
+#[command(args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve traffic (the default when no subcommand is given).
+    Run(RunArgs),
+    /// Check snapshot files: one line per problem (JSON path + reason); exit 1 if any is invalid.
+    Validate {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Serve traffic and a local echo backend, for trying the gateway out.
+    Demo {
+        #[command(flatten)]
+        run: RunArgs,
+        /// Where the echo backend listens (the example snapshot points at 127.0.0.1:9000).
+        #[arg(long, default_value = "127.0.0.1:9000")]
+        backend_listen: SocketAddr,
+    },
+}
+
+#[derive(Args, Debug, Default, Clone)]
+struct RunArgs {
+    /// Gateway config (TOML). Without it, built-in defaults are used.
+    #[arg(long, short = 'c')]
+    config: Option<PathBuf>,
+    /// Data-plane listen address (repeatable; replaces server.listen).
+    #[arg(long = "listen")]
+    listen: Vec<SocketAddr>,
+    /// Admin listen address (replaces admin.listen).
+    #[arg(long)]
+    admin_listen: Option<SocketAddr>,
+    /// Snapshot directory (replaces snapshots.dir).
+    #[arg(long)]
+    snapshot_dir: Option<PathBuf>,
+    /// State directory (replaces state.dir).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+}
+
+const EXIT_CONFIG: u8 = 2;
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    match cli.command {
+        Some(Command::Validate { files }) => validate(&files),
+        Some(Command::Run(args)) => run(args, None),
+        Some(Command::Demo {
+            run: args,
+            backend_listen,
+        }) => {
+            let args = RunArgs {
+                config: args
+                    .config
+                    .or_else(|| Some(PathBuf::from("config/gateway.toml"))),
+                ..args
+            };
+            run(args, Some(backend_listen))
+        }
+        None => run(cli.run, None),
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+fn validate(files: &[PathBuf]) -> ExitCode {
+    let mut invalid = false;
+    let mut out = std::io::stdout().lock();
+    for f in files {
+        match crate::snapshot::build_file(f) {
+            Ok(api) => {
+                let _ = writeln!(
+                    out,
+                    "{}: ok (api {}, revision {})",
+                    f.display(),
+                    api.id,
+                    api.revision
+                );
+            }
+            Err(issues) => {
+                invalid = true;
+                for i in issues {
+                    let _ = writeln!(out, "{}: {i}", f.display());
+                }
+            }
+        }
+    }
+    if invalid {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn config_error(msg: impl std::fmt::Display) -> ExitCode {
+    tracing::error!("{msg}");
+    eprintln!("scp-gateway: {msg}");
+    ExitCode::from(EXIT_CONFIG)
+}
+
+fn run(args: RunArgs, demo_backend: Option<SocketAddr>) -> ExitCode {
+    let mut config = match &args.config {
+        Some(path) => match Config::load(path) {
+            Ok(c) => c,
+            Err(e) => return config_error(e),
+        },
+        None => Config::default(),
+    };
+    if let Err(e) = config.apply(Overrides {
+        listen: args.listen,
+        admin_listen: args.admin_listen,
+        snapshot_dir: args.snapshot_dir,
+        state_dir: args.state_dir,
+    }) {
+        return config_error(e);
+    }
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    rt.enable_all();
+    if let Some(n) = config.runtime.worker_threads {
+        rt.worker_threads(n);
+    }
+    let rt = match rt.build() {
+        Ok(rt) => rt,
+        Err(e) => return config_error(format!("cannot start the runtime: {e}")),
+    };
+    rt.block_on(serve(config, demo_backend))
+}
+
+async fn bind(addr: SocketAddr, key: &str) -> Result<TcpListener, String> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("config key `{key}`: cannot listen on {addr}: {e}"))
+}
+
+async fn serve(config: Config, demo_backend: Option<SocketAddr>) -> ExitCode {
+    if let Some(addr) = demo_backend {
+        match crate::demo::start_echo(addr).await {
+            Ok((local, _task)) => tracing::info!(backend = %local, "demo echo backend listening"),
+            Err(e) => return config_error(format!("demo backend cannot listen on {addr}: {e}")),
+        }
+    }
+    let mut listeners = Vec::new();
+    for addr in &config.server.listen {
+        match bind(*addr, "server.listen").await {
+            Ok(l) => listeners.push(l),
+            Err(e) => return config_error(e),
+        }
+    }
+    let admin = match bind(config.admin.listen, "admin.listen").await {
+        Ok(l) => l,
+        Err(e) => return config_error(e),
+    };
+    let snapshot_dir = config.snapshots.dir.clone();
+    let drain_timeout = config.server.drain_timeout;
+    let app = match App::new(config) {
+        Ok(a) => a,
+        Err(e) => return config_error(e),
+    };
+    let (loaded, rejected) = app.load_snapshot_dir(&snapshot_dir);
+    tracing::info!(dir = %snapshot_dir.display(), loaded, rejected, "snapshot directory read");
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let builder = Arc::new(crate::server::http_builder(&app.config.limits));
+    let data_addrs: Vec<String> = listeners
+        .iter()
+        .filter_map(|l| l.local_addr().ok())
+        .map(|a| a.to_string())
+        .collect();
+    let admin_addr = admin
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let mut tasks = Vec::new();
+    for l in listeners {
+        tasks.push(tokio::spawn(crate::server::serve(
+            app.clone(),
+            builder.clone(),
+            l,
+            shutdown_rx.clone(),
+        )));
+    }
+    tokio::spawn(crate::admin::serve(app.clone(), admin, shutdown_rx.clone()));
+    app.set_ready(true);
+    tracing::info!(data = %data_addrs.join(","), admin = %admin_addr, "scp-gateway ready");
+    // One machine-readable line on stdout with the bound addresses (tests and scripts that
+    // bind port 0 read it); logs go to stderr.
+    {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(
+            out,
+            "listening data={} admin={admin_addr}",
+            data_addrs.join(",")
+        );
+        let _ = out.flush();
+    }
+
+    wait_for_signals(&app, &snapshot_dir).await;
+
+    tracing::info!(
+        deadline_s = drain_timeout.as_secs(),
+        "shutting down: draining connections"
+    );
+    app.start_draining();
+    let _ = shutdown_tx.send(true);
+    for t in tasks {
+        let _ = t.await;
+    }
+    let deadline = Instant::now() + drain_timeout;
+    while app.active_connections.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let left = app.active_connections.load(Ordering::Acquire);
+    if left > 0 {
+        tracing::warn!(
+            connections = left,
+            "drain deadline reached; cutting remaining connections"
+        );
+    }
+    tracing::info!("stopped");
+    ExitCode::SUCCESS
+}
+
+#[cfg(unix)]
+async fn wait_for_signals(app: &App, snapshot_dir: &std::path::Path) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop the process with SIGKILL");
+        std::future::pending::<()>().await;
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => return,
+            _ = int.recv() => return,
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: re-reading the snapshot directory");
+                let (loaded, rejected) = app.load_snapshot_dir(snapshot_dir);
+                tracing::info!(loaded, rejected, "snapshot directory re-read");
+            }
+        }
+    }
+}
+
+#[cfg(not(unix))]
+async fn wait_for_signals(_app: &App, _dir: &std::path::Path) {
+    let _ = tokio::signal::ctrl_c().await;
+}

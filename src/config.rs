@@ -1,0 +1,453 @@
+//! Gateway configuration (TOML), parsed once at start-up.
+//!
+//! The required keys and their names are fixed by `operations.md`; the rest are ours and
+//! documented in `config/gateway.toml`. Unknown keys are errors (a typo must not silently
+//! fall back to a default), and every error names the key.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Deserializer};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config key `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub snapshots: SnapshotsConfig,
+    #[serde(default)]
+    pub network: NetworkConfig,
+    #[serde(default)]
+    pub state: StateConfig,
+    #[serde(default)]
+    pub quota: QuotaConfig,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub upstream: UpstreamConfig,
+    #[serde(default)]
+    pub runtime: RuntimeConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Plain HTTP/1.1 + h2c listeners.
+    #[serde(default = "default_listen")]
+    pub listen: Vec<SocketAddr>,
+    /// How long in-flight requests may run after SIGTERM/SIGINT before connections are cut.
+    #[serde(default = "default_drain", with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    #[serde(default = "default_admin_listen")]
+    pub listen: SocketAddr,
+    /// When non-empty, `/admin/*` and `/v1/*` need `Authorization: Bearer <token>`.
+    #[serde(default)]
+    pub token: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotsConfig {
+    #[serde(default = "default_snapshot_dir")]
+    pub dir: PathBuf,
+    #[serde(default = "default_true")]
+    pub watch: bool,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// Peers whose `X-Forwarded-For`, `x-scp-request-id` and `x-scp-privatelink-endpoint-id`
+    /// headers are believed. Plain addresses mean a single host.
+    #[serde(default, deserialize_with = "de_nets")]
+    pub trusted_proxies: Vec<IpNet>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateConfig {
+    #[serde(default = "default_state_dir")]
+    pub dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QuotaBackend {
+    Local,
+    Redis,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailureMode {
+    Open,
+    Closed,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaConfig {
+    #[serde(default = "default_backend")]
+    pub backend: QuotaBackend,
+    #[serde(default = "default_redis_url")]
+    pub redis_url: String,
+    #[serde(default = "default_failure_mode")]
+    pub failure_mode: FailureMode,
+    /// Per-call timeout of the shared quota store.
+    #[serde(default = "default_quota_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+/// Request limits of `request-pipeline.md` ("Limits"). All configurable.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Request line + headers, in bytes → 431.
+    #[serde(default = "default_max_head")]
+    pub max_head_bytes: usize,
+    /// Request target alone, in bytes → 414.
+    #[serde(default = "default_max_uri")]
+    pub max_uri_bytes: usize,
+    /// Header count → 431.
+    #[serde(default = "default_max_headers")]
+    pub max_headers: usize,
+    /// Request body, enforced while streaming → 413.
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: u64,
+    /// Time to receive a request head; the connection is closed after it.
+    #[serde(default = "default_head_timeout", with = "humantime_serde")]
+    pub head_read_timeout: Duration,
+    /// An idle keep-alive connection is closed after this long.
+    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Concurrent HTTP/2 streams per client connection.
+    #[serde(default = "default_h2_streams")]
+    pub max_concurrent_streams: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Extra PEM CA bundle trusted for `https` backends, on top of the webpki roots.
+    #[serde(default)]
+    pub extra_ca_file: Option<PathBuf>,
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// How long an idle pooled backend connection is kept.
+    #[serde(default = "default_pool_idle", with = "humantime_serde")]
+    pub pool_idle_timeout: Duration,
+    #[serde(default = "default_pool_max_idle")]
+    pub pool_max_idle_per_host: usize,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Tokio worker threads; default: one per CPU core.
+    #[serde(default)]
+    pub worker_threads: Option<usize>,
+}
+
+fn default_listen() -> Vec<SocketAddr> {
+    vec![SocketAddr::from(([127, 0, 0, 1], 8080))]
+}
+fn default_admin_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9901))
+}
+fn default_drain() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_snapshot_dir() -> PathBuf {
+    PathBuf::from("config/snapshots")
+}
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("var")
+}
+fn default_true() -> bool {
+    true
+}
+fn default_backend() -> QuotaBackend {
+    QuotaBackend::Local
+}
+fn default_redis_url() -> String {
+    "redis://127.0.0.1:6379/0".to_owned()
+}
+fn default_failure_mode() -> FailureMode {
+    FailureMode::Open
+}
+fn default_quota_timeout() -> Duration {
+    Duration::from_millis(50)
+}
+fn default_max_head() -> usize {
+    16 * 1024
+}
+fn default_max_uri() -> usize {
+    8 * 1024
+}
+fn default_max_headers() -> usize {
+    100
+}
+fn default_max_body() -> u64 {
+    10 * 1024 * 1024
+}
+fn default_head_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_h2_streams() -> u32 {
+    100
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_pool_idle() -> Duration {
+    Duration::from_secs(90)
+}
+fn default_pool_max_idle() -> usize {
+    256
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            drain_timeout: default_drain(),
+        }
+    }
+}
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_admin_listen(),
+            token: String::new(),
+        }
+    }
+}
+impl Default for SnapshotsConfig {
+    fn default() -> Self {
+        Self {
+            dir: default_snapshot_dir(),
+            watch: true,
+        }
+    }
+}
+impl Default for StateConfig {
+    fn default() -> Self {
+        Self {
+            dir: default_state_dir(),
+        }
+    }
+}
+impl Default for QuotaConfig {
+    fn default() -> Self {
+        Self {
+            backend: default_backend(),
+            redis_url: default_redis_url(),
+            failure_mode: default_failure_mode(),
+            timeout: default_quota_timeout(),
+        }
+    }
+}
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_head_bytes: default_max_head(),
+            max_uri_bytes: default_max_uri(),
+            max_headers: default_max_headers(),
+            max_body_bytes: default_max_body(),
+            head_read_timeout: default_head_timeout(),
+            idle_timeout: default_idle_timeout(),
+            max_concurrent_streams: default_h2_streams(),
+        }
+    }
+}
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            extra_ca_file: None,
+            connect_timeout: default_connect_timeout(),
+            pool_idle_timeout: default_pool_idle(),
+            pool_max_idle_per_host: default_pool_max_idle(),
+        }
+    }
+}
+/// Parses an address or a CIDR; a plain address is a single-host network.
+pub fn parse_net(s: &str) -> Result<IpNet, String> {
+    let s = s.trim();
+    if let Ok(net) = s.parse::<IpNet>() {
+        return Ok(net.trunc());
+    }
+    s.parse::<IpAddr>()
+        .map(IpNet::from)
+        .map_err(|_| format!("`{s}` is neither an IP address nor a CIDR block"))
+}
+
+fn de_nets<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<IpNet>, D::Error> {
+    let raw = Vec::<String>::deserialize(d)?;
+    raw.iter()
+        .map(|s| parse_net(s).map_err(serde::de::Error::custom))
+        .collect()
+}
+
+/// Command-line overrides of `run` (they win over the file).
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub listen: Vec<SocketAddr>,
+    pub admin_listen: Option<SocketAddr>,
+    pub snapshot_dir: Option<PathBuf>,
+    pub state_dir: Option<PathBuf>,
+}
+
+impl Config {
+    pub fn from_toml(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml(path, &text)
+    }
+
+    pub fn apply(&mut self, o: Overrides) -> Result<(), ConfigError> {
+        if !o.listen.is_empty() {
+            self.server.listen = o.listen;
+        }
+        if let Some(a) = o.admin_listen {
+            self.admin.listen = a;
+        }
+        if let Some(d) = o.snapshot_dir {
+            self.snapshots.dir = d;
+        }
+        if let Some(d) = o.state_dir {
+            self.state.dir = d;
+        }
+        self.check()
+    }
+
+    /// Rules serde cannot express. Each error names its key.
+    fn check(&self) -> Result<(), ConfigError> {
+        let invalid = |key, message: &str| ConfigError::Invalid {
+            key,
+            message: message.to_owned(),
+        };
+        if self.server.listen.is_empty() {
+            return Err(invalid(
+                "server.listen",
+                "at least one listen address is needed",
+            ));
+        }
+        if self.limits.max_head_bytes < 1024 {
+            return Err(invalid("limits.max_head_bytes", "must be at least 1024"));
+        }
+        if self.limits.max_uri_bytes == 0 || self.limits.max_uri_bytes > self.limits.max_head_bytes
+        {
+            return Err(invalid(
+                "limits.max_uri_bytes",
+                "must be between 1 and limits.max_head_bytes",
+            ));
+        }
+        if self.limits.max_headers == 0 {
+            return Err(invalid("limits.max_headers", "must be at least 1"));
+        }
+        if self.limits.head_read_timeout.is_zero() {
+            return Err(invalid("limits.head_read_timeout", "must be positive"));
+        }
+        if self.limits.idle_timeout.is_zero() {
+            return Err(invalid("limits.idle_timeout", "must be positive"));
+        }
+        if self.limits.max_concurrent_streams == 0 {
+            return Err(invalid(
+                "limits.max_concurrent_streams",
+                "must be at least 1",
+            ));
+        }
+        if self.runtime.worker_threads == Some(0) {
+            return Err(invalid("runtime.worker_threads", "must be at least 1"));
+        }
+        if self.quota.timeout.is_zero() {
+            return Err(invalid("quota.timeout", "must be positive"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let c = Config::from_toml(Path::new("x.toml"), "").unwrap();
+        assert_eq!(c.server.listen, default_listen());
+        assert_eq!(c.limits.max_body_bytes, 10 * 1024 * 1024);
+        assert_eq!(c.limits.idle_timeout, Duration::from_secs(60));
+        assert_eq!(c.quota.backend, QuotaBackend::Local);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = Config::from_toml(Path::new("x.toml"), "[server]\nlisen = []\n").unwrap_err();
+        assert!(e.to_string().contains("lisen"), "{e}");
+    }
+
+    #[test]
+    fn bad_value_names_key() {
+        let e = Config::from_toml(Path::new("x.toml"), "[quota]\nbackend = \"memcache\"\n")
+            .unwrap_err();
+        let s = e.to_string();
+        assert!(s.contains("backend") && s.contains("memcache"), "{s}");
+        let e = Config::from_toml(
+            Path::new("x.toml"),
+            "[network]\ntrusted_proxies = [\"10.0.0.0/8\", \"nope\"]\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("trusted_proxies"), "{e}");
+        let e = Config::from_toml(Path::new("x.toml"), "[limits]\nmax_headers = 0\n").unwrap_err();
+        assert!(e.to_string().contains("limits.max_headers"), "{e}");
+    }
+
+    #[test]
+    fn durations_and_nets() {
+        let c = Config::from_toml(
+            Path::new("x.toml"),
+            "[limits]\nidle_timeout = \"5s\"\n[network]\ntrusted_proxies = [\"10.1.2.3/8\", \"::1\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.limits.idle_timeout, Duration::from_secs(5));
+        assert_eq!(c.network.trusted_proxies[0].to_string(), "10.0.0.0/8");
+        assert_eq!(c.network.trusted_proxies[1].to_string(), "::1/128");
+    }
+}

@@ -1,0 +1,367 @@
+//! Forwarding to an HTTP integration ("Forwarding to an HTTP or PRIVATELINK integration"):
+//! header rules, the pooled keep-alive client (HTTP/1.1, and HTTP/2 where a TLS backend
+//! offers it), streaming bodies both ways, 502/504 mapping.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, Version};
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::body::{caused_by_body_limit, LimitedBody};
+use crate::config::UpstreamConfig;
+use crate::rejection::Rejection;
+
+pub type HttpClient = Client<HttpsConnector<HttpConnector>, LimitedBody>;
+
+pub static X_SCP_REQUEST_ID: HeaderName = HeaderName::from_static("x-scp-request-id");
+pub static X_SCP_API_ID: HeaderName = HeaderName::from_static("x-scp-api-id");
+pub static X_SCP_STAGE: HeaderName = HeaderName::from_static("x-scp-stage");
+pub static X_SCP_API_KEY_ID: HeaderName = HeaderName::from_static("x-scp-api-key-id");
+pub static X_SCP_JWT_SUB: HeaderName = HeaderName::from_static("x-scp-jwt-sub");
+pub static X_SCP_APIKEY: HeaderName = HeaderName::from_static("x-scp-apikey");
+pub static X_SCP_ENDPOINT_ID: HeaderName = HeaderName::from_static("x-scp-privatelink-endpoint-id");
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded in either direction.
+fn hop_by_hop() -> [&'static HeaderName; 7] {
+    [
+        &header::CONNECTION,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &header::TE,
+        &header::TRAILER,
+        &header::TRANSFER_ENCODING,
+        &header::UPGRADE,
+    ]
+}
+
+/// Removes hop-by-hop headers, including those named by `Connection`.
+pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    if h.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = h
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .collect();
+        for n in named {
+            h.remove(n);
+        }
+    }
+    for n in hop_by_hop() {
+        h.remove(n);
+    }
+}
+
+/// What the gateway adds to a forwarded request.
+pub struct ForwardInfo<'a> {
+    pub client_ip: IpAddr,
+    pub proto: &'static str,
+    pub host: Option<&'a HeaderValue>,
+    pub request_id: &'a HeaderValue,
+    pub api_id: &'a str,
+    pub stage: &'a str,
+    pub api_key_id: Option<&'a str>,
+    pub jwt_sub: Option<&'a str>,
+    /// The socket peer is a trusted proxy: its forwarding headers are kept.
+    pub trusted_peer: bool,
+}
+
+/// Applies the request header rules in place: drops what a client must not pass on (and
+/// anything it could forge), then adds the gateway's own headers.
+pub fn rewrite_request_headers(h: &mut HeaderMap, info: &ForwardInfo<'_>) {
+    strip_hop_by_hop(h);
+    h.remove(header::HOST);
+    for n in [
+        &X_SCP_APIKEY,
+        &X_SCP_REQUEST_ID,
+        &X_SCP_API_ID,
+        &X_SCP_STAGE,
+        &X_SCP_API_KEY_ID,
+        &X_SCP_JWT_SUB,
+    ] {
+        h.remove(n);
+    }
+    if !info.trusted_peer {
+        h.remove(&X_SCP_ENDPOINT_ID);
+        h.remove(&X_FORWARDED_PROTO);
+        h.remove(&X_FORWARDED_HOST);
+    }
+    // Names with `_` are dropped (as nginx does) so that `x_scp_apikey`-style spellings can
+    // never be read as another header downstream.
+    if h.keys().any(|k| k.as_str().contains('_')) {
+        let underscored: Vec<HeaderName> = h
+            .keys()
+            .filter(|k| k.as_str().contains('_'))
+            .cloned()
+            .collect();
+        for n in underscored {
+            h.remove(n);
+        }
+    }
+
+    let ip = info.client_ip.to_string();
+    let xff = {
+        let mut prior = h
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .peekable();
+        if prior.peek().is_some() {
+            let mut s: String = prior.collect::<Vec<_>>().join(", ");
+            s.push_str(", ");
+            s.push_str(&ip);
+            s
+        } else {
+            ip
+        }
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        h.insert(&X_FORWARDED_FOR, v);
+    }
+    if !h.contains_key(&X_FORWARDED_PROTO) {
+        h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(info.proto));
+    }
+    if let Some(host) = info.host {
+        if !h.contains_key(&X_FORWARDED_HOST) {
+            h.insert(&X_FORWARDED_HOST, host.clone());
+        }
+    }
+    h.insert(&X_SCP_REQUEST_ID, info.request_id.clone());
+    if let Ok(v) = HeaderValue::from_str(info.api_id) {
+        h.insert(&X_SCP_API_ID, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(info.stage) {
+        h.insert(&X_SCP_STAGE, v);
+    }
+    if let Some(v) = info.api_key_id.and_then(|k| HeaderValue::from_str(k).ok()) {
+        h.insert(&X_SCP_API_KEY_ID, v);
+    }
+    if let Some(v) = info.jwt_sub.and_then(|s| HeaderValue::from_str(s).ok()) {
+        h.insert(&X_SCP_JWT_SUB, v);
+    }
+    if !h
+        .get(&TRACEPARENT)
+        .is_some_and(|v| valid_traceparent(v.as_bytes()))
+    {
+        h.insert(&TRACEPARENT, new_traceparent());
+    }
+}
+
+/// W3C `traceparent`: `00-<32 hex>-<16 hex>-<2 hex>`, ids not all zero.
+fn valid_traceparent(v: &[u8]) -> bool {
+    v.len() == 55
+        && v[2] == b'-'
+        && v[35] == b'-'
+        && v[52] == b'-'
+        && v.iter()
+            .enumerate()
+            .all(|(i, b)| matches!(i, 2 | 35 | 52) || matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        && &v[0..2] != b"ff"
+        && v[3..35].iter().any(|b| *b != b'0')
+        && v[36..52].iter().any(|b| *b != b'0')
+}
+
+fn new_traceparent() -> HeaderValue {
+    let trace: u128 = rand::random::<u128>() | 1;
+    let span: u64 = rand::random::<u64>() | 1;
+    HeaderValue::from_str(&format!("00-{trace:032x}-{span:016x}-01"))
+        .unwrap_or(HeaderValue::from_static(""))
+}
+
+/// Builds the pooled backend client: plain HTTP and HTTPS (rustls, webpki roots plus the
+/// optional extra CA file), HTTP/2 when a TLS backend negotiates it by ALPN.
+pub fn build_client(cfg: &UpstreamConfig) -> Result<HttpClient, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = &cfg.extra_ca_file {
+        let pem = std::fs::read(path)
+            .map_err(|e| format!("upstream.extra_ca_file {}: {e}", path.display()))?;
+        let mut added = 0;
+        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+            let cert =
+                cert.map_err(|e| format!("upstream.extra_ca_file {}: {e}", path.display()))?;
+            roots
+                .add(cert)
+                .map_err(|e| format!("upstream.extra_ca_file {}: {e}", path.display()))?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(format!(
+                "upstream.extra_ca_file {}: no PEM certificate found",
+                path.display()
+            ));
+        }
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(cfg.connect_timeout));
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http);
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(cfg.pool_idle_timeout)
+        .pool_max_idle_per_host(cfg.pool_max_idle_per_host)
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .build(https))
+}
+
+/// Outcome of one backend call: the response and how long its head took.
+pub struct Forwarded {
+    pub response: Response<Incoming>,
+    pub elapsed: Duration,
+}
+
+/// Sends the request and waits for the response head within `timeout`.
+pub async fn send(
+    client: &HttpClient,
+    mut req: Request<LimitedBody>,
+    timeout: Duration,
+) -> Result<Forwarded, (Rejection, Duration)> {
+    // The client picks HTTP/2 itself when ALPN says so; a client's h2 request is sent as 1.1.
+    *req.version_mut() = Version::HTTP_11;
+    let started = Instant::now();
+    match tokio::time::timeout(timeout, client.request(req)).await {
+        Ok(Ok(mut response)) => {
+            strip_hop_by_hop(response.headers_mut());
+            Ok(Forwarded {
+                response,
+                elapsed: started.elapsed(),
+            })
+        }
+        Ok(Err(e)) => {
+            let elapsed = started.elapsed();
+            if caused_by_body_limit(&e) {
+                return Err((Rejection::PayloadTooLarge, elapsed));
+            }
+            tracing::warn!(error = %error_chain(&e), "integration request failed");
+            Err((Rejection::IntegrationFailure, elapsed))
+        }
+        Err(_) => {
+            tracing::warn!(
+                timeout_ms = timeout.as_millis() as u64,
+                "integration timed out"
+            );
+            Err((Rejection::IntegrationTimeout, started.elapsed()))
+        }
+    }
+}
+
+/// `a: b: c` of an error and its sources, for logs.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info<'a>(rid: &'a HeaderValue, host: &'a HeaderValue) -> ForwardInfo<'a> {
+        ForwardInfo {
+            client_ip: "203.0.113.9".parse().unwrap(),
+            proto: "http",
+            host: Some(host),
+            request_id: rid,
+            api_id: "api1",
+            stage: "prod",
+            api_key_id: Some("k01"),
+            jwt_sub: None,
+            trusted_peer: false,
+        }
+    }
+
+    #[test]
+    fn header_rules() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-secret-hop"),
+        );
+        h.insert("x-secret-hop", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert("upgrade", HeaderValue::from_static("websocket"));
+        h.insert("host", HeaderValue::from_static("api.example.com"));
+        h.insert("x-scp-apikey", HeaderValue::from_static("secret"));
+        h.insert("x-scp-api-key-id", HeaderValue::from_static("forged"));
+        h.insert("x-scp-jwt-sub", HeaderValue::from_static("forged"));
+        h.insert(
+            "x-scp-privatelink-endpoint-id",
+            HeaderValue::from_static("forged"),
+        );
+        h.insert("x_scp_apikey", HeaderValue::from_static("secret"));
+        h.append("x-forwarded-for", HeaderValue::from_static("198.51.100.1"));
+        h.insert("x-custom", HeaderValue::from_static("kept"));
+        let rid = HeaderValue::from_static("rid");
+        let host = HeaderValue::from_static("api.example.com");
+        rewrite_request_headers(&mut h, &info(&rid, &host));
+        for gone in [
+            "connection",
+            "x-secret-hop",
+            "keep-alive",
+            "te",
+            "upgrade",
+            "host",
+            "x-scp-apikey",
+            "x-scp-jwt-sub",
+            "x-scp-privatelink-endpoint-id",
+            "x_scp_apikey",
+        ] {
+            assert!(!h.contains_key(gone), "{gone} must not be forwarded");
+        }
+        assert_eq!(h["x-custom"], "kept");
+        assert_eq!(h["x-forwarded-for"], "198.51.100.1, 203.0.113.9");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "api.example.com");
+        assert_eq!(h["x-scp-api-key-id"], "k01");
+        assert_eq!(h["x-scp-stage"], "prod");
+        assert_eq!(h["x-scp-request-id"], "rid");
+        assert!(valid_traceparent(h["traceparent"].as_bytes()));
+    }
+
+    #[test]
+    fn traceparent_passes_through() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let mut h = HeaderMap::new();
+        h.insert("traceparent", HeaderValue::from_static(tp));
+        let rid = HeaderValue::from_static("rid");
+        let host = HeaderValue::from_static("h");
+        rewrite_request_headers(&mut h, &info(&rid, &host));
+        assert_eq!(h["traceparent"], tp);
+        assert!(!valid_traceparent(
+            b"00-00000000000000000000000000000000-00f067aa0ba902b7-01"
+        ));
+    }
+}

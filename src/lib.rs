@@ -1,0 +1,24 @@
+//! scp-gateway: the data plane of an SCP-style API Gateway.
+//!
+//! The control plane renders one deployment snapshot per API (`snapshot`); the gateway
+//! validates and compiles it off the request path into one immutable [`state::GatewayState`]
+//! held in a single `ArcSwap`, and serves every client request through the phases of
+//! [`pipeline`]. Rejections are data ([`rejection::Rejection`]) turned into responses in one
+//! place.
+
+pub mod admin;
+pub mod app;
+pub mod body;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod integration;
+pub mod metrics;
+pub mod path;
+pub mod pipeline;
+pub mod rejection;
+pub mod request_id;
+pub mod routing;
+pub mod server;
+pub mod snapshot;
+pub mod state;

@@ -1,0 +1,185 @@
+//! Request path normalisation (`request-pipeline.md`, "Addressing"), done once per request:
+//! percent-decoding of unreserved characters, removal of `.` and `..` segments, merging of
+//! repeated slashes. The result is what is matched, authorised and forwarded.
+//!
+//! Choices where the contract is silent: a trailing slash is insignificant (`/prod/orders/`
+//! is `/prod/orders`); a raw backslash or a malformed escape (`%zz`) is a 400 like `%5C`;
+//! escapes of reserved characters are kept, with upper-case hex.
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    #[error("the path contains an encoded slash")]
+    EncodedSlash,
+    #[error("the path contains a backslash")]
+    Backslash,
+    #[error("the path climbs above the stage root")]
+    AboveRoot,
+    #[error("the path is not a valid absolute path")]
+    Malformed,
+}
+
+/// `/{stage}/{resource path}` after normalisation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NormalizedPath {
+    buf: String,
+    /// End of the stage segment in `buf` (0 when the path is `/`).
+    stage_end: usize,
+}
+
+impl NormalizedPath {
+    /// The first segment, naming the stage.
+    pub fn stage(&self) -> Option<&str> {
+        (self.stage_end > 1).then(|| &self.buf[1..self.stage_end])
+    }
+
+    /// The resource path after the stage, `/` for the stage root.
+    pub fn resource(&self) -> &str {
+        match &self.buf[self.stage_end.max(1)..] {
+            "" => "/",
+            r => r,
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.buf
+    }
+}
+
+fn hex(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+fn is_unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+}
+
+pub fn normalize(raw: &str) -> Result<NormalizedPath, PathError> {
+    let bytes = raw.as_bytes();
+    if bytes.first() != Some(&b'/') {
+        return Err(PathError::Malformed);
+    }
+    // 1. Decode unreserved escapes; refuse encoded separators.
+    let mut decoded = String::with_capacity(raw.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        match b {
+            b'%' => {
+                let (Some(h), Some(l)) = (
+                    bytes.get(i + 1).copied().and_then(hex),
+                    bytes.get(i + 2).copied().and_then(hex),
+                ) else {
+                    return Err(PathError::Malformed);
+                };
+                let v = h << 4 | l;
+                match v {
+                    b'/' => return Err(PathError::EncodedSlash),
+                    b'\\' => return Err(PathError::Backslash),
+                    v if is_unreserved(v) => decoded.push(v as char),
+                    v => {
+                        const HEX: &[u8; 16] = b"0123456789ABCDEF";
+                        decoded.push('%');
+                        decoded.push(HEX[(v >> 4) as usize] as char);
+                        decoded.push(HEX[(v & 15) as usize] as char);
+                    }
+                }
+                i += 3;
+            }
+            b'\\' => return Err(PathError::Backslash),
+            _ => {
+                // `raw` is a valid URI path, so it is ASCII.
+                decoded.push(b as char);
+                i += 1;
+            }
+        }
+    }
+    // 2. Resolve dot segments and empty segments; `..` may not pop the stage segment.
+    let mut segments: Vec<&str> = Vec::with_capacity(8);
+    for seg in decoded.split('/') {
+        match seg {
+            "" | "." => {}
+            ".." => {
+                if segments.len() <= 1 {
+                    return Err(PathError::AboveRoot);
+                }
+                segments.pop();
+            }
+            s => segments.push(s),
+        }
+    }
+    let mut buf = String::with_capacity(decoded.len());
+    for s in &segments {
+        buf.push('/');
+        buf.push_str(s);
+    }
+    let stage_end = segments.first().map_or(0, |s| 1 + s.len());
+    if buf.is_empty() {
+        buf.push('/');
+    }
+    Ok(NormalizedPath { buf, stage_end })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn n(p: &str) -> Result<(Option<String>, String), PathError> {
+        normalize(p).map(|x| (x.stage().map(str::to_owned), x.resource().to_owned()))
+    }
+
+    #[test]
+    fn stage_and_resource() {
+        assert_eq!(
+            n("/prod/orders/42"),
+            Ok((Some("prod".into()), "/orders/42".into()))
+        );
+        assert_eq!(n("/prod"), Ok((Some("prod".into()), "/".into())));
+        assert_eq!(n("/prod/"), Ok((Some("prod".into()), "/".into())));
+        assert_eq!(n("/"), Ok((None, "/".into())));
+    }
+
+    #[test]
+    fn merges_slashes_and_dots() {
+        assert_eq!(
+            n("//prod///orders//42/"),
+            Ok((Some("prod".into()), "/orders/42".into()))
+        );
+        assert_eq!(
+            n("/prod/./orders/x/../42"),
+            Ok((Some("prod".into()), "/orders/42".into()))
+        );
+        assert_eq!(
+            n("/prod/orders/%2e%2e/users"),
+            Ok((Some("prod".into()), "/users".into()))
+        );
+    }
+
+    #[test]
+    fn rejects() {
+        assert_eq!(n("/prod/../other/x"), Err(PathError::AboveRoot));
+        assert_eq!(n("/prod/a/../../x"), Err(PathError::AboveRoot));
+        assert_eq!(n("/../x"), Err(PathError::AboveRoot));
+        assert_eq!(n("/prod/%2e%2e/x"), Err(PathError::AboveRoot));
+        assert_eq!(n("/prod/a%2Fb"), Err(PathError::EncodedSlash));
+        assert_eq!(n("/prod/a%2fb"), Err(PathError::EncodedSlash));
+        assert_eq!(n("/prod/a%5Cb"), Err(PathError::Backslash));
+        assert_eq!(n("/prod/a\\b"), Err(PathError::Backslash));
+        assert_eq!(n("/prod/a%zz"), Err(PathError::Malformed));
+        assert_eq!(n("/prod/a%4"), Err(PathError::Malformed));
+        assert_eq!(n("*"), Err(PathError::Malformed));
+    }
+
+    #[test]
+    fn decodes_unreserved_only() {
+        assert_eq!(
+            n("/prod/%6Frders/a%20b"),
+            Ok((Some("prod".into()), "/orders/a%20b".into()))
+        );
+        assert_eq!(n("/prod/x%3bY"), Ok((Some("prod".into()), "/x%3BY".into())));
+    }
+}

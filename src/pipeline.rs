@@ -1,0 +1,381 @@
+//! One client request, through the named phases of `request-pipeline.md` with one
+//! [`RequestContext`]. Each phase either fills in the context or returns a typed
+//! [`Rejection`]; [`handle`] turns a rejection into the response in one place and records
+//! metrics once for every outcome.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use http::header::{HeaderValue, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
+use http::{Method, Request, Response};
+use hyper::body::Incoming;
+
+use crate::app::{canonical_ip, App};
+use crate::body::{GatewayBody, LimitedBody};
+use crate::config::Limits;
+use crate::integration::http::{self as http_integration, ForwardInfo, X_SCP_REQUEST_ID};
+use crate::metrics::{method_label, status_class};
+use crate::path::{self, NormalizedPath};
+use crate::rejection::{BadRequest, Rejection};
+use crate::routing::{Params, Route};
+use crate::snapshot::{CompiledApi, CompiledDeployment, CompiledStage, Integration, MethodRoute};
+use crate::state::{host_key, GatewayState};
+
+/// What the listener knows about a connection.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+    /// `http` or `https`: the scheme clients used to reach this listener.
+    pub proto: &'static str,
+    /// The socket peer is inside `network.trusted_proxies` (decided once per connection).
+    pub trusted_peer: bool,
+}
+
+/// Everything the phases learn about one request, borrowed from the state it is served with.
+pub struct RequestContext<'s> {
+    pub request_id: HeaderValue,
+    pub started: Instant,
+    pub conn: &'s ConnInfo,
+    pub client_ip: IpAddr,
+    pub method: Method,
+    pub api: Option<&'s CompiledApi>,
+    pub stage: Option<&'s CompiledStage>,
+    pub deployment: Option<&'s CompiledDeployment>,
+    pub route: Option<&'s Route<MethodRoute>>,
+    pub method_route: Option<&'s MethodRoute>,
+    pub path: Option<NormalizedPath>,
+    pub params: Params,
+    pub integration_elapsed: Option<Duration>,
+}
+
+impl<'s> RequestContext<'s> {
+    fn new(conn: &'s ConnInfo, trusted_id: Option<&HeaderValue>, method: Method) -> Self {
+        // An incoming request id is kept only from a trusted proxy.
+        let request_id = match trusted_id {
+            Some(v) if conn.trusted_peer && !v.is_empty() && v.len() <= 128 => v.clone(),
+            _ => crate::request_id::next(),
+        };
+        Self {
+            request_id,
+            started: Instant::now(),
+            conn,
+            client_ip: canonical_ip(conn.peer.ip()),
+            method,
+            api: None,
+            stage: None,
+            deployment: None,
+            route: None,
+            method_route: None,
+            path: None,
+            params: Params::default(),
+            integration_elapsed: None,
+        }
+    }
+}
+
+/// Serves one request with the state current at its arrival, start to end.
+pub async fn handle(app: &App, conn: &ConnInfo, req: Request<Incoming>) -> Response<GatewayBody> {
+    let state = app.state.load();
+    let trusted_id = if conn.trusted_peer {
+        req.headers().get(&X_SCP_REQUEST_ID)
+    } else {
+        None
+    };
+    let mut ctx = RequestContext::new(conn, trusted_id, req.method().clone());
+    let mut resp = match run(app, &state, &mut ctx, req).await {
+        Ok(resp) => resp,
+        Err(rejection) => {
+            app.metrics
+                .rejections
+                .with_label_values(&[api_label(&ctx), stage_label(&ctx), rejection.code()])
+                .inc();
+            rejection.into_response(&ctx.request_id)
+        }
+    };
+    resp.headers_mut()
+        .insert(&X_SCP_REQUEST_ID, ctx.request_id.clone());
+    record(app, &ctx, resp.status().as_u16());
+    resp
+}
+
+/// The pipeline. The order is the contract of `request-pipeline.md` and each position has
+/// a reason:
+/// - 1, framing and limits first: nothing else may look at a request that could be read
+///   two ways (smuggling), and the cheapest refusals come before any lookup;
+/// - 2–3, host → API → stage: every later policy belongs to a stage;
+/// - 4–5, endpoint and IP checks before routing, so that a caller who may not reach the
+///   stage learns nothing about its resources (404 vs 405 would leak them);
+/// - 6–8, resource, then CORS preflight (answered before auth: browsers send no
+///   credentials on preflights), then method;
+/// - 9–12, JWT before the resource policy (a statement's principal is the token's `sub`),
+///   key before throttle and quota (both are per key), quota last so that a request
+///   rejected for any other reason is never counted;
+/// - 13, required parameters, the last check before the integration is called;
+/// - 14, the integration.
+async fn run<'s>(
+    app: &App,
+    state: &'s GatewayState,
+    ctx: &mut RequestContext<'s>,
+    req: Request<Incoming>,
+) -> Result<Response<GatewayBody>, Rejection> {
+    check_framing(&req, &app.config.limits)?;
+    ctx.path = Some(
+        path::normalize(req.uri().path())
+            .map_err(|e| Rejection::BadRequest(BadRequest::Path(e)))?,
+    );
+    let api = select_api(state, &req)?;
+    ctx.api = Some(api);
+    let stage = select_stage(api, ctx)?;
+    ctx.stage = Some(stage);
+    route_resource(ctx, stage)?;
+    let method_route = route_method(ctx)?;
+    check_required(method_route, &req)?;
+    integrate(app, ctx, method_route, req).await
+}
+
+/// Step 1: HTTP framing and limits the parser left to us.
+fn check_framing(req: &Request<Incoming>, limits: &Limits) -> Result<(), Rejection> {
+    let uri_len = req.uri().path_and_query().map_or(0, |p| p.as_str().len())
+        + req.uri().authority().map_or(0, |a| a.as_str().len());
+    if uri_len > limits.max_uri_bytes {
+        return Err(Rejection::UriTooLong);
+    }
+    let head: usize = req.method().as_str().len()
+        + uri_len
+        + 12
+        + req
+            .headers()
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len() + 4)
+            .sum::<usize>();
+    if head > limits.max_head_bytes {
+        return Err(Rejection::HeadersTooLarge);
+    }
+    let h = req.headers();
+    let has_te = h.contains_key(TRANSFER_ENCODING);
+    if has_te && h.contains_key(CONTENT_LENGTH) {
+        return Err(Rejection::BadRequest(BadRequest::AmbiguousLength));
+    }
+    if has_te {
+        let mut codings = h.get_all(TRANSFER_ENCODING).iter();
+        let only_chunked = codings
+            .next()
+            .is_some_and(|v| v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked"))
+            && codings.next().is_none();
+        if !only_chunked {
+            return Err(Rejection::BadRequest(BadRequest::TransferCoding));
+        }
+    }
+    if let Some(len) = h.get(CONTENT_LENGTH) {
+        let len: u64 = len
+            .to_str()
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(u64::MAX);
+        if len > limits.max_body_bytes {
+            return Err(Rejection::PayloadTooLarge);
+        }
+    }
+    Ok(())
+}
+
+/// The host the client addressed: `:authority` / absolute-form authority, else `Host`.
+/// Both present and different is a 400 (a classic cache-poisoning and routing confusion).
+fn request_host(req: &Request<Incoming>) -> Result<&str, Rejection> {
+    let header = req.headers().get(HOST).map(|v| {
+        v.to_str()
+            .map_err(|_| Rejection::BadRequest(BadRequest::MissingHost))
+    });
+    match (req.uri().authority(), header) {
+        (Some(a), Some(h)) => {
+            let h = h?;
+            if host_key(a.as_str()) != host_key(h) {
+                return Err(Rejection::BadRequest(BadRequest::HostMismatch));
+            }
+            Ok(a.as_str())
+        }
+        (Some(a), None) => Ok(a.as_str()),
+        (None, Some(h)) => h,
+        (None, None) => Err(Rejection::BadRequest(BadRequest::MissingHost)),
+    }
+}
+
+/// Step 2: host → API.
+fn select_api<'s>(
+    state: &'s GatewayState,
+    req: &Request<Incoming>,
+) -> Result<&'s CompiledApi, Rejection> {
+    let host = request_host(req)?;
+    state
+        .api_for_host(host)
+        .map(|a| &**a)
+        .ok_or(Rejection::ApiNotFound)
+}
+
+/// Step 3: first path segment → stage.
+fn select_stage<'s>(
+    api: &'s CompiledApi,
+    ctx: &RequestContext<'s>,
+) -> Result<&'s CompiledStage, Rejection> {
+    ctx.path
+        .as_ref()
+        .and_then(|p| p.stage())
+        .and_then(|s| api.stage(s))
+        .ok_or(Rejection::StageNotFound)
+}
+
+/// Step 6: resource of the stage's deployment (canary drawn here).
+fn route_resource<'s>(
+    ctx: &mut RequestContext<'s>,
+    stage: &'s CompiledStage,
+) -> Result<(), Rejection> {
+    let deployment = match &stage.canary {
+        Some(c) if c.percent > 0.0 => stage.select(rand::random::<f64>() * 100.0),
+        _ => &stage.deployment,
+    };
+    ctx.deployment = Some(deployment);
+    let path = ctx.path.as_ref().ok_or(Rejection::Internal)?;
+    let (id, params) = deployment
+        .routes
+        .find(path.resource())
+        .ok_or(Rejection::ResourceNotFound)?;
+    ctx.route = Some(deployment.routes.route(id));
+    ctx.params = params;
+    Ok(())
+}
+
+/// Step 8: method of the resource, or 405 with `Allow`.
+fn route_method<'s>(ctx: &mut RequestContext<'s>) -> Result<&'s MethodRoute, Rejection> {
+    let route = ctx.route.ok_or(Rejection::Internal)?;
+    let m = route
+        .methods
+        .get(&ctx.method)
+        .ok_or_else(|| Rejection::MethodNotAllowed {
+            allow: route.methods.allow().clone(),
+        })?;
+    ctx.method_route = Some(m);
+    Ok(m)
+}
+
+/// Step 13: required query strings (case-sensitive names) and headers.
+fn check_required(m: &MethodRoute, req: &Request<Incoming>) -> Result<(), Rejection> {
+    for h in m.required_headers.iter() {
+        if !req.headers().contains_key(h) {
+            return Err(Rejection::BadRequest(BadRequest::MissingHeader(
+                h.as_str().into(),
+            )));
+        }
+    }
+    if !m.required_query.is_empty() {
+        let query = req.uri().query().unwrap_or("");
+        for name in m.required_query.iter() {
+            let present = query
+                .split('&')
+                .any(|pair| pair.split('=').next() == Some(&**name));
+            if !present {
+                return Err(Rejection::BadRequest(BadRequest::MissingQuery(
+                    name.clone(),
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Step 14: the integration.
+async fn integrate<'s>(
+    app: &App,
+    ctx: &mut RequestContext<'s>,
+    m: &'s MethodRoute,
+    req: Request<Incoming>,
+) -> Result<Response<GatewayBody>, Rejection> {
+    let url = match &m.integration {
+        Integration::Http { url } => url,
+        Integration::PrivateLink { endpoint, .. } if !endpoint.active => {
+            return Err(Rejection::EndpointUnavailable)
+        }
+        Integration::PrivateLink { .. } | Integration::Function { .. } => {
+            tracing::error!(
+                integration = m.integration.kind().as_str(),
+                "integration type not supported by this build yet"
+            );
+            return Err(Rejection::IntegrationFailure);
+        }
+    };
+    let (api, stage, path) = match (ctx.api, ctx.stage, ctx.path.as_ref()) {
+        (Some(a), Some(s), Some(p)) => (a, s, p),
+        _ => return Err(Rejection::Internal),
+    };
+    let (mut parts, body) = req.into_parts();
+    parts.uri = url
+        .render(path.resource(), &ctx.params, parts.uri.query())
+        .map_err(|e| {
+            tracing::error!(error = %e, "backend URL could not be built");
+            Rejection::IntegrationFailure
+        })?;
+    let host = parts.headers.get(HOST).cloned().or_else(|| {
+        parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
+    http_integration::rewrite_request_headers(
+        &mut parts.headers,
+        &ForwardInfo {
+            client_ip: ctx.client_ip,
+            proto: ctx.conn.proto,
+            host: host.as_ref(),
+            request_id: &ctx.request_id,
+            api_id: &api.id,
+            stage: &stage.name,
+            api_key_id: None,
+            jwt_sub: None,
+            trusted_peer: ctx.conn.trusted_peer,
+        },
+    );
+    let req = Request::from_parts(
+        parts,
+        LimitedBody::new(body, app.config.limits.max_body_bytes),
+    );
+    let result = http_integration::send(&app.client, req, stage.integration_timeout).await;
+    let (resp, elapsed) = match result {
+        Ok(f) => (Ok(f.response), f.elapsed),
+        Err((rejection, elapsed)) => (Err(rejection), elapsed),
+    };
+    ctx.integration_elapsed = Some(elapsed);
+    let resp = resp?;
+    Ok(resp.map(GatewayBody::Upstream))
+}
+
+fn api_label<'a>(ctx: &'a RequestContext<'_>) -> &'a str {
+    ctx.api.map_or("", |a| &a.id)
+}
+
+fn stage_label<'a>(ctx: &'a RequestContext<'_>) -> &'a str {
+    ctx.stage.map_or("", |s| &s.name)
+}
+
+/// Metrics of one answered request (every outcome passes here exactly once).
+fn record(app: &App, ctx: &RequestContext<'_>, status: u16) {
+    let (api, stage) = (api_label(ctx), stage_label(ctx));
+    let resource = ctx.route.map_or("", |r| &r.template);
+    let m = &app.metrics;
+    m.requests
+        .with_label_values(&[
+            api,
+            stage,
+            resource,
+            method_label(&ctx.method),
+            status_class(status),
+        ])
+        .inc();
+    m.request_duration
+        .with_label_values(&[api, stage])
+        .observe(ctx.started.elapsed().as_secs_f64());
+    if let (Some(elapsed), Some(mr)) = (ctx.integration_elapsed, ctx.method_route) {
+        m.integration_duration
+            .with_label_values(&[api, stage, mr.integration.kind().as_str()])
+            .observe(elapsed.as_secs_f64());
+    }
+}

@@ -1,0 +1,301 @@
+//! Compiled, immutable form of a validated snapshot: host → API → stage → deployment →
+//! route trie → method. Built off the request path; shared by `Arc`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::HeaderName;
+
+use super::model::{EndpointType, IntegrationType, MethodType, Snapshot};
+use super::validate::{normalize_host, parse_target};
+use super::Issue;
+use crate::integration::url::UrlTemplate;
+use crate::routing::{MethodTable, RouteError, RouteTable};
+
+pub const DEFAULT_INTEGRATION_TIMEOUT: Duration = Duration::from_millis(29_000);
+
+#[derive(Debug)]
+pub struct PrivateLinkTarget {
+    pub id: Arc<str>,
+    pub active: bool,
+    pub host: String,
+    pub port: u16,
+}
+
+#[derive(Debug)]
+pub struct FunctionTarget {
+    pub id: Arc<str>,
+    pub name: String,
+    pub invoke_url: http::Uri,
+}
+
+#[derive(Debug)]
+pub enum Integration {
+    Http {
+        url: UrlTemplate,
+    },
+    Function {
+        function: Arc<FunctionTarget>,
+    },
+    PrivateLink {
+        url: UrlTemplate,
+        endpoint: Arc<PrivateLinkTarget>,
+    },
+}
+
+impl Integration {
+    pub fn kind(&self) -> IntegrationType {
+        match self {
+            Integration::Http { .. } => IntegrationType::Http,
+            Integration::Function { .. } => IntegrationType::Scf,
+            Integration::PrivateLink { .. } => IntegrationType::PrivateLink,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct MethodRoute {
+    pub method_type: MethodType,
+    pub integration: Integration,
+    pub api_key_required: bool,
+    /// Query strings marked `true` (case-sensitive names).
+    pub required_query: Box<[Box<str>]>,
+    /// Headers marked `true`.
+    pub required_headers: Box<[HeaderName]>,
+    pub srn: Option<Box<str>>,
+}
+
+#[derive(Debug)]
+pub struct CompiledDeployment {
+    pub id: Arc<str>,
+    pub routes: RouteTable<MethodRoute>,
+}
+
+#[derive(Debug)]
+pub struct Canary {
+    pub deployment: Arc<CompiledDeployment>,
+    /// 0–100.
+    pub percent: f64,
+}
+
+#[derive(Debug)]
+pub struct CompiledStage {
+    pub name: Arc<str>,
+    pub deployment: Arc<CompiledDeployment>,
+    pub canary: Option<Canary>,
+    pub integration_timeout: Duration,
+}
+
+impl CompiledStage {
+    /// The deployment serving one request: the canary for `percent`% of draws.
+    /// `draw` is uniform in [0, 100).
+    pub fn select(&self, draw: f64) -> &Arc<CompiledDeployment> {
+        match &self.canary {
+            Some(c) if draw < c.percent => &c.deployment,
+            _ => &self.deployment,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct CompiledApi {
+    pub id: Arc<str>,
+    pub name: String,
+    pub revision: u64,
+    pub endpoint_type: EndpointType,
+    /// Normalised host names (lowercase, no trailing dot).
+    pub hosts: Vec<String>,
+    pub stages: HashMap<Box<str>, CompiledStage>,
+    /// The document it was built from (key values and secrets are never serialised).
+    pub snapshot: Arc<Snapshot>,
+    pub loaded_at: time::OffsetDateTime,
+}
+
+impl CompiledApi {
+    pub fn stage(&self, name: &str) -> Option<&CompiledStage> {
+        self.stages.get(name)
+    }
+}
+
+fn issue(path: String, message: impl Into<String>) -> Issue {
+    Issue {
+        path,
+        message: message.into(),
+    }
+}
+
+/// Compiles a snapshot that passed [`super::validate::validate`].
+pub fn compile(s: Snapshot) -> Result<CompiledApi, Vec<Issue>> {
+    let mut errors = Vec::new();
+    let endpoints: HashMap<&str, Arc<PrivateLinkTarget>> = s
+        .privatelink_endpoints
+        .iter()
+        .filter_map(|e| {
+            let (host, port) = parse_target(&e.target)?;
+            Some((
+                e.id.as_str(),
+                Arc::new(PrivateLinkTarget {
+                    id: Arc::from(e.id.as_str()),
+                    active: e.status == "Active",
+                    host,
+                    port,
+                }),
+            ))
+        })
+        .collect();
+    let mut functions: HashMap<&str, Arc<FunctionTarget>> = HashMap::new();
+    for (i, f) in s.functions.iter().enumerate() {
+        match f.invoke_url.parse() {
+            Ok(invoke_url) => {
+                functions.insert(
+                    f.function_id.as_str(),
+                    Arc::new(FunctionTarget {
+                        id: Arc::from(f.function_id.as_str()),
+                        name: f.function_name.clone(),
+                        invoke_url,
+                    }),
+                );
+            }
+            Err(e) => errors.push(issue(format!("functions[{i}].invoke_url"), e.to_string())),
+        }
+    }
+
+    let mut deployments: HashMap<&str, Arc<CompiledDeployment>> = HashMap::new();
+    for (d, dep) in s.deployments.iter().enumerate() {
+        let mut routes = RouteTable::default();
+        // Insert parents before children so conflicts are reported on the later path.
+        let mut order: Vec<usize> = (0..dep.resources.len()).collect();
+        order.sort_by_key(|&i| (dep.resources[i].path.matches('/').count(), i));
+        for i in order {
+            let r = &dep.resources[i];
+            let rp = format!("deployments[{d}].resources[{i}]");
+            let param_names: Vec<&str> = super::validate::path_segments(&r.path)
+                .filter_map(|seg| match super::validate::parse_segment(seg) {
+                    Ok(
+                        super::validate::Segment::Param(n) | super::validate::Segment::Greedy(n),
+                    ) => Some(n),
+                    _ => None,
+                })
+                .collect();
+            let mut methods = Vec::with_capacity(r.methods.len());
+            for (j, m) in r.methods.iter().enumerate() {
+                let mp = format!("{rp}.methods[{j}]");
+                let url = |errors: &mut Vec<Issue>| -> Option<UrlTemplate> {
+                    let raw = m.endpoint_url.as_deref().unwrap_or("");
+                    UrlTemplate::compile(raw, &param_names)
+                        .map_err(|e| errors.push(issue(format!("{mp}.endpoint_url"), e)))
+                        .ok()
+                };
+                let integration = match m.integration_type {
+                    IntegrationType::Http => url(&mut errors).map(|url| Integration::Http { url }),
+                    IntegrationType::Scf => m
+                        .function_id
+                        .as_deref()
+                        .and_then(|f| functions.get(f))
+                        .map(|f| Integration::Function {
+                            function: f.clone(),
+                        }),
+                    IntegrationType::PrivateLink => {
+                        let endpoint = m
+                            .privatelink_endpoint_id
+                            .as_deref()
+                            .and_then(|e| endpoints.get(e));
+                        match (url(&mut errors), endpoint) {
+                            (Some(url), Some(endpoint)) => Some(Integration::PrivateLink {
+                                url,
+                                endpoint: endpoint.clone(),
+                            }),
+                            _ => None,
+                        }
+                    }
+                };
+                let Some(integration) = integration else {
+                    errors.push(issue(mp, "integration target could not be resolved"));
+                    continue;
+                };
+                methods.push((
+                    m.method_type,
+                    MethodRoute {
+                        method_type: m.method_type,
+                        integration,
+                        api_key_required: m.api_key_required,
+                        required_query: m
+                            .query_strings
+                            .iter()
+                            .filter(|(_, req)| **req)
+                            .map(|(n, _)| n.as_str().into())
+                            .collect(),
+                        required_headers: m
+                            .request_headers
+                            .iter()
+                            .filter(|(_, req)| **req)
+                            .filter_map(|(n, _)| HeaderName::from_bytes(n.as_bytes()).ok())
+                            .collect(),
+                        srn: m.srn.as_deref().map(Into::into),
+                    },
+                ));
+            }
+            if let Err(e) = routes.insert(&r.path, MethodTable::new(methods)) {
+                let message = match &e {
+                    RouteError::Conflict { path, with } => {
+                        format!("`{path}` conflicts with `{with}`")
+                    }
+                    RouteError::InvalidTemplate { .. } | RouteError::Rejected { .. } => {
+                        e.to_string()
+                    }
+                };
+                errors.push(issue(format!("{rp}.path"), message));
+            }
+        }
+        deployments.insert(
+            dep.deployment_id.as_str(),
+            Arc::new(CompiledDeployment {
+                id: Arc::from(dep.deployment_id.as_str()),
+                routes,
+            }),
+        );
+    }
+
+    let mut stages = HashMap::new();
+    for (i, st) in s.stages.iter().enumerate() {
+        let Some(deployment) = deployments.get(st.deployment_id.as_str()).cloned() else {
+            errors.push(issue(
+                format!("stages[{i}].deployment_id"),
+                "no such deployment",
+            ));
+            continue;
+        };
+        let canary = st.canary.as_ref().and_then(|c| {
+            deployments.get(c.deployment_id.as_str()).map(|d| Canary {
+                deployment: d.clone(),
+                percent: c.percent,
+            })
+        });
+        stages.insert(
+            st.name.as_str().into(),
+            CompiledStage {
+                name: Arc::from(st.name.as_str()),
+                deployment,
+                canary,
+                integration_timeout: st
+                    .integration_timeout_ms
+                    .map(Duration::from_millis)
+                    .unwrap_or(DEFAULT_INTEGRATION_TIMEOUT),
+            },
+        );
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    Ok(CompiledApi {
+        id: Arc::from(s.api.id.as_str()),
+        name: s.api.name.clone(),
+        revision: s.revision,
+        endpoint_type: s.api.endpoint_type,
+        hosts: s.api.hosts.iter().map(|h| normalize_host(h)).collect(),
+        stages,
+        snapshot: Arc::new(s),
+        loaded_at: time::OffsetDateTime::now_utc(),
+    })
+}

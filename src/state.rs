@@ -1,0 +1,161 @@
+//! The one snapshot swap. Everything a request needs (host → API → stage → route trie →
+//! policies) hangs off one immutable [`GatewayState`] behind one `ArcSwap`. Writers (start-up,
+//! admin API, directory watch) build the next state off the request path under a writer lock
+//! and publish it with one pointer store; readers never block.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+
+use crate::snapshot::CompiledApi;
+
+#[derive(Default)]
+pub struct GatewayState {
+    apis: HashMap<Arc<str>, Arc<CompiledApi>>,
+    hosts: HashMap<Box<str>, Arc<CompiledApi>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LoadError {
+    #[error("host `{host}` is already served by API `{other}`")]
+    HostConflict { host: String, other: String },
+    #[error("revision {offered} is not newer than the loaded revision {loaded}")]
+    NotNewer { loaded: u64, offered: u64 },
+}
+
+/// The lookup key of a `Host` / `:authority` value: lowercase, without port or trailing
+/// dot. Borrows when the value is already in that form (the common case).
+pub fn host_key(raw: &str) -> Cow<'_, str> {
+    let h = if let Some(rest) = raw.strip_prefix('[') {
+        rest.split(']').next().unwrap_or(rest)
+    } else {
+        match raw.rfind(':') {
+            Some(i) if !raw[..i].contains(':') => &raw[..i],
+            _ => raw,
+        }
+    };
+    let h = h.strip_suffix('.').unwrap_or(h);
+    if h.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(h.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(h)
+    }
+}
+
+impl GatewayState {
+    pub fn api_for_host(&self, host: &str) -> Option<&Arc<CompiledApi>> {
+        self.hosts.get(host_key(host).as_ref())
+    }
+
+    pub fn api(&self, id: &str) -> Option<&Arc<CompiledApi>> {
+        self.apis.get(id)
+    }
+
+    pub fn apis(&self) -> impl Iterator<Item = &Arc<CompiledApi>> {
+        self.apis.values()
+    }
+
+    /// The state with `api` added or replaced; the revision must be newer and the hosts free.
+    pub fn with_api(&self, api: Arc<CompiledApi>) -> Result<GatewayState, LoadError> {
+        if let Some(old) = self.apis.get(&api.id) {
+            if api.revision <= old.revision {
+                return Err(LoadError::NotNewer {
+                    loaded: old.revision,
+                    offered: api.revision,
+                });
+            }
+        }
+        for h in &api.hosts {
+            if let Some(other) = self.hosts.get(h.as_str()) {
+                if other.id != api.id {
+                    return Err(LoadError::HostConflict {
+                        host: h.clone(),
+                        other: other.id.to_string(),
+                    });
+                }
+            }
+        }
+        let mut next = self.without(&api.id);
+        for h in &api.hosts {
+            next.hosts.insert(h.as_str().into(), api.clone());
+        }
+        next.apis.insert(api.id.clone(), api);
+        Ok(next)
+    }
+
+    /// The state without the API `id` (a copy of the maps; the compiled APIs are shared).
+    pub fn without(&self, id: &str) -> GatewayState {
+        GatewayState {
+            apis: self
+                .apis
+                .iter()
+                .filter(|(k, _)| &***k != id)
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            hosts: self
+                .hosts
+                .iter()
+                .filter(|(_, v)| &*v.id != id)
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        }
+    }
+}
+
+pub struct StateHandle {
+    current: ArcSwap<GatewayState>,
+    writer: Mutex<()>,
+}
+
+impl Default for StateHandle {
+    fn default() -> Self {
+        Self {
+            current: ArcSwap::from_pointee(GatewayState::default()),
+            writer: Mutex::new(()),
+        }
+    }
+}
+
+impl StateHandle {
+    /// The state a request is served with, start to end.
+    pub fn load(&self) -> Arc<GatewayState> {
+        self.current.load_full()
+    }
+
+    /// Publishes `api`; the old state stays on any error.
+    pub fn install(&self, api: Arc<CompiledApi>) -> Result<(), LoadError> {
+        let _w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let next = self.current.load().with_api(api)?;
+        self.current.store(Arc::new(next));
+        Ok(())
+    }
+
+    /// Unloads an API; false when it was not loaded.
+    pub fn remove(&self, id: &str) -> bool {
+        let _w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let cur = self.current.load();
+        if cur.api(id).is_none() {
+            return false;
+        }
+        let next = cur.without(id);
+        self.current.store(Arc::new(next));
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_keys() {
+        assert_eq!(host_key("api.example.com"), "api.example.com");
+        assert_eq!(host_key("API.example.com:8080"), "api.example.com");
+        assert_eq!(host_key("api.example.com.:80"), "api.example.com");
+        assert_eq!(host_key("[::1]:8080"), "::1");
+        assert_eq!(host_key("127.0.0.1:8080"), "127.0.0.1");
+        assert!(matches!(host_key("a.b"), Cow::Borrowed(_)));
+    }
+}
