@@ -21,6 +21,11 @@ use crate::routing::{Params, Route};
 use crate::snapshot::{CompiledApi, CompiledDeployment, CompiledStage, Integration, MethodRoute};
 use crate::state::{host_key, GatewayState};
 
+/// Request extension set by the listener: the raw head carried both `Content-Length` and
+/// `Transfer-Encoding` (hyper keeps only the latter in the parsed headers).
+#[derive(Debug, Clone, Copy)]
+pub struct AmbiguousLength;
+
 /// What the listener knows about a connection.
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
@@ -154,7 +159,9 @@ fn check_framing(req: &Request<Incoming>, limits: &Limits) -> Result<(), Rejecti
     }
     let h = req.headers();
     let has_te = h.contains_key(TRANSFER_ENCODING);
-    if has_te && h.contains_key(CONTENT_LENGTH) {
+    if (has_te && h.contains_key(CONTENT_LENGTH))
+        || req.extensions().get::<AmbiguousLength>().is_some()
+    {
         return Err(Rejection::BadRequest(BadRequest::AmbiguousLength));
     }
     if has_te {

@@ -54,6 +54,10 @@ struct Activity {
     in_flight: AtomicU32,
     saw_first_read: AtomicBool,
     h2: AtomicBool,
+    /// Requests whose service has started (a new head begins after each).
+    requests: AtomicU64,
+    /// The head being read carries both Content-Length and Transfer-Encoding.
+    ambiguous_length: AtomicBool,
 }
 
 impl Activity {
@@ -65,6 +69,8 @@ impl Activity {
             in_flight: AtomicU32::new(0),
             saw_first_read: AtomicBool::new(false),
             h2: AtomicBool::new(false),
+            requests: AtomicU64::new(0),
+            ambiguous_length: AtomicBool::new(false),
         }
     }
 
@@ -119,10 +125,85 @@ enum Deadline {
 struct InFlight(Arc<Activity>);
 
 impl InFlight {
-    fn start(a: &Arc<Activity>) -> Self {
+    /// Called when a request head is complete; returns whether that head was ambiguous.
+    fn start(a: &Arc<Activity>) -> (Self, bool) {
         a.in_flight.fetch_add(1, Ordering::Relaxed);
         a.head_started.store(0, Ordering::Relaxed);
-        InFlight(a.clone())
+        a.requests.fetch_add(1, Ordering::Relaxed);
+        let ambiguous = a.ambiguous_length.swap(false, Ordering::Relaxed);
+        (InFlight(a.clone()), ambiguous)
+    }
+}
+
+/// Finds `Content-Length` and `Transfer-Encoding` together in an HTTP/1 request head.
+///
+/// hyper drops `Content-Length` from the parsed headers when `Transfer-Encoding` is present
+/// (and only stops keeping the connection alive), so the pipeline could not refuse such a
+/// request as `request-pipeline.md` demands. This scanner looks at the raw head bytes: it
+/// compares the first bytes of each line with the two names and stops at the blank line
+/// that ends the head. Body bytes are never scanned.
+struct HeadScan {
+    generation: u64,
+    line_len: usize,
+    cl_match: bool,
+    te_match: bool,
+    saw_cl: bool,
+    saw_te: bool,
+    done: bool,
+}
+
+const CL_NAME: &[u8] = b"content-length:";
+
+impl HeadScan {
+    /// A scanner for the head that follows `generation` started requests.
+    fn new(generation: u64) -> Self {
+        Self {
+            generation,
+            line_len: 0,
+            cl_match: true,
+            te_match: true,
+            saw_cl: false,
+            saw_te: false,
+            done: false,
+        }
+    }
+}
+const TE_NAME: &[u8] = b"transfer-encoding:";
+
+impl HeadScan {
+    /// Scans `bytes`; true when the head ended with both headers present.
+    fn feed(&mut self, bytes: &[u8]) -> bool {
+        for &b in bytes {
+            if self.done {
+                break;
+            }
+            match b {
+                b'\n' => {
+                    if self.line_len == 0 {
+                        self.done = true;
+                        return self.saw_cl && self.saw_te;
+                    }
+                    self.line_len = 0;
+                    self.cl_match = true;
+                    self.te_match = true;
+                }
+                b'\r' => {}
+                _ => {
+                    let l = b.to_ascii_lowercase();
+                    let i = self.line_len;
+                    if self.cl_match && i < CL_NAME.len() {
+                        self.cl_match = CL_NAME[i] == l;
+                        self.saw_cl |= self.cl_match && i + 1 == CL_NAME.len();
+                    }
+                    if self.te_match && i < TE_NAME.len() {
+                        self.te_match = TE_NAME[i] == l;
+                        self.saw_te |= self.te_match && i + 1 == TE_NAME.len();
+                    }
+                    self.line_len += 1;
+                }
+            }
+        }
+        false
     }
 }
 
@@ -133,13 +214,83 @@ impl Drop for InFlight {
     }
 }
 
-/// A socket that reports its reads and writes to an [`Activity`].
-struct TrackedIo<T> {
-    inner: T,
+/// A client socket that reports its reads and writes to an [`Activity`], and closes
+/// lingeringly: when the gateway closes a connection whose client may still be sending
+/// (a 413 mid-upload, a timeout), the socket is half-closed and drained for a short while
+/// before it is dropped, as nginx's `lingering_close` does. Closing with unread data would
+/// make the kernel send a reset that can destroy the response before the client reads it.
+struct TrackedIo {
+    inner: Option<TcpStream>,
     activity: Arc<Activity>,
+    read_eof: bool,
+    scan: HeadScan,
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for TrackedIo<T> {
+/// Lingering close: at most this long in all, and this long without any data.
+const LINGER_TOTAL: Duration = Duration::from_secs(5);
+const LINGER_QUIET: Duration = Duration::from_secs(1);
+
+impl TrackedIo {
+    fn new(stream: TcpStream, activity: Arc<Activity>) -> Self {
+        Self {
+            inner: Some(stream),
+            activity,
+            read_eof: false,
+            scan: HeadScan::new(0),
+        }
+    }
+
+    /// Feeds head bytes (read while no request is in flight) to the [`HeadScan`].
+    fn scan_head(&mut self, bytes: &[u8]) {
+        let a = &self.activity;
+        if a.h2.load(Ordering::Relaxed) || a.in_flight.load(Ordering::Relaxed) > 0 {
+            return;
+        }
+        let generation = a.requests.load(Ordering::Relaxed);
+        if self.scan.generation != generation {
+            self.scan = HeadScan::new(generation);
+        }
+        if self.scan.feed(bytes) {
+            a.ambiguous_length.store(true, Ordering::Relaxed);
+        }
+    }
+
+    fn io(&mut self) -> Pin<&mut TcpStream> {
+        Pin::new(
+            self.inner
+                .as_mut()
+                .expect("the stream is present until drop"),
+        )
+    }
+}
+
+impl Drop for TrackedIo {
+    fn drop(&mut self) {
+        if self.read_eof {
+            return;
+        }
+        let (Some(stream), Ok(rt)) = (self.inner.take(), tokio::runtime::Handle::try_current())
+        else {
+            return;
+        };
+        rt.spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut stream = stream;
+            let _ = stream.shutdown().await;
+            let end = tokio::time::Instant::now() + LINGER_TOTAL;
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                let until = end.min(tokio::time::Instant::now() + LINGER_QUIET);
+                match tokio::time::timeout_at(until, stream.read(&mut buf)).await {
+                    Ok(Ok(n)) if n > 0 => continue,
+                    _ => return,
+                }
+            }
+        });
+    }
+}
+
+impl AsyncRead for TrackedIo {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -147,22 +298,28 @@ impl<T: AsyncRead + Unpin> AsyncRead for TrackedIo<T> {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
-        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            this.activity.on_read(&buf.filled()[before..]);
+        let r = this.io().poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) {
+            if buf.filled().len() > before {
+                let new = &buf.filled()[before..];
+                this.activity.on_read(new);
+                this.scan_head(new);
+            } else if buf.remaining() > 0 {
+                this.read_eof = true;
+            }
         }
         r
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for TrackedIo<T> {
+impl AsyncWrite for TrackedIo {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        let r = Pin::new(&mut this.inner).poll_write(cx, data);
+        let r = this.io().poll_write(cx, data);
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
             this.activity.on_write();
         }
@@ -174,20 +331,20 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for TrackedIo<T> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        let r = this.io().poll_write_vectored(cx, bufs);
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
             this.activity.on_write();
         }
         r
     }
     fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
+        self.inner.as_ref().is_some_and(|s| s.is_write_vectored())
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        self.get_mut().io().poll_flush(cx)
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        self.get_mut().io().poll_shutdown(cx)
     }
 }
 
@@ -253,17 +410,18 @@ async fn serve_connection(
     app.active_connections.fetch_add(1, Ordering::AcqRel);
     let _open = Open(&app);
     let activity = Arc::new(Activity::new());
-    let io = TokioIo::new(TrackedIo {
-        inner: stream,
-        activity: activity.clone(),
-    });
+    let io = TokioIo::new(TrackedIo::new(stream, activity.clone()));
     let info = Arc::new(info);
     let svc_app = app.clone();
     let svc_activity = activity.clone();
     let svc = service_fn(move |req| {
         let app = svc_app.clone();
         let info = info.clone();
-        let guard = InFlight::start(&svc_activity);
+        let (guard, ambiguous) = InFlight::start(&svc_activity);
+        let mut req = req;
+        if ambiguous {
+            req.extensions_mut().insert(pipeline::AmbiguousLength);
+        }
         async move {
             let resp = pipeline::handle(&app, &info, req).await;
             drop(guard);
@@ -319,5 +477,46 @@ async fn serve_connection(
                 conn.as_mut().graceful_shutdown();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::HeadScan;
+
+    fn scan(parts: &[&[u8]]) -> bool {
+        let mut s = HeadScan::new(0);
+        parts.iter().any(|p| s.feed(p))
+    }
+
+    #[test]
+    fn finds_cl_and_te_in_either_order_and_split_reads() {
+        assert!(scan(&[
+            b"POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+        ]));
+        assert!(scan(&[
+            b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\nCONTENT-LENGTH: 5\r\n\r\n"
+        ]));
+        assert!(scan(&[
+            b"POST / HTTP/1.1\r\nContent-Len",
+            b"gth: 5\r\nTransfer-Encoding: chunked\r\n",
+            b"\r\n"
+        ]));
+        assert!(scan(&[
+            b"POST / HTTP/1.1\nContent-Length: 5\nTransfer-Encoding: chunked\n\n"
+        ]));
+    }
+
+    #[test]
+    fn ignores_bodies_and_lookalikes() {
+        assert!(!scan(&[
+            b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nTransfer-Encoding: chunked\r\n\r\n"
+        ]));
+        assert!(!scan(&[
+            b"POST / HTTP/1.1\r\nX-Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+        ]));
+        assert!(!scan(&[
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nContent-Length: 1\r\n"
+        ]));
     }
 }

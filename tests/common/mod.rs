@@ -1,0 +1,391 @@
+//! Test harness: the real `scp-gateway` binary on ephemeral ports, real backends in the test
+//! process, snapshots written into a temporary directory. Everything is cleaned up on drop.
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Frame;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use serde_json::{json, Value};
+
+/// What a backend saw of one request.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub uri: String,
+    pub headers: http::HeaderMap,
+    pub body_len: usize,
+}
+
+type BoxBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+/// A backend in the test process. Paths it understands (anything else echoes):
+/// - `/big?mb=N`: streams N MiB of body;
+/// - `/slow?ms=N`: answers after N ms;
+/// - every response carries `x-backend: <name>` and a JSON body with uri and body length.
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub name: String,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn query_num(uri: &http::Uri, key: &str) -> Option<u64> {
+    uri.query()?
+        .split('&')
+        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
+}
+
+impl Backend {
+    pub async fn start(name: &str) -> Backend {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+        let (seen2, name2) = (seen.clone(), name.to_owned());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (seen, name) = (seen2.clone(), name2.clone());
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let (seen, name) = (seen.clone(), name.clone());
+                        async move { Ok::<_, Infallible>(respond(req, &seen, &name).await) }
+                    });
+                    let _ = auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Backend {
+            addr,
+            name: name.to_owned(),
+            seen,
+            task,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    pub fn last(&self) -> Seen {
+        self.seen()
+            .last()
+            .cloned()
+            .expect("the backend saw a request")
+    }
+}
+
+async fn respond(
+    req: http::Request<hyper::body::Incoming>,
+    seen: &Mutex<Vec<Seen>>,
+    name: &str,
+) -> http::Response<BoxBody> {
+    let (parts, mut body) = req.into_parts();
+    // Count the body without keeping it.
+    let mut body_len = 0usize;
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(f) => body_len += f.data_ref().map_or(0, |d| d.len()),
+            Err(_) => break,
+        }
+    }
+    seen.lock().unwrap().push(Seen {
+        method: parts.method.to_string(),
+        uri: parts.uri.to_string(),
+        headers: parts.headers.clone(),
+        body_len,
+    });
+    if parts.uri.path().starts_with("/slow") {
+        let ms = query_num(&parts.uri, "ms").unwrap_or(1000);
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    let body: BoxBody = if parts.uri.path().starts_with("/big") {
+        let mb = query_num(&parts.uri, "mb").unwrap_or(1) as usize;
+        let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+        let stream = futures_util::stream::iter(
+            (0..mb * 16).map(move |_| Ok::<_, Infallible>(Frame::data(chunk.clone()))),
+        );
+        BoxBody::new(StreamBody::new(stream))
+    } else {
+        let v = json!({ "backend": name, "uri": parts.uri.to_string(), "body_len": body_len });
+        BoxBody::new(Full::new(Bytes::from(v.to_string())))
+    };
+    let mut resp = http::Response::new(body);
+    resp.headers_mut()
+        .insert("x-backend", name.parse().unwrap());
+    resp.headers_mut()
+        .insert("connection", "keep-alive".parse().unwrap());
+    resp.headers_mut().insert(
+        "access-control-allow-origin",
+        "https://backend.example".parse().unwrap(),
+    );
+    resp
+}
+
+/// A snapshot document for tests: one API, one deployment, one stage `prod`.
+pub struct SnapshotBuilder {
+    pub doc: Value,
+}
+
+impl SnapshotBuilder {
+    pub fn new(api_id: &str, hosts: &[&str]) -> Self {
+        SnapshotBuilder {
+            doc: json!({
+                "format": "scp-apigw.snapshot/v1",
+                "revision": 1,
+                "api": { "id": api_id, "name": api_id, "account_id": "acc", "hosts": hosts },
+                "deployments": [ { "deployment_id": "d1", "resources": [
+                    { "id": "root", "parent_id": "", "path": "/", "path_part": "", "methods": [] }
+                ] } ],
+                "stages": [ { "name": "prod", "deployment_id": "d1" } ]
+            }),
+        }
+    }
+
+    /// Adds a resource (the parent must exist) with `(method, endpoint_url)` methods.
+    pub fn resource(mut self, path: &str, methods: &[(&str, &str)]) -> Self {
+        self.resource_in("d1", path, methods);
+        self
+    }
+
+    pub fn resource_in(&mut self, deployment: &str, path: &str, methods: &[(&str, &str)]) {
+        let deps = self.doc["deployments"].as_array_mut().unwrap();
+        let dep = deps
+            .iter_mut()
+            .find(|d| d["deployment_id"] == deployment)
+            .expect("deployment");
+        let resources = dep["resources"].as_array_mut().unwrap();
+        let (parent_path, part) = path.rsplit_once('/').unwrap();
+        let parent_path = if parent_path.is_empty() {
+            "/"
+        } else {
+            parent_path
+        };
+        let parent_id = resources
+            .iter()
+            .find(|r| r["path"] == parent_path)
+            .map(|r| r["id"].as_str().unwrap().to_owned())
+            .unwrap_or_else(|| panic!("parent of {path} must be added first"));
+        let id = format!("r{}", resources.len());
+        let methods: Vec<Value> = methods
+            .iter()
+            .map(|(m, url)| json!({ "method_type": m, "integration_type": "HTTP", "endpoint_url": url }))
+            .collect();
+        resources.push(json!({ "id": id, "parent_id": parent_id, "path": path, "path_part": part, "methods": methods }));
+    }
+
+    pub fn stage(mut self, f: impl FnOnce(&mut Value)) -> Self {
+        f(&mut self.doc["stages"][0]);
+        self
+    }
+
+    pub fn build(self) -> Value {
+        self.doc
+    }
+}
+
+/// The gateway binary, started on ephemeral ports with its own temporary directories.
+pub struct Gateway {
+    child: Child,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub dir: tempfile::TempDir,
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_scp-gateway")
+}
+
+impl Gateway {
+    /// Starts the gateway with these snapshot files (name → document) and extra TOML.
+    pub fn start(snapshots: &[(&str, &Value)], extra_toml: &str) -> Gateway {
+        let dir = tempfile::tempdir().unwrap();
+        let snap_dir = dir.path().join("snapshots");
+        std::fs::create_dir_all(&snap_dir).unwrap();
+        for (name, doc) in snapshots {
+            std::fs::write(snap_dir.join(name), serde_json::to_vec_pretty(doc).unwrap()).unwrap();
+        }
+        Self::start_in(dir, extra_toml)
+    }
+
+    pub fn start_in(dir: tempfile::TempDir, extra_toml: &str) -> Gateway {
+        let config = format!(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n[snapshots]\ndir = {:?}\n[state]\ndir = {:?}\n[runtime]\nworker_threads = 2\n{extra_toml}\n",
+            dir.path().join("snapshots"),
+            dir.path().join("state"),
+        );
+        let config_path = dir.path().join("gateway.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let stderr = std::fs::File::create(dir.path().join("gateway.log")).unwrap();
+        let mut child = Command::new(bin())
+            .args(["run", "--config"])
+            .arg(&config_path)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .expect("start the gateway");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let (addr, admin) = parse_listening(&line).unwrap_or_else(|| {
+            let log = std::fs::read_to_string(dir.path().join("gateway.log")).unwrap_or_default();
+            panic!("gateway did not start: {line:?}\n{log}")
+        });
+        Gateway {
+            child,
+            addr,
+            admin,
+            dir,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("gateway.log")).unwrap_or_default()
+    }
+
+    pub fn snapshot_dir(&self) -> PathBuf {
+        self.dir.path().join("snapshots")
+    }
+
+    /// `VmHWM` (peak resident set) of the gateway process, in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        proc_status_kib(self.pid(), "VmHWM:")
+    }
+
+    pub fn rss_kib(&self) -> u64 {
+        proc_status_kib(self.pid(), "VmRSS:")
+    }
+
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("http://{}/metrics", self.admin))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+}
+
+pub fn proc_status_kib(pid: u32, key: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+pub fn parse_listening(line: &str) -> Option<(SocketAddr, SocketAddr)> {
+    let rest = line.trim().strip_prefix("listening data=")?;
+    let (data, admin) = rest.split_once(" admin=")?;
+    Some((data.split(',').next()?.parse().ok()?, admin.parse().ok()?))
+}
+
+/// A client that sends `Host: <host>` and never follows redirects.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .pool_max_idle_per_host(16)
+        .build()
+        .unwrap()
+}
+
+/// Sends raw bytes and reads the whole answer (the gateway closes, or 2 s pass).
+pub fn raw(addr: SocketAddr, request: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    s.write_all(request).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Status code of the first response in a raw answer.
+pub fn raw_status(answer: &str) -> u16 {
+    answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {answer:?}"))
+}
+
+/// A TCP port nothing listens on (bound, then released).
+pub fn closed_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+pub fn write_json(path: &Path, v: &Value) {
+    std::fs::write(path, serde_json::to_vec_pretty(v).unwrap()).unwrap();
+}
+
+/// One HTTP/2 prior-knowledge (h2c) request whose `:authority` is the URI's authority,
+/// sent over a TCP connection to `addr`.
+pub async fn h2c_get(addr: SocketAddr, uri: &str) -> (http::StatusCode, http::HeaderMap, Bytes) {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::builder()
+        .uri(uri)
+        .version(http::Version::HTTP_2)
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    let (parts, body) = resp.into_parts();
+    (
+        parts.status,
+        parts.headers,
+        body.collect().await.unwrap().to_bytes(),
+    )
+}
