@@ -10,7 +10,8 @@ use serde_json::json;
 /// A snapshot with `n` resources: 100 static collections, each with a parameter child and
 /// a static child under it, plus a greedy resource.
 fn snapshot(n: usize) -> Vec<u8> {
-    let mut resources = vec![json!({"id": "root", "parent_id": "", "path": "/", "path_part": "", "methods": []})];
+    let mut resources =
+        vec![json!({"id": "root", "parent_id": "", "path": "/", "path_part": "", "methods": []})];
     let method = |url: &str| json!([{ "method_type": "GET", "integration_type": "HTTP", "endpoint_url": url }]);
     let mut i = 0;
     while resources.len() < n {
@@ -36,7 +37,13 @@ fn bench(c: &mut Criterion) {
     let state = scp_gateway::state::GatewayState::default()
         .with_api(std::sync::Arc::new(api))
         .unwrap();
-    let routes = &state.api_for_host("api.bench").unwrap().stage("prod").unwrap().deployment.routes;
+    let routes = &state
+        .api_for_host("api.bench")
+        .unwrap()
+        .stage("prod")
+        .unwrap()
+        .deployment
+        .routes;
     let mut g = c.benchmark_group("route_lookup_300");
     for (name, path) in [
         ("static", "/col050"),
@@ -50,13 +57,29 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             let api = state.api_for_host(black_box("api.bench:8080")).unwrap();
             let stage = api.stage(black_box("prod")).unwrap();
-            let (id, params) = stage.deployment.routes.find(black_box("/col050/42/details")).unwrap();
-            black_box((stage.deployment.routes.route(id).methods.get(&http::Method::GET), params))
+            let (id, params) = stage
+                .deployment
+                .routes
+                .find(black_box("/col050/42/details"))
+                .unwrap();
+            black_box((
+                stage
+                    .deployment
+                    .routes
+                    .route(id)
+                    .methods
+                    .get(&http::Method::GET),
+                params,
+            ))
         })
     });
     g.finish();
     c.bench_function("normalize_path", |b| {
-        b.iter(|| black_box(scp_gateway::path::normalize(black_box("/prod/col050/42/details"))))
+        b.iter(|| {
+            black_box(scp_gateway::path::normalize(black_box(
+                "/prod/col050/42/details",
+            )))
+        })
     });
     c.bench_function("compile_300_resource_snapshot", |b| {
         let doc = snapshot(300);

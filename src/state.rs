@@ -159,3 +159,52 @@ mod tests {
         assert!(matches!(host_key("a.b"), Cow::Borrowed(_)));
     }
 }
+
+#[cfg(test)]
+mod swap_tests {
+    use super::*;
+    use crate::snapshot;
+
+    fn api(id: &str, revision: u64, hosts: &[&str]) -> Arc<CompiledApi> {
+        let doc = serde_json::json!({
+            "format": "scp-apigw.snapshot/v1", "revision": revision,
+            "api": {"id": id, "name": id, "hosts": hosts},
+            "deployments": [{"deployment_id": "d1", "resources": [
+                {"id": "root", "parent_id": "", "path": "/", "path_part": "", "methods": []}]}],
+            "stages": [{"name": "prod", "deployment_id": "d1"}]
+        });
+        Arc::new(snapshot::build(&serde_json::to_vec(&doc).unwrap()).unwrap())
+    }
+
+    #[test]
+    fn host_conflicts_and_revisions() {
+        let h = StateHandle::default();
+        h.install(api("a", 1, &["a.test", "shared.test"])).unwrap();
+        assert_eq!(
+            h.install(api("b", 1, &["b.test", "Shared.Test"])),
+            Err(LoadError::HostConflict {
+                host: "shared.test".into(),
+                other: "a".into()
+            })
+        );
+        assert!(
+            h.load().api_for_host("b.test").is_none(),
+            "the old state stays on failure"
+        );
+        assert_eq!(
+            h.install(api("a", 1, &["a.test"])),
+            Err(LoadError::NotNewer {
+                loaded: 1,
+                offered: 1
+            })
+        );
+        // A newer revision may drop a host, which another API can then claim.
+        h.install(api("a", 2, &["a.test"])).unwrap();
+        assert!(h.load().api_for_host("shared.test").is_none());
+        h.install(api("b", 1, &["shared.test"])).unwrap();
+        assert_eq!(&*h.load().api_for_host("SHARED.test:443").unwrap().id, "b");
+        assert!(h.remove("a"));
+        assert!(!h.remove("a"));
+        assert!(h.load().api_for_host("a.test").is_none());
+    }
+}

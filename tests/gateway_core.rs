@@ -559,3 +559,147 @@ async fn idle_and_head_timeouts_close_connections() {
         t.elapsed()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn head_and_uri_limits() {
+    let b = Backend::start("b").await;
+    let gw = Gateway::start(&[("api1.json", &routing_api(&b))], "");
+    // 101 headers → 431.
+    let mut req = format!("GET /prod/orders HTTP/1.1\r\nHost: {HOST}\r\n");
+    for i in 0..100 {
+        req.push_str(&format!("x-h{i}: v\r\n"));
+    }
+    req.push_str("\r\n");
+    assert_eq!(raw_status(&raw(gw.addr, req.as_bytes())), 431);
+    // A 17 KiB head → 431.
+    let big = "v".repeat(17 * 1024);
+    let req = format!("GET /prod/orders HTTP/1.1\r\nHost: {HOST}\r\nx-big: {big}\r\n\r\n");
+    assert_eq!(raw_status(&raw(gw.addr, req.as_bytes())), 431);
+    // A 9 KiB URI → 414, with the JSON body.
+    let long = "a".repeat(9 * 1024);
+    let answer = raw(
+        gw.addr,
+        format!("GET /prod/orders?q={long} HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    );
+    assert_eq!(raw_status(&answer), 414);
+    assert!(answer.contains("URI_TOO_LONG"), "{answer}");
+    // A 7 KiB URI and 92 headers pass (the test backend, like hyper by default, takes at most
+    // 100 headers, and the gateway adds 8).
+    let mut req = format!(
+        "GET /prod/orders?q={} HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n",
+        "a".repeat(7 * 1024)
+    );
+    for i in 0..90 {
+        req.push_str(&format!("x-h{i}: v\r\n"));
+    }
+    req.push_str("\r\n");
+    let answer = raw(gw.addr, req.as_bytes());
+    assert_eq!(
+        raw_status(&answer),
+        200,
+        "{}",
+        &answer[..answer.len().min(300)]
+    );
+    assert!(answer.contains("x-backend: b"));
+    assert!(b.seen().iter().all(|s| !s.headers.contains_key("x-big")));
+}
+
+/// A TLS backend with a certificate for `localhost` signed by a test CA.
+async fn tls_backend() -> (std::net::SocketAddr, String, tokio::task::JoinHandle<()>) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .signed_by(&key, &ca, &ca_key)
+        .unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .unwrap();
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(cfg));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let svc = hyper::service::service_fn(
+                    |req: http::Request<hyper::body::Incoming>| async move {
+                        let body = format!(
+                            "{{\"version\":\"{:?}\",\"uri\":\"{}\"}}",
+                            req.version(),
+                            req.uri()
+                        );
+                        Ok::<_, std::convert::Infallible>(http::Response::new(
+                            http_body_util::Full::new(bytes::Bytes::from(body)),
+                        ))
+                    },
+                );
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                .await;
+            });
+        }
+    });
+    (addr, ca.pem(), task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_backends_with_an_extra_ca_and_h2() {
+    let (addr, ca_pem, _task) = tls_backend().await;
+    let url = format!("https://localhost:{}/secure/{{item-id}}", addr.port());
+    let doc = SnapshotBuilder::new("api1", &[HOST])
+        .resource("/items", &[])
+        .resource("/items/{item-id}", &[("GET", &url)])
+        .build();
+    // Without the CA the backend's certificate is not trusted: 502.
+    let gw = Gateway::start(&[("api1.json", &doc)], "");
+    let r = client()
+        .get(gw.url("/prod/items/5"))
+        .header("host", HOST)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 502);
+    assert_eq!(body_json(r).await["code"], "INTEGRATION_FAILURE");
+    drop(gw);
+    // With upstream.extra_ca_file the call succeeds, over HTTP/2 (ALPN).
+    let dir = tempfile::tempdir().unwrap();
+    let ca_path = dir.path().join("ca.pem");
+    std::fs::write(&ca_path, ca_pem).unwrap();
+    let gw = Gateway::start(
+        &[("api1.json", &doc)],
+        &format!("[upstream]\nextra_ca_file = {:?}\n", ca_path),
+    );
+    let r = client()
+        .get(gw.url("/prod/items/5"))
+        .header("host", HOST)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v = body_json(r).await;
+    // Over HTTP/2 the backend sees the absolute URI (scheme and authority from the URL).
+    assert!(v["uri"].as_str().unwrap().ends_with("/secure/5"), "{v}");
+    assert_eq!(v["version"], "HTTP/2.0");
+}
