@@ -74,6 +74,16 @@ impl App {
             match snapshot::build_file(&file) {
                 Ok(api) => {
                     let (id, revision) = (api.id.clone(), api.revision);
+                    // A re-read (SIGHUP) finds most files unchanged: not an error.
+                    if self
+                        .state
+                        .load()
+                        .api(&id)
+                        .is_some_and(|a| a.revision == revision)
+                    {
+                        tracing::debug!(file = %file.display(), api_id = %id, revision, "snapshot unchanged");
+                        continue;
+                    }
                     match self.install(Arc::new(api)) {
                         Ok(()) => {
                             tracing::info!(file = %file.display(), api_id = %id, revision, "snapshot loaded");

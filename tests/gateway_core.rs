@@ -44,33 +44,30 @@ async fn routes_static_param_greedy_any_and_errors() {
     let b = Backend::start("b").await;
     let gw = Gateway::start(&[("api1.json", &routing_api(&b))], "");
     let c = client();
-    let get = |path: &str| c.get(gw.url(path)).header("host", HOST).send();
 
     // Static beats parameter.
-    let r = get("/prod/orders/latest").await.unwrap();
+    let r = gw.get(&c, HOST, "/prod/orders/latest").await;
     assert_eq!(r.status(), 200);
     assert_eq!(body_json(r).await["uri"], "/latest");
     // Parameter substituted into endpoint_url; query merged after the URL's own.
-    let r = get("/prod/orders/42?page=2&x=y").await.unwrap();
+    let r = gw.get(&c, HOST, "/prod/orders/42?page=2&x=y").await;
     assert_eq!(r.status(), 200);
     assert_eq!(body_json(r).await["uri"], "/v1/orders/42?page=2&x=y");
-    let r = get("/prod/orders?page=3").await.unwrap();
+    let r = gw.get(&c, HOST, "/prod/orders?page=3").await;
     assert_eq!(body_json(r).await["uri"], "/orders?src=gw&page=3");
     // Greedy keeps slashes.
-    let r = get("/prod/files/a/b/c.txt").await.unwrap();
+    let r = gw.get(&c, HOST, "/prod/files/a/b/c.txt").await;
     assert_eq!(body_json(r).await["uri"], "/static/a/b/c.txt");
     // ANY answers what is not explicit; the explicit DELETE wins over ANY.
-    let r = c
-        .put(gw.url("/prod/orders/7"))
-        .header("host", HOST)
+    let r = gw
+        .req(&c, reqwest::Method::PUT, HOST, "/prod/orders/7")
         .send()
         .await
         .unwrap();
     assert_eq!(body_json(r).await["uri"], "/v1/orders/7");
     assert_eq!(b.last().method, "PUT");
-    let r = c
-        .delete(gw.url("/prod/orders/7"))
-        .header("host", HOST)
+    let r = gw
+        .req(&c, reqwest::Method::DELETE, HOST, "/prod/orders/7")
         .send()
         .await
         .unwrap();
@@ -84,12 +81,7 @@ async fn routes_static_param_greedy_any_and_errors() {
         (HOST, "/prod/customers", "RESOURCE_NOT_FOUND"),
         (HOST, "/prod/orders/42/items", "RESOURCE_NOT_FOUND"),
     ] {
-        let r = c
-            .get(gw.url(path))
-            .header("host", host)
-            .send()
-            .await
-            .unwrap();
+        let r = gw.get(&c, host, path).await;
         assert_eq!(r.status(), 404, "{host}{path}");
         let rid = r.headers()["x-scp-request-id"].to_str().unwrap().to_owned();
         let v = body_json(r).await;
@@ -97,25 +89,19 @@ async fn routes_static_param_greedy_any_and_errors() {
         assert_eq!(v["request_id"], rid.as_str());
     }
     // Host matching ignores case, port and a trailing dot.
-    let r = c
-        .get(gw.url("/prod/orders"))
-        .header("host", "API.Test.:8080")
-        .send()
-        .await
-        .unwrap();
+    let r = gw.get(&c, "API.Test.:8080", "/prod/orders").await;
     assert_eq!(r.status(), 200);
 
     // 405 with Allow; a resource without methods has an empty Allow.
-    let r = c
-        .patch(gw.url("/prod/orders"))
-        .header("host", HOST)
+    let r = gw
+        .req(&c, reqwest::Method::PATCH, HOST, "/prod/orders")
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 405);
     assert_eq!(r.headers()["allow"], "GET, POST");
     assert_eq!(body_json(r).await["code"], "METHOD_NOT_ALLOWED");
-    let r = get("/prod/files").await.unwrap();
+    let r = gw.get(&c, HOST, "/prod/files").await;
     assert_eq!(r.status(), 405);
     assert_eq!(r.headers()["allow"], "");
 }
@@ -182,11 +168,7 @@ async fn streams_large_bodies_with_bounded_memory() {
     let gw = Gateway::start(&[("api1.json", &routing_api(&b))], "");
     let c = client();
     // Warm up so the baseline includes the pools and buffers of a working gateway.
-    c.get(gw.url("/prod/orders"))
-        .header("host", HOST)
-        .send()
-        .await
-        .unwrap();
+    gw.get(&c, HOST, "/prod/orders").await;
     let base_kib = gw.rss_kib();
 
     // 50 MiB response, read as a stream.
@@ -195,12 +177,7 @@ async fn streams_large_bodies_with_bounded_memory() {
         .resource("/big", &[("GET", &b2.url("/big?mb=50"))])
         .build();
     let gw2 = Gateway::start(&[("api2.json", &big)], "");
-    let r = c
-        .get(gw2.url("/prod/big"))
-        .header("host", "big.test")
-        .send()
-        .await
-        .unwrap();
+    let r = gw2.get(&c, "big.test", "/prod/big").await;
     assert_eq!(r.status(), 200);
     let mut n = 0usize;
     let mut stream = r.bytes_stream();
@@ -211,9 +188,8 @@ async fn streams_large_bodies_with_bounded_memory() {
     let peak2 = gw2.peak_rss_kib();
 
     // 9 MiB request body.
-    let r = c
-        .post(gw.url("/prod/orders"))
-        .header("host", HOST)
+    let r = gw
+        .req(&c, reqwest::Method::POST, HOST, "/prod/orders")
         .body(vec![b'y'; 9 * 1024 * 1024])
         .send()
         .await
@@ -235,9 +211,8 @@ async fn streams_large_bodies_with_bounded_memory() {
     let chunks = futures_util::stream::iter(
         (0..11).map(|_| Ok::<_, std::io::Error>(vec![b'z'; 1024 * 1024])),
     );
-    let r = c
-        .post(gw.url("/prod/orders"))
-        .header("host", HOST)
+    let r = gw
+        .req(&c, reqwest::Method::POST, HOST, "/prod/orders")
         .body(reqwest::Body::wrap_stream(chunks))
         .send()
         .await
@@ -269,33 +244,18 @@ async fn backend_failures_map_to_502_and_504() {
         .build();
     let gw = Gateway::start(&[("api1.json", &doc)], "");
     let c = client();
-    let r = c
-        .get(gw.url("/prod/dead"))
-        .header("host", HOST)
-        .send()
-        .await
-        .unwrap();
+    let r = gw.get(&c, HOST, "/prod/dead").await;
     assert_eq!(r.status(), 502);
     assert_eq!(body_json(r).await["code"], "INTEGRATION_FAILURE");
     let t = std::time::Instant::now();
-    let r = c
-        .get(gw.url("/prod/slow"))
-        .header("host", HOST)
-        .send()
-        .await
-        .unwrap();
+    let r = gw.get(&c, HOST, "/prod/slow").await;
     assert_eq!(r.status(), 504);
     assert_eq!(body_json(r).await["code"], "INTEGRATION_TIMEOUT");
     assert!(
         t.elapsed() < Duration::from_millis(1400),
         "the stage timeout cut the wait"
     );
-    let r = c
-        .get(gw.url("/prod/quick"))
-        .header("host", HOST)
-        .send()
-        .await
-        .unwrap();
+    let r = gw.get(&c, HOST, "/prod/quick").await;
     assert_eq!(r.status(), 200);
 }
 
@@ -366,12 +326,7 @@ async fn canary_split_follows_its_percentage() {
     let total = 2000;
     let mut canary_hits = 0;
     for _ in 0..total {
-        let r = c
-            .get(gw.url("/prod/orders"))
-            .header("host", HOST)
-            .send()
-            .await
-            .unwrap();
+        let r = gw.get(&c, HOST, "/prod/orders").await;
         assert_eq!(r.status(), 200);
         if r.headers()["x-backend"] == "canary" {
             canary_hits += 1;
@@ -396,33 +351,17 @@ async fn metrics_show_requests_with_spec_labels() {
         .build();
     let gw = Gateway::start(&[("api1.json", &doc)], "");
     let c = client();
-    for _ in 0..3 {
-        c.get(gw.url("/prod/orders"))
-            .header("host", HOST)
-            .send()
-            .await
-            .unwrap();
+    for (host, path, times) in [
+        (HOST, "/prod/orders", 3),
+        (HOST, "/prod/dead", 1),
+        (HOST, "/prod/nothing", 1),
+        (HOST, "/nostage/x", 1),
+        ("unknown.test", "/prod/orders", 1),
+    ] {
+        for _ in 0..times {
+            gw.get(&c, host, path).await;
+        }
     }
-    c.get(gw.url("/prod/dead"))
-        .header("host", HOST)
-        .send()
-        .await
-        .unwrap();
-    c.get(gw.url("/prod/nothing"))
-        .header("host", HOST)
-        .send()
-        .await
-        .unwrap();
-    c.get(gw.url("/nostage/x"))
-        .header("host", HOST)
-        .send()
-        .await
-        .unwrap();
-    c.get(gw.url("/prod/orders"))
-        .header("host", "unknown.test")
-        .send()
-        .await
-        .unwrap();
     let m = gw.metrics().await;
     for line in [
         r#"apigw_requests_total{api_id="api1",method="GET",resource="/orders",stage="prod",status_class="2xx"} 3"#,
@@ -492,19 +431,9 @@ async fn invalid_snapshot_file_is_skipped_and_others_load() {
     bad["format"] = json!("scp-apigw.snapshot/v2");
     let gw = Gateway::start(&[("a-bad.json", &bad), ("b-good.json", &good)], "");
     let c = client();
-    let r = c
-        .get(gw.url("/prod/orders"))
-        .header("host", HOST)
-        .send()
-        .await
-        .unwrap();
+    let r = gw.get(&c, HOST, "/prod/orders").await;
     assert_eq!(r.status(), 200);
-    let r = c
-        .get(gw.url("/prod/orders"))
-        .header("host", "bad.test")
-        .send()
-        .await
-        .unwrap();
+    let r = gw.get(&c, "bad.test", "/prod/orders").await;
     assert_eq!(r.status(), 404);
     let log = gw.log();
     assert!(
@@ -674,12 +603,7 @@ async fn https_backends_with_an_extra_ca_and_h2() {
         .build();
     // Without the CA the backend's certificate is not trusted: 502.
     let gw = Gateway::start(&[("api1.json", &doc)], "");
-    let r = client()
-        .get(gw.url("/prod/items/5"))
-        .header("host", HOST)
-        .send()
-        .await
-        .unwrap();
+    let r = gw.get(&client(), HOST, "/prod/items/5").await;
     assert_eq!(r.status(), 502);
     assert_eq!(body_json(r).await["code"], "INTEGRATION_FAILURE");
     drop(gw);
@@ -691,12 +615,7 @@ async fn https_backends_with_an_extra_ca_and_h2() {
         &[("api1.json", &doc)],
         &format!("[upstream]\nextra_ca_file = {:?}\n", ca_path),
     );
-    let r = client()
-        .get(gw.url("/prod/items/5"))
-        .header("host", HOST)
-        .send()
-        .await
-        .unwrap();
+    let r = gw.get(&client(), HOST, "/prod/items/5").await;
     assert_eq!(r.status(), 200);
     let v = body_json(r).await;
     // Over HTTP/2 the backend sees the absolute URI (scheme and authority from the URL).

@@ -276,6 +276,25 @@ impl Gateway {
         format!("http://{}{}", self.addr, path)
     }
 
+    /// A request to the data plane addressed to the API of `host`.
+    pub fn req(
+        &self,
+        c: &reqwest::Client,
+        method: reqwest::Method,
+        host: &str,
+        path: &str,
+    ) -> reqwest::RequestBuilder {
+        c.request(method, self.url(path)).header("host", host)
+    }
+
+    /// `GET` through the gateway; panics only when no response arrives.
+    pub async fn get(&self, c: &reqwest::Client, host: &str, path: &str) -> reqwest::Response {
+        self.req(c, reqwest::Method::GET, host, path)
+            .send()
+            .await
+            .unwrap()
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
