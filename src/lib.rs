@@ -16,6 +16,7 @@ pub mod integration;
 pub mod metrics;
 pub mod path;
 pub mod pipeline;
+pub mod policy;
 pub mod rejection;
 pub mod request_id;
 pub mod routing;

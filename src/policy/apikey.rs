@@ -1,0 +1,169 @@
+//! API keys (`request-pipeline.md`, "API keys and usage-plan quotas"): the `x-scp-apikey`
+//! header, looked up by SHA-256 digest and confirmed with a constant-time comparison.
+//! Lookup by digest leaks at most which digests share a prefix with the digest of the
+//! presented value, which says nothing about any key (SHA-256 has no usable preimages).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::snapshot::model::{QuotaRate, UsagePlan};
+
+pub static HEADER: http::HeaderName = http::HeaderName::from_static("x-scp-apikey");
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyError {
+    Missing,
+    Invalid,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ThrottleSpec {
+    pub rate_per_second: f64,
+    pub burst: u32,
+}
+
+impl ThrottleSpec {
+    pub fn from_model(t: &crate::snapshot::model::Throttle) -> Self {
+        Self {
+            rate_per_second: t.rate_per_second,
+            burst: t.burst,
+        }
+    }
+
+    /// One token's refill time.
+    pub fn period(&self) -> Duration {
+        Duration::from_secs_f64(1.0 / self.rate_per_second)
+    }
+}
+
+#[derive(Debug)]
+pub struct CompiledPlan {
+    pub id: Arc<str>,
+    pub limit: u64,
+    pub rate: QuotaRate,
+    pub throttle: Option<ThrottleSpec>,
+    /// SHA-256 digest → key id.
+    keys: HashMap<[u8; 32], Arc<str>>,
+}
+
+fn hex32(s: &str) -> Option<[u8; 32]> {
+    let mut out = [0u8; 32];
+    if s.len() != 64 {
+        return None;
+    }
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+impl CompiledPlan {
+    pub fn compile(p: &UsagePlan) -> Self {
+        let keys = p
+            .api_keys
+            .iter()
+            .filter_map(|k| {
+                let digest = match (&k.key, &k.key_sha256) {
+                    (Some(v), _) => Sha256::digest(v.as_bytes()).into(),
+                    (None, Some(h)) => hex32(h)?,
+                    (None, None) => return None,
+                };
+                Some((digest, Arc::from(k.id.as_str())))
+            })
+            .collect();
+        Self {
+            id: Arc::from(p.id.as_str()),
+            limit: p.limit,
+            rate: p.rate,
+            throttle: p.throttle.as_ref().map(ThrottleSpec::from_model),
+            keys,
+        }
+    }
+
+    /// The id of the key whose value is `presented`.
+    pub fn find(&self, presented: &[u8]) -> Option<&Arc<str>> {
+        let digest: [u8; 32] = Sha256::digest(presented).into();
+        let (stored, id) = self.keys.get_key_value(&digest)?;
+        bool::from(stored.ct_eq(&digest)).then_some(id)
+    }
+}
+
+/// The key rules of one stage: its usage plan and, when listed, the keys it accepts.
+#[derive(Debug, Default)]
+pub struct StageKeys {
+    pub plan: Option<Arc<CompiledPlan>>,
+    pub allowed: Option<HashSet<Arc<str>>>,
+}
+
+impl StageKeys {
+    /// The key id of the request's `x-scp-apikey`.
+    pub fn check(
+        &self,
+        headers: &http::HeaderMap,
+    ) -> Result<(Arc<CompiledPlan>, Arc<str>), KeyError> {
+        let presented = headers.get(&HEADER).ok_or(KeyError::Missing)?;
+        let plan = self.plan.as_ref().ok_or(KeyError::Invalid)?;
+        let id = plan.find(presented.as_bytes()).ok_or(KeyError::Invalid)?;
+        if let Some(allowed) = &self.allowed {
+            if !allowed.contains(id) {
+                return Err(KeyError::Invalid);
+            }
+        }
+        Ok((plan.clone(), id.clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan() -> Arc<CompiledPlan> {
+        let p: UsagePlan = serde_json::from_value(serde_json::json!({
+            "id": "up01", "name": "basic", "limit": 10, "rate": "day",
+            "api_keys": [
+                {"id": "k01", "name": "mobile", "key_sha256": "7a336e272192af4a2c17594309c9041425cb9ed3aa05fe3f4687dd6fbb8638a7"},
+                {"id": "k02", "name": "web", "key": "plain-key-value"}
+            ]
+        }))
+        .unwrap();
+        Arc::new(CompiledPlan::compile(&p))
+    }
+
+    fn hdr(v: &str) -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
+        h.insert("x-scp-apikey", v.parse().unwrap());
+        h
+    }
+
+    #[test]
+    fn keys_by_digest_and_stage_lists() {
+        let all = StageKeys {
+            plan: Some(plan()),
+            allowed: None,
+        };
+        assert_eq!(&*all.check(&hdr("mobile-app-key-0001")).unwrap().1, "k01");
+        assert_eq!(&*all.check(&hdr("plain-key-value")).unwrap().1, "k02");
+        assert_eq!(all.check(&hdr("nope")).unwrap_err(), KeyError::Invalid);
+        assert_eq!(
+            all.check(&http::HeaderMap::new()).unwrap_err(),
+            KeyError::Missing
+        );
+        let only_k02 = StageKeys {
+            plan: Some(plan()),
+            allowed: Some([Arc::from("k02")].into_iter().collect()),
+        };
+        assert_eq!(
+            only_k02.check(&hdr("mobile-app-key-0001")).unwrap_err(),
+            KeyError::Invalid
+        );
+        let no_plan = StageKeys::default();
+        assert_eq!(
+            no_plan.check(&hdr("plain-key-value")).unwrap_err(),
+            KeyError::Invalid
+        );
+    }
+}

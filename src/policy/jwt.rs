@@ -1,0 +1,354 @@
+//! JWT verification (`request-pipeline.md`, "JWT") with jsonwebtoken. The algorithm is
+//! pinned by the auth, never taken from the token; `none` never verifies (jsonwebtoken has
+//! no such algorithm). Keys live in the compiled snapshot only, so an auth removed by a
+//! reload stops verifying at once: nothing is cached beyond the snapshot.
+
+use std::sync::Arc;
+
+use base64::Engine as _;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde_json::{Map, Value};
+
+use crate::snapshot::model::{Auth, JwtAlg, Verification};
+
+/// Why a request has no verified token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JwtError {
+    /// No `Authorization: Bearer` token.
+    Missing,
+    /// A token that does not verify against any candidate key.
+    Invalid,
+}
+
+struct Key {
+    kid: Option<String>,
+    alg: Algorithm,
+    key: DecodingKey,
+}
+
+/// One auth, compiled: its keys and the validation rules.
+pub struct CompiledAuth {
+    pub id: Arc<str>,
+    keys: Vec<Key>,
+    /// Seconds since the epoch after which the auth accepts no token.
+    expired_at: Option<i64>,
+    leeway: u64,
+    validation_template: Validation,
+}
+
+impl std::fmt::Debug for CompiledAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CompiledAuth")
+            .field("id", &self.id)
+            .field("keys", &self.keys.len())
+            .finish()
+    }
+}
+
+fn alg(a: JwtAlg) -> Algorithm {
+    match a {
+        JwtAlg::HS256 => Algorithm::HS256,
+        JwtAlg::HS384 => Algorithm::HS384,
+        JwtAlg::HS512 => Algorithm::HS512,
+        JwtAlg::RS256 => Algorithm::RS256,
+        JwtAlg::RS384 => Algorithm::RS384,
+        JwtAlg::RS512 => Algorithm::RS512,
+        JwtAlg::PS256 => Algorithm::PS256,
+        JwtAlg::PS384 => Algorithm::PS384,
+        JwtAlg::PS512 => Algorithm::PS512,
+        JwtAlg::ES256 => Algorithm::ES256,
+        JwtAlg::ES384 => Algorithm::ES384,
+        JwtAlg::EdDSA => Algorithm::EdDSA,
+    }
+}
+
+fn pem_key(a: Algorithm, pem: &[u8]) -> Result<DecodingKey, String> {
+    let r = match a {
+        Algorithm::ES256 | Algorithm::ES384 => DecodingKey::from_ec_pem(pem),
+        Algorithm::EdDSA => DecodingKey::from_ed_pem(pem),
+        Algorithm::RS256
+        | Algorithm::RS384
+        | Algorithm::RS512
+        | Algorithm::PS256
+        | Algorithm::PS384
+        | Algorithm::PS512 => DecodingKey::from_rsa_pem(pem),
+        Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => {
+            return Err("an HMAC algorithm takes a secret".into())
+        }
+    };
+    r.map_err(|e| e.to_string())
+}
+
+impl CompiledAuth {
+    /// Compiles a validated auth.
+    pub fn compile(a: &Auth) -> Result<Self, String> {
+        let v: &Verification = &a.verification;
+        let mut keys = Vec::new();
+        if let (Some(secret), Some(al)) = (&v.secret_base64, v.alg) {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(secret.trim())
+                .map_err(|e| e.to_string())?;
+            keys.push(Key {
+                kid: None,
+                alg: alg(al),
+                key: DecodingKey::from_secret(&bytes),
+            });
+        }
+        if let (Some(pem), Some(al)) = (&v.public_key_pem, v.alg) {
+            keys.push(Key {
+                kid: None,
+                alg: alg(al),
+                key: pem_key(alg(al), pem.as_bytes())?,
+            });
+        }
+        if let Some(set) = &v.jwks {
+            for k in &set.keys {
+                let al = k
+                    .common
+                    .key_algorithm
+                    .and_then(|ka| ka.to_string().parse::<Algorithm>().ok())
+                    .ok_or("a JWKS key has no usable alg")?;
+                keys.push(Key {
+                    kid: k.common.key_id.clone(),
+                    alg: al,
+                    key: DecodingKey::from_jwk(k).map_err(|e| e.to_string())?,
+                });
+            }
+        }
+        let leeway = v.leeway_seconds.unwrap_or(60);
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.leeway = leeway;
+        validation.validate_exp = true;
+        validation.validate_nbf = true;
+        let mut required = vec!["exp"];
+        if let Some(iss) = &v.issuer {
+            validation.set_issuer(&[iss]);
+            required.push("iss");
+        }
+        match &v.audience {
+            Some(aud) => {
+                validation.set_audience(aud.as_slice());
+                required.push("aud");
+            }
+            None => validation.validate_aud = false,
+        }
+        validation.set_required_spec_claims(&required);
+        let expired_at = match &a.expired_at {
+            Some(t) => Some(
+                time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
+                    .map_err(|e| e.to_string())?
+                    .unix_timestamp(),
+            ),
+            None => None,
+        };
+        Ok(Self {
+            id: Arc::from(a.id.as_str()),
+            keys,
+            expired_at,
+            leeway,
+            validation_template: validation,
+        })
+    }
+
+    fn try_key(&self, token: &str, key: &Key, now: i64) -> Option<Map<String, Value>> {
+        if self.expired_at.is_some_and(|e| now > e) {
+            return None;
+        }
+        let mut validation = self.validation_template.clone();
+        validation.algorithms = vec![key.alg];
+        let data = jsonwebtoken::decode::<Map<String, Value>>(token, &key.key, &validation).ok()?;
+        // `iat` in the future (beyond the leeway) is invalid too.
+        if let Some(iat) = data.claims.get("iat") {
+            let iat = iat.as_f64()?;
+            if iat > (now + self.leeway as i64) as f64 {
+                return None;
+            }
+        }
+        Some(data.claims)
+    }
+}
+
+/// The auths connected to one stage.
+#[derive(Debug, Default)]
+pub struct StageJwt {
+    auths: Vec<Arc<CompiledAuth>>,
+}
+
+/// A verified token's claims.
+#[derive(Debug)]
+pub struct Verified {
+    pub claims: Map<String, Value>,
+}
+
+impl Verified {
+    pub fn sub(&self) -> Option<&str> {
+        self.claims.get("sub").and_then(Value::as_str)
+    }
+}
+
+/// The bearer token of a request, if any.
+pub fn bearer(headers: &http::HeaderMap) -> Option<&str> {
+    let v = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+impl StageJwt {
+    pub fn new(auths: Vec<Arc<CompiledAuth>>) -> Self {
+        Self { auths }
+    }
+
+    /// Verifies the request's token against the stage's auths. With a `kid`, only the auth
+    /// with that id (or the JWKS key with that kid) is tried; otherwise every candidate.
+    pub fn verify(&self, headers: &http::HeaderMap) -> Result<Verified, JwtError> {
+        let token = bearer(headers).ok_or(JwtError::Missing)?;
+        let header = jsonwebtoken::decode_header(token).map_err(|_| JwtError::Invalid)?;
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        for auth in &self.auths {
+            for key in &auth.keys {
+                let eligible = match (&header.kid, &key.kid) {
+                    (None, _) => true,
+                    (Some(kid), Some(k)) => kid == k,
+                    (Some(kid), None) => **kid == *auth.id,
+                };
+                // The auth decides the algorithm; a token claiming another is not tried.
+                if !eligible || key.alg != header.alg {
+                    continue;
+                }
+                if let Some(claims) = auth.try_key(token, key, now) {
+                    return Ok(Verified { claims });
+                }
+            }
+        }
+        Err(JwtError::Invalid)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jsonwebtoken::{encode, EncodingKey, Header};
+    use serde_json::json;
+
+    const SECRET: &[u8] = b"secret-secret-secret-secret!";
+
+    fn auth(v: Value) -> Arc<CompiledAuth> {
+        let a: Auth = serde_json::from_value(
+            json!({"id": "au01", "name": "t", "connected_stages": ["prod"], "verification": v}),
+        )
+        .unwrap();
+        Arc::new(CompiledAuth::compile(&a).unwrap())
+    }
+
+    fn hs_auth() -> StageJwt {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(SECRET);
+        StageJwt::new(vec![auth(
+            json!({"alg": "HS256", "secret_base64": b64, "audience": "orders", "issuer": "idp"}),
+        )])
+    }
+
+    fn now() -> i64 {
+        time::OffsetDateTime::now_utc().unix_timestamp()
+    }
+
+    fn headers(token: &str) -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
+        h.insert("authorization", format!("Bearer {token}").parse().unwrap());
+        h
+    }
+
+    fn hs(claims: Value, header: Header) -> String {
+        encode(&header, &claims, &EncodingKey::from_secret(SECRET)).unwrap()
+    }
+
+    #[test]
+    fn valid_and_invalid_claims() {
+        let v = hs_auth();
+        let good = json!({"sub": "alice", "exp": now() + 300, "aud": "orders", "iss": "idp"});
+        let ok = v
+            .verify(&headers(&hs(good.clone(), Header::default())))
+            .unwrap();
+        assert_eq!(ok.sub(), Some("alice"));
+        let cases = [
+            (
+                "expired beyond leeway",
+                json!({"exp": now() - 120, "aud": "orders", "iss": "idp"}),
+            ),
+            ("no exp", json!({"aud": "orders", "iss": "idp"})),
+            (
+                "future nbf",
+                json!({"exp": now() + 300, "nbf": now() + 600, "aud": "orders", "iss": "idp"}),
+            ),
+            (
+                "future iat",
+                json!({"exp": now() + 300, "iat": now() + 600, "aud": "orders", "iss": "idp"}),
+            ),
+            (
+                "wrong aud",
+                json!({"exp": now() + 300, "aud": "billing", "iss": "idp"}),
+            ),
+            ("missing aud", json!({"exp": now() + 300, "iss": "idp"})),
+            (
+                "wrong iss",
+                json!({"exp": now() + 300, "aud": "orders", "iss": "evil"}),
+            ),
+        ];
+        for (what, claims) in cases {
+            assert_eq!(
+                v.verify(&headers(&hs(claims, Header::default())))
+                    .unwrap_err(),
+                JwtError::Invalid,
+                "{what}"
+            );
+        }
+        // Within the leeway is fine.
+        let recent = json!({"exp": now() - 30, "aud": "orders", "iss": "idp"});
+        assert!(v.verify(&headers(&hs(recent, Header::default()))).is_ok());
+        assert_eq!(
+            v.verify(&http::HeaderMap::new()).unwrap_err(),
+            JwtError::Missing
+        );
+    }
+
+    #[test]
+    fn alg_none_wrong_alg_and_kid() {
+        let v = hs_auth();
+        let claims = json!({"exp": now() + 300, "aud": "orders", "iss": "idp"});
+        // alg: none, unsigned.
+        let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        let none = format!(
+            "{}.{}.",
+            b64(r#"{"alg":"none","typ":"JWT"}"#),
+            b64(&claims.to_string())
+        );
+        assert_eq!(v.verify(&headers(&none)).unwrap_err(), JwtError::Invalid);
+        // HS512 with the same secret: the auth pins HS256.
+        let t = hs(claims.clone(), Header::new(Algorithm::HS512));
+        assert_eq!(v.verify(&headers(&t)).unwrap_err(), JwtError::Invalid);
+        // A kid naming another auth.
+        let mut h = Header::default();
+        h.kid = Some("other".into());
+        assert_eq!(
+            v.verify(&headers(&hs(claims.clone(), h))).unwrap_err(),
+            JwtError::Invalid
+        );
+        let mut h = Header::default();
+        h.kid = Some("au01".into());
+        assert!(v.verify(&headers(&hs(claims, h))).is_ok());
+    }
+
+    #[test]
+    fn expired_auth_accepts_nothing() {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(SECRET);
+        let a: Auth =
+            serde_json::from_value(json!({"id": "au01", "expired_at": "2020-01-01T00:00:00Z",
+            "verification": {"alg": "HS256", "secret_base64": b64}}))
+            .unwrap();
+        let v = StageJwt::new(vec![Arc::new(CompiledAuth::compile(&a).unwrap())]);
+        let t = hs(json!({"exp": now() + 300}), Header::default());
+        assert_eq!(v.verify(&headers(&t)).unwrap_err(), JwtError::Invalid);
+    }
+}
