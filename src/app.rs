@@ -7,9 +7,11 @@ use std::sync::Arc;
 
 use ipnet::IpNet;
 
-use crate::config::Config;
+use crate::config::{Config, QuotaBackend};
 use crate::integration::http::{build_client, HttpClient};
 use crate::metrics::Metrics;
+use crate::policy::quota::{LocalQuotaStore, QuotaStore};
+use crate::policy::throttle::Throttles;
 use crate::snapshot;
 use crate::state::{LoadError, StateHandle};
 
@@ -18,6 +20,12 @@ pub struct App {
     pub state: StateHandle,
     pub metrics: Metrics,
     pub client: HttpClient,
+    /// Quota counters, keyed by stable ids so that they survive reloads.
+    pub quota: Arc<dyn QuotaStore>,
+    /// The local store, when that is the backend (flushed every second and on shutdown).
+    pub local_quota: Option<Arc<LocalQuotaStore>>,
+    /// Throttle buckets, keyed by stable ids.
+    pub throttles: Throttles,
     ready: AtomicBool,
     draining: AtomicBool,
     /// Open client connections on the data-plane listeners (drained on shutdown).
@@ -27,11 +35,20 @@ pub struct App {
 impl App {
     pub fn new(config: Config) -> Result<Arc<Self>, String> {
         let client = build_client(&config.upstream)?;
+        let local = match config.quota.backend {
+            QuotaBackend::Local => LocalQuotaStore::open(&config.state.dir)?,
+            QuotaBackend::Redis => {
+                return Err("config key `quota.backend`: \"redis\" (fleet mode) is not available in this build yet; use \"local\"".into())
+            }
+        };
         Ok(Arc::new(Self {
             config,
             state: StateHandle::default(),
             metrics: Metrics::new(),
             client,
+            quota: local.clone(),
+            local_quota: Some(local),
+            throttles: Throttles::default(),
             ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             active_connections: AtomicUsize::new(0),

@@ -195,6 +195,9 @@ async fn serve(config: Config, demo_backend: Option<SocketAddr>) -> ExitCode {
         Ok(a) => a,
         Err(e) => return config_error(e),
     };
+    if let Some(local) = &app.local_quota {
+        local.spawn_flusher();
+    }
     let (loaded, rejected) = app.load_snapshot_dir(&snapshot_dir);
     tracing::info!(dir = %snapshot_dir.display(), loaded, rejected, "snapshot directory read");
 
@@ -254,6 +257,9 @@ async fn serve(config: Config, demo_backend: Option<SocketAddr>) -> ExitCode {
             connections = left,
             "drain deadline reached; cutting remaining connections"
         );
+    }
+    if let Err(e) = app.quota.flush() {
+        tracing::error!(error = %e, "quota counters could not be persisted at shutdown");
     }
     tracing::info!("stopped");
     ExitCode::SUCCESS

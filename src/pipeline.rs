@@ -10,14 +10,28 @@ use http::header::{HeaderValue, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
 use http::{Method, Request, Response};
 use hyper::body::Incoming;
 
-use crate::app::{canonical_ip, App};
+use std::sync::Arc;
+
+use http::header::ORIGIN;
+use http::StatusCode;
+
+use crate::app::App;
 use crate::body::{GatewayBody, LimitedBody};
-use crate::config::Limits;
-use crate::integration::http::{self as http_integration, ForwardInfo, X_SCP_REQUEST_ID};
+use crate::config::{FailureMode, Limits};
+use crate::integration::http::{
+    self as http_integration, ForwardInfo, X_SCP_ENDPOINT_ID, X_SCP_REQUEST_ID,
+};
 use crate::metrics::{method_label, status_class};
 use crate::path::{self, NormalizedPath};
+use crate::policy::apikey::{CompiledPlan, KeyError};
+use crate::policy::client_addr;
+use crate::policy::cors::{is_preflight, Preflight};
+use crate::policy::jwt::{JwtError, Verified};
+use crate::policy::quota::{self, Admission};
+use crate::policy::resource_policy::Caller;
 use crate::rejection::{BadRequest, Rejection};
 use crate::routing::{Params, Route};
+use crate::snapshot::model::EndpointType;
 use crate::snapshot::{CompiledApi, CompiledDeployment, CompiledStage, Integration, MethodRoute};
 use crate::state::{host_key, GatewayState};
 
@@ -52,21 +66,35 @@ pub struct RequestContext<'s> {
     pub path: Option<NormalizedPath>,
     pub params: Params,
     pub integration_elapsed: Option<Duration>,
+    /// The request's `Origin`, for CORS response headers.
+    pub origin: Option<HeaderValue>,
+    /// The token verified at step 9.
+    pub jwt: Option<Verified>,
+    /// The usage plan and key id identified at step 10.
+    pub api_key: Option<(Arc<CompiledPlan>, Arc<str>)>,
+    /// The quota admission of step 12 (its `RateLimit-*` headers go on the response).
+    pub rate_limit: Option<Admission>,
+    /// The request was a CORS preflight the gateway answered.
+    pub preflight: bool,
 }
 
 impl<'s> RequestContext<'s> {
-    fn new(conn: &'s ConnInfo, trusted_id: Option<&HeaderValue>, method: Method) -> Self {
+    fn new(app: &App, conn: &'s ConnInfo, req: &Request<Incoming>) -> Self {
+        let headers = req.headers();
         // An incoming request id is kept only from a trusted proxy.
-        let request_id = match trusted_id {
+        let request_id = match headers.get(&X_SCP_REQUEST_ID) {
             Some(v) if conn.trusted_peer && !v.is_empty() && v.len() <= 128 => v.clone(),
             _ => crate::request_id::next(),
         };
+        let client_ip = client_addr::client_ip(conn.peer.ip(), conn.trusted_peer, headers, |ip| {
+            app.is_trusted_proxy(ip)
+        });
         Self {
             request_id,
             started: Instant::now(),
             conn,
-            client_ip: canonical_ip(conn.peer.ip()),
-            method,
+            client_ip,
+            method: req.method().clone(),
             api: None,
             stage: None,
             deployment: None,
@@ -75,6 +103,11 @@ impl<'s> RequestContext<'s> {
             path: None,
             params: Params::default(),
             integration_elapsed: None,
+            origin: headers.get(ORIGIN).cloned(),
+            jwt: None,
+            api_key: None,
+            rate_limit: None,
+            preflight: false,
         }
     }
 }
@@ -82,12 +115,7 @@ impl<'s> RequestContext<'s> {
 /// Serves one request with the state current at its arrival, start to end.
 pub async fn handle(app: &App, conn: &ConnInfo, req: Request<Incoming>) -> Response<GatewayBody> {
     let state = app.state.load();
-    let trusted_id = if conn.trusted_peer {
-        req.headers().get(&X_SCP_REQUEST_ID)
-    } else {
-        None
-    };
-    let mut ctx = RequestContext::new(conn, trusted_id, req.method().clone());
+    let mut ctx = RequestContext::new(app, conn, &req);
     let mut resp = match run(app, &state, &mut ctx, req).await {
         Ok(resp) => resp,
         Err(rejection) => {
@@ -133,10 +161,199 @@ async fn run<'s>(
     ctx.api = Some(api);
     let stage = select_stage(api, ctx)?;
     ctx.stage = Some(stage);
+    check_private_endpoint(api, ctx, &req)?;
+    check_ip(api, stage, ctx)?;
     route_resource(ctx, stage)?;
+    if let Some(answer) = cors_preflight(stage, ctx, &req)? {
+        return Ok(answer);
+    }
     let method_route = route_method(ctx)?;
+    verify_jwt(api, stage, ctx, &req)?;
+    check_resource_policy(api, stage, method_route, ctx)?;
+    check_api_key(stage, method_route, ctx, &req)?;
+    throttle(app, api, stage, ctx)?;
+    admit_quota(app, ctx).await?;
     check_required(method_route, &req)?;
     integrate(app, ctx, method_route, req).await
+}
+
+/// Step 4: a PRIVATE API is served only through a connected, `Active` PrivateLink endpoint.
+/// The endpoint id comes from a trusted proxy's `x-scp-privatelink-endpoint-id`.
+fn check_private_endpoint(
+    api: &CompiledApi,
+    ctx: &RequestContext<'_>,
+    req: &Request<Incoming>,
+) -> Result<(), Rejection> {
+    if api.endpoint_type != EndpointType::Private {
+        return Ok(());
+    }
+    let endpoint = ctx
+        .conn
+        .trusted_peer
+        .then(|| req.headers().get(&X_SCP_ENDPOINT_ID))
+        .flatten()
+        .and_then(|v| v.to_str().ok());
+    match endpoint {
+        Some(id) if api.active_endpoints.contains(id) => Ok(()),
+        _ => Err(Rejection::EndpointNotAllowed),
+    }
+}
+
+/// Step 5: IP access control (not for PRIVATE APIs).
+fn check_ip(
+    api: &CompiledApi,
+    stage: &CompiledStage,
+    ctx: &RequestContext<'_>,
+) -> Result<(), Rejection> {
+    if api.endpoint_type == EndpointType::Private || stage.acl.admits(ctx.client_ip) {
+        Ok(())
+    } else {
+        Err(Rejection::IpNotAllowed)
+    }
+}
+
+/// Step 7: a CORS preflight to a resource without an explicit OPTIONS method is answered
+/// here, before any credential is asked for.
+fn cors_preflight(
+    stage: &CompiledStage,
+    ctx: &mut RequestContext<'_>,
+    req: &Request<Incoming>,
+) -> Result<Option<Response<GatewayBody>>, Rejection> {
+    let (Some(cors), Some(route)) = (&stage.cors, ctx.route) else {
+        return Ok(None);
+    };
+    if !is_preflight(req.method(), req.headers())
+        || route.methods.explicit(&Method::OPTIONS).is_some()
+    {
+        return Ok(None);
+    }
+    match cors.preflight(req.headers()) {
+        Preflight::Allowed(headers) => {
+            ctx.preflight = true;
+            let mut resp = Response::new(GatewayBody::Empty);
+            *resp.status_mut() = StatusCode::NO_CONTENT;
+            *resp.headers_mut() = headers;
+            Ok(Some(resp))
+        }
+        Preflight::Rejected => Err(Rejection::CorsRejected),
+    }
+}
+
+/// Step 9: JWT, when the stage enables it or the API is PRIVATE.
+fn verify_jwt(
+    api: &CompiledApi,
+    stage: &CompiledStage,
+    ctx: &mut RequestContext<'_>,
+    req: &Request<Incoming>,
+) -> Result<(), Rejection> {
+    if !stage.jwt_enabled && api.endpoint_type != EndpointType::Private {
+        return Ok(());
+    }
+    match stage.jwt.verify(req.headers()) {
+        Ok(v) => {
+            ctx.jwt = Some(v);
+            Ok(())
+        }
+        Err(JwtError::Missing) => Err(Rejection::Unauthorized),
+        Err(JwtError::Invalid) => Err(Rejection::InvalidToken),
+    }
+}
+
+/// Step 9b: the API's resource policy, with the method SRN of this request.
+fn check_resource_policy(
+    api: &CompiledApi,
+    stage: &CompiledStage,
+    m: &MethodRoute,
+    ctx: &RequestContext<'_>,
+) -> Result<(), Rejection> {
+    let Some(policy) = &api.resource_policy else {
+        return Ok(());
+    };
+    let srn = m.srn.render(&stage.name, ctx.method.as_str());
+    let caller = Caller {
+        method_srn: &srn,
+        source_ip: ctx.client_ip,
+        sub: ctx.jwt.as_ref().and_then(Verified::sub),
+    };
+    if policy.allows(&caller) {
+        Ok(())
+    } else {
+        Err(Rejection::AccessDenied)
+    }
+}
+
+/// Step 10: the API key, when the method requires one.
+fn check_api_key(
+    stage: &CompiledStage,
+    m: &MethodRoute,
+    ctx: &mut RequestContext<'_>,
+    req: &Request<Incoming>,
+) -> Result<(), Rejection> {
+    if !m.api_key_required {
+        return Ok(());
+    }
+    match stage.keys.check(req.headers()) {
+        Ok(found) => {
+            ctx.api_key = Some(found);
+            Ok(())
+        }
+        Err(KeyError::Missing) => Err(Rejection::MissingApiKey),
+        Err(KeyError::Invalid) => Err(Rejection::InvalidApiKey),
+    }
+}
+
+/// Step 11: the stage bucket, then the key's usage-plan bucket.
+fn throttle(
+    app: &App,
+    api: &CompiledApi,
+    stage: &CompiledStage,
+    ctx: &RequestContext<'_>,
+) -> Result<(), Rejection> {
+    let throttled = |retry_after_secs| Rejection::Throttled { retry_after_secs };
+    if let Some(spec) = stage.throttle {
+        app.throttles
+            .check_stage(&api.id, &stage.name, spec)
+            .map_err(throttled)?;
+    }
+    if let Some((plan, key)) = &ctx.api_key {
+        if let Some(spec) = plan.throttle {
+            app.throttles
+                .check_key(&plan.id, key, spec)
+                .map_err(throttled)?;
+        }
+    }
+    Ok(())
+}
+
+/// Step 12: the usage-plan quota, when step 10 identified a key. Last of the checks that
+/// can refuse, so that a request refused for any other reason is never counted.
+async fn admit_quota(app: &App, ctx: &mut RequestContext<'_>) -> Result<(), Rejection> {
+    let Some((plan, key)) = &ctx.api_key else {
+        return Ok(());
+    };
+    match quota::admit(&*app.quota, &plan.id, key, plan.limit, plan.rate).await {
+        Ok(a) => {
+            ctx.rate_limit = Some(a);
+            if a.admitted {
+                Ok(())
+            } else {
+                Err(Rejection::QuotaExceeded {
+                    retry_after_secs: a.reset_secs,
+                })
+            }
+        }
+        Err(e) => {
+            app.metrics
+                .quota_store_errors
+                .with_label_values(&[app.quota.backend()])
+                .inc();
+            tracing::warn!(error = %e, "quota store failed");
+            match app.config.quota.failure_mode {
+                FailureMode::Open => Ok(()),
+                FailureMode::Closed => Err(Rejection::QuotaStoreUnavailable),
+            }
+        }
+    }
 }
 
 /// Step 1: HTTP framing and limits the parser left to us.
@@ -336,8 +553,8 @@ async fn integrate<'s>(
             request_id: &ctx.request_id,
             api_id: &api.id,
             stage: &stage.name,
-            api_key_id: None,
-            jwt_sub: None,
+            api_key_id: ctx.api_key.as_ref().map(|(_, k)| &**k),
+            jwt_sub: ctx.jwt.as_ref().and_then(Verified::sub),
             trusted_peer: ctx.conn.trusted_peer,
         },
     );

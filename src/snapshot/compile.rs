@@ -8,9 +8,14 @@ use std::time::Duration;
 use http::HeaderName;
 
 use super::model::{EndpointType, IntegrationType, MethodType, Snapshot};
-use super::validate::{normalize_host, parse_target};
+use super::validate::{normalize_host, parse_target, split_list};
 use super::Issue;
 use crate::integration::url::UrlTemplate;
+use crate::policy::acl::{IpAcl, StageAcl};
+use crate::policy::apikey::{CompiledPlan, StageKeys, ThrottleSpec};
+use crate::policy::cors::CorsPolicy;
+use crate::policy::jwt::{CompiledAuth, StageJwt};
+use crate::policy::resource_policy::{CompiledPolicy, SrnTemplate};
 use crate::routing::{MethodTable, RouteError, RouteTable};
 
 pub const DEFAULT_INTEGRATION_TIMEOUT: Duration = Duration::from_millis(29_000);
@@ -63,7 +68,8 @@ pub struct MethodRoute {
     pub required_query: Box<[Box<str>]>,
     /// Headers marked `true`.
     pub required_headers: Box<[HeaderName]>,
-    pub srn: Option<Box<str>>,
+    /// The method SRN of a request, for resource-policy conditions.
+    pub srn: SrnTemplate,
 }
 
 #[derive(Debug)]
@@ -85,6 +91,12 @@ pub struct CompiledStage {
     pub deployment: Arc<CompiledDeployment>,
     pub canary: Option<Canary>,
     pub integration_timeout: Duration,
+    pub acl: StageAcl,
+    pub jwt_enabled: bool,
+    pub jwt: StageJwt,
+    pub keys: StageKeys,
+    pub throttle: Option<ThrottleSpec>,
+    pub cors: Option<CorsPolicy>,
 }
 
 impl CompiledStage {
@@ -107,6 +119,9 @@ pub struct CompiledApi {
     /// Normalised host names (lowercase, no trailing dot).
     pub hosts: Vec<String>,
     pub stages: HashMap<Box<str>, CompiledStage>,
+    pub resource_policy: Option<CompiledPolicy>,
+    /// PRIVATE APIs: the connected PrivateLink endpoints whose status is `Active`.
+    pub active_endpoints: std::collections::HashSet<Box<str>>,
     /// The document it was built from (key values and secrets are never serialised).
     pub snapshot: Arc<Snapshot>,
     pub loaded_at: time::OffsetDateTime,
@@ -232,7 +247,12 @@ pub fn compile(s: Snapshot) -> Result<CompiledApi, Vec<Issue>> {
                             .filter(|(_, req)| **req)
                             .filter_map(|(n, _)| HeaderName::from_bytes(n.as_bytes()).ok())
                             .collect(),
-                        srn: m.srn.as_deref().map(Into::into),
+                        srn: SrnTemplate::new(
+                            m.srn.as_deref(),
+                            &s.api.account_id,
+                            &s.api.id,
+                            &r.path,
+                        ),
                     },
                 ));
             }
@@ -257,8 +277,53 @@ pub fn compile(s: Snapshot) -> Result<CompiledApi, Vec<Issue>> {
         );
     }
 
+    let mut auths = Vec::new();
+    for (i, a) in s.auths.iter().enumerate() {
+        match CompiledAuth::compile(a) {
+            Ok(c) => auths.push((a, Arc::new(c))),
+            Err(e) => errors.push(issue(format!("auths[{i}].verification"), e)),
+        }
+    }
+    let plans: HashMap<&str, Arc<CompiledPlan>> = s
+        .usage_plans
+        .iter()
+        .map(|p| (p.id.as_str(), Arc::new(CompiledPlan::compile(p))))
+        .collect();
+
     let mut stages = HashMap::new();
     for (i, st) in s.stages.iter().enumerate() {
+        let connected = |list: &[String]| split_list(list).any(|n| n == st.name);
+        let acl = if st.ip_restriction_enabled {
+            // No connected access control: the control plane's "Default: all deny".
+            let entries = s
+                .access_controls
+                .iter()
+                .filter(|ac| connected(&ac.connected_stages))
+                .flat_map(|ac| split_list(&ac.allowed_ip_addr))
+                .filter_map(|e| crate::config::parse_net(e).ok())
+                .collect::<Vec<_>>();
+            StageAcl::Allow(IpAcl::new(entries))
+        } else {
+            StageAcl::Off
+        };
+        let jwt = StageJwt::new(
+            auths
+                .iter()
+                .filter(|(a, _)| connected(&a.connected_stages))
+                .map(|(_, c)| c.clone())
+                .collect(),
+        );
+        let keys = StageKeys {
+            plan: st
+                .usage_plan_id
+                .as_deref()
+                .and_then(|id| plans.get(id))
+                .cloned(),
+            allowed: st
+                .usage_plan_api_keys
+                .as_ref()
+                .map(|ks| ks.iter().map(|k| Arc::from(k.id.as_str())).collect()),
+        };
         let Some(deployment) = deployments.get(st.deployment_id.as_str()).cloned() else {
             errors.push(issue(
                 format!("stages[{i}].deployment_id"),
@@ -282,6 +347,12 @@ pub fn compile(s: Snapshot) -> Result<CompiledApi, Vec<Issue>> {
                     .integration_timeout_ms
                     .map(Duration::from_millis)
                     .unwrap_or(DEFAULT_INTEGRATION_TIMEOUT),
+                acl,
+                jwt_enabled: st.jwt_enabled,
+                jwt,
+                keys,
+                throttle: st.throttle.as_ref().map(ThrottleSpec::from_model),
+                cors: CorsPolicy::compile(st),
             },
         );
     }
@@ -295,6 +366,13 @@ pub fn compile(s: Snapshot) -> Result<CompiledApi, Vec<Issue>> {
         endpoint_type: s.api.endpoint_type,
         hosts: s.api.hosts.iter().map(|h| normalize_host(h)).collect(),
         stages,
+        resource_policy: s.resource_policy.as_ref().map(CompiledPolicy::compile),
+        active_endpoints: s
+            .connected_endpoints
+            .iter()
+            .filter(|e| e.status == "Active")
+            .map(|e| e.id.as_str().into())
+            .collect(),
         snapshot: Arc::new(s),
         loaded_at: time::OffsetDateTime::now_utc(),
     })
