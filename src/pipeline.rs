@@ -126,10 +126,27 @@ pub async fn handle(app: &App, conn: &ConnInfo, req: Request<Incoming>) -> Respo
             rejection.into_response(&ctx.request_id)
         }
     };
-    resp.headers_mut()
-        .insert(&X_SCP_REQUEST_ID, ctx.request_id.clone());
+    finish(&ctx, resp.headers_mut());
     record(app, &ctx, resp.status().as_u16());
     resp
+}
+
+static RATELIMIT_LIMIT: http::HeaderName = http::HeaderName::from_static("ratelimit-limit");
+static RATELIMIT_REMAINING: http::HeaderName = http::HeaderName::from_static("ratelimit-remaining");
+static RATELIMIT_RESET: http::HeaderName = http::HeaderName::from_static("ratelimit-reset");
+
+/// Headers every response gets, forwarded or gateway-made: the request id, the quota's
+/// `RateLimit-*`, and the stage's CORS headers (so that a browser can read errors too).
+fn finish(ctx: &RequestContext<'_>, h: &mut http::HeaderMap) {
+    h.insert(&X_SCP_REQUEST_ID, ctx.request_id.clone());
+    if let Some(a) = ctx.rate_limit {
+        h.insert(&RATELIMIT_LIMIT, HeaderValue::from(a.limit));
+        h.insert(&RATELIMIT_REMAINING, HeaderValue::from(a.remaining));
+        h.insert(&RATELIMIT_RESET, HeaderValue::from(a.reset_secs));
+    }
+    if let (Some(cors), false) = (ctx.stage.and_then(|s| s.cors.as_ref()), ctx.preflight) {
+        cors.apply(ctx.origin.as_ref(), h);
+    }
 }
 
 /// The pipeline. The order is the contract of `request-pipeline.md` and each position has
@@ -235,7 +252,11 @@ fn cors_preflight(
             *resp.headers_mut() = headers;
             Ok(Some(resp))
         }
-        Preflight::Rejected => Err(Rejection::CorsRejected),
+        Preflight::Rejected => {
+            // A preflight is judged by its own headers: a refused one gets none.
+            ctx.preflight = true;
+            Err(Rejection::CorsRejected)
+        }
     }
 }
 

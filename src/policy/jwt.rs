@@ -329,14 +329,18 @@ mod tests {
         let t = hs(claims.clone(), Header::new(Algorithm::HS512));
         assert_eq!(v.verify(&headers(&t)).unwrap_err(), JwtError::Invalid);
         // A kid naming another auth.
-        let mut h = Header::default();
-        h.kid = Some("other".into());
+        let h = Header {
+            kid: Some("other".into()),
+            ..Default::default()
+        };
         assert_eq!(
             v.verify(&headers(&hs(claims.clone(), h))).unwrap_err(),
             JwtError::Invalid
         );
-        let mut h = Header::default();
-        h.kid = Some("au01".into());
+        let h = Header {
+            kid: Some("au01".into()),
+            ..Default::default()
+        };
         assert!(v.verify(&headers(&hs(claims, h))).is_ok());
     }
 

@@ -240,6 +240,11 @@ impl Gateway {
     }
 
     pub fn start_in(dir: tempfile::TempDir, extra_toml: &str) -> Gateway {
+        Self::start_with_args(dir, extra_toml, &[])
+    }
+
+    /// Starts the gateway in `dir` with extra TOML and extra `run` arguments (overrides).
+    pub fn start_with_args(dir: tempfile::TempDir, extra_toml: &str, args: &[&str]) -> Gateway {
         let config = format!(
             "[server]\nlisten = [\"127.0.0.1:0\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n[snapshots]\ndir = {:?}\n[state]\ndir = {:?}\n[runtime]\nworker_threads = 2\n{extra_toml}\n",
             dir.path().join("snapshots"),
@@ -251,6 +256,7 @@ impl Gateway {
         let mut child = Command::new(bin())
             .args(["run", "--config"])
             .arg(&config_path)
+            .args(args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(stderr)
@@ -293,6 +299,29 @@ impl Gateway {
             .send()
             .await
             .unwrap()
+    }
+
+    /// Sends a signal to the gateway (`TERM`, `HUP`, ...).
+    pub fn signal(&self, name: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap();
+        assert!(ok.success(), "kill -{name}");
+    }
+
+    /// Stops the gateway with SIGTERM, waits for it, and hands back its directory.
+    pub fn terminate(self) -> (std::process::ExitStatus, tempfile::TempDir) {
+        self.stop_with("TERM")
+    }
+
+    /// Stops the gateway with `signal`, waits for it, and hands back its directory.
+    pub fn stop_with(mut self, signal: &str) -> (std::process::ExitStatus, tempfile::TempDir) {
+        self.signal(signal);
+        let status = self.child.wait().unwrap();
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+        (status, dir)
     }
 
     pub fn pid(&self) -> u32 {
