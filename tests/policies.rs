@@ -31,6 +31,18 @@ fn hs_token(claims: Value, kid: Option<&str>) -> String {
     .unwrap()
 }
 
+/// Keys and tokens made by PyJWT (tests/scripts/jwt_interop.py).
+fn interop_tokens() -> Value {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/scripts/jwt_interop.py");
+    let out = Command::new("python3").arg(script).output().unwrap();
+    assert!(
+        out.status.success(),
+        "PyJWT missing? {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 fn now() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp()
 }
@@ -272,21 +284,7 @@ async fn resource_policy_deny_beats_allow_and_principals() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jwt_rejections_are_401_invalid_token() {
     let b = Backend::start("b").await;
-    let interop: Value = {
-        let out = Command::new("python3")
-            .arg(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/tests/scripts/jwt_interop.py"
-            ))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
-    };
+    let interop = interop_tokens();
     let mut doc = SnapshotBuilder::new("api1", &[HOST])
         .resource("/whoami", &[("GET", &b.url("/whoami"))])
         .build();
@@ -450,19 +448,7 @@ async fn jwt_rejections_are_401_invalid_token() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_from_another_library_verify_for_every_algorithm() {
     let b = Backend::start("b").await;
-    let out = Command::new("python3")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/scripts/jwt_interop.py"
-        ))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "PyJWT missing? {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let interop: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let interop = interop_tokens();
     let algs = [
         "HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256",
         "ES384", "EdDSA", "JWKS",
