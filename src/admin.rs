@@ -55,8 +55,181 @@ fn authorized(app: &App, req: &Request<Incoming>) -> bool {
     bool::from(a.ct_eq(&b))
 }
 
-pub async fn handle(app: &App, req: Request<Incoming>) -> Response<GatewayBody> {
-    let path = req.uri().path();
+/// An admin error: the data plane's JSON error body, plus `errors` for validation problems.
+fn admin_error(
+    status: StatusCode,
+    code: &str,
+    message: String,
+    rid: &HeaderValue,
+    errors: Option<&[crate::snapshot::Issue]>,
+) -> Response<GatewayBody> {
+    let mut body = serde_json::json!({
+        "code": code,
+        "message": message,
+        "request_id": rid.to_str().unwrap_or(""),
+    });
+    if let Some(errors) = errors {
+        body["errors"] = serde_json::to_value(errors).unwrap_or_default();
+    }
+    json(status, &body)
+}
+
+/// Largest snapshot the admin API accepts.
+const MAX_SNAPSHOT_BYTES: usize = 16 * 1024 * 1024;
+
+/// Private key material a JWKS may carry; never returned.
+const JWK_SECRET_FIELDS: [&str; 8] = ["k", "d", "p", "q", "dp", "dq", "qi", "oth"];
+
+/// The active snapshot as the admin API shows it: key values and secrets removed.
+fn redacted(api: &crate::snapshot::CompiledApi) -> serde_json::Value {
+    let mut v = serde_json::to_value(&*api.snapshot).unwrap_or_default();
+    if let Some(auths) = v.get_mut("auths").and_then(|a| a.as_array_mut()) {
+        for auth in auths {
+            if let Some(keys) = auth
+                .pointer_mut("/verification/jwks/keys")
+                .and_then(|k| k.as_array_mut())
+            {
+                for key in keys.iter_mut().filter_map(|k| k.as_object_mut()) {
+                    for f in JWK_SECRET_FIELDS {
+                        key.remove(f);
+                    }
+                }
+            }
+        }
+    }
+    v
+}
+
+async fn api_by_id(
+    app: &Arc<App>,
+    method: &Method,
+    id: &str,
+    req: Request<Incoming>,
+    rid: &HeaderValue,
+) -> Response<GatewayBody> {
+    match *method {
+        Method::GET => match app.state.load().api(id) {
+            Some(api) => json(StatusCode::OK, &redacted(api)),
+            None => admin_error(
+                StatusCode::NOT_FOUND,
+                "API_NOT_FOUND",
+                "no such API is loaded".into(),
+                rid,
+                None,
+            ),
+        },
+        Method::PUT => {
+            use http_body_util::BodyExt;
+            let body = match http_body_util::Limited::new(req.into_body(), MAX_SNAPSHOT_BYTES)
+                .collect()
+                .await
+            {
+                Ok(b) => b.to_bytes(),
+                Err(_) => {
+                    return admin_error(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "PAYLOAD_TOO_LARGE",
+                        format!("a snapshot may be at most {MAX_SNAPSHOT_BYTES} bytes"),
+                        rid,
+                        None,
+                    )
+                }
+            };
+            let (app2, id2) = (app.clone(), id.to_owned());
+            let result =
+                tokio::task::spawn_blocking(move || crate::reload::push(&app2, &id2, &body)).await;
+            use crate::reload::PushError;
+            match result {
+                Ok(Ok(revision)) => json(
+                    StatusCode::OK,
+                    &serde_json::json!({ "api_id": id, "revision": revision }),
+                ),
+                Ok(Err(PushError::Invalid(issues))) => {
+                    tracing::warn!(api_id = id, problems = issues.len(), first = %issues[0], "pushed snapshot rejected");
+                    admin_error(
+                        StatusCode::BAD_REQUEST,
+                        "INVALID_SNAPSHOT",
+                        format!("the snapshot has {} problem(s)", issues.len()),
+                        rid,
+                        Some(&issues),
+                    )
+                }
+                Ok(Err(PushError::NotNewer { loaded, offered })) => {
+                    tracing::warn!(
+                        api_id = id,
+                        loaded,
+                        offered,
+                        "pushed snapshot is not newer; rejected"
+                    );
+                    admin_error(
+                        StatusCode::CONFLICT,
+                        "REVISION_CONFLICT",
+                        format!(
+                            "revision {offered} is not newer than the loaded revision {loaded}"
+                        ),
+                        rid,
+                        None,
+                    )
+                }
+                Ok(Err(PushError::IdMismatch { path, body })) => admin_error(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "API_ID_MISMATCH",
+                    format!("api.id `{body}` differs from the path's `{path}`"),
+                    rid,
+                    None,
+                ),
+                Ok(Err(PushError::Persist(e))) => {
+                    tracing::error!(api_id = id, error = %e, "pushed snapshot could not be persisted; not loaded");
+                    admin_error(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "INTERNAL_ERROR",
+                        "the snapshot could not be persisted".into(),
+                        rid,
+                        None,
+                    )
+                }
+                Err(_) => admin_error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "INTERNAL_ERROR",
+                    "internal error".into(),
+                    rid,
+                    None,
+                ),
+            }
+        }
+        Method::DELETE => {
+            let (app2, id2) = (app.clone(), id.to_owned());
+            match tokio::task::spawn_blocking(move || crate::reload::delete(&app2, &id2)).await {
+                Ok(true) => json(StatusCode::OK, &serde_json::json!({ "api_id": id })),
+                Ok(false) => admin_error(
+                    StatusCode::NOT_FOUND,
+                    "API_NOT_FOUND",
+                    "no such API is loaded".into(),
+                    rid,
+                    None,
+                ),
+                Err(_) => admin_error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "INTERNAL_ERROR",
+                    "internal error".into(),
+                    rid,
+                    None,
+                ),
+            }
+        }
+        _ => admin_error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "METHOD_NOT_ALLOWED",
+            "use GET, PUT or DELETE".into(),
+            rid,
+            None,
+        ),
+    }
+}
+
+pub async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Response<GatewayBody> {
+    let path = req.uri().path().to_owned();
+    let path = path.as_str();
     let rid = crate::request_id::next();
     let mut resp = match (req.method(), path) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
@@ -103,6 +276,11 @@ pub async fn handle(app: &App, req: Request<Incoming>) -> Response<GatewayBody> 
                 .collect();
             apis.sort_by(|a, b| a["api_id"].as_str().cmp(&b["api_id"].as_str()));
             json(StatusCode::OK, &serde_json::json!({ "apis": apis }))
+        }
+        (m, p) if p.starts_with("/admin/apis/") && !p["/admin/apis/".len()..].contains('/') => {
+            let method = m.clone();
+            let id = p["/admin/apis/".len()..].to_owned();
+            api_by_id(app, &method, &id, req, &rid).await
         }
         _ => {
             let mut r = Response::new(GatewayBody::full(

@@ -1,7 +1,6 @@
 //! The process-wide context shared by listeners, the pipeline and the admin API.
 
 use std::net::IpAddr;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -12,12 +11,15 @@ use crate::integration::http::{build_client, HttpClient};
 use crate::metrics::Metrics;
 use crate::policy::quota::{LocalQuotaStore, QuotaStore};
 use crate::policy::throttle::Throttles;
+use crate::reload::SnapshotDir;
 use crate::snapshot;
 use crate::state::{LoadError, StateHandle};
 
 pub struct App {
     pub config: Config,
     pub state: StateHandle,
+    /// The snapshot directory and the files the loaded APIs came from.
+    pub snapshots: SnapshotDir,
     pub metrics: Metrics,
     pub client: HttpClient,
     /// Quota counters, keyed by stable ids so that they survive reloads.
@@ -42,6 +44,7 @@ impl App {
             }
         };
         Ok(Arc::new(Self {
+            snapshots: SnapshotDir::new(config.snapshots.dir.clone()),
             config,
             state: StateHandle::default(),
             metrics: Metrics::new(),
@@ -76,55 +79,17 @@ impl App {
         self.draining.store(true, Ordering::Release);
     }
 
-    /// Loads every `*.json` of the snapshot directory. An invalid file is reported and
-    /// skipped; the others load. Returns (loaded, rejected).
-    pub fn load_snapshot_dir(&self, dir: &Path) -> (usize, usize) {
-        let files = match snapshot::snapshot_files(dir) {
-            Ok(f) => f,
-            Err(e) => {
-                tracing::error!(dir = %dir.display(), error = %e, "cannot read the snapshot directory");
-                return (0, 0);
-            }
-        };
-        let (mut loaded, mut rejected) = (0, 0);
-        for file in files {
-            match snapshot::build_file(&file) {
-                Ok(api) => {
-                    let (id, revision) = (api.id.clone(), api.revision);
-                    // A re-read (SIGHUP) finds most files unchanged: not an error.
-                    if self
-                        .state
-                        .load()
-                        .api(&id)
-                        .is_some_and(|a| a.revision == revision)
-                    {
-                        tracing::debug!(file = %file.display(), api_id = %id, revision, "snapshot unchanged");
-                        continue;
-                    }
-                    match self.install(Arc::new(api)) {
-                        Ok(()) => {
-                            tracing::info!(file = %file.display(), api_id = %id, revision, "snapshot loaded");
-                            loaded += 1;
-                        }
-                        Err(e) => {
-                            tracing::error!(file = %file.display(), api_id = %id, error = %e, "snapshot rejected");
-                            rejected += 1;
-                        }
-                    }
-                }
-                Err(issues) => {
-                    self.metrics
-                        .snapshot_reloads
-                        .with_label_values(&["rejected"])
-                        .inc();
-                    for i in &issues {
-                        tracing::error!(file = %file.display(), problem = %i, "invalid snapshot skipped");
-                    }
-                    rejected += 1;
-                }
-            }
+    /// Unloads an API, counting it; false when it was not loaded.
+    pub fn unload(&self, id: &str) -> bool {
+        if !self.state.remove(id) {
+            return false;
         }
-        (loaded, rejected)
+        self.metrics
+            .snapshot_reloads
+            .with_label_values(&["unloaded"])
+            .inc();
+        let _ = self.metrics.snapshot_revision.remove_label_values(&[id]);
+        true
     }
 
     /// Publishes a compiled API, counting the outcome.

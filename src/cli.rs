@@ -198,8 +198,21 @@ async fn serve(config: Config, demo_backend: Option<SocketAddr>) -> ExitCode {
     if let Some(local) = &app.local_quota {
         local.spawn_flusher();
     }
-    let (loaded, rejected) = app.load_snapshot_dir(&snapshot_dir);
-    tracing::info!(dir = %snapshot_dir.display(), loaded, rejected, "snapshot directory read");
+    let r = crate::reload::reconcile(&app);
+    tracing::info!(dir = %snapshot_dir.display(), loaded = r.loaded, rejected = r.rejected, "snapshot directory read");
+    let _watcher = if app.config.snapshots.watch {
+        match crate::reload::watch(app.clone()) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                return config_error(format!(
+                    "config key `snapshots.dir`: cannot watch {}: {e}",
+                    snapshot_dir.display()
+                ))
+            }
+        }
+    } else {
+        None
+    };
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let builder = Arc::new(crate::server::http_builder(&app.config.limits));
@@ -236,7 +249,7 @@ async fn serve(config: Config, demo_backend: Option<SocketAddr>) -> ExitCode {
         let _ = out.flush();
     }
 
-    wait_for_signals(&app, &snapshot_dir).await;
+    wait_for_signals(&app).await;
 
     tracing::info!(
         deadline_s = drain_timeout.as_secs(),
@@ -266,7 +279,7 @@ async fn serve(config: Config, demo_backend: Option<SocketAddr>) -> ExitCode {
 }
 
 #[cfg(unix)]
-async fn wait_for_signals(app: &App, snapshot_dir: &std::path::Path) {
+async fn wait_for_signals(app: &Arc<App>) {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
@@ -283,14 +296,16 @@ async fn wait_for_signals(app: &App, snapshot_dir: &std::path::Path) {
             _ = int.recv() => return,
             _ = hup.recv() => {
                 tracing::info!("SIGHUP: re-reading the snapshot directory");
-                let (loaded, rejected) = app.load_snapshot_dir(snapshot_dir);
-                tracing::info!(loaded, rejected, "snapshot directory re-read");
+                let app = app.clone();
+                if let Ok(r) = tokio::task::spawn_blocking(move || crate::reload::reconcile(&app)).await {
+                    tracing::info!(loaded = r.loaded, rejected = r.rejected, unloaded = r.unloaded, "snapshot directory re-read");
+                }
             }
         }
     }
 }
 
 #[cfg(not(unix))]
-async fn wait_for_signals(_app: &App, _dir: &std::path::Path) {
+async fn wait_for_signals(_app: &Arc<App>) {
     let _ = tokio::signal::ctrl_c().await;
 }

@@ -18,6 +18,7 @@ pub mod path;
 pub mod pipeline;
 pub mod policy;
 pub mod rejection;
+pub mod reload;
 pub mod request_id;
 pub mod routing;
 pub mod server;
