@@ -136,15 +136,17 @@ async fn api_by_id(
                 }
             };
             let (app2, id2) = (app.clone(), id.to_owned());
-            let result =
-                tokio::task::spawn_blocking(move || crate::reload::push(&app2, &id2, &body)).await;
+            let result = app
+                .control
+                .run(move || crate::reload::push(&app2, &id2, &body))
+                .await;
             use crate::reload::PushError;
             match result {
-                Ok(Ok(revision)) => json(
+                Some(Ok(revision)) => json(
                     StatusCode::OK,
                     &serde_json::json!({ "api_id": id, "revision": revision }),
                 ),
-                Ok(Err(PushError::Invalid(issues))) => {
+                Some(Err(PushError::Invalid(issues))) => {
                     tracing::warn!(api_id = id, problems = issues.len(), first = %issues[0], "pushed snapshot rejected");
                     admin_error(
                         StatusCode::BAD_REQUEST,
@@ -154,7 +156,7 @@ async fn api_by_id(
                         Some(&issues),
                     )
                 }
-                Ok(Err(PushError::NotNewer { loaded, offered })) => {
+                Some(Err(PushError::NotNewer { loaded, offered })) => {
                     tracing::warn!(
                         api_id = id,
                         loaded,
@@ -171,14 +173,14 @@ async fn api_by_id(
                         None,
                     )
                 }
-                Ok(Err(PushError::IdMismatch { path, body })) => admin_error(
+                Some(Err(PushError::IdMismatch { path, body })) => admin_error(
                     StatusCode::UNPROCESSABLE_ENTITY,
                     "API_ID_MISMATCH",
                     format!("api.id `{body}` differs from the path's `{path}`"),
                     rid,
                     None,
                 ),
-                Ok(Err(PushError::Persist(e))) => {
+                Some(Err(PushError::Persist(e))) => {
                     tracing::error!(api_id = id, error = %e, "pushed snapshot could not be persisted; not loaded");
                     admin_error(
                         StatusCode::INTERNAL_SERVER_ERROR,
@@ -188,7 +190,7 @@ async fn api_by_id(
                         None,
                     )
                 }
-                Err(_) => admin_error(
+                None => admin_error(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "INTERNAL_ERROR",
                     "internal error".into(),
@@ -199,16 +201,20 @@ async fn api_by_id(
         }
         Method::DELETE => {
             let (app2, id2) = (app.clone(), id.to_owned());
-            match tokio::task::spawn_blocking(move || crate::reload::delete(&app2, &id2)).await {
-                Ok(true) => json(StatusCode::OK, &serde_json::json!({ "api_id": id })),
-                Ok(false) => admin_error(
+            match app
+                .control
+                .run(move || crate::reload::delete(&app2, &id2))
+                .await
+            {
+                Some(true) => json(StatusCode::OK, &serde_json::json!({ "api_id": id })),
+                Some(false) => admin_error(
                     StatusCode::NOT_FOUND,
                     "API_NOT_FOUND",
                     "no such API is loaded".into(),
                     rid,
                     None,
                 ),
-                Err(_) => admin_error(
+                None => admin_error(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "INTERNAL_ERROR",
                     "internal error".into(),

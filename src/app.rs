@@ -11,7 +11,7 @@ use crate::integration::http::{build_client, HttpClient};
 use crate::metrics::Metrics;
 use crate::policy::quota::{LocalQuotaStore, QuotaStore};
 use crate::policy::throttle::Throttles;
-use crate::reload::SnapshotDir;
+use crate::reload::{Control, SnapshotDir};
 use crate::snapshot;
 use crate::state::{LoadError, StateHandle};
 
@@ -20,6 +20,8 @@ pub struct App {
     pub state: StateHandle,
     /// The snapshot directory and the files the loaded APIs came from.
     pub snapshots: SnapshotDir,
+    /// The thread that runs every control-plane operation.
+    pub control: Control,
     pub metrics: Metrics,
     pub client: HttpClient,
     /// Quota counters, keyed by stable ids so that they survive reloads.
@@ -43,8 +45,11 @@ impl App {
                 return Err("config key `quota.backend`: \"redis\" (fleet mode) is not available in this build yet; use \"local\"".into())
             }
         };
+        let control =
+            Control::spawn().map_err(|e| format!("cannot start the control thread: {e}"))?;
         Ok(Arc::new(Self {
             snapshots: SnapshotDir::new(config.snapshots.dir.clone()),
+            control,
             config,
             state: StateHandle::default(),
             metrics: Metrics::new(),

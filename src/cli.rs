@@ -198,7 +198,12 @@ async fn serve(config: Config, demo_backend: Option<SocketAddr>) -> ExitCode {
     if let Some(local) = &app.local_quota {
         local.spawn_flusher();
     }
-    let r = crate::reload::reconcile(&app);
+    let app2 = app.clone();
+    let r = app
+        .control
+        .run(move || crate::reload::reconcile(&app2))
+        .await
+        .unwrap_or_default();
     tracing::info!(dir = %snapshot_dir.display(), loaded = r.loaded, rejected = r.rejected, "snapshot directory read");
     let _watcher = if app.config.snapshots.watch {
         match crate::reload::watch(app.clone()) {
@@ -296,8 +301,8 @@ async fn wait_for_signals(app: &Arc<App>) {
             _ = int.recv() => return,
             _ = hup.recv() => {
                 tracing::info!("SIGHUP: re-reading the snapshot directory");
-                let app = app.clone();
-                if let Ok(r) = tokio::task::spawn_blocking(move || crate::reload::reconcile(&app)).await {
+                let app2 = app.clone();
+                if let Some(r) = app.control.run(move || crate::reload::reconcile(&app2)).await {
                     tracing::info!(loaded = r.loaded, rejected = r.rejected, unloaded = r.unloaded, "snapshot directory re-read");
                 }
             }

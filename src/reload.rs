@@ -159,7 +159,22 @@ pub fn reconcile(app: &App) -> Report {
 }
 
 /// An admin `PUT /admin/apis/{api_id}`: validate, persist atomically, then swap in.
+/// Every refused arrival is counted as `rejected`.
 pub fn push(app: &App, path_id: &str, bytes: &[u8]) -> Result<u64, PushError> {
+    let result = try_push(app, path_id, bytes);
+    match &result {
+        Err(PushError::Invalid(_) | PushError::NotNewer { .. } | PushError::IdMismatch { .. }) => {
+            app.metrics
+                .snapshot_reloads
+                .with_label_values(&["rejected"])
+                .inc();
+        }
+        Ok(_) | Err(PushError::Persist(_)) => {}
+    }
+    result
+}
+
+fn try_push(app: &App, path_id: &str, bytes: &[u8]) -> Result<u64, PushError> {
     let parsed = snapshot::parse(bytes).map_err(|i| PushError::Invalid(vec![i]))?;
     if parsed.api.id != path_id {
         return Err(PushError::IdMismatch {
@@ -174,17 +189,7 @@ pub fn push(app: &App, path_id: &str, bytes: &[u8]) -> Result<u64, PushError> {
     let mut st = sd.lock();
     // Check before persisting, so that a refused push leaves the directory untouched.
     if let Err(e) = app.state.load().with_api(api.clone()) {
-        app.metrics
-            .snapshot_reloads
-            .with_label_values(&["rejected"])
-            .inc();
-        return Err(match e {
-            LoadError::NotNewer { loaded, offered } => PushError::NotNewer { loaded, offered },
-            LoadError::HostConflict { .. } => PushError::Invalid(vec![Issue {
-                path: "api.hosts".into(),
-                message: e.to_string(),
-            }]),
-        });
+        return Err(refused(e));
     }
     let target = st
         .sources
@@ -196,16 +201,21 @@ pub fn push(app: &App, path_id: &str, bytes: &[u8]) -> Result<u64, PushError> {
     st.files
         .insert(target.clone(), Sha256::digest(bytes).into());
     let id = api.id.clone();
-    app.install(api).map_err(|e| match e {
+    app.install(api).map_err(refused)?;
+    tracing::info!(api_id = %id, revision, file = %target.display(), "snapshot pushed and loaded");
+    st.sources.insert(id, target);
+    Ok(revision)
+}
+
+/// A push the loaded state refuses: 409 for an old revision, 400 for a taken host.
+fn refused(e: LoadError) -> PushError {
+    match e {
         LoadError::NotNewer { loaded, offered } => PushError::NotNewer { loaded, offered },
         LoadError::HostConflict { .. } => PushError::Invalid(vec![Issue {
             path: "api.hosts".into(),
             message: e.to_string(),
         }]),
-    })?;
-    tracing::info!(api_id = %id, revision, file = %target.display(), "snapshot pushed and loaded");
-    st.sources.insert(id, target);
-    Ok(revision)
+    }
 }
 
 /// An admin `DELETE /admin/apis/{api_id}`: unload and remove the persisted file.
@@ -247,6 +257,46 @@ fn write_atomically(target: &Path, bytes: &[u8]) -> std::io::Result<()> {
     result
 }
 
+type Job = Box<dyn FnOnce() + Send>;
+
+/// The control thread: every control-plane operation (reconcile, push, delete) runs on this
+/// one thread, in arrival order, off the request path. One thread also keeps the snapshot
+/// allocations in one malloc arena, so resident memory stays flat under reload churn.
+pub struct Control {
+    tx: Mutex<std::sync::mpsc::Sender<Job>>,
+}
+
+impl Control {
+    pub fn spawn() -> std::io::Result<Self> {
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("scp-control".into())
+            .spawn(move || {
+                for job in rx {
+                    job();
+                }
+            })?;
+        Ok(Self { tx: Mutex::new(tx) })
+    }
+
+    /// Runs `f` on the control thread and waits for its result.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Option<T> {
+        let (done, result) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move || {
+            let _ = done.send(f());
+        });
+        self.tx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(job)
+            .ok()?;
+        result.await.ok()
+    }
+}
+
 /// Watches the directory and reconciles after changes settle (100 ms of quiet, at most
 /// 500 ms after the first event). The returned watcher must be kept alive.
 pub fn watch(app: Arc<App>) -> Result<notify::RecommendedWatcher, notify::Error> {
@@ -269,9 +319,9 @@ pub fn watch(app: Arc<App>) -> Result<notify::RecommendedWatcher, notify::Error>
                     _ => break,
                 }
             }
-            let app = app.clone();
-            let report = tokio::task::spawn_blocking(move || reconcile(&app)).await;
-            if let Ok(r) = report {
+            let app2 = app.clone();
+            let report = app.control.run(move || reconcile(&app2)).await;
+            if let Some(r) = report {
                 if r != Report::default() {
                     tracing::info!(
                         loaded = r.loaded,

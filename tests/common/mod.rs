@@ -223,8 +223,11 @@ impl Drop for Gateway {
     }
 }
 
-pub fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_scp-gateway")
+/// The gateway binary under test; `SCP_GATEWAY_BIN` points the tests at another build
+/// (for example `target/release/scp-gateway` for the soak figures).
+pub fn bin() -> String {
+    std::env::var("SCP_GATEWAY_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_scp-gateway").to_owned())
 }
 
 impl Gateway {
@@ -245,17 +248,30 @@ impl Gateway {
 
     /// Starts the gateway in `dir` with extra TOML and extra `run` arguments (overrides).
     pub fn start_with_args(dir: tempfile::TempDir, extra_toml: &str, args: &[&str]) -> Gateway {
-        let config = format!(
-            "[server]\nlisten = [\"127.0.0.1:0\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n[snapshots]\ndir = {:?}\n[state]\ndir = {:?}\n[runtime]\nworker_threads = 2\n{extra_toml}\n",
-            dir.path().join("snapshots"),
-            dir.path().join("state"),
-        );
+        // Addresses and directories go in as command-line overrides (which they test), so that
+        // `extra_toml` may hold any table.
+        let config = format!("[runtime]\nworker_threads = 2\n{extra_toml}\n");
         let config_path = dir.path().join("gateway.toml");
         std::fs::write(&config_path, config).unwrap();
+        let mut overrides: Vec<String> = Vec::new();
+        if !args.contains(&"--listen") {
+            overrides.extend(["--listen".into(), "127.0.0.1:0".into()]);
+        }
+        overrides.extend(["--admin-listen".into(), "127.0.0.1:0".into()]);
+        overrides.extend([
+            "--snapshot-dir".into(),
+            dir.path().join("snapshots").display().to_string(),
+        ]);
+        overrides.extend([
+            "--state-dir".into(),
+            dir.path().join("state").display().to_string(),
+        ]);
+        std::fs::create_dir_all(dir.path().join("snapshots")).unwrap();
         let stderr = std::fs::File::create(dir.path().join("gateway.log")).unwrap();
         let mut child = Command::new(bin())
             .args(["run", "--config"])
             .arg(&config_path)
+            .args(&overrides)
             .args(args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
@@ -317,8 +333,13 @@ impl Gateway {
     }
 
     /// Stops the gateway with `signal`, waits for it, and hands back its directory.
-    pub fn stop_with(mut self, signal: &str) -> (std::process::ExitStatus, tempfile::TempDir) {
+    pub fn stop_with(self, signal: &str) -> (std::process::ExitStatus, tempfile::TempDir) {
         self.signal(signal);
+        self.wait_exit()
+    }
+
+    /// Waits for the gateway to exit by itself and hands back its directory.
+    pub fn wait_exit(mut self) -> (std::process::ExitStatus, tempfile::TempDir) {
         let status = self.child.wait().unwrap();
         let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
         (status, dir)
