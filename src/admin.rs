@@ -11,7 +11,6 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 
 use crate::app::App;
 use crate::body::GatewayBody;
@@ -307,12 +306,11 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Response<GatewayB
     resp
 }
 
-pub async fn serve(app: Arc<App>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
+/// Serves the admin API until the process exits: it stays up while the data plane drains,
+/// so that `/readyz` can say 503.
+pub async fn serve(app: Arc<App>, listener: TcpListener) {
     loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            _ = shutdown.changed() => break,
-        };
+        let accepted = listener.accept().await;
         let Ok((stream, _)) = accepted else {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             continue;

@@ -239,7 +239,7 @@ async fn serve(config: Config, demo_backend: Option<SocketAddr>) -> ExitCode {
             shutdown_rx.clone(),
         )));
     }
-    tokio::spawn(crate::admin::serve(app.clone(), admin, shutdown_rx.clone()));
+    tokio::spawn(crate::admin::serve(app.clone(), admin));
     app.set_ready(true);
     tracing::info!(data = %data_addrs.join(","), admin = %admin_addr, "scp-gateway ready");
     // One machine-readable line on stdout with the bound addresses (tests and scripts that
