@@ -232,6 +232,126 @@ async fn api_by_id(
     }
 }
 
+#[derive(serde::Deserialize, Default)]
+struct Period {
+    stage_name: Option<String>,
+    start_date: Option<String>,
+    end_date: Option<String>,
+    key_id: Option<String>,
+}
+
+/// `start_date` and `end_date`: `YYYY-MM-DD`, start ≤ end, at most 31 days apart.
+fn period(p: &Period) -> Result<(time::Date, time::Date), String> {
+    use crate::report::{parse_date, MAX_RANGE_DAYS};
+    let get = |v: &Option<String>, name: &str| -> Result<time::Date, String> {
+        let raw = v
+            .as_deref()
+            .filter(|s| !s.is_empty())
+            .ok_or(format!("`{name}` is required (YYYY-MM-DD)"))?;
+        parse_date(raw).ok_or(format!("`{name}` must be a date as YYYY-MM-DD"))
+    };
+    let (start, end) = (
+        get(&p.start_date, "start_date")?,
+        get(&p.end_date, "end_date")?,
+    );
+    if end < start {
+        return Err("`end_date` is before `start_date`".into());
+    }
+    if (end - start).whole_days() > MAX_RANGE_DAYS {
+        return Err(format!("the period may span at most {MAX_RANGE_DAYS} days"));
+    }
+    Ok((start, end))
+}
+
+async fn v1(app: &Arc<App>, path: &str, query: &str, rid: &HeaderValue) -> Response<GatewayBody> {
+    let bad = |m: String| admin_error(StatusCode::BAD_REQUEST, "BAD_REQUEST", m, rid, None);
+    let not_found =
+        |code: &str, m: &str| admin_error(StatusCode::NOT_FOUND, code, m.into(), rid, None);
+    let Ok(q) = serde_urlencoded::from_str::<Period>(query) else {
+        return bad("the query string is malformed".into());
+    };
+    let parts: Vec<&str> = path.trim_start_matches("/v1/apis/").split('/').collect();
+    match parts.as_slice() {
+        [api_id, "reports"] => {
+            let Some(stage) = q.stage_name.as_deref().filter(|s| !s.is_empty()) else {
+                return bad("`stage_name` is required".into());
+            };
+            let (start, end) = match period(&q) {
+                Ok(p) => p,
+                Err(m) => return bad(m),
+            };
+            let report = app.reports.report(api_id, stage, start, end);
+            json(
+                StatusCode::OK,
+                &serde_json::to_value(report).unwrap_or_default(),
+            )
+        }
+        [api_id, "usage-plans", plan_id, "usage"] => {
+            let state = app.state.load();
+            let Some(api) = state.api(api_id) else {
+                return not_found("API_NOT_FOUND", "no such API is loaded");
+            };
+            let Some(plan) = api.snapshot.usage_plans.iter().find(|p| p.id == *plan_id) else {
+                return not_found(
+                    "USAGE_PLAN_NOT_FOUND",
+                    "the API's snapshot has no such usage plan",
+                );
+            };
+            let (start, end) = match period(&q) {
+                Ok(p) => p,
+                Err(m) => return bad(m),
+            };
+            let keys: Vec<String> = match q.key_id.as_deref().filter(|k| !k.is_empty()) {
+                Some(k) if plan.api_keys.iter().any(|pk| pk.id == k) => vec![k.to_owned()],
+                Some(_) => return not_found("API_KEY_NOT_FOUND", "the usage plan has no such key"),
+                None => plan.api_keys.iter().map(|k| k.id.clone()).collect(),
+            };
+            let from = crate::usage::rows_from(plan.rate, start);
+            let to = end
+                .next_day()
+                .unwrap_or(end)
+                .midnight()
+                .assume_utc()
+                .unix_timestamp();
+            let rows = match app.quota.usage(plan_id, from, to).await {
+                Ok(r) => r,
+                Err(e) => {
+                    app.metrics
+                        .quota_store_errors
+                        .with_label_values(&[app.quota.backend()])
+                        .inc();
+                    return admin_error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "QUOTA_STORE_UNAVAILABLE",
+                        e.to_string(),
+                        rid,
+                        None,
+                    );
+                }
+            };
+            let items = crate::usage::items(
+                &rows,
+                &keys,
+                plan.limit,
+                plan.rate,
+                start,
+                end,
+                time::OffsetDateTime::now_utc(),
+            );
+            json(
+                StatusCode::OK,
+                &serde_json::json!({
+                    "usage_plan_id": plan_id,
+                    "start_date": crate::report::format_date(start),
+                    "end_date": crate::report::format_date(end),
+                    "items": items,
+                }),
+            )
+        }
+        _ => not_found("NOT_FOUND", "no such endpoint"),
+    }
+}
+
 pub async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Response<GatewayBody> {
     let path = req.uri().path().to_owned();
     let path = path.as_str();
@@ -281,6 +401,10 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Response<GatewayB
                 .collect();
             apis.sort_by(|a, b| a["api_id"].as_str().cmp(&b["api_id"].as_str()));
             json(StatusCode::OK, &serde_json::json!({ "apis": apis }))
+        }
+        (&Method::GET, p) if p.starts_with("/v1/apis/") => {
+            let query = req.uri().query().unwrap_or("").to_owned();
+            v1(app, p, &query, &rid).await
         }
         (m, p) if p.starts_with("/admin/apis/") && !p["/admin/apis/".len()..].contains('/') => {
             let method = m.clone();

@@ -6,12 +6,14 @@ use std::sync::Arc;
 
 use ipnet::IpNet;
 
+use crate::access_log::{AccessLog, Target};
 use crate::config::{Config, QuotaBackend};
 use crate::integration::http::{build_client, HttpClient};
 use crate::metrics::Metrics;
 use crate::policy::quota::{LocalQuotaStore, QuotaStore};
 use crate::policy::throttle::Throttles;
 use crate::reload::{Control, SnapshotDir};
+use crate::report::Reports;
 use crate::snapshot;
 use crate::state::{LoadError, StateHandle};
 
@@ -26,8 +28,10 @@ pub struct App {
     pub client: HttpClient,
     /// Quota counters, keyed by stable ids so that they survive reloads.
     pub quota: Arc<dyn QuotaStore>,
-    /// The local store, when that is the backend (flushed every second and on shutdown).
-    pub local_quota: Option<Arc<LocalQuotaStore>>,
+    /// Report aggregates (flushed with the quota counters).
+    pub reports: Arc<Reports>,
+    /// The access log, when enabled.
+    pub access_log: Option<AccessLog>,
     /// Throttle buckets, keyed by stable ids.
     pub throttles: Throttles,
     ready: AtomicBool,
@@ -39,11 +43,33 @@ pub struct App {
 impl App {
     pub fn new(config: Config) -> Result<Arc<Self>, String> {
         let client = build_client(&config.upstream)?;
-        let local = match config.quota.backend {
-            QuotaBackend::Local => LocalQuotaStore::open(&config.state.dir)?,
+        let dir = &config.state.dir;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("config key `state.dir`: {}: {e}", dir.display()))?;
+        let db_path = dir.join("state.redb");
+        let db = Arc::new(
+            redb::Database::create(&db_path)
+                .map_err(|e| format!("config key `state.dir`: {}: {e}", db_path.display()))?,
+        );
+        let metrics = Metrics::new();
+        let quota: Arc<dyn QuotaStore> = match config.quota.backend {
+            QuotaBackend::Local => LocalQuotaStore::open(db.clone())?,
             QuotaBackend::Redis => {
                 return Err("config key `quota.backend`: \"redis\" (fleet mode) is not available in this build yet; use \"local\"".into())
             }
+        };
+        let reports = Reports::open(db)?;
+        let access_log = if config.access_log.enabled {
+            let target = match &config.access_log.path {
+                Some(p) if !p.as_os_str().is_empty() => Target::File(p.clone()),
+                _ => Target::Stderr,
+            };
+            Some(
+                AccessLog::start(target, metrics.access_log_dropped.clone())
+                    .map_err(|e| format!("config key `access_log.path`: {e}"))?,
+            )
+        } else {
+            None
         };
         let control =
             Control::spawn().map_err(|e| format!("cannot start the control thread: {e}"))?;
@@ -52,10 +78,11 @@ impl App {
             control,
             config,
             state: StateHandle::default(),
-            metrics: Metrics::new(),
+            metrics,
             client,
-            quota: local.clone(),
-            local_quota: Some(local),
+            quota,
+            reports,
+            access_log,
             throttles: Throttles::default(),
             ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
@@ -82,6 +109,29 @@ impl App {
 
     pub fn start_draining(&self) {
         self.draining.store(true, Ordering::Release);
+    }
+
+    /// Persists quota counters, usage and report aggregates.
+    pub fn flush_state(&self) {
+        if let Err(e) = self.quota.flush() {
+            tracing::error!(error = %e, "quota counters could not be persisted");
+        }
+        if let Err(e) = self.reports.flush() {
+            tracing::error!(error = %e, "report aggregates could not be persisted");
+        }
+    }
+
+    /// Flushes state every second, on the control thread.
+    pub fn spawn_state_flusher(self: &Arc<Self>) {
+        let app = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let a = app.clone();
+                app.control.run(move || a.flush_state()).await;
+            }
+        });
     }
 
     /// Unloads an API, counting it; false when it was not loaded.

@@ -195,9 +195,7 @@ async fn serve(config: Config, demo_backend: Option<SocketAddr>) -> ExitCode {
         Ok(a) => a,
         Err(e) => return config_error(e),
     };
-    if let Some(local) = &app.local_quota {
-        local.spawn_flusher();
-    }
+    app.spawn_state_flusher();
     let app2 = app.clone();
     let r = app
         .control
@@ -276,9 +274,7 @@ async fn serve(config: Config, demo_backend: Option<SocketAddr>) -> ExitCode {
             "drain deadline reached; cutting remaining connections"
         );
     }
-    if let Err(e) = app.quota.flush() {
-        tracing::error!(error = %e, "quota counters could not be persisted at shutdown");
-    }
+    app.flush_state();
     tracing::info!("stopped");
     ExitCode::SUCCESS
 }

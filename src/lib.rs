@@ -6,6 +6,7 @@
 //! [`pipeline`]. Rejections are data ([`rejection::Rejection`]) turned into responses in one
 //! place.
 
+pub mod access_log;
 pub mod admin;
 pub mod app;
 pub mod body;
@@ -19,8 +20,10 @@ pub mod pipeline;
 pub mod policy;
 pub mod rejection;
 pub mod reload;
+pub mod report;
 pub mod request_id;
 pub mod routing;
 pub mod server;
 pub mod snapshot;
 pub mod state;
+pub mod usage;

@@ -20,6 +20,7 @@ pub struct Metrics {
     pub quota_store_errors: IntCounterVec,
     pub snapshot_reloads: IntCounterVec,
     pub snapshot_revision: IntGaugeVec,
+    pub access_log_dropped: prometheus::IntCounter,
 }
 
 /// `status_class` label of a status code.
@@ -110,8 +111,14 @@ impl Metrics {
             &["api_id"],
         )
         .expect("metric definition");
+        let access_log_dropped = prometheus::IntCounter::new(
+            "apigw_access_log_dropped_total",
+            "Access log lines dropped because the writer fell behind",
+        )
+        .expect("metric definition");
         for c in [
-            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(access_log_dropped.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(requests.clone()),
             Box::new(request_duration.clone()),
             Box::new(integration_duration.clone()),
             Box::new(rejections.clone()),
@@ -130,6 +137,7 @@ impl Metrics {
             quota_store_errors,
             snapshot_reloads,
             snapshot_revision,
+            access_log_dropped,
         }
     }
 

@@ -76,6 +76,8 @@ pub struct RequestContext<'s> {
     pub rate_limit: Option<Admission>,
     /// The request was a CORS preflight the gateway answered.
     pub preflight: bool,
+    /// The code of a gateway-made error response.
+    pub error_code: Option<&'static str>,
 }
 
 impl<'s> RequestContext<'s> {
@@ -108,6 +110,7 @@ impl<'s> RequestContext<'s> {
             api_key: None,
             rate_limit: None,
             preflight: false,
+            error_code: None,
         }
     }
 }
@@ -119,6 +122,7 @@ pub async fn handle(app: &App, conn: &ConnInfo, req: Request<Incoming>) -> Respo
     let mut resp = match run(app, &state, &mut ctx, req).await {
         Ok(resp) => resp,
         Err(rejection) => {
+            ctx.error_code = Some(rejection.code());
             app.metrics
                 .rejections
                 .with_label_values(&[api_label(&ctx), stage_label(&ctx), rejection.code()])
@@ -127,7 +131,7 @@ pub async fn handle(app: &App, conn: &ConnInfo, req: Request<Incoming>) -> Respo
         }
     };
     finish(&ctx, resp.headers_mut());
-    record(app, &ctx, resp.status().as_u16());
+    record(app, &ctx, &resp);
     resp
 }
 
@@ -601,26 +605,52 @@ fn stage_label<'a>(ctx: &'a RequestContext<'_>) -> &'a str {
     ctx.stage.map_or("", |s| &s.name)
 }
 
-/// Metrics of one answered request (every outcome passes here exactly once).
-fn record(app: &App, ctx: &RequestContext<'_>, status: u16) {
+/// Metrics, report aggregates and the access log of one answered request (every outcome
+/// passes here exactly once, when the response head is ready).
+fn record(app: &App, ctx: &RequestContext<'_>, resp: &Response<GatewayBody>) {
+    let status = resp.status().as_u16();
     let (api, stage) = (api_label(ctx), stage_label(ctx));
     let resource = ctx.route.map_or("", |r| &r.template);
+    let method = method_label(&ctx.method);
+    let latency = ctx.started.elapsed();
     let m = &app.metrics;
     m.requests
-        .with_label_values(&[
-            api,
-            stage,
-            resource,
-            method_label(&ctx.method),
-            status_class(status),
-        ])
+        .with_label_values(&[api, stage, resource, method, status_class(status)])
         .inc();
     m.request_duration
         .with_label_values(&[api, stage])
-        .observe(ctx.started.elapsed().as_secs_f64());
+        .observe(latency.as_secs_f64());
     if let (Some(elapsed), Some(mr)) = (ctx.integration_elapsed, ctx.method_route) {
         m.integration_duration
             .with_label_values(&[api, stage, mr.integration.kind().as_str()])
             .observe(elapsed.as_secs_f64());
+    }
+    let method = crate::report::static_method(method).unwrap_or("OTHER");
+    if let (Some(a), Some(s)) = (ctx.api, ctx.stage) {
+        app.reports.record(&crate::report::Sample {
+            api: &a.id,
+            stage: &s.name,
+            resource: ctx.route.map(|r| &r.template),
+            method,
+            status,
+            latency,
+            integration: ctx.integration_elapsed,
+        });
+    }
+    if let Some(log) = &app.access_log {
+        log.log(crate::access_log::Entry {
+            time: time::OffsetDateTime::now_utc(),
+            request_id: ctx.request_id.clone(),
+            client_ip: ctx.client_ip,
+            api_id: ctx.api.map(|a| a.id.clone()),
+            stage: ctx.stage.map(|s| s.name.clone()),
+            resource: ctx.route.map(|r| r.template.clone()),
+            method,
+            status,
+            bytes: http_body::Body::size_hint(resp.body()).exact(),
+            latency,
+            integration_latency: ctx.integration_elapsed,
+            error_code: ctx.error_code,
+        });
     }
 }

@@ -3,10 +3,8 @@
 //! limit. [`QuotaStore`] is the seam for fleet mode: [`LocalQuotaStore`] keeps counters in
 //! memory and persists them in an embedded redb database under `state.dir`.
 
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use dashmap::DashMap;
 use futures_util::future::BoxFuture;
@@ -90,6 +88,15 @@ pub trait QuotaStore: Send + Sync + 'static {
         window: Window,
     ) -> BoxFuture<'a, Result<(u64, bool), QuotaError>>;
 
+    /// Requests admitted per key and UTC hour for `plan_id`, hours in `[from, to)` (Unix
+    /// seconds of hour starts).
+    fn usage<'a>(
+        &'a self,
+        plan_id: &'a str,
+        from: i64,
+        to: i64,
+    ) -> BoxFuture<'a, Result<Vec<UsageRow>, QuotaError>>;
+
     /// Writes what is only in memory to durable storage.
     fn flush(&self) -> Result<(), QuotaError>;
 
@@ -116,6 +123,14 @@ pub async fn admit(
     })
 }
 
+/// Requests admitted for one key in one UTC hour.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageRow {
+    pub key_id: String,
+    pub hour_start: i64,
+    pub count: u64,
+}
+
 struct Counter {
     window_start: i64,
     count: u64,
@@ -123,12 +138,16 @@ struct Counter {
 }
 
 const COUNTERS: TableDefinition<&str, (i64, u64)> = TableDefinition::new("quota_counters");
+/// (plan, key, hour start) → admitted requests, for the usage API.
+const USAGE: TableDefinition<(&str, &str, i64), u64> = TableDefinition::new("usage_hours");
 
 /// In-memory counters (one lock per key, so admission is exact under any concurrency),
 /// persisted to redb at least every second and on shutdown.
 pub struct LocalQuotaStore {
     counters: DashMap<String, Counter>,
-    db: Database,
+    /// (plan, key, hour start) → (count, dirty).
+    usage: DashMap<(Arc<str>, Arc<str>, i64), (u64, bool)>,
+    db: Arc<Database>,
     any_dirty: AtomicBool,
 }
 
@@ -141,13 +160,10 @@ fn counter_key(plan_id: &str, key_id: &str) -> String {
 }
 
 impl LocalQuotaStore {
-    /// Opens (or creates) `dir/quota.redb` and loads its counters.
-    pub fn open(dir: &Path) -> Result<Arc<Self>, String> {
-        std::fs::create_dir_all(dir).map_err(|e| format!("state.dir {}: {e}", dir.display()))?;
-        let path = dir.join("quota.redb");
-        let db =
-            Database::create(&path).map_err(|e| format!("state.dir {}: {e}", path.display()))?;
+    /// Loads the counters kept in the state database.
+    pub fn open(db: Arc<Database>) -> Result<Arc<Self>, String> {
         let counters = DashMap::new();
+        let usage = DashMap::new();
         {
             let tx = db.begin_read().map_err(|e| e.to_string())?;
             match tx.open_table(COUNTERS) {
@@ -168,28 +184,24 @@ impl LocalQuotaStore {
                 Err(redb::TableError::TableDoesNotExist(_)) => {}
                 Err(e) => return Err(e.to_string()),
             }
+            match tx.open_table(USAGE) {
+                Ok(table) => {
+                    for row in table.iter().map_err(|e| e.to_string())? {
+                        let (k, v) = row.map_err(|e| e.to_string())?;
+                        let (plan, key, hour) = k.value();
+                        usage.insert((Arc::from(plan), Arc::from(key), hour), (v.value(), false));
+                    }
+                }
+                Err(redb::TableError::TableDoesNotExist(_)) => {}
+                Err(e) => return Err(e.to_string()),
+            }
         }
         Ok(Arc::new(Self {
             counters,
+            usage,
             db,
             any_dirty: AtomicBool::new(false),
         }))
-    }
-
-    /// Flushes every second until the process ends.
-    pub fn spawn_flusher(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
-        let me = self.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            loop {
-                tick.tick().await;
-                let me = me.clone();
-                let r = tokio::task::spawn_blocking(move || me.flush()).await;
-                if let Ok(Err(e)) = r {
-                    tracing::error!(error = %e, "quota counters could not be persisted");
-                }
-            }
-        })
     }
 }
 
@@ -222,7 +234,35 @@ impl QuotaStore for LocalQuotaStore {
         }
         let count = c.count;
         drop(c);
+        if admitted {
+            let hour = OffsetDateTime::now_utc().unix_timestamp().div_euclid(3600) * 3600;
+            let mut u = self
+                .usage
+                .entry((Arc::from(plan_id), Arc::from(key_id), hour))
+                .or_insert((0, false));
+            u.0 += 1;
+            u.1 = true;
+        }
         Box::pin(std::future::ready(Ok((count, admitted))))
+    }
+
+    fn usage<'a>(
+        &'a self,
+        plan_id: &'a str,
+        from: i64,
+        to: i64,
+    ) -> BoxFuture<'a, Result<Vec<UsageRow>, QuotaError>> {
+        let rows = self
+            .usage
+            .iter()
+            .filter(|e| &*e.key().0 == plan_id && (from..to).contains(&e.key().2))
+            .map(|e| UsageRow {
+                key_id: e.key().1.to_string(),
+                hour_start: e.key().2,
+                count: e.value().0,
+            })
+            .collect();
+        Box::pin(std::future::ready(Ok(rows)))
     }
 
     fn flush(&self) -> Result<(), QuotaError> {
@@ -237,11 +277,24 @@ impl QuotaStore for LocalQuotaStore {
                 rows.push((c.key().clone(), (c.window_start, c.count)));
             }
         }
+        let mut usage_rows = Vec::new();
+        for mut u in self.usage.iter_mut() {
+            if u.1 {
+                u.1 = false;
+                usage_rows.push((u.key().clone(), u.0));
+            }
+        }
         let tx = self.db.begin_write().map_err(|e| err(&e))?;
         {
             let mut table = tx.open_table(COUNTERS).map_err(|e| err(&e))?;
             for (k, v) in &rows {
                 table.insert(k.as_str(), v).map_err(|e| err(&e))?;
+            }
+            let mut table = tx.open_table(USAGE).map_err(|e| err(&e))?;
+            for ((plan, key, hour), n) in &usage_rows {
+                table
+                    .insert((&**plan, &**key, *hour), n)
+                    .map_err(|e| err(&e))?;
             }
         }
         tx.commit().map_err(|e| err(&e))?;
@@ -279,7 +332,8 @@ mod tests {
     #[tokio::test]
     async fn exact_under_concurrency_and_persisted() {
         let dir = tempfile::tempdir().unwrap();
-        let store = LocalQuotaStore::open(dir.path()).unwrap();
+        let db = Arc::new(Database::create(dir.path().join("s.redb")).unwrap());
+        let store = LocalQuotaStore::open(db.clone()).unwrap();
         let w = Window {
             start: 100,
             end: 200,
@@ -304,8 +358,19 @@ mod tests {
         assert_eq!(admitted, 100);
         store.flush().unwrap();
         drop(store);
-        let again = LocalQuotaStore::open(dir.path()).unwrap();
+        let again = LocalQuotaStore::open(db).unwrap();
         assert_eq!(again.admit("up", "k", 100, w).await.unwrap(), (100, false));
+        let hour = OffsetDateTime::now_utc().unix_timestamp().div_euclid(3600) * 3600;
+        let usage = again.usage("up", hour, hour + 3600).await.unwrap();
+        assert_eq!(
+            usage,
+            vec![UsageRow {
+                key_id: "k".into(),
+                hour_start: hour,
+                count: 100
+            }],
+            "persisted usage"
+        );
         // The next window restores the quota.
         assert_eq!(
             again

@@ -1,0 +1,433 @@
+//! Report aggregation (`operations.md`, "Reports"): per (API, stage, UTC day, resource,
+//! method) the 2xx/4xx/5xx counts and mergeable latency sketches (DDSketch, 1% relative
+//! accuracy), kept in memory, persisted in the state database every second and on stop,
+//! and reloaded at start. Keys are stable ids, so aggregates survive reloads.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use redb::{Database, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use sketches_ddsketch::{Config as SketchConfig, DDSketch};
+use time::{Date, OffsetDateTime};
+
+/// Relative accuracy of the latency sketches (the contract asks for 5%).
+const SKETCH_ALPHA: f64 = 0.01;
+/// Reports may span at most this many days between start and end.
+pub const MAX_RANGE_DAYS: i64 = 31;
+
+const REPORTS: TableDefinition<&str, &[u8]> = TableDefinition::new("report_aggregates");
+
+static NO_RESOURCE: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from(""));
+
+fn sketch() -> DDSketch {
+    DDSketch::new(SketchConfig::new(SKETCH_ALPHA, 4096, 1e-3))
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Key {
+    api: Arc<str>,
+    stage: Arc<str>,
+    /// Days since 1970-01-01 (UTC).
+    day: i32,
+    resource: Arc<str>,
+    method: &'static str,
+}
+
+impl Key {
+    fn encode(&self) -> String {
+        format!(
+            "{}\u{1f}{}\u{1f}{}\u{1f}{}\u{1f}{}",
+            self.api, self.stage, self.day, self.resource, self.method
+        )
+    }
+
+    fn decode(s: &str) -> Option<Key> {
+        let mut it = s.split('\u{1f}');
+        let (api, stage, day, resource, method) =
+            (it.next()?, it.next()?, it.next()?, it.next()?, it.next()?);
+        Some(Key {
+            api: api.into(),
+            stage: stage.into(),
+            day: day.parse().ok()?,
+            resource: resource.into(),
+            method: static_method(method)?,
+        })
+    }
+}
+
+/// The bounded set of method labels, as `'static` strings.
+pub fn static_method(m: &str) -> Option<&'static str> {
+    Some(match m {
+        "GET" => "GET",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "DELETE" => "DELETE",
+        "PATCH" => "PATCH",
+        "HEAD" => "HEAD",
+        "OPTIONS" => "OPTIONS",
+        "TRACE" => "TRACE",
+        "CONNECT" => "CONNECT",
+        "OTHER" => "OTHER",
+        _ => return None,
+    })
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+struct Agg {
+    ok: u64,
+    client_errors: u64,
+    server_errors: u64,
+    latency: DDSketch,
+    integration: DDSketch,
+    #[serde(skip)]
+    dirty: bool,
+}
+
+impl Default for Agg {
+    fn default() -> Self {
+        Self {
+            ok: 0,
+            client_errors: 0,
+            server_errors: 0,
+            latency: sketch(),
+            integration: sketch(),
+            dirty: false,
+        }
+    }
+}
+
+/// One answered request, as reports see it.
+pub struct Sample<'a> {
+    pub api: &'a Arc<str>,
+    pub stage: &'a Arc<str>,
+    /// The matched resource template, `None` when no resource matched.
+    pub resource: Option<&'a Arc<str>>,
+    pub method: &'static str,
+    pub status: u16,
+    pub latency: Duration,
+    pub integration: Option<Duration>,
+}
+
+pub struct Reports {
+    aggs: DashMap<Key, Agg>,
+    db: Arc<Database>,
+    any_dirty: AtomicBool,
+}
+
+#[derive(Debug, Serialize, PartialEq)]
+pub struct Summary {
+    pub avg_ms: f64,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+#[derive(Debug, Serialize, PartialEq)]
+pub struct DayReport {
+    pub date: String,
+    pub call_count: u64,
+    pub error_4xx_count: u64,
+    pub error_5xx_count: u64,
+    pub latency: Summary,
+    pub integration_latency: Summary,
+}
+
+#[derive(Debug, Serialize, PartialEq)]
+pub struct TopResource {
+    pub name: String,
+    pub path: String,
+    #[serde(rename = "type")]
+    pub method: String,
+    pub call_count: u64,
+}
+
+#[derive(Debug, Serialize, PartialEq)]
+pub struct ReportList {
+    pub count: usize,
+    pub reports: Vec<DayReport>,
+    pub top_resources: Vec<TopResource>,
+}
+
+fn round2(v: f64) -> f64 {
+    (v * 100.0).round() / 100.0
+}
+
+fn summarize(s: &DDSketch) -> Summary {
+    let q = |p: f64| s.quantile(p).ok().flatten().unwrap_or(0.0);
+    let count = s.count();
+    Summary {
+        avg_ms: if count == 0 {
+            0.0
+        } else {
+            round2(s.sum().unwrap_or(0.0) / count as f64)
+        },
+        p50_ms: round2(q(0.5)),
+        p90_ms: round2(q(0.9)),
+        p99_ms: round2(q(0.99)),
+        max_ms: round2(s.max().unwrap_or(0.0)),
+    }
+}
+
+/// Days since the epoch of a UTC date.
+pub fn day_number(d: Date) -> i32 {
+    d.to_julian_day()
+        - Date::from_calendar_date(1970, time::Month::January, 1).map_or(0, |e| e.to_julian_day())
+}
+
+fn date_of(day: i32) -> Date {
+    let epoch =
+        Date::from_calendar_date(1970, time::Month::January, 1).map_or(0, |e| e.to_julian_day());
+    Date::from_julian_day(epoch + day).unwrap_or(Date::MIN)
+}
+
+/// `YYYY-MM-DD`.
+pub fn format_date(d: Date) -> String {
+    format!("{:04}-{:02}-{:02}", d.year(), u8::from(d.month()), d.day())
+}
+
+/// Parses `YYYY-MM-DD`.
+pub fn parse_date(s: &str) -> Option<Date> {
+    let fmt = time::macros::format_description!("[year]-[month]-[day]");
+    Date::parse(s, &fmt).ok()
+}
+
+impl Reports {
+    /// Loads persisted aggregates from the state database.
+    pub fn open(db: Arc<Database>) -> Result<Arc<Self>, String> {
+        let aggs = DashMap::new();
+        {
+            let tx = db.begin_read().map_err(|e| e.to_string())?;
+            match tx.open_table(REPORTS) {
+                Ok(table) => {
+                    for row in table.iter().map_err(|e| e.to_string())? {
+                        let (k, v) = row.map_err(|e| e.to_string())?;
+                        match (
+                            Key::decode(k.value()),
+                            serde_json::from_slice::<Agg>(v.value()),
+                        ) {
+                            (Some(key), Ok(agg)) => {
+                                aggs.insert(key, agg);
+                            }
+                            _ => tracing::warn!("skipping an unreadable report aggregate"),
+                        }
+                    }
+                }
+                Err(redb::TableError::TableDoesNotExist(_)) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        Ok(Arc::new(Self {
+            aggs,
+            db,
+            any_dirty: AtomicBool::new(false),
+        }))
+    }
+
+    /// Records one answered request of a known stage.
+    pub fn record(&self, s: &Sample<'_>) {
+        let key = Key {
+            api: s.api.clone(),
+            stage: s.stage.clone(),
+            day: day_number(OffsetDateTime::now_utc().date()),
+            resource: s.resource.cloned().unwrap_or_else(|| NO_RESOURCE.clone()),
+            method: s.method,
+        };
+        let mut agg = self.aggs.entry(key).or_default();
+        match s.status {
+            200..=299 => agg.ok += 1,
+            400..=499 => agg.client_errors += 1,
+            500..=599 => agg.server_errors += 1,
+            _ => {}
+        }
+        agg.latency.add(s.latency.as_secs_f64() * 1000.0);
+        if let Some(i) = s.integration {
+            agg.integration.add(i.as_secs_f64() * 1000.0);
+        }
+        agg.dirty = true;
+        drop(agg);
+        self.any_dirty.store(true, Ordering::Relaxed);
+    }
+
+    /// Writes changed aggregates to the database.
+    pub fn flush(&self) -> Result<(), String> {
+        if !self.any_dirty.swap(false, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let mut rows = Vec::new();
+        for mut a in self.aggs.iter_mut() {
+            if a.dirty {
+                a.dirty = false;
+                rows.push((
+                    a.key().encode(),
+                    serde_json::to_vec(a.value()).map_err(|e| e.to_string())?,
+                ));
+            }
+        }
+        let tx = self.db.begin_write().map_err(|e| e.to_string())?;
+        {
+            let mut table = tx.open_table(REPORTS).map_err(|e| e.to_string())?;
+            for (k, v) in &rows {
+                table
+                    .insert(k.as_str(), v.as_slice())
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        tx.commit().map_err(|e| e.to_string())
+    }
+
+    /// The report of one stage for `[start, end]` (UTC days, inclusive).
+    pub fn report(&self, api: &str, stage: &str, start: Date, end: Date) -> ReportList {
+        let (from, to) = (day_number(start), day_number(end));
+        let mut days: std::collections::BTreeMap<i32, Agg> = std::collections::BTreeMap::new();
+        let mut per_resource: HashMap<(Arc<str>, &'static str), u64> = HashMap::new();
+        for entry in self.aggs.iter() {
+            let k = entry.key();
+            if &*k.api != api || &*k.stage != stage || k.day < from || k.day > to {
+                continue;
+            }
+            let a = entry.value();
+            let d = days.entry(k.day).or_default();
+            d.ok += a.ok;
+            d.client_errors += a.client_errors;
+            d.server_errors += a.server_errors;
+            let _ = d.latency.merge(&a.latency);
+            let _ = d.integration.merge(&a.integration);
+            if a.ok > 0 && !k.resource.is_empty() {
+                *per_resource
+                    .entry((k.resource.clone(), k.method))
+                    .or_default() += a.ok;
+            }
+        }
+        let reports: Vec<DayReport> = days
+            .into_iter()
+            .map(|(day, a)| DayReport {
+                date: format_date(date_of(day)),
+                call_count: a.ok,
+                error_4xx_count: a.client_errors,
+                error_5xx_count: a.server_errors,
+                latency: summarize(&a.latency),
+                integration_latency: summarize(&a.integration),
+            })
+            .collect();
+        let mut top: Vec<TopResource> = per_resource
+            .into_iter()
+            .map(|((path, method), calls)| TopResource {
+                name: path
+                    .rsplit('/')
+                    .next()
+                    .filter(|n| !n.is_empty())
+                    .unwrap_or("/")
+                    .to_owned(),
+                path: path.to_string(),
+                method: method.to_owned(),
+                call_count: calls,
+            })
+            .collect();
+        top.sort_by(|a, b| {
+            b.call_count
+                .cmp(&a.call_count)
+                .then_with(|| a.path.cmp(&b.path))
+                .then_with(|| a.method.cmp(&b.method))
+        });
+        top.truncate(5);
+        ReportList {
+            count: reports.len(),
+            reports,
+            top_resources: top,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reports() -> (tempfile::TempDir, Arc<Reports>) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Arc::new(Database::create(dir.path().join("s.redb")).unwrap());
+        (dir, Reports::open(db).unwrap())
+    }
+
+    #[test]
+    fn dates() {
+        let d = parse_date("2026-11-22").unwrap();
+        assert_eq!(format_date(date_of(day_number(d))), "2026-11-22");
+        assert!(parse_date("2026-13-01").is_none());
+        assert!(parse_date("22-11-2026").is_none());
+    }
+
+    #[test]
+    fn counts_percentiles_top_and_persistence() {
+        let (dir, r) = reports();
+        let (api, stage): (Arc<str>, Arc<str>) = ("a".into(), "prod".into());
+        let (orders, items, root): (Arc<str>, Arc<str>, Arc<str>) =
+            ("/orders".into(), "/orders/{id}".into(), "/".into());
+        let rec = |res: Option<&Arc<str>>, status, ms: u64| {
+            r.record(&Sample {
+                api: &api,
+                stage: &stage,
+                resource: res,
+                method: "GET",
+                status,
+                latency: Duration::from_millis(ms),
+                integration: Some(Duration::from_millis(ms)),
+            })
+        };
+        for i in 1..=100 {
+            rec(Some(&orders), 200, i);
+        }
+        for _ in 0..30 {
+            rec(Some(&items), 200, 5);
+        }
+        rec(Some(&root), 200, 5);
+        rec(None, 404, 1);
+        rec(Some(&orders), 502, 1);
+        let today = OffsetDateTime::now_utc().date();
+        let rep = r.report("a", "prod", today, today);
+        assert_eq!(rep.count, 1);
+        let day = &rep.reports[0];
+        assert_eq!(
+            (day.call_count, day.error_4xx_count, day.error_5xx_count),
+            (131, 1, 1)
+        );
+        // p50 of 1..100 ms plus 31 × 5 ms and two 1 ms: within 1% of the exact rank value.
+        assert!(
+            (day.latency.max_ms - 100.0).abs() <= 1.0,
+            "{:?}",
+            day.latency
+        );
+        assert!(
+            day.latency.p99_ms >= 97.0 && day.latency.p99_ms <= 101.0,
+            "{:?}",
+            day.latency
+        );
+        let names: Vec<(&str, &str, u64)> = rep
+            .top_resources
+            .iter()
+            .map(|t| (t.name.as_str(), t.path.as_str(), t.call_count))
+            .collect();
+        assert_eq!(
+            names,
+            vec![
+                ("orders", "/orders", 100),
+                ("{id}", "/orders/{id}", 30),
+                ("/", "/", 1)
+            ]
+        );
+        assert!(r.report("a", "dev", today, today).reports.is_empty());
+        r.flush().unwrap();
+        let db = r.db.clone();
+        drop(r);
+        let again = Reports::open(db).unwrap();
+        assert_eq!(
+            again.report("a", "prod", today, today).reports[0].call_count,
+            131
+        );
+        drop(dir);
+    }
+}
