@@ -131,6 +131,11 @@ pub struct UsageRow {
     pub count: u64,
 }
 
+/// (plan, key, UTC hour start).
+type UsageKey = (Arc<str>, Arc<str>, i64);
+/// (admitted requests, changed since the last flush).
+type UsageCount = (u64, bool);
+
 struct Counter {
     window_start: i64,
     count: u64,
@@ -145,8 +150,7 @@ const USAGE: TableDefinition<(&str, &str, i64), u64> = TableDefinition::new("usa
 /// persisted to redb at least every second and on shutdown.
 pub struct LocalQuotaStore {
     counters: DashMap<String, Counter>,
-    /// (plan, key, hour start) → (count, dirty).
-    usage: DashMap<(Arc<str>, Arc<str>, i64), (u64, bool)>,
+    usage: DashMap<UsageKey, UsageCount>,
     db: Arc<Database>,
     any_dirty: AtomicBool,
 }
