@@ -8,7 +8,8 @@ use ipnet::IpNet;
 
 use crate::access_log::{AccessLog, Target};
 use crate::config::{Config, QuotaBackend};
-use crate::integration::http::{build_client, HttpClient};
+use crate::integration::http::{client, tls_config, HttpClient};
+use crate::integration::privatelink::PrivateLinkClients;
 use crate::metrics::Metrics;
 use crate::policy::quota::{LocalQuotaStore, QuotaStore};
 use crate::policy::throttle::Throttles;
@@ -26,6 +27,8 @@ pub struct App {
     pub control: Control,
     pub metrics: Metrics,
     pub client: HttpClient,
+    /// Clients for `https` PrivateLink endpoints (one per target and server name).
+    pub privatelink: PrivateLinkClients,
     /// Quota counters, keyed by stable ids so that they survive reloads.
     pub quota: Arc<dyn QuotaStore>,
     /// Report aggregates (flushed with the quota counters).
@@ -42,7 +45,9 @@ pub struct App {
 
 impl App {
     pub fn new(config: Config) -> Result<Arc<Self>, String> {
-        let client = build_client(&config.upstream)?;
+        let tls = tls_config(&config.upstream)?;
+        let client = client(&config.upstream, &tls, None);
+        let privatelink = PrivateLinkClients::new(config.upstream.clone(), tls);
         let dir = &config.state.dir;
         std::fs::create_dir_all(dir)
             .map_err(|e| format!("config key `state.dir`: {}: {e}", dir.display()))?;
@@ -80,6 +85,7 @@ impl App {
             state: StateHandle::default(),
             metrics,
             client,
+            privatelink,
             quota,
             reports,
             access_log,

@@ -122,3 +122,39 @@ pub fn caused_by_body_limit(err: &(dyn std::error::Error + 'static)) -> bool {
     }
     false
 }
+
+/// What the gateway sends to a backend: the client's body streamed through, or a body the
+/// gateway built (a function event).
+pub enum ForwardBody {
+    Stream(LimitedBody),
+    Full(Option<Bytes>),
+}
+
+impl Body for ForwardBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ForwardBody::Stream(b) => Pin::new(b).poll_frame(cx),
+            ForwardBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ForwardBody::Stream(b) => b.is_end_stream(),
+            ForwardBody::Full(b) => b.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ForwardBody::Stream(b) => b.size_hint(),
+            ForwardBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+        }
+    }
+}

@@ -16,7 +16,7 @@ use http::header::ORIGIN;
 use http::StatusCode;
 
 use crate::app::App;
-use crate::body::{GatewayBody, LimitedBody};
+use crate::body::{ForwardBody, GatewayBody, LimitedBody};
 use crate::config::{FailureMode, Limits};
 use crate::integration::http::{
     self as http_integration, ForwardInfo, X_SCP_ENDPOINT_ID, X_SCP_REQUEST_ID,
@@ -532,43 +532,37 @@ fn check_required(m: &MethodRoute, req: &Request<Incoming>) -> Result<(), Reject
     Ok(())
 }
 
-/// Step 14: the integration.
+/// Step 14: the integration. The forwarding header rules apply to every type (to the
+/// function event's headers too).
 async fn integrate<'s>(
     app: &App,
     ctx: &mut RequestContext<'s>,
     m: &'s MethodRoute,
     req: Request<Incoming>,
 ) -> Result<Response<GatewayBody>, Rejection> {
-    let url = match &m.integration {
-        Integration::Http { url } => url,
-        Integration::PrivateLink { endpoint, .. } if !endpoint.active => {
-            return Err(Rejection::EndpointUnavailable)
+    if let Integration::PrivateLink { endpoint, .. } = &m.integration {
+        if !endpoint.active {
+            return Err(Rejection::EndpointUnavailable);
         }
-        Integration::PrivateLink { .. } | Integration::Function { .. } => {
-            tracing::error!(
-                integration = m.integration.kind().as_str(),
-                "integration type not supported by this build yet"
-            );
-            return Err(Rejection::IntegrationFailure);
-        }
-    };
-    let (api, stage, path) = match (ctx.api, ctx.stage, ctx.path.as_ref()) {
-        (Some(a), Some(s), Some(p)) => (a, s, p),
+    }
+    let (api, stage, path, deployment, route) = match (
+        ctx.api,
+        ctx.stage,
+        ctx.path.as_ref(),
+        ctx.deployment,
+        ctx.route,
+    ) {
+        (Some(a), Some(s), Some(p), Some(d), Some(r)) => (a, s, p, d, r),
         _ => return Err(Rejection::Internal),
     };
     let (mut parts, body) = req.into_parts();
-    parts.uri = url
-        .render(path.resource(), &ctx.params, parts.uri.query())
-        .map_err(|e| {
-            tracing::error!(error = %e, "backend URL could not be built");
-            Rejection::IntegrationFailure
-        })?;
     let host = parts.headers.get(HOST).cloned().or_else(|| {
         parts
             .uri
             .authority()
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
     });
+    let jwt_sub = ctx.jwt.as_ref().and_then(Verified::sub);
     http_integration::rewrite_request_headers(
         &mut parts.headers,
         &ForwardInfo {
@@ -579,22 +573,90 @@ async fn integrate<'s>(
             api_id: &api.id,
             stage: &stage.name,
             api_key_id: ctx.api_key.as_ref().map(|(_, k)| &**k),
-            jwt_sub: ctx.jwt.as_ref().and_then(Verified::sub),
+            jwt_sub,
             trusted_peer: ctx.conn.trusted_peer,
         },
     );
-    let req = Request::from_parts(
-        parts,
-        LimitedBody::new(body, app.config.limits.max_body_bytes),
-    );
-    let result = http_integration::send(&app.client, req, stage.integration_timeout).await;
-    let (resp, elapsed) = match result {
-        Ok(f) => (Ok(f.response), f.elapsed),
-        Err((rejection, elapsed)) => (Err(rejection), elapsed),
+    let timeout = stage.integration_timeout;
+    let max_body = app.config.limits.max_body_bytes;
+    let render = |url: &crate::integration::url::UrlTemplate, query: Option<&str>| {
+        url.render(path.resource(), &ctx.params, query)
+            .map_err(|e| {
+                tracing::error!(error = %e, "backend URL could not be built");
+                Rejection::IntegrationFailure
+            })
+    };
+    let (result, elapsed) = match &m.integration {
+        Integration::Http { url } => {
+            parts.uri = render(url, parts.uri.query())?;
+            let req =
+                Request::from_parts(parts, ForwardBody::Stream(LimitedBody::new(body, max_body)));
+            forwarded(http_integration::send(&app.client, req, timeout).await)
+        }
+        Integration::PrivateLink { url, endpoint } => {
+            let target_url = render(url, parts.uri.query())?;
+            let (client, uri) =
+                app.privatelink
+                    .route(&app.client, &target_url, endpoint, &mut parts.headers)?;
+            parts.uri = uri;
+            let req =
+                Request::from_parts(parts, ForwardBody::Stream(LimitedBody::new(body, max_body)));
+            forwarded(http_integration::send(&client, req, timeout).await)
+        }
+        Integration::Function { function } => {
+            let path_parameters = route
+                .param_names
+                .iter()
+                .enumerate()
+                .map(|(i, name)| {
+                    let raw = ctx.params.get(path.resource(), i).unwrap_or("");
+                    (
+                        &**name,
+                        percent_encoding::percent_decode_str(raw)
+                            .decode_utf8_lossy()
+                            .into_owned(),
+                    )
+                })
+                .collect();
+            let request_id = ctx.request_id.to_str().unwrap_or("");
+            let input = crate::integration::function::EventInput {
+                request_id,
+                api_id: &api.id,
+                stage: &stage.name,
+                deployment_id: &deployment.id,
+                resource_path: &route.template,
+                path: path.resource(),
+                http_method: ctx.method.as_str(),
+                headers: &parts.headers,
+                query: parts.uri.query(),
+                path_parameters,
+                source_ip: ctx.client_ip,
+                api_key_id: ctx.api_key.as_ref().map(|(_, k)| &**k),
+                jwt_claims: ctx.jwt.as_ref().map(|v| &v.claims),
+            };
+            crate::integration::function::invoke(
+                &app.client,
+                &function.invoke_url,
+                &input,
+                body,
+                max_body,
+                timeout,
+            )
+            .await
+        }
     };
     ctx.integration_elapsed = Some(elapsed);
-    let resp = resp?;
-    Ok(resp.map(GatewayBody::Upstream))
+    result
+}
+
+/// A streamed backend answer as the client's response.
+fn forwarded(
+    r: Result<http_integration::Forwarded, (Rejection, Duration)>,
+) -> (Result<Response<GatewayBody>, Rejection>, Duration) {
+    match r {
+        Ok(f) => (Ok(f.response.map(GatewayBody::Upstream)), f.elapsed),
+        Err((rejection, elapsed)) => (Err(rejection), elapsed),
+    }
 }
 
 fn api_label<'a>(ctx: &'a RequestContext<'_>) -> &'a str {

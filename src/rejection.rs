@@ -21,6 +21,8 @@ pub enum BadRequest {
     HostMismatch,
     MissingQuery(Box<str>),
     MissingHeader(Box<str>),
+    /// The request body could not be read (the client went away or sent a broken body).
+    Body,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -133,6 +135,7 @@ impl Rejection {
                     format!("required query string parameter `{n}` is missing")
                 }
                 BadRequest::MissingHeader(n) => format!("required header `{n}` is missing"),
+                BadRequest::Body => "the request body could not be read".into(),
             },
             Rejection::PayloadTooLarge => "the request body exceeds the limit".into(),
             Rejection::HeadersTooLarge => "the request head exceeds the limit".into(),

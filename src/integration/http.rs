@@ -14,11 +14,11 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use crate::body::{caused_by_body_limit, LimitedBody};
+use crate::body::{caused_by_body_limit, ForwardBody};
 use crate::config::UpstreamConfig;
 use crate::rejection::Rejection;
 
-pub type HttpClient = Client<HttpsConnector<HttpConnector>, LimitedBody>;
+pub type HttpClient = Client<HttpsConnector<HttpConnector>, ForwardBody>;
 
 pub static X_SCP_REQUEST_ID: HeaderName = HeaderName::from_static("x-scp-request-id");
 pub static X_SCP_API_ID: HeaderName = HeaderName::from_static("x-scp-api-id");
@@ -182,28 +182,25 @@ fn new_traceparent() -> HeaderValue {
         .unwrap_or(HeaderValue::from_static(""))
 }
 
-/// Builds the pooled backend client: plain HTTP and HTTPS (rustls, webpki roots plus the
-/// optional extra CA file), HTTP/2 when a TLS backend negotiates it by ALPN.
-pub fn build_client(cfg: &UpstreamConfig) -> Result<HttpClient, String> {
+/// The TLS settings for backends: webpki roots plus the optional extra CA file.
+pub fn tls_config(cfg: &UpstreamConfig) -> Result<Arc<rustls::ClientConfig>, String> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(path) = &cfg.extra_ca_file {
-        let pem = std::fs::read(path)
-            .map_err(|e| format!("upstream.extra_ca_file {}: {e}", path.display()))?;
+        let key = |e: &dyn std::fmt::Display| {
+            format!(
+                "config key `upstream.extra_ca_file` ({}): {e}",
+                path.display()
+            )
+        };
+        let pem = std::fs::read(path).map_err(|e| key(&e))?;
         let mut added = 0;
         for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-            let cert =
-                cert.map_err(|e| format!("upstream.extra_ca_file {}: {e}", path.display()))?;
-            roots
-                .add(cert)
-                .map_err(|e| format!("upstream.extra_ca_file {}: {e}", path.display()))?;
+            roots.add(cert.map_err(|e| key(&e))?).map_err(|e| key(&e))?;
             added += 1;
         }
         if added == 0 {
-            return Err(format!(
-                "upstream.extra_ca_file {}: no PEM certificate found",
-                path.display()
-            ));
+            return Err(key(&"no PEM certificate found"));
         }
     }
     let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
@@ -213,22 +210,37 @@ pub fn build_client(cfg: &UpstreamConfig) -> Result<HttpClient, String> {
     .map_err(|e| e.to_string())?
     .with_root_certificates(roots)
     .with_no_client_auth();
+    Ok(Arc::new(tls))
+}
+
+/// Builds a pooled backend client: plain HTTP and HTTPS, HTTP/2 when a TLS backend
+/// negotiates it by ALPN. `server_name` fixes the TLS name (SNI and certificate check)
+/// whatever host the request URI names (PrivateLink targets).
+pub fn client(
+    cfg: &UpstreamConfig,
+    tls: &Arc<rustls::ClientConfig>,
+    server_name: Option<rustls::pki_types::ServerName<'static>>,
+) -> HttpClient {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(cfg.connect_timeout));
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(http);
-    Ok(Client::builder(TokioExecutor::new())
+    let builder = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config((**tls).clone())
+        .https_or_http();
+    let builder = match server_name {
+        Some(name) => {
+            builder.with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(name))
+        }
+        None => builder,
+    };
+    let https = builder.enable_http1().enable_http2().wrap_connector(http);
+    Client::builder(TokioExecutor::new())
         .pool_idle_timeout(cfg.pool_idle_timeout)
         .pool_max_idle_per_host(cfg.pool_max_idle_per_host)
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
-        .build(https))
+        .build(https)
 }
 
 /// Outcome of one backend call: the response and how long its head took.
@@ -240,7 +252,7 @@ pub struct Forwarded {
 /// Sends the request and waits for the response head within `timeout`.
 pub async fn send(
     client: &HttpClient,
-    mut req: Request<LimitedBody>,
+    mut req: Request<ForwardBody>,
     timeout: Duration,
 ) -> Result<Forwarded, (Rejection, Duration)> {
     // The client picks HTTP/2 itself when ALPN says so; a client's h2 request is sent as 1.1.
