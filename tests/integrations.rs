@@ -107,10 +107,8 @@ async fn function_events_and_answers() {
             .iter_mut()
             .find(|r| r["path"] == "/orders/{order-id}")
             .unwrap()["methods"] = json!([scf("ok"), {"method_type": "PUT", "integration_type": "SCF", "function_id": "text"}]);
-        let mut next = resources.len();
         for p in &paths[2..] {
-            resources.push(json!({"id": format!("f{next}"), "parent_id": "root", "path": format!("/{p}"), "path_part": p, "methods": [scf(p)]}));
-            next += 1;
+            resources.push(json!({"id": format!("fn-{p}"), "parent_id": "root", "path": format!("/{p}"), "path_part": p, "methods": [scf(p)]}));
         }
     }
     doc["stages"][0]["usage_plan_id"] = json!("up1");
