@@ -158,7 +158,10 @@ fn round2(v: f64) -> f64 {
 }
 
 fn summarize(s: &DDSketch) -> Summary {
-    let q = |p: f64| s.quantile(p).ok().flatten().unwrap_or(0.0);
+    // A sketch answers with its bucket's representative value, which may lie up to the
+    // relative accuracy outside the observed range: clamp to [min, max].
+    let (min, max) = (s.min().unwrap_or(0.0), s.max().unwrap_or(0.0));
+    let q = |p: f64| s.quantile(p).ok().flatten().unwrap_or(0.0).clamp(min, max);
     let count = s.count();
     Summary {
         avg_ms: if count == 0 {
