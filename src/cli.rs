@@ -185,6 +185,13 @@ async fn serve(config: Config, demo_backend: Option<SocketAddr>) -> ExitCode {
             Err(e) => return config_error(e),
         }
     }
+    let mut proxy_listeners = Vec::new();
+    for addr in &config.server.proxy_protocol_listen {
+        match bind(*addr, "server.proxy_protocol_listen").await {
+            Ok(l) => proxy_listeners.push(l),
+            Err(e) => return config_error(e),
+        }
+    }
     let admin = match bind(config.admin.listen, "admin.listen").await {
         Ok(l) => l,
         Err(e) => return config_error(e),
@@ -224,18 +231,24 @@ async fn serve(config: Config, demo_backend: Option<SocketAddr>) -> ExitCode {
         .filter_map(|l| l.local_addr().ok())
         .map(|a| a.to_string())
         .collect();
+    let proxy_addrs: Vec<String> = proxy_listeners
+        .iter()
+        .filter_map(|l| l.local_addr().ok())
+        .map(|a| a.to_string())
+        .collect();
     let admin_addr = admin
         .local_addr()
         .map(|a| a.to_string())
         .unwrap_or_default();
     let mut tasks = Vec::new();
-    for l in listeners {
-        tasks.push(tokio::spawn(crate::server::serve(
-            app.clone(),
-            builder.clone(),
-            l,
-            shutdown_rx.clone(),
-        )));
+    let all = listeners
+        .into_iter()
+        .map(|l| (l, false))
+        .chain(proxy_listeners.into_iter().map(|l| (l, true)));
+    for (l, proxy) in all {
+        let serve =
+            crate::server::serve(app.clone(), builder.clone(), l, proxy, shutdown_rx.clone());
+        tasks.push(tokio::spawn(serve));
     }
     tokio::spawn(crate::admin::serve(app.clone(), admin));
     app.set_ready(true);
@@ -246,8 +259,9 @@ async fn serve(config: Config, demo_backend: Option<SocketAddr>) -> ExitCode {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(
             out,
-            "listening data={} admin={admin_addr}",
-            data_addrs.join(",")
+            "listening data={} admin={admin_addr} proxy={}",
+            data_addrs.join(","),
+            proxy_addrs.join(",")
         );
         let _ = out.flush();
     }

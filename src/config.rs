@@ -66,6 +66,9 @@ pub struct ServerConfig {
     /// Plain HTTP/1.1 + h2c listeners.
     #[serde(default = "default_listen")]
     pub listen: Vec<SocketAddr>,
+    /// Listeners that expect a PROXY protocol v2 header before HTTP (PrivateLink traffic).
+    #[serde(default)]
+    pub proxy_protocol_listen: Vec<SocketAddr>,
     /// How long in-flight requests may run after SIGTERM/SIGINT before connections are cut.
     #[serde(default = "default_drain", with = "humantime_serde")]
     pub drain_timeout: Duration,
@@ -249,6 +252,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             listen: default_listen(),
+            proxy_protocol_listen: Vec::new(),
             drain_timeout: default_drain(),
         }
     }

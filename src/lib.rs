@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod path;
 pub mod pipeline;
 pub mod policy;
+pub mod proxy_protocol;
 pub mod rejection;
 pub mod reload;
 pub mod report;

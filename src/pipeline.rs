@@ -49,6 +49,8 @@ pub struct ConnInfo {
     pub proto: &'static str,
     /// The socket peer is inside `network.trusted_proxies` (decided once per connection).
     pub trusted_peer: bool,
+    /// What a PROXY protocol v2 header said (listeners configured for it).
+    pub proxy: Option<crate::proxy_protocol::ProxyInfo>,
 }
 
 /// Everything the phases learn about one request, borrowed from the state it is served with.
@@ -88,9 +90,14 @@ impl<'s> RequestContext<'s> {
             Some(v) if conn.trusted_peer && !v.is_empty() && v.len() <= 128 => v.clone(),
             _ => crate::request_id::next(),
         };
-        let client_ip = client_addr::client_ip(conn.peer.ip(), conn.trusted_peer, headers, |ip| {
-            app.is_trusted_proxy(ip)
-        });
+        // A PROXY v2 header names the client; otherwise the peer, or X-Forwarded-For
+        // through trusted proxies.
+        let client_ip = match conn.proxy.as_ref().and_then(|p| p.source) {
+            Some(source) => crate::app::canonical_ip(source),
+            None => client_addr::client_ip(conn.peer.ip(), conn.trusted_peer, headers, |ip| {
+                app.is_trusted_proxy(ip)
+            }),
+        };
         Self {
             request_id,
             started: Instant::now(),
@@ -198,8 +205,8 @@ async fn run<'s>(
     integrate(app, ctx, method_route, req).await
 }
 
-/// Step 4: a PRIVATE API is served only through a connected, `Active` PrivateLink endpoint.
-/// The endpoint id comes from a trusted proxy's `x-scp-privatelink-endpoint-id`.
+/// Step 4: a PRIVATE API is served only through a connected, `Active` PrivateLink endpoint,
+/// named by the PROXY v2 TLV 0xE0 or by a trusted proxy's `x-scp-privatelink-endpoint-id`.
 fn check_private_endpoint(
     api: &CompiledApi,
     ctx: &RequestContext<'_>,
@@ -208,12 +215,16 @@ fn check_private_endpoint(
     if api.endpoint_type != EndpointType::Private {
         return Ok(());
     }
-    let endpoint = ctx
-        .conn
-        .trusted_peer
-        .then(|| req.headers().get(&X_SCP_ENDPOINT_ID))
-        .flatten()
-        .and_then(|v| v.to_str().ok());
+    // The PROXY header's TLV on PROXY listeners, else a trusted proxy's header.
+    let endpoint = match ctx.conn.proxy.as_ref() {
+        Some(p) => p.endpoint_id.as_deref(),
+        None => ctx
+            .conn
+            .trusted_peer
+            .then(|| req.headers().get(&X_SCP_ENDPOINT_ID))
+            .flatten()
+            .and_then(|v| v.to_str().ok()),
+    };
     match endpoint {
         Some(id) if api.active_endpoints.contains(id) => Ok(()),
         _ => Err(Rejection::EndpointNotAllowed),

@@ -348,11 +348,13 @@ impl AsyncWrite for TrackedIo {
     }
 }
 
-/// Accepts connections until `shutdown` turns true.
+/// Accepts connections until `shutdown` turns true. With `proxy_protocol`, every connection
+/// must start with a PROXY v2 header.
 pub async fn serve(
     app: Arc<App>,
     builder: Arc<auto::Builder<TokioExecutor>>,
     listener: TcpListener,
+    proxy_protocol: bool,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let local = match listener.local_addr() {
@@ -377,19 +379,29 @@ pub async fn serve(
             }
         };
         let _ = stream.set_nodelay(true);
-        let info = ConnInfo {
+        let mut info = ConnInfo {
             peer,
             local,
             proto: "http",
             trusted_peer: app.is_trusted_proxy(peer.ip()),
+            proxy: None,
         };
-        tokio::spawn(serve_connection(
-            app.clone(),
-            builder.clone(),
-            stream,
-            info,
-            shutdown.clone(),
-        ));
+        let (app, builder, shutdown) = (app.clone(), builder.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let mut stream = stream;
+            if proxy_protocol {
+                match crate::proxy_protocol::read(&mut stream, app.config.limits.head_read_timeout)
+                    .await
+                {
+                    Ok(p) => info.proxy = Some(p),
+                    Err(e) => {
+                        tracing::debug!(peer = %peer, error = %e, "connection without a valid PROXY v2 header closed");
+                        return;
+                    }
+                }
+            }
+            serve_connection(app, builder, stream, info, shutdown).await
+        });
     }
     tracing::info!(listener = %local, "listener closed");
 }

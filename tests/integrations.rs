@@ -289,3 +289,82 @@ async fn privatelink_connects_to_the_target() {
     );
     assert_eq!(b.seen().len(), before);
 }
+
+fn proxy_header(endpoint: Option<&str>) -> Vec<u8> {
+    use ppp::v2::{Builder, Command, IPv4, Protocol, Version};
+    let addrs: ppp::v2::Addresses = IPv4::new([198, 51, 100, 20], [10, 0, 0, 1], 40000, 443).into();
+    let mut b = Builder::with_addresses(Version::Two | Command::Proxy, Protocol::Stream, addrs);
+    if let Some(id) = endpoint {
+        b = b.write_tlv(0xE0u8, id.as_bytes()).unwrap();
+    }
+    b.build().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_api_through_proxy_protocol() {
+    let b = Backend::start("private").await;
+    let mut doc = SnapshotBuilder::new("api1", &[HOST])
+        .resource("/items", &[("GET", &b.url("/items"))])
+        .build();
+    doc["api"]["endpoint_type"] = json!("PRIVATE");
+    doc["connected_endpoints"] = json!([{"id": "ep-active", "status": "Active"}, {"id": "ep-gone", "status": "Disconnected"}]);
+    // JWT is enforced for PRIVATE APIs even with jwt_enabled off; access controls do not apply.
+    doc["stages"][0]["ip_restriction_enabled"] = json!(true);
+    let secret = b"private-api-secret-private-api-secret-0123";
+    doc["auths"] = json!([{"id": "au1", "name": "a", "connected_stages": ["prod"],
+        "verification": {"alg": "HS256", "secret_base64": base64::engine::general_purpose::STANDARD.encode(secret)}}]);
+    let gw = Gateway::start(
+        &[("api1.json", &doc)],
+        "[server]\nproxy_protocol_listen = [\"127.0.0.1:0\"]\n",
+    );
+    let proxy = gw.proxy_addr.expect("a PROXY listener");
+    let exp = time::OffsetDateTime::now_utc().unix_timestamp() + 300;
+    let token = jsonwebtoken::encode(
+        &Default::default(),
+        &json!({"sub": "consumer", "exp": exp}),
+        &jsonwebtoken::EncodingKey::from_secret(secret),
+    )
+    .unwrap();
+    let request = |auth: bool| {
+        let mut r = format!("GET /prod/items HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n");
+        if auth {
+            r.push_str(&format!("Authorization: Bearer {token}\r\n"));
+        }
+        r.push_str("\r\n");
+        r.into_bytes()
+    };
+    let via = |endpoint: Option<&str>, auth: bool| {
+        let mut bytes = proxy_header(endpoint);
+        bytes.extend(request(auth));
+        raw(proxy, &bytes)
+    };
+
+    let answer = via(Some("ep-active"), true);
+    assert_eq!(raw_status(&answer), 200, "{answer}");
+    assert_eq!(
+        b.last().headers["x-forwarded-for"],
+        "198.51.100.20",
+        "the PROXY source is the client address"
+    );
+    assert_eq!(b.last().headers["x-scp-jwt-sub"], "consumer");
+    for (endpoint, auth, status, code) in [
+        (Some("ep-unknown"), true, 403, "ENDPOINT_NOT_ALLOWED"),
+        (Some("ep-gone"), true, 403, "ENDPOINT_NOT_ALLOWED"),
+        (None, true, 403, "ENDPOINT_NOT_ALLOWED"),
+        (Some("ep-active"), false, 401, "UNAUTHORIZED"),
+    ] {
+        let answer = via(endpoint, auth);
+        assert_eq!(
+            raw_status(&answer),
+            status,
+            "{endpoint:?} auth={auth}: {answer}"
+        );
+        assert!(answer.contains(code), "{answer}");
+    }
+    // No PROXY header on a PROXY listener: closed without an answer.
+    assert_eq!(raw(proxy, &request(true)), "");
+    // The plain listener carries no endpoint id: refused.
+    let answer = raw(gw.addr, &request(true));
+    assert_eq!(raw_status(&answer), 403);
+    assert!(answer.contains("ENDPOINT_NOT_ALLOWED"));
+}

@@ -213,6 +213,8 @@ pub struct Gateway {
     child: Child,
     pub addr: SocketAddr,
     pub admin: SocketAddr,
+    /// The first PROXY-protocol listener, when configured.
+    pub proxy_addr: Option<SocketAddr>,
     pub dir: tempfile::TempDir,
 }
 
@@ -282,6 +284,10 @@ impl Gateway {
         BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut line)
             .unwrap();
+        let proxy_addr = listening_fields(&line).and_then(|f| {
+            f.get("proxy")
+                .and_then(|p| p.split(',').next()?.parse().ok())
+        });
         let (addr, admin) = parse_listening(&line).unwrap_or_else(|| {
             let log = std::fs::read_to_string(dir.path().join("gateway.log")).unwrap_or_default();
             panic!("gateway did not start: {line:?}\n{log}")
@@ -290,6 +296,7 @@ impl Gateway {
             child,
             addr,
             admin,
+            proxy_addr,
             dir,
         }
     }
@@ -386,10 +393,23 @@ pub fn proc_status_kib(pid: u32, key: &str) -> u64 {
         .unwrap()
 }
 
+/// `listening data=A[,B] admin=C proxy=[D]` → (first data address, admin address).
 pub fn parse_listening(line: &str) -> Option<(SocketAddr, SocketAddr)> {
-    let rest = line.trim().strip_prefix("listening data=")?;
-    let (data, admin) = rest.split_once(" admin=")?;
-    Some((data.split(',').next()?.parse().ok()?, admin.parse().ok()?))
+    let fields = listening_fields(line)?;
+    Some((
+        fields.get("data")?.split(',').next()?.parse().ok()?,
+        fields.get("admin")?.parse().ok()?,
+    ))
+}
+
+fn listening_fields(line: &str) -> Option<std::collections::HashMap<String, String>> {
+    let rest = line.trim().strip_prefix("listening ")?;
+    Some(
+        rest.split_whitespace()
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect(),
+    )
 }
 
 /// A client that sends `Host: <host>` and never follows redirects.
