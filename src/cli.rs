@@ -192,6 +192,21 @@ async fn serve(config: Config, demo_backend: Option<SocketAddr>) -> ExitCode {
             Err(e) => return config_error(e),
         }
     }
+    let mut tls_listeners = Vec::new();
+    for (i, t) in config.server.tls.iter().enumerate() {
+        let store = match crate::tls::CertStore::load(t, i) {
+            Ok(s) => s,
+            Err(e) => return config_error(e),
+        };
+        let server_config = match store.server_config() {
+            Ok(c) => c,
+            Err(e) => return config_error(format!("config key `server.tls[{i}]`: {e}")),
+        };
+        match bind(t.listen, "server.tls.listen").await {
+            Ok(l) => tls_listeners.push((l, tokio_rustls::TlsAcceptor::from(server_config), store)),
+            Err(e) => return config_error(e),
+        }
+    }
     let admin = match bind(config.admin.listen, "admin.listen").await {
         Ok(l) => l,
         Err(e) => return config_error(e),
@@ -241,10 +256,27 @@ async fn serve(config: Config, demo_backend: Option<SocketAddr>) -> ExitCode {
         .map(|a| a.to_string())
         .unwrap_or_default();
     let mut tasks = Vec::new();
+    let tls_addrs: Vec<String> = tls_listeners
+        .iter()
+        .filter_map(|(l, _, _)| l.local_addr().ok())
+        .map(|a| a.to_string())
+        .collect();
+    let cert_stores: Vec<Arc<crate::tls::CertStore>> =
+        tls_listeners.iter().map(|(_, _, s)| s.clone()).collect();
+    use crate::server::ListenerKind;
     let all = listeners
         .into_iter()
-        .map(|l| (l, false))
-        .chain(proxy_listeners.into_iter().map(|l| (l, true)));
+        .map(|l| (l, ListenerKind::Plain))
+        .chain(
+            proxy_listeners
+                .into_iter()
+                .map(|l| (l, ListenerKind::ProxyProtocol)),
+        )
+        .chain(
+            tls_listeners
+                .into_iter()
+                .map(|(l, a, _)| (l, ListenerKind::Tls(a))),
+        );
     for (l, proxy) in all {
         let serve =
             crate::server::serve(app.clone(), builder.clone(), l, proxy, shutdown_rx.clone());
@@ -259,14 +291,15 @@ async fn serve(config: Config, demo_backend: Option<SocketAddr>) -> ExitCode {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(
             out,
-            "listening data={} admin={admin_addr} proxy={}",
+            "listening data={} admin={admin_addr} proxy={} tls={}",
             data_addrs.join(","),
-            proxy_addrs.join(",")
+            proxy_addrs.join(","),
+            tls_addrs.join(",")
         );
         let _ = out.flush();
     }
 
-    wait_for_signals(&app).await;
+    wait_for_signals(&app, &cert_stores).await;
 
     tracing::info!(
         deadline_s = drain_timeout.as_secs(),
@@ -294,7 +327,7 @@ async fn serve(config: Config, demo_backend: Option<SocketAddr>) -> ExitCode {
 }
 
 #[cfg(unix)]
-async fn wait_for_signals(app: &Arc<App>) {
+async fn wait_for_signals(app: &Arc<App>, cert_stores: &[Arc<crate::tls::CertStore>]) {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
@@ -310,7 +343,13 @@ async fn wait_for_signals(app: &Arc<App>) {
             _ = term.recv() => return,
             _ = int.recv() => return,
             _ = hup.recv() => {
-                tracing::info!("SIGHUP: re-reading the snapshot directory");
+                tracing::info!("SIGHUP: re-reading the snapshot directory and TLS certificates");
+                for store in cert_stores {
+                    match store.reload() {
+                        Ok(()) => tracing::info!("TLS certificates reloaded"),
+                        Err(e) => tracing::error!(error = %e, "TLS certificates not reloaded; the current ones stay"),
+                    }
+                }
                 let app2 = app.clone();
                 if let Some(r) = app.control.run(move || crate::reload::reconcile(&app2)).await {
                     tracing::info!(loaded = r.loaded, rejected = r.rejected, unloaded = r.unloaded, "snapshot directory re-read");
@@ -321,6 +360,6 @@ async fn wait_for_signals(app: &Arc<App>) {
 }
 
 #[cfg(not(unix))]
-async fn wait_for_signals(_app: &Arc<App>) {
+async fn wait_for_signals(_app: &Arc<App>, _cert_stores: &[Arc<crate::tls::CertStore>]) {
     let _ = tokio::signal::ctrl_c().await;
 }

@@ -69,9 +69,32 @@ pub struct ServerConfig {
     /// Listeners that expect a PROXY protocol v2 header before HTTP (PrivateLink traffic).
     #[serde(default)]
     pub proxy_protocol_listen: Vec<SocketAddr>,
+    /// TLS listeners (HTTP/1.1 and HTTP/2 by ALPN), each with its certificates.
+    #[serde(default)]
+    pub tls: Vec<TlsListenerConfig>,
     /// How long in-flight requests may run after SIGTERM/SIGINT before connections are cut.
     #[serde(default = "default_drain", with = "humantime_serde")]
     pub drain_timeout: Duration,
+}
+
+/// One TLS listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsListenerConfig {
+    pub listen: SocketAddr,
+    /// The first certificate also answers clients without (or with an unknown) SNI name.
+    pub certificates: Vec<CertificateConfig>,
+}
+
+/// A certificate chain and its key (PEM files), for the host names it serves.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateConfig {
+    /// SNI names (`api.example.com`, `*.example.com`).
+    #[serde(default)]
+    pub server_names: Vec<String>,
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -253,6 +276,7 @@ impl Default for ServerConfig {
         Self {
             listen: default_listen(),
             proxy_protocol_listen: Vec::new(),
+            tls: Vec::new(),
             drain_timeout: default_drain(),
         }
     }

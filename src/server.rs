@@ -19,7 +19,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::app::App;
@@ -214,13 +214,17 @@ impl Drop for InFlight {
     }
 }
 
+/// A client connection's byte stream: plain TCP, or TLS over TCP.
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for S {}
+
 /// A client socket that reports its reads and writes to an [`Activity`], and closes
 /// lingeringly: when the gateway closes a connection whose client may still be sending
 /// (a 413 mid-upload, a timeout), the socket is half-closed and drained for a short while
 /// before it is dropped, as nginx's `lingering_close` does. Closing with unread data would
 /// make the kernel send a reset that can destroy the response before the client reads it.
-struct TrackedIo {
-    inner: Option<TcpStream>,
+struct TrackedIo<S: Stream> {
+    inner: Option<S>,
     activity: Arc<Activity>,
     read_eof: bool,
     scan: HeadScan,
@@ -230,8 +234,8 @@ struct TrackedIo {
 const LINGER_TOTAL: Duration = Duration::from_secs(5);
 const LINGER_QUIET: Duration = Duration::from_secs(1);
 
-impl TrackedIo {
-    fn new(stream: TcpStream, activity: Arc<Activity>) -> Self {
+impl<S: Stream> TrackedIo<S> {
+    fn new(stream: S, activity: Arc<Activity>) -> Self {
         Self {
             inner: Some(stream),
             activity,
@@ -255,7 +259,7 @@ impl TrackedIo {
         }
     }
 
-    fn io(&mut self) -> Pin<&mut TcpStream> {
+    fn io(&mut self) -> Pin<&mut S> {
         Pin::new(
             self.inner
                 .as_mut()
@@ -264,7 +268,7 @@ impl TrackedIo {
     }
 }
 
-impl Drop for TrackedIo {
+impl<S: Stream> Drop for TrackedIo<S> {
     fn drop(&mut self) {
         if self.read_eof {
             return;
@@ -290,7 +294,7 @@ impl Drop for TrackedIo {
     }
 }
 
-impl AsyncRead for TrackedIo {
+impl<S: Stream> AsyncRead for TrackedIo<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -312,7 +316,7 @@ impl AsyncRead for TrackedIo {
     }
 }
 
-impl AsyncWrite for TrackedIo {
+impl<S: Stream> AsyncWrite for TrackedIo<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -348,13 +352,23 @@ impl AsyncWrite for TrackedIo {
     }
 }
 
-/// Accepts connections until `shutdown` turns true. With `proxy_protocol`, every connection
-/// must start with a PROXY v2 header.
+/// How a listener's connections begin.
+#[derive(Clone)]
+pub enum ListenerKind {
+    /// HTTP/1.1 or h2c straight away.
+    Plain,
+    /// A PROXY protocol v2 header, then HTTP.
+    ProxyProtocol,
+    /// A TLS handshake (ALPN h2 or http/1.1), then HTTP.
+    Tls(tokio_rustls::TlsAcceptor),
+}
+
+/// Accepts connections until `shutdown` turns true.
 pub async fn serve(
     app: Arc<App>,
     builder: Arc<auto::Builder<TokioExecutor>>,
     listener: TcpListener,
-    proxy_protocol: bool,
+    kind: ListenerKind,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let local = match listener.local_addr() {
@@ -387,29 +401,47 @@ pub async fn serve(
             proxy: None,
         };
         let (app, builder, shutdown) = (app.clone(), builder.clone(), shutdown.clone());
+        let kind = kind.clone();
         tokio::spawn(async move {
             let mut stream = stream;
-            if proxy_protocol {
-                match crate::proxy_protocol::read(&mut stream, app.config.limits.head_read_timeout)
-                    .await
-                {
-                    Ok(p) => info.proxy = Some(p),
-                    Err(e) => {
-                        tracing::debug!(peer = %peer, error = %e, "connection without a valid PROXY v2 header closed");
-                        return;
+            let deadline = app.config.limits.head_read_timeout;
+            match kind {
+                ListenerKind::Plain => serve_connection(app, builder, stream, info, shutdown).await,
+                ListenerKind::ProxyProtocol => {
+                    match crate::proxy_protocol::read(&mut stream, deadline).await {
+                        Ok(p) => {
+                            info.proxy = Some(p);
+                            serve_connection(app, builder, stream, info, shutdown).await
+                        }
+                        Err(e) => {
+                            tracing::debug!(peer = %peer, error = %e, "connection without a valid PROXY v2 header closed")
+                        }
+                    }
+                }
+                ListenerKind::Tls(acceptor) => {
+                    match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => {
+                            info.proto = "https";
+                            serve_connection(app, builder, tls, info, shutdown).await
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(peer = %peer, error = %e, "TLS handshake failed")
+                        }
+                        Err(_) => {
+                            tracing::debug!(peer = %peer, "TLS handshake not completed in time")
+                        }
                     }
                 }
             }
-            serve_connection(app, builder, stream, info, shutdown).await
         });
     }
     tracing::info!(listener = %local, "listener closed");
 }
 
-async fn serve_connection(
+async fn serve_connection<S: Stream>(
     app: Arc<App>,
     builder: Arc<auto::Builder<TokioExecutor>>,
-    stream: TcpStream,
+    stream: S,
     info: ConnInfo,
     mut shutdown: watch::Receiver<bool>,
 ) {

@@ -363,8 +363,26 @@ async fn private_api_through_proxy_protocol() {
     }
     // No PROXY header on a PROXY listener: closed without an answer.
     assert_eq!(raw(proxy, &request(true)), "");
-    // The plain listener carries no endpoint id: refused.
+    // The plain listener carries no endpoint id: refused; a forged header changes nothing.
     let answer = raw(gw.addr, &request(true));
     assert_eq!(raw_status(&answer), 403);
     assert!(answer.contains("ENDPOINT_NOT_ALLOWED"));
+    let forged = String::from_utf8(request(true)).unwrap().replace(
+        "\r\n\r\n",
+        "\r\nx-scp-privatelink-endpoint-id: ep-active\r\n\r\n",
+    );
+    assert_eq!(
+        raw_status(&raw(gw.addr, forged.as_bytes())),
+        403,
+        "untrusted peers cannot name an endpoint"
+    );
+    drop(gw);
+    // From a trusted proxy, the header names the endpoint.
+    let gw = Gateway::start(
+        &[("api1.json", &doc)],
+        "[network]\ntrusted_proxies = [\"127.0.0.1\"]\n",
+    );
+    assert_eq!(raw_status(&raw(gw.addr, forged.as_bytes())), 200);
+    let gone = forged.replace("ep-active", "ep-gone");
+    assert_eq!(raw_status(&raw(gw.addr, gone.as_bytes())), 403);
 }

@@ -215,6 +215,8 @@ pub struct Gateway {
     pub admin: SocketAddr,
     /// The first PROXY-protocol listener, when configured.
     pub proxy_addr: Option<SocketAddr>,
+    /// The first TLS listener, when configured.
+    pub tls_addr: Option<SocketAddr>,
     pub dir: tempfile::TempDir,
 }
 
@@ -284,10 +286,15 @@ impl Gateway {
         BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut line)
             .unwrap();
-        let proxy_addr = listening_fields(&line).and_then(|f| {
-            f.get("proxy")
-                .and_then(|p| p.split(',').next()?.parse().ok())
-        });
+        let first = |key: &str| -> Option<SocketAddr> {
+            listening_fields(&line)?
+                .get(key)?
+                .split(',')
+                .next()?
+                .parse()
+                .ok()
+        };
+        let (proxy_addr, tls_addr) = (first("proxy"), first("tls"));
         let (addr, admin) = parse_listening(&line).unwrap_or_else(|| {
             let log = std::fs::read_to_string(dir.path().join("gateway.log")).unwrap_or_default();
             panic!("gateway did not start: {line:?}\n{log}")
@@ -297,6 +304,7 @@ impl Gateway {
             addr,
             admin,
             proxy_addr,
+            tls_addr,
             dir,
         }
     }
