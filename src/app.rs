@@ -18,6 +18,10 @@ use crate::report::Reports;
 use crate::snapshot;
 use crate::state::{LoadError, StateHandle};
 
+/// How long report aggregates and hourly key usage are kept: a 31-day query plus the month
+/// start a month plan's remaining quota needs.
+pub const RETENTION_DAYS: i64 = 62;
+
 pub struct App {
     pub config: Config,
     pub state: StateHandle,
@@ -41,6 +45,7 @@ pub struct App {
     draining: AtomicBool,
     /// Open client connections on the data-plane listeners (drained on shutdown).
     pub active_connections: AtomicUsize,
+    last_prune_hour: std::sync::atomic::AtomicI64,
 }
 
 impl App {
@@ -93,6 +98,7 @@ impl App {
             ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             active_connections: AtomicUsize::new(0),
+            last_prune_hour: std::sync::atomic::AtomicI64::new(-1),
         }))
     }
 
@@ -117,8 +123,20 @@ impl App {
         self.draining.store(true, Ordering::Release);
     }
 
-    /// Persists quota counters, usage and report aggregates.
+    /// Persists quota counters, usage and report aggregates; once an hour, forgets what is
+    /// older than [`RETENTION_DAYS`].
     pub fn flush_state(&self) {
+        let now = time::OffsetDateTime::now_utc();
+        let hour = now.unix_timestamp() / 3600;
+        if self.last_prune_hour.swap(hour, Ordering::AcqRel) != hour {
+            let before = now - time::Duration::days(RETENTION_DAYS);
+            if let Err(e) = self.quota.prune(before.unix_timestamp()) {
+                tracing::error!(error = %e, "old quota state could not be pruned");
+            }
+            if let Err(e) = self.reports.prune(crate::report::day_number(before.date())) {
+                tracing::error!(error = %e, "old report aggregates could not be pruned");
+            }
+        }
         if let Err(e) = self.quota.flush() {
             tracing::error!(error = %e, "quota counters could not be persisted");
         }

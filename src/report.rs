@@ -283,6 +283,19 @@ impl Reports {
         tx.commit().map_err(|e| e.to_string())
     }
 
+    /// Forgets aggregates of days before `min_day` (days since the epoch).
+    pub fn prune(&self, min_day: i32) -> Result<(), String> {
+        self.aggs.retain(|k, _| k.day >= min_day);
+        let tx = self.db.begin_write().map_err(|e| e.to_string())?;
+        {
+            let mut table = tx.open_table(REPORTS).map_err(|e| e.to_string())?;
+            table
+                .retain(|k, _| Key::decode(k).is_some_and(|key| key.day >= min_day))
+                .map_err(|e| e.to_string())?;
+        }
+        tx.commit().map_err(|e| e.to_string())
+    }
+
     /// The report of one stage for `[start, end]` (UTC days, inclusive).
     pub fn report(&self, api: &str, stage: &str, start: Date, end: Date) -> ReportList {
         let (from, to) = (day_number(start), day_number(end));
@@ -426,10 +439,20 @@ mod tests {
         r.flush().unwrap();
         let db = r.db.clone();
         drop(r);
-        let again = Reports::open(db).unwrap();
+        let again = Reports::open(db.clone()).unwrap();
         assert_eq!(
             again.report("a", "prod", today, today).reports[0].call_count,
             131
+        );
+        again.prune(day_number(today) + 1).unwrap();
+        assert!(again.report("a", "prod", today, today).reports.is_empty());
+        let reopened = Reports::open(db).unwrap();
+        assert!(
+            reopened
+                .report("a", "prod", today, today)
+                .reports
+                .is_empty(),
+            "pruned on disk too"
         );
         drop(dir);
     }

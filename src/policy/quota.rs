@@ -100,6 +100,9 @@ pub trait QuotaStore: Send + Sync + 'static {
     /// Writes what is only in memory to durable storage.
     fn flush(&self) -> Result<(), QuotaError>;
 
+    /// Forgets windows that ended and usage hours older than `before` (Unix seconds).
+    fn prune(&self, before: i64) -> Result<(), QuotaError>;
+
     /// The backend label of `apigw_quota_store_errors_total`.
     fn backend(&self) -> &'static str;
 }
@@ -305,6 +308,25 @@ impl QuotaStore for LocalQuotaStore {
         Ok(())
     }
 
+    fn prune(&self, before: i64) -> Result<(), QuotaError> {
+        let err = |e: &dyn std::fmt::Display| QuotaError::Unavailable(e.to_string());
+        self.usage.retain(|k, _| k.2 >= before);
+        // A counter whose window started before `before` (at least 32 days ago) has ended.
+        self.counters.retain(|_, c| c.window_start >= before);
+        let tx = self.db.begin_write().map_err(|e| err(&e))?;
+        {
+            let mut usage = tx.open_table(USAGE).map_err(|e| err(&e))?;
+            usage
+                .retain(|(_, _, hour), _| hour >= before)
+                .map_err(|e| err(&e))?;
+            let mut counters = tx.open_table(COUNTERS).map_err(|e| err(&e))?;
+            counters
+                .retain(|_, (window_start, _)| window_start >= before)
+                .map_err(|e| err(&e))?;
+        }
+        tx.commit().map_err(|e| err(&e))
+    }
+
     fn backend(&self) -> &'static str {
         "local"
     }
@@ -362,7 +384,7 @@ mod tests {
         assert_eq!(admitted, 100);
         store.flush().unwrap();
         drop(store);
-        let again = LocalQuotaStore::open(db).unwrap();
+        let again = LocalQuotaStore::open(db.clone()).unwrap();
         assert_eq!(again.admit("up", "k", 100, w).await.unwrap(), (100, false));
         let hour = OffsetDateTime::now_utc().unix_timestamp().div_euclid(3600) * 3600;
         let usage = again.usage("up", hour, hour + 3600).await.unwrap();
@@ -374,6 +396,17 @@ mod tests {
                 count: 100
             }],
             "persisted usage"
+        );
+        // Pruning forgets old hours and ended windows, in memory and on disk.
+        again.flush().unwrap();
+        again.prune(hour + 1).unwrap();
+        assert!(again.usage("up", 0, i64::MAX).await.unwrap().is_empty());
+        let reopened = LocalQuotaStore::open(db.clone()).unwrap();
+        assert!(reopened.usage("up", 0, i64::MAX).await.unwrap().is_empty());
+        assert_eq!(
+            reopened.admit("up", "k", 100, w).await.unwrap(),
+            (1, true),
+            "the ended window was forgotten"
         );
         // The next window restores the quota.
         assert_eq!(
