@@ -24,6 +24,8 @@ struct Key {
     kid: Option<String>,
     alg: Algorithm,
     key: DecodingKey,
+    /// The auth's rules with this key's algorithm pinned, built once (no per-request clone).
+    validation: Validation,
 }
 
 /// One auth, compiled: its keys and the validation rules.
@@ -33,7 +35,6 @@ pub struct CompiledAuth {
     /// Seconds since the epoch after which the auth accepts no token.
     expired_at: Option<i64>,
     leeway: u64,
-    validation_template: Validation,
 }
 
 impl std::fmt::Debug for CompiledAuth {
@@ -88,18 +89,10 @@ impl CompiledAuth {
             let bytes = base64::engine::general_purpose::STANDARD
                 .decode(secret.trim())
                 .map_err(|e| e.to_string())?;
-            keys.push(Key {
-                kid: None,
-                alg: alg(al),
-                key: DecodingKey::from_secret(&bytes),
-            });
+            keys.push((None, alg(al), DecodingKey::from_secret(&bytes)));
         }
         if let (Some(pem), Some(al)) = (&v.public_key_pem, v.alg) {
-            keys.push(Key {
-                kid: None,
-                alg: alg(al),
-                key: pem_key(alg(al), pem.as_bytes())?,
-            });
+            keys.push((None, alg(al), pem_key(alg(al), pem.as_bytes())?));
         }
         if let Some(set) = &v.jwks {
             for k in &set.keys {
@@ -108,11 +101,11 @@ impl CompiledAuth {
                     .key_algorithm
                     .and_then(|ka| ka.to_string().parse::<Algorithm>().ok())
                     .ok_or("a JWKS key has no usable alg")?;
-                keys.push(Key {
-                    kid: k.common.key_id.clone(),
-                    alg: al,
-                    key: DecodingKey::from_jwk(k).map_err(|e| e.to_string())?,
-                });
+                keys.push((
+                    k.common.key_id.clone(),
+                    al,
+                    DecodingKey::from_jwk(k).map_err(|e| e.to_string())?,
+                ));
             }
         }
         let leeway = v.leeway_seconds.unwrap_or(60);
@@ -133,6 +126,19 @@ impl CompiledAuth {
             None => validation.validate_aud = false,
         }
         validation.set_required_spec_claims(&required);
+        let keys = keys
+            .into_iter()
+            .map(|(kid, alg, key)| {
+                let mut validation = validation.clone();
+                validation.algorithms = vec![alg];
+                Key {
+                    kid,
+                    alg,
+                    key,
+                    validation,
+                }
+            })
+            .collect();
         let expired_at = match &a.expired_at {
             Some(t) => Some(
                 time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
@@ -146,7 +152,6 @@ impl CompiledAuth {
             keys,
             expired_at,
             leeway,
-            validation_template: validation,
         })
     }
 
@@ -154,9 +159,8 @@ impl CompiledAuth {
         if self.expired_at.is_some_and(|e| now > e) {
             return None;
         }
-        let mut validation = self.validation_template.clone();
-        validation.algorithms = vec![key.alg];
-        let data = jsonwebtoken::decode::<Map<String, Value>>(token, &key.key, &validation).ok()?;
+        let data =
+            jsonwebtoken::decode::<Map<String, Value>>(token, &key.key, &key.validation).ok()?;
         // `iat` in the future (beyond the leeway) is invalid too.
         if let Some(iat) = data.claims.get("iat") {
             let iat = iat.as_f64()?;
