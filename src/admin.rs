@@ -73,6 +73,26 @@ fn admin_error(
     json(status, &body)
 }
 
+fn internal_error(rid: &HeaderValue) -> Response<GatewayBody> {
+    admin_error(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "INTERNAL_ERROR",
+        "internal error".into(),
+        rid,
+        None,
+    )
+}
+
+fn api_not_found(rid: &HeaderValue) -> Response<GatewayBody> {
+    admin_error(
+        StatusCode::NOT_FOUND,
+        "API_NOT_FOUND",
+        "no such API is loaded".into(),
+        rid,
+        None,
+    )
+}
+
 /// Largest snapshot the admin API accepts.
 const MAX_SNAPSHOT_BYTES: usize = 16 * 1024 * 1024;
 
@@ -109,13 +129,7 @@ async fn api_by_id(
     match *method {
         Method::GET => match app.state.load().api(id) {
             Some(api) => json(StatusCode::OK, &redacted(api)),
-            None => admin_error(
-                StatusCode::NOT_FOUND,
-                "API_NOT_FOUND",
-                "no such API is loaded".into(),
-                rid,
-                None,
-            ),
+            None => api_not_found(rid),
         },
         Method::PUT => {
             use http_body_util::BodyExt;
@@ -189,13 +203,7 @@ async fn api_by_id(
                         None,
                     )
                 }
-                None => admin_error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "INTERNAL_ERROR",
-                    "internal error".into(),
-                    rid,
-                    None,
-                ),
+                None => internal_error(rid),
             }
         }
         Method::DELETE => {
@@ -206,20 +214,8 @@ async fn api_by_id(
                 .await
             {
                 Some(true) => json(StatusCode::OK, &serde_json::json!({ "api_id": id })),
-                Some(false) => admin_error(
-                    StatusCode::NOT_FOUND,
-                    "API_NOT_FOUND",
-                    "no such API is loaded".into(),
-                    rid,
-                    None,
-                ),
-                None => admin_error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "INTERNAL_ERROR",
-                    "internal error".into(),
-                    rid,
-                    None,
-                ),
+                Some(false) => api_not_found(rid),
+                None => internal_error(rid),
             }
         }
         _ => admin_error(
