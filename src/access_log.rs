@@ -7,8 +7,9 @@
 use std::io::Write;
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::mpsc::{sync_channel, RecvTimeoutError, SyncSender, TrySendError};
-use std::sync::Arc;
+use std::sync::mpsc::{sync_channel, SyncSender, TryRecvError, TrySendError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::HeaderValue;
@@ -52,7 +53,8 @@ fn ms(d: Duration) -> f64 {
 }
 
 impl Entry {
-    fn to_json(&self) -> Vec<u8> {
+    /// Appends the entry's JSON line to `out`.
+    fn write_json(&self, out: &mut Vec<u8>) {
         let line = Line {
             time: self
                 .time
@@ -70,9 +72,9 @@ impl Entry {
             integration_latency_ms: self.integration_latency.map(ms),
             error_code: self.error_code,
         };
-        let mut v = serde_json::to_vec(&line).unwrap_or_default();
-        v.push(b'\n');
-        v
+        if serde_json::to_writer(&mut *out, &line).is_ok() {
+            out.push(b'\n');
+        }
     }
 }
 
@@ -86,10 +88,14 @@ pub enum Target {
 pub struct AccessLog {
     tx: SyncSender<Entry>,
     dropped: prometheus::IntCounter,
+    closing: Arc<AtomicBool>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 /// Entries waiting for the writer at most.
 const QUEUE: usize = 65_536;
+/// How often the writer drains the queue (a line reaches the file at most this late).
+const DRAIN_INTERVAL: Duration = Duration::from_millis(20);
 
 impl AccessLog {
     /// Starts the writer thread.
@@ -104,32 +110,61 @@ impl AccessLog {
             ),
         };
         let (tx, rx) = sync_channel::<Entry>(QUEUE);
-        std::thread::Builder::new()
+        let closing = Arc::new(AtomicBool::new(false));
+        let closed = closing.clone();
+        let writer = std::thread::Builder::new()
             .name("scp-access-log".into())
             .spawn(move || {
                 let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
+                let mut write = |buf: &mut Vec<u8>| {
+                    if !buf.is_empty() && out.write_all(buf).and_then(|_| out.flush()).is_err() {
+                        eprintln!("scp-gateway: access log write failed");
+                    }
+                    buf.clear();
+                };
+                // The writer polls on a tick instead of blocking in `recv`: a blocked
+                // receiver makes every `try_send` a futex wake and a context switch on the
+                // proxy's core (measured: a fifth of one core at 20k req/s). A tick
+                // costs one wake per interval whatever the request rate.
                 loop {
-                    match rx.recv_timeout(Duration::from_millis(100)) {
-                        Ok(e) => {
-                            buf.extend_from_slice(&e.to_json());
-                            // Take whatever else is queued, then write once.
-                            while buf.len() < 60 * 1024 {
-                                match rx.try_recv() {
-                                    Ok(e) => buf.extend_from_slice(&e.to_json()),
-                                    Err(_) => break,
+                    std::thread::sleep(DRAIN_INTERVAL);
+                    loop {
+                        match rx.try_recv() {
+                            Ok(e) => {
+                                e.write_json(&mut buf);
+                                if buf.len() >= 60 * 1024 {
+                                    write(&mut buf);
                                 }
                             }
-                            if out.write_all(&buf).and_then(|_| out.flush()).is_err() {
-                                eprintln!("scp-gateway: access log write failed");
+                            Err(TryRecvError::Empty) => break,
+                            Err(TryRecvError::Disconnected) => {
+                                write(&mut buf);
+                                return;
                             }
-                            buf.clear();
                         }
-                        Err(RecvTimeoutError::Timeout) => {}
-                        Err(RecvTimeoutError::Disconnected) => return,
+                    }
+                    write(&mut buf);
+                    if closed.load(Ordering::Acquire) {
+                        return;
                     }
                 }
             })?;
-        Ok(Self { tx, dropped })
+        Ok(Self {
+            tx,
+            dropped,
+            closing,
+            writer: Mutex::new(Some(writer)),
+        })
+    }
+
+    /// Writes what is queued and stops the writer (at shutdown, after the last request:
+    /// later entries are counted as dropped).
+    pub fn close(&self) {
+        self.closing.store(true, Ordering::Release);
+        let handle = self.writer.lock().ok().and_then(|mut w| w.take());
+        if let Some(h) = handle {
+            let _ = h.join();
+        }
     }
 
     /// Hands an entry to the writer; never blocks.

@@ -323,6 +323,9 @@ async fn serve(config: Config, demo_backend: Option<SocketAddr>) -> ExitCode {
         );
     }
     app.flush_state();
+    if let Some(log) = &app.access_log {
+        log.close();
+    }
     tracing::info!("stopped");
     ExitCode::SUCCESS
 }

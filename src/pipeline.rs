@@ -51,6 +51,9 @@ pub struct ConnInfo {
     pub trusted_peer: bool,
     /// What a PROXY protocol v2 header said (listeners configured for it).
     pub proxy: Option<crate::proxy_protocol::ProxyInfo>,
+    /// The canonical peer address as an `X-Forwarded-For` element, built once per
+    /// connection (the client address of most requests).
+    pub peer_ip_value: HeaderValue,
 }
 
 /// Everything the phases learn about one request, borrowed from the state it is served with.
@@ -578,11 +581,13 @@ async fn integrate<'s>(
         &mut parts.headers,
         &ForwardInfo {
             client_ip: ctx.client_ip,
+            client_ip_value: (ctx.client_ip == crate::app::canonical_ip(ctx.conn.peer.ip()))
+                .then_some(&ctx.conn.peer_ip_value),
             proto: ctx.conn.proto,
             host: host.as_ref(),
             request_id: &ctx.request_id,
-            api_id: &api.id,
-            stage: &stage.name,
+            api_id: api.id_header.as_ref(),
+            stage: stage.name_header.as_ref(),
             api_key_id: ctx.api_key.as_ref().map(|(_, k)| &**k),
             jwt_sub,
             trusted_peer: ctx.conn.trusted_peer,
@@ -643,7 +648,7 @@ async fn integrate<'s>(
                 path_parameters,
                 source_ip: ctx.client_ip,
                 api_key_id: ctx.api_key.as_ref().map(|(_, k)| &**k),
-                jwt_claims: ctx.jwt.as_ref().map(|v| &v.claims),
+                jwt_claims: ctx.jwt.as_ref().map(|v| &*v.claims),
             };
             crate::integration::function::invoke(
                 &app.client,

@@ -13,18 +13,21 @@ static COUNTER: AtomicU64 = AtomicU64::new(0);
 pub fn next() -> HeaderValue {
     let prefix = *PREFIX.get_or_init(rand::random::<u64>);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let mut bytes = [0u8; 16];
+    bytes[..8].copy_from_slice(&prefix.to_be_bytes());
+    bytes[8..].copy_from_slice(&n.to_be_bytes());
     let mut buf = [0u8; 32];
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    for (i, b) in prefix
-        .to_be_bytes()
-        .iter()
-        .chain(n.to_be_bytes().iter())
-        .enumerate()
-    {
-        buf[2 * i] = HEX[(b >> 4) as usize];
-        buf[2 * i + 1] = HEX[(b & 15) as usize];
-    }
+    hex_into(&mut buf, &bytes);
     HeaderValue::from_bytes(&buf).unwrap_or(HeaderValue::from_static("0"))
+}
+
+/// Lower-case hex of `bytes` into `out` (two digits per byte; `out` at least twice as long).
+pub fn hex_into(out: &mut [u8], bytes: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = HEX[(b >> 4) as usize];
+        pair[1] = HEX[(b & 15) as usize];
+    }
 }
 
 #[cfg(test)]

@@ -399,6 +399,9 @@ pub async fn serve(
             proto: "http",
             trusted_peer: app.is_trusted_proxy(peer.ip()),
             proxy: None,
+            peer_ip_value: crate::integration::http::ip_header_value(crate::app::canonical_ip(
+                peer.ip(),
+            )),
         };
         let (app, builder, shutdown) = (app.clone(), builder.clone(), shutdown.clone());
         let kind = kind.clone();

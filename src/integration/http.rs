@@ -13,6 +13,7 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use smallvec::SmallVec;
 
 use crate::body::{caused_by_body_limit, ForwardBody};
 use crate::config::UpstreamConfig;
@@ -35,103 +36,114 @@ static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded in either direction.
-fn hop_by_hop() -> [&'static HeaderName; 7] {
-    [
-        &header::CONNECTION,
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-        &header::TE,
-        &header::TRAILER,
-        &header::TRANSFER_ENCODING,
-        &header::UPGRADE,
-    ]
+fn is_hop_by_hop(n: &HeaderName) -> bool {
+    *n == header::CONNECTION
+        || n == header::TE
+        || n == header::TRAILER
+        || n == header::TRANSFER_ENCODING
+        || n == header::UPGRADE
+        || n == KEEP_ALIVE
+        || n == PROXY_CONNECTION
+}
+
+/// Removes every header whose name `drop` selects, plus those named by `Connection`: one
+/// pass over the names, then one removal per header actually present (a request carries a
+/// handful of headers; probing a dozen absent names would hash each of them).
+fn remove_headers(h: &mut HeaderMap, drop: impl Fn(&HeaderName) -> bool) {
+    let mut doomed: SmallVec<[HeaderName; 8]> = SmallVec::new();
+    for name in h.keys() {
+        if drop(name) {
+            doomed.push(name.clone());
+        }
+    }
+    if doomed.contains(&header::CONNECTION) {
+        doomed.extend(
+            h.get_all(header::CONNECTION)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok()),
+        );
+    }
+    for n in doomed {
+        h.remove(n);
+    }
 }
 
 /// Removes hop-by-hop headers, including those named by `Connection`.
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
-    if h.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = h
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-            .collect();
-        for n in named {
-            h.remove(n);
-        }
-    }
-    for n in hop_by_hop() {
-        h.remove(n);
-    }
+    remove_headers(h, is_hop_by_hop);
 }
 
 /// What the gateway adds to a forwarded request.
 pub struct ForwardInfo<'a> {
     pub client_ip: IpAddr,
+    /// `client_ip` as a header value, when the caller has it ready (per connection).
+    pub client_ip_value: Option<&'a HeaderValue>,
     pub proto: &'static str,
     pub host: Option<&'a HeaderValue>,
     pub request_id: &'a HeaderValue,
-    pub api_id: &'a str,
-    pub stage: &'a str,
+    /// `x-scp-api-id` and `x-scp-stage` values, built with the snapshot.
+    pub api_id: Option<&'a HeaderValue>,
+    pub stage: Option<&'a HeaderValue>,
     pub api_key_id: Option<&'a str>,
     pub jwt_sub: Option<&'a str>,
     /// The socket peer is a trusted proxy: its forwarding headers are kept.
     pub trusted_peer: bool,
 }
 
+/// Headers a client must not pass on: hop-by-hop, `Host` (the backend's is set from its
+/// URL), the gateway's own `x-scp-*` (a client could forge them), names with `_` (dropped as
+/// nginx does, so that `x_scp_apikey`-style spellings can never be read as another header
+/// downstream), and forwarding headers unless the peer is a trusted proxy.
+fn dropped_on_forward(n: &HeaderName, trusted_peer: bool) -> bool {
+    if is_hop_by_hop(n) || n == header::HOST {
+        return true;
+    }
+    let s = n.as_str();
+    if s.contains('_') {
+        return true;
+    }
+    if s.starts_with("x-scp-") {
+        return [
+            &X_SCP_APIKEY,
+            &X_SCP_REQUEST_ID,
+            &X_SCP_API_ID,
+            &X_SCP_STAGE,
+            &X_SCP_API_KEY_ID,
+            &X_SCP_JWT_SUB,
+        ]
+        .contains(&n)
+            || (!trusted_peer && n == X_SCP_ENDPOINT_ID);
+    }
+    !trusted_peer && (n == X_FORWARDED_PROTO || n == X_FORWARDED_HOST)
+}
+
 /// Applies the request header rules in place: drops what a client must not pass on (and
 /// anything it could forge), then adds the gateway's own headers.
 pub fn rewrite_request_headers(h: &mut HeaderMap, info: &ForwardInfo<'_>) {
-    strip_hop_by_hop(h);
-    h.remove(header::HOST);
-    for n in [
-        &X_SCP_APIKEY,
-        &X_SCP_REQUEST_ID,
-        &X_SCP_API_ID,
-        &X_SCP_STAGE,
-        &X_SCP_API_KEY_ID,
-        &X_SCP_JWT_SUB,
-    ] {
-        h.remove(n);
-    }
-    if !info.trusted_peer {
-        h.remove(&X_SCP_ENDPOINT_ID);
-        h.remove(&X_FORWARDED_PROTO);
-        h.remove(&X_FORWARDED_HOST);
-    }
-    // Names with `_` are dropped (as nginx does) so that `x_scp_apikey`-style spellings can
-    // never be read as another header downstream.
-    if h.keys().any(|k| k.as_str().contains('_')) {
-        let underscored: Vec<HeaderName> = h
-            .keys()
-            .filter(|k| k.as_str().contains('_'))
-            .cloned()
-            .collect();
-        for n in underscored {
-            h.remove(n);
-        }
-    }
+    remove_headers(h, |n| dropped_on_forward(n, info.trusted_peer));
 
-    let ip = info.client_ip.to_string();
-    let xff = {
-        let mut prior = h
-            .get_all(&X_FORWARDED_FOR)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .peekable();
-        if prior.peek().is_some() {
-            let mut s: String = prior.collect::<Vec<_>>().join(", ");
-            s.push_str(", ");
-            s.push_str(&ip);
-            s
-        } else {
-            ip
+    let own;
+    let ip = match info.client_ip_value {
+        Some(v) => v,
+        None => {
+            own = ip_header_value(info.client_ip);
+            &own
         }
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        h.insert(&X_FORWARDED_FOR, v);
-    }
+    let xff = if h.contains_key(&X_FORWARDED_FOR) {
+        let mut s: Vec<u8> = Vec::with_capacity(64);
+        for v in h.get_all(&X_FORWARDED_FOR) {
+            s.extend_from_slice(v.as_bytes());
+            s.extend_from_slice(b", ");
+        }
+        s.extend_from_slice(ip.as_bytes());
+        HeaderValue::from_bytes(&s).unwrap_or_else(|_| ip.clone())
+    } else {
+        ip.clone()
+    };
+    h.insert(&X_FORWARDED_FOR, xff);
     if !h.contains_key(&X_FORWARDED_PROTO) {
         h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(info.proto));
     }
@@ -141,11 +153,11 @@ pub fn rewrite_request_headers(h: &mut HeaderMap, info: &ForwardInfo<'_>) {
         }
     }
     h.insert(&X_SCP_REQUEST_ID, info.request_id.clone());
-    if let Ok(v) = HeaderValue::from_str(info.api_id) {
-        h.insert(&X_SCP_API_ID, v);
+    if let Some(v) = info.api_id {
+        h.insert(&X_SCP_API_ID, v.clone());
     }
-    if let Ok(v) = HeaderValue::from_str(info.stage) {
-        h.insert(&X_SCP_STAGE, v);
+    if let Some(v) = info.stage {
+        h.insert(&X_SCP_STAGE, v.clone());
     }
     if let Some(v) = info.api_key_id.and_then(|k| HeaderValue::from_str(k).ok()) {
         h.insert(&X_SCP_API_KEY_ID, v);
@@ -159,6 +171,11 @@ pub fn rewrite_request_headers(h: &mut HeaderMap, info: &ForwardInfo<'_>) {
     {
         h.insert(&TRACEPARENT, new_traceparent());
     }
+}
+
+/// An address as a header value (`X-Forwarded-For` element).
+pub fn ip_header_value(ip: IpAddr) -> HeaderValue {
+    HeaderValue::from_str(&ip.to_string()).unwrap_or(HeaderValue::from_static(""))
 }
 
 /// W3C `traceparent`: `00-<32 hex>-<16 hex>-<2 hex>`, ids not all zero.
@@ -178,8 +195,10 @@ fn valid_traceparent(v: &[u8]) -> bool {
 fn new_traceparent() -> HeaderValue {
     let trace: u128 = rand::random::<u128>() | 1;
     let span: u64 = rand::random::<u64>() | 1;
-    HeaderValue::from_str(&format!("00-{trace:032x}-{span:016x}-01"))
-        .unwrap_or(HeaderValue::from_static(""))
+    let mut v = *b"00-00000000000000000000000000000000-0000000000000000-01";
+    crate::request_id::hex_into(&mut v[3..35], &trace.to_be_bytes());
+    crate::request_id::hex_into(&mut v[36..52], &span.to_be_bytes());
+    HeaderValue::from_bytes(&v).unwrap_or(HeaderValue::from_static(""))
 }
 
 /// The TLS settings for backends: webpki roots plus the optional extra CA file.
@@ -303,11 +322,12 @@ mod tests {
     fn info<'a>(rid: &'a HeaderValue, host: &'a HeaderValue) -> ForwardInfo<'a> {
         ForwardInfo {
             client_ip: "203.0.113.9".parse().unwrap(),
+            client_ip_value: None,
             proto: "http",
             host: Some(host),
             request_id: rid,
-            api_id: "api1",
-            stage: "prod",
+            api_id: Some(Box::leak(Box::new(HeaderValue::from_static("api1")))),
+            stage: Some(Box::leak(Box::new(HeaderValue::from_static("prod")))),
             api_key_id: Some("k01"),
             jwt_sub: None,
             trusted_peer: false,

@@ -1,7 +1,16 @@
 //! JWT verification (`request-pipeline.md`, "JWT") with jsonwebtoken. The algorithm is
 //! pinned by the auth, never taken from the token; `none` never verifies (jsonwebtoken has
 //! no such algorithm). Keys live in the compiled snapshot only, so an auth removed by a
-//! reload stops verifying at once: nothing is cached beyond the snapshot.
+//! reload stops verifying at once.
+//!
+//! Tokens that verified are cached per stage (as Envoy's `jwt_cache` does): a client sends
+//! the same token with every request, and checking its signature and decoding its claims
+//! again costs more than the rest of the pipeline together (~25k instructions for HS256,
+//! far more for RSA). A hit is accepted only until the token's `exp` plus the leeway, or
+//! the auth's `expired_at`, whichever comes first: the only checks time can turn from
+//! pass to fail (`nbf` and `iat` only become valid). The cache belongs to the compiled
+//! stage, so a reload starts it empty. Only verified tokens enter it, at most
+//! [`CACHE_TOKENS`] per stage; invalid tokens are checked in full every time.
 
 use std::sync::Arc;
 
@@ -170,18 +179,48 @@ impl CompiledAuth {
         }
         Some(data.claims)
     }
+
+    /// The last second at which a token with these (verified) claims is still accepted:
+    /// `exp` plus the leeway, capped by the auth's own expiry.
+    fn valid_until(&self, claims: &Map<String, Value>) -> Option<i64> {
+        let exp = claims.get("exp")?.as_f64()?;
+        if !exp.is_finite() {
+            return None;
+        }
+        let until = (exp.floor() as i64).saturating_add(self.leeway as i64);
+        Some(self.expired_at.map_or(until, |e| e.min(until)))
+    }
 }
 
+/// Verified tokens kept per stage at most.
+pub const CACHE_TOKENS: usize = 4096;
+
 /// The auths connected to one stage.
-#[derive(Debug, Default)]
 pub struct StageJwt {
     auths: Vec<Arc<CompiledAuth>>,
+    /// Verified tokens → their claims and the last second they may be accepted.
+    cache: quick_cache::sync::Cache<Box<str>, (Arc<Map<String, Value>>, i64)>,
+}
+
+impl Default for StageJwt {
+    fn default() -> Self {
+        Self::new(Vec::new())
+    }
+}
+
+impl std::fmt::Debug for StageJwt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StageJwt")
+            .field("auths", &self.auths)
+            .field("cached_tokens", &self.cache.len())
+            .finish()
+    }
 }
 
 /// A verified token's claims.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Verified {
-    pub claims: Map<String, Value>,
+    pub claims: Arc<Map<String, Value>>,
 }
 
 impl Verified {
@@ -202,15 +241,24 @@ pub fn bearer(headers: &http::HeaderMap) -> Option<&str> {
 
 impl StageJwt {
     pub fn new(auths: Vec<Arc<CompiledAuth>>) -> Self {
-        Self { auths }
+        Self {
+            auths,
+            cache: quick_cache::sync::Cache::new(CACHE_TOKENS),
+        }
     }
 
     /// Verifies the request's token against the stage's auths. With a `kid`, only the auth
     /// with that id (or the JWKS key with that kid) is tried; otherwise every candidate.
     pub fn verify(&self, headers: &http::HeaderMap) -> Result<Verified, JwtError> {
         let token = bearer(headers).ok_or(JwtError::Missing)?;
-        let header = jsonwebtoken::decode_header(token).map_err(|_| JwtError::Invalid)?;
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        if let Some((claims, valid_until)) = self.cache.get(token) {
+            if now <= valid_until {
+                return Ok(Verified { claims });
+            }
+            self.cache.remove(token);
+        }
+        let header = jsonwebtoken::decode_header(token).map_err(|_| JwtError::Invalid)?;
         for auth in &self.auths {
             for key in &auth.keys {
                 let eligible = match (&header.kid, &key.kid) {
@@ -223,6 +271,10 @@ impl StageJwt {
                     continue;
                 }
                 if let Some(claims) = auth.try_key(token, key, now) {
+                    let claims = Arc::new(claims);
+                    if let Some(until) = auth.valid_until(&claims) {
+                        self.cache.insert(token.into(), (claims.clone(), until));
+                    }
                     return Ok(Verified { claims });
                 }
             }
@@ -358,5 +410,45 @@ mod tests {
         let v = StageJwt::new(vec![Arc::new(CompiledAuth::compile(&a).unwrap())]);
         let t = hs(json!({"exp": now() + 300}), Header::default());
         assert_eq!(v.verify(&headers(&t)).unwrap_err(), JwtError::Invalid);
+    }
+
+    #[test]
+    fn verified_tokens_are_cached_until_exp_plus_leeway() {
+        let v = hs_auth();
+        let exp = now() + 300;
+        let token = hs(
+            json!({"sub": "alice", "exp": exp, "aud": "orders", "iss": "idp"}),
+            Header::default(),
+        );
+        let first = v.verify(&headers(&token)).unwrap();
+        let second = v.verify(&headers(&token)).unwrap();
+        assert!(Arc::ptr_eq(&first.claims, &second.claims), "second check is a hit");
+        assert_eq!(v.cache.get(token.as_str()).unwrap().1, exp + 60);
+
+        // A hit is only as good as its deadline: an entry past it is not used (this token
+        // does not verify, so only a cache hit could accept it).
+        let forged = format!("{token}x");
+        let claims = first.claims.clone();
+        v.cache.insert(forged.as_str().into(), (claims.clone(), now() + 100));
+        assert!(v.verify(&headers(&forged)).is_ok());
+        v.cache.insert(forged.as_str().into(), (claims, now() - 1));
+        assert_eq!(v.verify(&headers(&forged)).unwrap_err(), JwtError::Invalid);
+        assert!(v.cache.get(forged.as_str()).is_none(), "stale entry dropped");
+    }
+
+    #[test]
+    fn cache_deadline_is_capped_by_the_auth_expiry() {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(SECRET);
+        let a: Auth = serde_json::from_value(json!({"id": "au01", "name": "t",
+            "connected_stages": ["prod"], "expired_at": "2030-01-01T00:00:00Z",
+            "verification": {"alg": "HS256", "secret_base64": b64}}))
+        .unwrap();
+        let auth = CompiledAuth::compile(&a).unwrap();
+        let far = json!({"exp": 4_000_000_000i64}).as_object().unwrap().clone();
+        assert_eq!(auth.valid_until(&far), Some(1_893_456_000));
+        let near = json!({"exp": 1_800_000_000i64}).as_object().unwrap().clone();
+        assert_eq!(auth.valid_until(&near), Some(1_800_000_060));
+        let none = json!({"sub": "x"}).as_object().unwrap().clone();
+        assert_eq!(auth.valid_until(&none), None);
     }
 }

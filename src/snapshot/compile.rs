@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::HeaderName;
+use http::{HeaderName, HeaderValue};
 
 use super::model::{EndpointType, IntegrationType, MethodType, Snapshot};
 use super::validate::{normalize_host, parse_target, split_list};
@@ -88,6 +88,8 @@ pub struct Canary {
 #[derive(Debug)]
 pub struct CompiledStage {
     pub name: Arc<str>,
+    /// `name` as the `x-scp-stage` value forwarded to backends.
+    pub name_header: Option<HeaderValue>,
     pub deployment: Arc<CompiledDeployment>,
     pub canary: Option<Canary>,
     pub integration_timeout: Duration,
@@ -113,6 +115,8 @@ impl CompiledStage {
 #[derive(Debug)]
 pub struct CompiledApi {
     pub id: Arc<str>,
+    /// `id` as the `x-scp-api-id` value forwarded to backends.
+    pub id_header: Option<HeaderValue>,
     pub name: String,
     pub revision: u64,
     pub endpoint_type: EndpointType,
@@ -341,6 +345,7 @@ pub fn compile(s: Snapshot) -> Result<CompiledApi, Vec<Issue>> {
             st.name.as_str().into(),
             CompiledStage {
                 name: Arc::from(st.name.as_str()),
+                name_header: HeaderValue::from_str(&st.name).ok(),
                 deployment,
                 canary,
                 integration_timeout: st
@@ -361,6 +366,7 @@ pub fn compile(s: Snapshot) -> Result<CompiledApi, Vec<Issue>> {
     }
     Ok(CompiledApi {
         id: Arc::from(s.api.id.as_str()),
+        id_header: HeaderValue::from_str(&s.api.id).ok(),
         name: s.api.name.clone(),
         revision: s.revision,
         endpoint_type: s.api.endpoint_type,
