@@ -2,7 +2,8 @@
 //! full policy chain, 1,000 APIs × 300 resources), measured side by side in one run with wrk
 //! over keep-alive connections.
 //!
-//! Run: `cargo bench --bench load` (needs `wrk`; the nginx rows need `nginx`).
+//! Run: `cargo bench --bench load` (needs `wrk`; the nginx rows need `nginx`, row 6 `oha`,
+//! the instruction counts `valgrind`).
 //! Environment: `LOAD_SECONDS` (per row, default 5), `LOAD_CONNECTIONS` (default 32),
 //! `LOAD_APIS` (APIs for the many-APIs row, default 1000).
 //!
@@ -119,6 +120,15 @@ impl Drop for Proc {
 }
 
 fn start_gateway(dir: &Path, cpus: &str, workers: u64, access_log: bool) -> (Proc, SocketAddr) {
+    start_gateway_with(dir, &["taskset", "-c", cpus], workers, access_log)
+}
+
+fn start_gateway_with(
+    dir: &Path,
+    prefix: &[&str],
+    workers: u64,
+    access_log: bool,
+) -> (Proc, SocketAddr) {
     let mut cfg = format!("[runtime]\nworker_threads = {workers}\n[snapshots]\nwatch = false\n");
     if access_log {
         cfg.push_str(&format!(
@@ -127,14 +137,9 @@ fn start_gateway(dir: &Path, cpus: &str, workers: u64, access_log: bool) -> (Pro
         ));
     }
     std::fs::write(dir.join("gw.toml"), cfg).unwrap();
-    let mut child = Command::new("taskset")
-        .args([
-            "-c",
-            cpus,
-            env!("CARGO_BIN_EXE_scp-gateway"),
-            "run",
-            "--config",
-        ])
+    let mut child = Command::new(prefix[0])
+        .args(&prefix[1..])
+        .args([env!("CARGO_BIN_EXE_scp-gateway"), "run", "--config"])
         .arg(dir.join("gw.toml"))
         .args([
             "--listen",
@@ -172,15 +177,26 @@ fn free_port() -> u16 {
 }
 
 fn start_nginx(dir: &Path, cpus: &str, workers: u64, backend: SocketAddr) -> (Proc, SocketAddr) {
+    start_nginx_with(dir, &["taskset", "-c", cpus, "nginx"], workers, backend, "")
+}
+
+fn start_nginx_with(
+    dir: &Path,
+    command: &[&str],
+    workers: u64,
+    backend: SocketAddr,
+    extra: &str,
+) -> (Proc, SocketAddr) {
     let port = free_port();
     let conf = format!(
-        "worker_processes {workers};\nerror_log {err} error;\npid {pid};\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  upstream backend {{ server {backend}; keepalive 64; }}\n  server {{\n    listen 127.0.0.1:{port};\n    location / {{ proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection \"\"; }}\n  }}\n}}\n",
+        "{extra}worker_processes {workers};\nerror_log {err} error;\npid {pid};\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  keepalive_requests 1000000;\n  upstream backend {{ server {backend}; keepalive 64; }}\n  server {{\n    listen 127.0.0.1:{port};\n    location / {{ proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection \"\"; }}\n  }}\n}}\n",
         err = dir.join("nginx-error.log").display(),
         pid = dir.join("nginx.pid").display(),
     );
     std::fs::write(dir.join("nginx.conf"), conf).unwrap();
-    let child = Command::new("taskset")
-        .args(["-c", cpus, "nginx", "-p"])
+    let child = Command::new(command[0])
+        .args(&command[1..])
+        .arg("-p")
         .arg(dir)
         .arg("-c")
         .arg(dir.join("nginx.conf"))
@@ -190,7 +206,7 @@ fn start_nginx(dir: &Path, cpus: &str, workers: u64, backend: SocketAddr) -> (Pr
         .spawn()
         .expect("start nginx");
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    for _ in 0..100 {
+    for _ in 0..1500 {
         if std::net::TcpStream::connect(addr).is_ok() {
             break;
         }
@@ -221,6 +237,164 @@ fn wait_ready(addr: SocketAddr, host: &str, headers: &[String]) {
         std::thread::sleep(Duration::from_millis(20));
     }
     panic!("{host} on {addr} never answered 200");
+}
+
+/// Stops a process with SIGTERM and waits (valgrind writes its counts on a normal exit).
+fn stop_gracefully(mut p: Proc) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &p.0.id().to_string()])
+        .status();
+    let _ = p.0.wait();
+}
+
+/// `n` GET requests over one keep-alive connection, each answered in full before the next:
+/// a fixed workload whose instruction count does not depend on timing.
+fn fixed_requests(addr: SocketAddr, host: &str, n: usize) -> std::io::Result<()> {
+    use std::io::{Error, Read, Write};
+    let stream = std::net::TcpStream::connect(addr)?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut writer = stream;
+    let req = format!("GET /prod/ping HTTP/1.1\r\nHost: {host}\r\n\r\n");
+    for _ in 0..n {
+        writer.write_all(req.as_bytes())?;
+        let mut len = 0usize;
+        let mut status = String::new();
+        reader.read_line(&mut status)?;
+        if !status.contains(" 200 ") {
+            return Err(Error::other(format!("fixed workload got {status:?}")));
+        }
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line)? == 0 {
+                return Err(Error::other("connection closed"));
+            }
+            if line == "\r\n" {
+                break;
+            }
+            if let Some((k, v)) = line.split_once(':') {
+                if k.eq_ignore_ascii_case("content-length") {
+                    len = v.trim().parse().map_err(Error::other)?;
+                }
+            }
+        }
+        let mut body = vec![0; len];
+        reader.read_exact(&mut body)?;
+    }
+    Ok(())
+}
+
+/// Instructions per proxied request under callgrind: two runs of `small` and `large`
+/// requests, the difference divided by the difference (start-up and shutdown cancel out).
+fn callgrind_per_request(
+    dir: &Path,
+    label: &str,
+    host: &str,
+    start: &dyn Fn(&[&str]) -> (Proc, SocketAddr),
+) -> Option<f64> {
+    let (small, large) = (1_000usize, 6_000usize);
+    let mut totals = Vec::new();
+    for n in [small, large] {
+        let out = dir.join(format!("callgrind-{label}-{n}.out"));
+        let out_arg = format!("--callgrind-out-file={}", out.display());
+        let (p, addr) = start(&["valgrind", "--tool=callgrind", &out_arg]);
+        let run = fixed_requests(addr, host, 1).and_then(|_| fixed_requests(addr, host, n));
+        stop_gracefully(p);
+        if let Err(e) = run {
+            eprintln!("warning: callgrind run of {label} failed: {e}");
+            return None;
+        }
+        let text = std::fs::read_to_string(&out).ok()?;
+        let total: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("summary:").or(l.strip_prefix("totals:")))?
+            .trim()
+            .parse()
+            .ok()?;
+        totals.push(total);
+    }
+    Some((totals[1] - totals[0]) / (large - small) as f64)
+}
+
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Opens `n` keep-alive connections, each after one answered request, and returns the
+/// gateway's RSS before and after (KiB), with the connections still open.
+fn idle_connections(pid: u32, addr: SocketAddr, host: &str, n: usize) -> (u64, u64, usize) {
+    use std::io::{Read, Write};
+    let before = rss_kib(pid).unwrap_or(0);
+    let req = format!("GET /prod/ping HTTP/1.1\r\nHost: {host}\r\n\r\n");
+    let mut open = Vec::with_capacity(n);
+    for _ in 0..n {
+        let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+            break;
+        };
+        if s.write_all(req.as_bytes()).is_err() {
+            break;
+        }
+        let mut buf = [0u8; 1024];
+        let mut got = Vec::new();
+        while !got.ends_with(b"ok") {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(k) => got.extend_from_slice(&buf[..k]),
+            }
+        }
+        open.push(s);
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let after = rss_kib(pid).unwrap_or(0);
+    (before, after, open.len())
+}
+
+/// An open-loop run at a fixed rate with oha, latencies corrected for coordinated omission.
+#[derive(Debug, Clone)]
+struct Fixed {
+    name: String,
+    achieved: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    p999_ms: f64,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn oha_fixed(
+    name: &str,
+    url: &str,
+    host: &str,
+    headers: &[String],
+    rate: u64,
+    seconds: u64,
+    conns: u64,
+) -> Option<Fixed> {
+    let mut cmd = Command::new("taskset");
+    cmd.args(["-c", "1", "oha", "--no-tui", "--output-format", "json"])
+        .args(["--latency-correction", "-q", &rate.to_string()])
+        .args(["-z", &format!("{seconds}s"), "-c", &conns.to_string()])
+        .args(["-H", &format!("Host: {host}")]);
+    for h in headers {
+        cmd.args(["-H", h]);
+    }
+    let out = cmd.arg(url).output().ok()?;
+    let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+    let p = |k: &str| v["latencyPercentiles"][k].as_f64().map(|s| s * 1000.0);
+    Some(Fixed {
+        name: name.into(),
+        achieved: v["summary"]["requestsPerSec"].as_f64()?,
+        p50_ms: p("p50")?,
+        p99_ms: p("p99")?,
+        p999_ms: p("p99.9")?,
+    })
 }
 
 #[derive(Debug, Default, Clone)]
@@ -308,6 +482,8 @@ fn main() {
             "the load benchmark needs `{tool}` (apt-get install wrk util-linux curl)"
         );
     }
+    // 10,000 idle connections need as many descriptors in this process.
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
     let seconds = env_num("LOAD_SECONDS", 5);
     let conns = env_num("LOAD_CONNECTIONS", 32);
     let apis = env_num("LOAD_APIS", 1000) as usize;
@@ -476,5 +652,132 @@ fn main() {
             manyr / bare * 100.0
         );
     }
-    println!("not measured yet: fixed-rate added latency (row 6, needs an open-loop generator such as wrk2 or oha), callgrind instruction counts");
+
+    // Row 6: open-loop runs at half the bare route's maximum (1 worker).
+    let bare_1w = base("gateway, bare route (1w)").unwrap_or(0.0);
+    let rate = (bare_1w / 2.0).round() as u64;
+    let mut fixed = Vec::new();
+    if has("oha") && rate > 0 {
+        fixed.extend(oha_fixed(
+            "direct to the backend",
+            &format!("http://{backend}/ping"),
+            "backend",
+            &[],
+            rate,
+            seconds,
+            conns,
+        ));
+        if has("nginx") {
+            let (_ng, addr) = start_nginx(tmp.path(), "0", 1, backend);
+            wait_ready(addr, "bare.test", &[]);
+            fixed.extend(oha_fixed(
+                "nginx → backend (1w)",
+                &format!("http://{addr}/prod/ping"),
+                "bare.test",
+                &[],
+                rate,
+                seconds,
+                conns,
+            ));
+        }
+        for (name, host, headers, log) in [
+            ("gateway, bare route (1w)", "bare.test", &[][..], false),
+            ("gateway, full policy chain (1w)", "full.test", &full_headers[..], true),
+        ] {
+            let (_gw, addr) = start_gateway(&single, "0", 1, log);
+            wait_ready(addr, host, headers);
+            fixed.extend(oha_fixed(
+                name,
+                &format!("http://{addr}/prod/ping"),
+                host,
+                headers,
+                rate,
+                seconds,
+                conns,
+            ));
+        }
+    }
+
+    // 10,000 idle keep-alive client connections.
+    let idle = {
+        let (gw, addr) = start_gateway(&single, "0", 1, false);
+        wait_ready(addr, "bare.test", &[]);
+        let r = idle_connections(gw.0.id(), addr, "bare.test", IDLE_CONNECTIONS);
+        drop(gw);
+        r
+    };
+
+    // Instructions per proxied request (bare route, 1 worker), gateway and nginx.
+    let callgrind = if has("valgrind") && std::env::var("LOAD_CALLGRIND").as_deref() != Ok("0") {
+        let gw = callgrind_per_request(tmp.path(), "gateway", "bare.test", &|prefix| {
+            start_gateway_with(&single, prefix, 1, false)
+        });
+        let ng = has("nginx")
+            .then(|| {
+                callgrind_per_request(tmp.path(), "nginx", "bare.test", &|prefix| {
+                    let mut cmd = prefix.to_vec();
+                    cmd.push("nginx");
+                    start_nginx_with(
+                        tmp.path(),
+                        &cmd,
+                        1,
+                        backend,
+                        "master_process off;\n",
+                    )
+                })
+            })
+            .flatten();
+        Some((gw, ng))
+    } else {
+        None
+    };
+
+    println!();
+    match fixed.first() {
+        Some(direct) => {
+            println!(
+                "row 6, open loop: oha -q {rate} (half the bare route's 1w maximum) -c{conns} -z{seconds}s --latency-correction, oha on CPU 1"
+            );
+            println!(
+                "{:<44} {:>10} {:>9} {:>9} {:>9} {:>14}",
+                "row", "req/s", "p50 ms", "p99 ms", "p99.9 ms", "added p99 ms"
+            );
+            for f in &fixed {
+                println!(
+                    "{:<44} {:>10.0} {:>9.3} {:>9.3} {:>9.3} {:>14.3}",
+                    f.name,
+                    f.achieved,
+                    f.p50_ms,
+                    f.p99_ms,
+                    f.p999_ms,
+                    f.p99_ms - direct.p99_ms
+                );
+            }
+        }
+        None => println!("row 6 (open loop) skipped: needs `oha` (cargo install oha)"),
+    }
+    let (before, after, opened) = idle;
+    println!(
+        "{opened} idle keep-alive connections: gateway RSS {before} KiB → {after} KiB, {:.1} MiB in all, {:.2} KiB each",
+        (after.saturating_sub(before)) as f64 / 1024.0,
+        (after.saturating_sub(before)) as f64 / opened.max(1) as f64
+    );
+    match callgrind {
+        Some((gw, ng)) => {
+            let show = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.0}"));
+            println!(
+                "instructions per proxied request (callgrind, bare route, 1 worker, 1 keep-alive connection, 6,000 − 1,000 requests): gateway {} nginx {}{}",
+                show(gw),
+                show(ng),
+                match (gw, ng) {
+                    (Some(g), Some(n)) => format!(" ({:.2}× nginx)", g / n),
+                    _ => String::new(),
+                }
+            );
+        }
+        None => println!("instruction counts skipped: needs `valgrind` (LOAD_CALLGRIND=0 skips them)"),
+    }
 }
+
+/// Idle keep-alive connections opened for the memory row.
+const IDLE_CONNECTIONS: usize = 10_000;

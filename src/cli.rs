@@ -154,6 +154,13 @@ fn run(args: RunArgs, demo_backend: Option<SocketAddr>) -> ExitCode {
     }) {
         return config_error(e);
     }
+    // Every client and backend connection is a descriptor: raise the soft limit to the hard
+    // one (as nginx's worker_rlimit_nofile would), so that a default 1,024 does not cap
+    // the gateway far below what the machine allows.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => tracing::debug!(limit = n, "open file limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the open file limit"),
+    }
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     rt.enable_all();
     if let Some(n) = config.runtime.worker_threads {

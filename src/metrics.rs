@@ -50,7 +50,40 @@ pub fn method_label(m: &http::Method) -> &str {
     }
 }
 
+/// What one answered request adds to the metrics.
+pub struct RequestSample<'a> {
+    pub api: &'a str,
+    pub stage: &'a str,
+    pub resource: &'a str,
+    pub method: &'a str,
+    pub status: u16,
+    pub latency: std::time::Duration,
+    /// Time spent in the integration, and its kind label.
+    pub integration: Option<(std::time::Duration, &'a str)>,
+}
+
 impl Metrics {
+    /// Counts one answered request and observes its latencies.
+    pub fn record_request(&self, s: &RequestSample<'_>) {
+        self.requests
+            .with_label_values(&[
+                s.api,
+                s.stage,
+                s.resource,
+                s.method,
+                status_class(s.status),
+            ])
+            .inc();
+        self.request_duration
+            .with_label_values(&[s.api, s.stage])
+            .observe(s.latency.as_secs_f64());
+        if let Some((elapsed, kind)) = s.integration {
+            self.integration_duration
+                .with_label_values(&[s.api, s.stage, kind])
+                .observe(elapsed.as_secs_f64());
+        }
+    }
+
     pub fn new() -> Self {
         let registry = Registry::new();
         let requests = IntCounterVec::new(

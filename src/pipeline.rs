@@ -21,7 +21,7 @@ use crate::config::{FailureMode, Limits};
 use crate::integration::http::{
     self as http_integration, ForwardInfo, X_SCP_ENDPOINT_ID, X_SCP_REQUEST_ID,
 };
-use crate::metrics::{method_label, status_class};
+use crate::metrics::method_label;
 use crate::path::{self, NormalizedPath};
 use crate::policy::apikey::{CompiledPlan, KeyError};
 use crate::policy::client_addr;
@@ -691,18 +691,17 @@ fn record(app: &App, ctx: &RequestContext<'_>, resp: &Response<GatewayBody>) {
     let resource = ctx.route.map_or("", |r| &r.template);
     let method = method_label(&ctx.method);
     let latency = ctx.started.elapsed();
-    let m = &app.metrics;
-    m.requests
-        .with_label_values(&[api, stage, resource, method, status_class(status)])
-        .inc();
-    m.request_duration
-        .with_label_values(&[api, stage])
-        .observe(latency.as_secs_f64());
-    if let (Some(elapsed), Some(mr)) = (ctx.integration_elapsed, ctx.method_route) {
-        m.integration_duration
-            .with_label_values(&[api, stage, mr.integration.kind().as_str()])
-            .observe(elapsed.as_secs_f64());
-    }
+    app.metrics.record_request(&crate::metrics::RequestSample {
+        api,
+        stage,
+        resource,
+        method,
+        status,
+        latency,
+        integration: ctx
+            .integration_elapsed
+            .zip(ctx.method_route.map(|m| m.integration.kind().as_str())),
+    });
     let method = crate::report::static_method(method).unwrap_or("OTHER");
     if let (Some(a), Some(s)) = (ctx.api, ctx.stage) {
         app.reports.record(&crate::report::Sample {

@@ -258,6 +258,11 @@ impl StageJwt {
             }
             self.cache.remove(token);
         }
+        self.verify_token(token, now)
+    }
+
+    /// Verifies `token` in full (signature, claims) and caches it when it verifies.
+    pub fn verify_token(&self, token: &str, now: i64) -> Result<Verified, JwtError> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| JwtError::Invalid)?;
         for auth in &self.auths {
             for key in &auth.keys {
