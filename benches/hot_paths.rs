@@ -33,10 +33,12 @@ fn resources(n: usize, backend: &str) -> Vec<Value> {
     let mut rs =
         vec![json!({"id": "root", "parent_id": "", "path": "/", "path_part": "", "methods": []})];
     for i in 0..n.saturating_sub(1) {
-        rs.push(json!({"id": format!("r{i}"), "parent_id": "root", "path": format!("/res{i:04}"),
+        rs.push(
+            json!({"id": format!("r{i}"), "parent_id": "root", "path": format!("/res{i:04}"),
             "path_part": format!("res{i:04}"), "methods": [{"method_type": "GET",
             "integration_type": "HTTP", "api_key_required": true,
-            "endpoint_url": format!("{backend}/r{i}")}]}));
+            "endpoint_url": format!("{backend}/r{i}")}]}),
+        );
     }
     rs
 }
@@ -76,14 +78,17 @@ fn route_lookup_1000_apis(c: &mut Criterion) {
         let api = scp_gateway::snapshot::build(&serde_json::to_vec(&doc).unwrap()).unwrap();
         state = state.with_api(Arc::new(api)).unwrap();
     }
-    c.bench_function("route_lookup_1000_apis_x_300/host_stage_resource_method", |b| {
-        b.iter(|| {
-            let api = state.api_for_host(black_box("api0500.test")).unwrap();
-            let routes = &api.stage(black_box("prod")).unwrap().deployment.routes;
-            let (id, params) = routes.find(black_box("/res0150")).unwrap();
-            black_box((routes.route(id).methods.get(&http::Method::GET), params))
-        })
-    });
+    c.bench_function(
+        "route_lookup_1000_apis_x_300/host_stage_resource_method",
+        |b| {
+            b.iter(|| {
+                let api = state.api_for_host(black_box("api0500.test")).unwrap();
+                let routes = &api.stage(black_box("prod")).unwrap().deployment.routes;
+                let (id, params) = routes.find(black_box("/res0150")).unwrap();
+                black_box((routes.route(id).methods.get(&http::Method::GET), params))
+            })
+        },
+    );
 }
 
 fn acl_100_entries(c: &mut Criterion) {
@@ -156,7 +161,10 @@ fn apikey_lookup(c: &mut Criterion) {
     let mut good = HeaderMap::new();
     good.insert("x-scp-apikey", HeaderValue::from_static(KEY));
     let mut bad = HeaderMap::new();
-    bad.insert("x-scp-apikey", HeaderValue::from_static("not-a-key-not-a-key-xx"));
+    bad.insert(
+        "x-scp-apikey",
+        HeaderValue::from_static("not-a-key-not-a-key-xx"),
+    );
     assert!(keys.check(&good).is_ok() && keys.check(&bad).is_err());
     let mut g = c.benchmark_group("apikey_lookup");
     g.bench_function("known", |b| {

@@ -120,7 +120,7 @@ impl Drop for Proc {
 }
 
 fn start_gateway(dir: &Path, cpus: &str, workers: u64, access_log: bool) -> (Proc, SocketAddr) {
-    start_gateway_with(dir, &["taskset", "-c", cpus], workers, access_log)
+    start_gateway_with(dir, &["taskset", "-c", cpus], workers, access_log, "")
 }
 
 fn start_gateway_with(
@@ -128,8 +128,10 @@ fn start_gateway_with(
     prefix: &[&str],
     workers: u64,
     access_log: bool,
+    extra: &str,
 ) -> (Proc, SocketAddr) {
-    let mut cfg = format!("[runtime]\nworker_threads = {workers}\n[snapshots]\nwatch = false\n");
+    let mut cfg =
+        format!("[runtime]\nworker_threads = {workers}\n[snapshots]\nwatch = false\n{extra}");
     if access_log {
         cfg.push_str(&format!(
             "[access_log]\nenabled = true\npath = {:?}\n",
@@ -584,6 +586,32 @@ fn main() {
             &accepted,
         ));
     }
+    // Fleet mode: the full chain with quotas in Redis (redis-server pinned with the backend).
+    if has("redis-server") {
+        let port = free_port();
+        let _redis = Proc(
+            Command::new("taskset")
+                .args(["-c", "1", "redis-server", "--port", &port.to_string()])
+                .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("start redis-server"),
+        );
+        let fleet_cfg =
+            format!("[quota]\nbackend = \"redis\"\nredis_url = \"redis://127.0.0.1:{port}/0\"\nfailure_mode = \"closed\"\n");
+        let (_gw, addr) = start_gateway_with(&single, &["taskset", "-c", "0"], 1, true, &fleet_cfg);
+        wait_ready(addr, "full.test", &full_headers);
+        rows.push(wrk(
+            "gateway, full chain, fleet mode/Redis (1w)",
+            &format!("http://{addr}/prod/ping"),
+            "full.test",
+            &full_headers,
+            seconds,
+            conns,
+            &accepted,
+        ));
+    }
+
     let started = std::time::Instant::now();
     let (gw, addr) = start_gateway(&many, "0", 1, false);
     let host = format!("api{:04}.test", apis / 2);
@@ -643,6 +671,15 @@ fn main() {
             );
         }
     }
+    if let (Some(local), Some(redis)) = (
+        base("gateway, full policy chain (1w)"),
+        base("gateway, full chain, fleet mode"),
+    ) {
+        println!(
+            "fleet mode: full chain with the Redis quota store at {:.2}× the local store's req/s (1w)",
+            redis / local
+        );
+    }
     if let (Some(bare), Some(manyr)) = (
         base("gateway, bare route (1w)"),
         base(&format!("gateway, {apis} APIs")),
@@ -682,7 +719,12 @@ fn main() {
         }
         for (name, host, headers, log) in [
             ("gateway, bare route (1w)", "bare.test", &[][..], false),
-            ("gateway, full policy chain (1w)", "full.test", &full_headers[..], true),
+            (
+                "gateway, full policy chain (1w)",
+                "full.test",
+                &full_headers[..],
+                true,
+            ),
         ] {
             let (_gw, addr) = start_gateway(&single, "0", 1, log);
             wait_ready(addr, host, headers);
@@ -710,20 +752,14 @@ fn main() {
     // Instructions per proxied request (bare route, 1 worker), gateway and nginx.
     let callgrind = if has("valgrind") && std::env::var("LOAD_CALLGRIND").as_deref() != Ok("0") {
         let gw = callgrind_per_request(tmp.path(), "gateway", "bare.test", &|prefix| {
-            start_gateway_with(&single, prefix, 1, false)
+            start_gateway_with(&single, prefix, 1, false, "")
         });
         let ng = has("nginx")
             .then(|| {
                 callgrind_per_request(tmp.path(), "nginx", "bare.test", &|prefix| {
                     let mut cmd = prefix.to_vec();
                     cmd.push("nginx");
-                    start_nginx_with(
-                        tmp.path(),
-                        &cmd,
-                        1,
-                        backend,
-                        "master_process off;\n",
-                    )
+                    start_nginx_with(tmp.path(), &cmd, 1, backend, "master_process off;\n")
                 })
             })
             .flatten();
@@ -775,7 +811,9 @@ fn main() {
                 }
             );
         }
-        None => println!("instruction counts skipped: needs `valgrind` (LOAD_CALLGRIND=0 skips them)"),
+        None => {
+            println!("instruction counts skipped: needs `valgrind` (LOAD_CALLGRIND=0 skips them)")
+        }
     }
 }
 

@@ -7,8 +7,8 @@
 use std::io::Write;
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::mpsc::{sync_channel, SyncSender, TryRecvError, TrySendError};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -93,7 +93,7 @@ pub struct AccessLog {
 }
 
 /// Entries waiting for the writer at most.
-const QUEUE: usize = 65_536;
+const QUEUE: usize = 16_384;
 /// How often the writer drains the queue (a line reaches the file at most this late).
 const DRAIN_INTERVAL: Duration = Duration::from_millis(20);
 

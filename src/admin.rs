@@ -276,7 +276,25 @@ async fn v1(app: &Arc<App>, path: &str, query: &str, rid: &HeaderValue) -> Respo
                 Ok(p) => p,
                 Err(m) => return bad(m),
             };
-            let report = app.reports.report(api_id, stage, start, end);
+            let report = match &app.fleet {
+                None => app.reports.report(api_id, stage, start, end),
+                Some(fleet) => match app
+                    .reports
+                    .fleet_report(fleet, api_id, stage, start, end)
+                    .await
+                {
+                    Ok(r) => r,
+                    Err(e) => {
+                        return admin_error(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "REPORT_STORE_UNAVAILABLE",
+                            format!("the fleet's report store failed: {e}"),
+                            rid,
+                            None,
+                        )
+                    }
+                },
+            };
             json(
                 StatusCode::OK,
                 &serde_json::to_value(report).unwrap_or_default(),

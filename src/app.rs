@@ -8,10 +8,11 @@ use ipnet::IpNet;
 
 use crate::access_log::{AccessLog, Target};
 use crate::config::{Config, QuotaBackend};
+use crate::fleet::Fleet;
 use crate::integration::http::{client, tls_config, HttpClient};
 use crate::integration::privatelink::PrivateLinkClients;
 use crate::metrics::Metrics;
-use crate::policy::quota::{LocalQuotaStore, QuotaStore};
+use crate::policy::quota::{LocalQuotaStore, QuotaStore, RedisQuotaStore};
 use crate::policy::throttle::Throttles;
 use crate::reload::{Control, SnapshotDir};
 use crate::report::Reports;
@@ -35,6 +36,8 @@ pub struct App {
     pub privatelink: PrivateLinkClients,
     /// Quota counters, keyed by stable ids so that they survive reloads.
     pub quota: Arc<dyn QuotaStore>,
+    /// Fleet mode's shared Redis (`quota.backend = "redis"`).
+    pub fleet: Option<Arc<Fleet>>,
     /// Report aggregates (flushed with the quota counters).
     pub reports: Arc<Reports>,
     /// The access log, when enabled.
@@ -62,10 +65,14 @@ impl App {
                 .map_err(|e| format!("config key `state.dir`: {}: {e}", db_path.display()))?,
         );
         let metrics = Metrics::new();
-        let quota: Arc<dyn QuotaStore> = match config.quota.backend {
-            QuotaBackend::Local => LocalQuotaStore::open(db.clone())?,
+        let (quota, fleet): (Arc<dyn QuotaStore>, _) = match config.quota.backend {
+            QuotaBackend::Local => (LocalQuotaStore::open(db.clone())?, None),
             QuotaBackend::Redis => {
-                return Err("config key `quota.backend`: \"redis\" (fleet mode) is not available in this build yet; use \"local\"".into())
+                let fleet = Fleet::start(&config.quota.redis_url, config.quota.timeout)?;
+                (
+                    RedisQuotaStore::new(fleet.clone(), RETENTION_DAYS * 86_400),
+                    Some(fleet),
+                )
             }
         };
         let reports = Reports::open(db)?;
@@ -92,6 +99,7 @@ impl App {
             client,
             privatelink,
             quota,
+            fleet,
             reports,
             access_log,
             throttles: Throttles::default(),
@@ -154,6 +162,11 @@ impl App {
                 tick.tick().await;
                 let a = app.clone();
                 app.control.run(move || a.flush_state()).await;
+                if let Some(fleet) = &app.fleet {
+                    if let Err(e) = app.reports.push(fleet).await {
+                        tracing::warn!(error = %e, "report aggregates could not be shared with the fleet; retrying");
+                    }
+                }
             }
         });
     }

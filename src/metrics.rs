@@ -66,13 +66,7 @@ impl Metrics {
     /// Counts one answered request and observes its latencies.
     pub fn record_request(&self, s: &RequestSample<'_>) {
         self.requests
-            .with_label_values(&[
-                s.api,
-                s.stage,
-                s.resource,
-                s.method,
-                status_class(s.status),
-            ])
+            .with_label_values(&[s.api, s.stage, s.resource, s.method, status_class(s.status)])
             .inc();
         self.request_duration
             .with_label_values(&[s.api, s.stage])

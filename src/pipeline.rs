@@ -386,7 +386,10 @@ async fn admit_quota(app: &App, ctx: &mut RequestContext<'_>) -> Result<(), Reje
                 .quota_store_errors
                 .with_label_values(&[app.quota.backend()])
                 .inc();
-            tracing::warn!(error = %e, "quota store failed");
+            static WARN: crate::log_throttle::LogThrottle = crate::log_throttle::LogThrottle::new();
+            if let Some(held_back) = WARN.allow() {
+                tracing::warn!(error = %e, failure_mode = ?app.config.quota.failure_mode, similar_lines_held_back = held_back, "quota store failed");
+            }
             match app.config.quota.failure_mode {
                 FailureMode::Open => Ok(()),
                 FailureMode::Closed => Err(Rejection::QuotaStoreUnavailable),

@@ -14,12 +14,38 @@ use serde::{Deserialize, Serialize};
 use sketches_ddsketch::{Config as SketchConfig, DDSketch};
 use time::{Date, OffsetDateTime};
 
+use crate::fleet::{Fleet, FleetError};
+
 /// Relative accuracy of the latency sketches (the contract asks for 5%).
 const SKETCH_ALPHA: f64 = 0.01;
 /// Reports may span at most this many days between start and end.
 pub const MAX_RANGE_DAYS: i64 = 31;
 
 const REPORTS: TableDefinition<&str, &[u8]> = TableDefinition::new("report_aggregates");
+const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
+
+/// This gateway instance's id: made once at first start and kept in the state database.
+fn instance_id(db: &Database) -> Result<String, String> {
+    let e = |e: &dyn std::fmt::Display| format!("state database: {e}");
+    let tx = db.begin_write().map_err(|x| e(&x))?;
+    let id = {
+        let mut meta = tx.open_table(META).map_err(|x| e(&x))?;
+        let existing = meta
+            .get("instance_id")
+            .map_err(|x| e(&x))?
+            .map(|v| v.value().to_owned());
+        match existing {
+            Some(id) => id,
+            None => {
+                let id = format!("{:016x}", rand::random::<u64>());
+                meta.insert("instance_id", id.as_str()).map_err(|x| e(&x))?;
+                id
+            }
+        }
+    };
+    tx.commit().map_err(|x| e(&x))?;
+    Ok(id)
+}
 
 static NO_RESOURCE: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from(""));
 
@@ -85,6 +111,9 @@ struct Agg {
     integration: DDSketch,
     #[serde(skip)]
     dirty: bool,
+    /// Changed since the last push to the fleet's Redis.
+    #[serde(skip)]
+    shared_dirty: bool,
 }
 
 impl Default for Agg {
@@ -96,6 +125,7 @@ impl Default for Agg {
             latency: sketch(),
             integration: sketch(),
             dirty: false,
+            shared_dirty: false,
         }
     }
 }
@@ -116,6 +146,9 @@ pub struct Reports {
     aggs: DashMap<Key, Agg>,
     db: Arc<Database>,
     any_dirty: AtomicBool,
+    /// This instance's id in fleet reports (kept in the state database, so that a restarted
+    /// instance goes on with its own aggregates instead of adding a second copy).
+    instance: String,
 }
 
 #[derive(Debug, Serialize, PartialEq)]
@@ -224,10 +257,16 @@ impl Reports {
                 Err(e) => return Err(e.to_string()),
             }
         }
+        let instance = instance_id(&db)?;
+        // Everything loaded is pushed once in fleet mode (the fleet may have lost it).
+        for mut a in aggs.iter_mut() {
+            a.shared_dirty = true;
+        }
         Ok(Arc::new(Self {
             aggs,
             db,
             any_dirty: AtomicBool::new(false),
+            instance,
         }))
     }
 
@@ -252,6 +291,7 @@ impl Reports {
             agg.integration.add(i.as_secs_f64() * 1000.0);
         }
         agg.dirty = true;
+        agg.shared_dirty = true;
         drop(agg);
         self.any_dirty.store(true, Ordering::Relaxed);
     }
@@ -299,27 +339,133 @@ impl Reports {
     /// The report of one stage for `[start, end]` (UTC days, inclusive).
     pub fn report(&self, api: &str, stage: &str, start: Date, end: Date) -> ReportList {
         let (from, to) = (day_number(start), day_number(end));
-        let mut days: std::collections::BTreeMap<i32, Agg> = std::collections::BTreeMap::new();
-        let mut per_resource: HashMap<(Arc<str>, &'static str), u64> = HashMap::new();
+        let mut b = ReportBuilder::default();
         for entry in self.aggs.iter() {
             let k = entry.key();
             if &*k.api != api || &*k.stage != stage || k.day < from || k.day > to {
                 continue;
             }
-            let a = entry.value();
-            let d = days.entry(k.day).or_default();
-            d.ok += a.ok;
-            d.client_errors += a.client_errors;
-            d.server_errors += a.server_errors;
-            let _ = d.latency.merge(&a.latency);
-            let _ = d.integration.merge(&a.integration);
-            if a.ok > 0 && !k.resource.is_empty() {
-                *per_resource
-                    .entry((k.resource.clone(), k.method))
-                    .or_default() += a.ok;
+            b.add(k.day, &k.resource, k.method, entry.value());
+        }
+        b.finish()
+    }
+
+    /// Fleet mode: writes this instance's changed aggregates to Redis, one hash per (API,
+    /// stage, day) with a field per (instance, resource, method). Each instance writes only
+    /// its own cumulative aggregates, so a reader merges them without double counting.
+    pub async fn push(&self, fleet: &Fleet) -> Result<(), FleetError> {
+        let mut rows = Vec::new();
+        for mut a in self.aggs.iter_mut() {
+            if a.shared_dirty {
+                a.shared_dirty = false;
+                let k = a.key();
+                rows.push((
+                    fleet_key(&k.api, &k.stage, k.day),
+                    format!("{}\u{1f}{}\u{1f}{}", self.instance, k.resource, k.method),
+                    serde_json::to_vec(a.value()).unwrap_or_default(),
+                    k.clone(),
+                ));
             }
         }
-        let reports: Vec<DayReport> = days
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for (key, field, value, k) in &rows {
+            pipe.hset(key, field, value.as_slice()).ignore();
+            let expire_at = (i64::from(k.day) + 1 + FLEET_RETENTION_DAYS) * 86_400;
+            pipe.expire_at(key, expire_at).ignore();
+        }
+        let r = fleet
+            .call(|mut conn| async move { pipe.query_async::<()>(&mut conn).await })
+            .await;
+        if r.is_err() {
+            // Written again on the next push.
+            for (_, _, _, k) in &rows {
+                if let Some(mut a) = self.aggs.get_mut(k) {
+                    a.shared_dirty = true;
+                }
+            }
+        }
+        r
+    }
+
+    /// Fleet mode: the report of every instance's aggregates (this instance's pushed first,
+    /// so that its own latest requests are in).
+    pub async fn fleet_report(
+        &self,
+        fleet: &Fleet,
+        api: &str,
+        stage: &str,
+        start: Date,
+        end: Date,
+    ) -> Result<ReportList, FleetError> {
+        self.push(fleet).await?;
+        let days: Vec<i32> = (day_number(start)..=day_number(end)).collect();
+        let mut pipe = redis::pipe();
+        for d in &days {
+            pipe.hgetall(fleet_key(api, stage, *d));
+        }
+        let maps: Vec<HashMap<String, Vec<u8>>> = fleet
+            .call(|mut conn| async move { pipe.query_async(&mut conn).await })
+            .await?;
+        let mut b = ReportBuilder::default();
+        for (day, m) in days.iter().zip(maps) {
+            for (field, value) in m {
+                let mut it = field.split('\u{1f}');
+                let (Some(_instance), Some(resource), Some(method)) =
+                    (it.next(), it.next(), it.next().and_then(static_method))
+                else {
+                    continue;
+                };
+                match serde_json::from_slice::<Agg>(&value) {
+                    Ok(agg) => b.add(*day, resource, method, &agg),
+                    Err(_) => tracing::warn!("skipping an unreadable fleet report aggregate"),
+                }
+            }
+        }
+        Ok(b.finish())
+    }
+}
+
+/// Days a fleet report aggregate is kept in Redis after its day.
+const FLEET_RETENTION_DAYS: i64 = 62;
+
+fn fleet_key(api: &str, stage: &str, day: i32) -> String {
+    format!(
+        "{}:reports:{}:{}:{day}",
+        crate::fleet::PREFIX,
+        crate::fleet::key_part(api),
+        crate::fleet::key_part(stage)
+    )
+}
+
+/// Merges aggregates into one report.
+#[derive(Default)]
+struct ReportBuilder {
+    days: std::collections::BTreeMap<i32, Agg>,
+    per_resource: HashMap<(String, &'static str), u64>,
+}
+
+impl ReportBuilder {
+    fn add(&mut self, day: i32, resource: &str, method: &'static str, a: &Agg) {
+        let d = self.days.entry(day).or_default();
+        d.ok += a.ok;
+        d.client_errors += a.client_errors;
+        d.server_errors += a.server_errors;
+        let _ = d.latency.merge(&a.latency);
+        let _ = d.integration.merge(&a.integration);
+        if a.ok > 0 && !resource.is_empty() {
+            *self
+                .per_resource
+                .entry((resource.to_owned(), method))
+                .or_default() += a.ok;
+        }
+    }
+
+    fn finish(self) -> ReportList {
+        let reports: Vec<DayReport> = self
+            .days
             .into_iter()
             .map(|(day, a)| DayReport {
                 date: format_date(date_of(day)),
@@ -330,7 +476,8 @@ impl Reports {
                 integration_latency: summarize(&a.integration),
             })
             .collect();
-        let mut top: Vec<TopResource> = per_resource
+        let mut top: Vec<TopResource> = self
+            .per_resource
             .into_iter()
             .map(|((path, method), calls)| TopResource {
                 name: path

@@ -192,6 +192,9 @@ impl CompiledAuth {
     }
 }
 
+/// A verified token's claims and the last second (Unix) it may be accepted without a check.
+type CachedToken = (Arc<Map<String, Value>>, i64);
+
 /// Verified tokens kept per stage at most.
 pub const CACHE_TOKENS: usize = 4096;
 
@@ -199,7 +202,7 @@ pub const CACHE_TOKENS: usize = 4096;
 pub struct StageJwt {
     auths: Vec<Arc<CompiledAuth>>,
     /// Verified tokens → their claims and the last second they may be accepted.
-    cache: quick_cache::sync::Cache<Box<str>, (Arc<Map<String, Value>>, i64)>,
+    cache: quick_cache::sync::Cache<Box<str>, CachedToken>,
 }
 
 impl Default for StageJwt {
@@ -427,18 +430,25 @@ mod tests {
         );
         let first = v.verify(&headers(&token)).unwrap();
         let second = v.verify(&headers(&token)).unwrap();
-        assert!(Arc::ptr_eq(&first.claims, &second.claims), "second check is a hit");
+        assert!(
+            Arc::ptr_eq(&first.claims, &second.claims),
+            "second check is a hit"
+        );
         assert_eq!(v.cache.get(token.as_str()).unwrap().1, exp + 60);
 
         // A hit is only as good as its deadline: an entry past it is not used (this token
         // does not verify, so only a cache hit could accept it).
         let forged = format!("{token}x");
         let claims = first.claims.clone();
-        v.cache.insert(forged.as_str().into(), (claims.clone(), now() + 100));
+        v.cache
+            .insert(forged.as_str().into(), (claims.clone(), now() + 100));
         assert!(v.verify(&headers(&forged)).is_ok());
         v.cache.insert(forged.as_str().into(), (claims, now() - 1));
         assert_eq!(v.verify(&headers(&forged)).unwrap_err(), JwtError::Invalid);
-        assert!(v.cache.get(forged.as_str()).is_none(), "stale entry dropped");
+        assert!(
+            v.cache.get(forged.as_str()).is_none(),
+            "stale entry dropped"
+        );
     }
 
     #[test]
@@ -449,9 +459,15 @@ mod tests {
             "verification": {"alg": "HS256", "secret_base64": b64}}))
         .unwrap();
         let auth = CompiledAuth::compile(&a).unwrap();
-        let far = json!({"exp": 4_000_000_000i64}).as_object().unwrap().clone();
+        let far = json!({"exp": 4_000_000_000i64})
+            .as_object()
+            .unwrap()
+            .clone();
         assert_eq!(auth.valid_until(&far), Some(1_893_456_000));
-        let near = json!({"exp": 1_800_000_000i64}).as_object().unwrap().clone();
+        let near = json!({"exp": 1_800_000_000i64})
+            .as_object()
+            .unwrap()
+            .clone();
         assert_eq!(auth.valid_until(&near), Some(1_800_000_060));
         let none = json!({"sub": "x"}).as_object().unwrap().clone();
         assert_eq!(auth.valid_until(&none), None);

@@ -1,7 +1,8 @@
 //! Usage-plan quotas (`request-pipeline.md`, "API keys and usage-plan quotas"): requests
 //! counted per (usage plan, API key) in UTC calendar windows, at admission, never above the
 //! limit. [`QuotaStore`] is the seam for fleet mode: [`LocalQuotaStore`] keeps counters in
-//! memory and persists them in an embedded redb database under `state.dir`.
+//! memory and persists them in an embedded redb database under `state.dir`;
+//! [`RedisQuotaStore`] shares them with the other instances of a fleet.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -12,6 +13,9 @@ use redb::{Database, ReadableTable, TableDefinition};
 use time::{Date, OffsetDateTime, Time};
 
 use crate::snapshot::model::QuotaRate;
+
+mod redis;
+pub use self::redis::RedisQuotaStore;
 
 /// The calendar window containing an instant: `[start, end)` in Unix seconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,0 +1,169 @@
+//! Fleet-mode quota store: counters in Redis, shared by every instance of a fleet, so that a
+//! usage plan's limit holds for the fleet and not per instance.
+//!
+//! One admission is one round trip: a Lua script (EVALSHA) checks the window's counter and
+//! increments it only when under the limit, and counts the admission in the key's usage hour
+//! in the same atomic step. Keys are named from stable ids (usage plan, key, window start)
+//! and expire an hour after their window ends; usage hours expire after the retention
+//! period. Redis failures and timeouts surface as [`QuotaError::Unavailable`]; the pipeline
+//! applies `quota.failure_mode` and counts `apigw_quota_store_errors_total`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use futures_util::future::BoxFuture;
+use time::OffsetDateTime;
+
+use super::{QuotaError, QuotaStore, UsageRow, Window};
+use crate::fleet::{key_part, Fleet, FleetError, PREFIX};
+
+/// KEYS[1]: the window counter, KEYS[2]: the usage hour (a hash of key id → count).
+/// ARGV: limit, counter expiry (Unix s), key id, usage expiry (Unix s).
+/// Returns {count after the call, 1 if admitted else 0}.
+const ADMIT: &str = r"
+local count = tonumber(redis.call('GET', KEYS[1]) or '0')
+if count < tonumber(ARGV[1]) then
+  count = redis.call('INCR', KEYS[1])
+  redis.call('EXPIREAT', KEYS[1], ARGV[2])
+  redis.call('HINCRBY', KEYS[2], ARGV[3], 1)
+  redis.call('EXPIREAT', KEYS[2], ARGV[4])
+  return {count, 1}
+end
+return {count, 0}
+";
+
+/// How long after its window's end a counter is kept (clock skew between instances).
+const COUNTER_GRACE_SECS: i64 = 3600;
+
+pub struct RedisQuotaStore {
+    fleet: Arc<Fleet>,
+    admit: redis::Script,
+    retention_secs: i64,
+}
+
+impl RedisQuotaStore {
+    pub fn new(fleet: Arc<Fleet>, retention_secs: i64) -> Arc<Self> {
+        Arc::new(Self {
+            fleet,
+            admit: redis::Script::new(ADMIT),
+            retention_secs,
+        })
+    }
+}
+
+fn counter_key(plan_id: &str, key_id: &str, window: Window) -> String {
+    format!(
+        "{PREFIX}:quota:{}:{}:{}",
+        key_part(plan_id),
+        key_part(key_id),
+        window.start
+    )
+}
+
+fn usage_key(plan_id: &str, hour: i64) -> String {
+    format!("{PREFIX}:usage:{}:{hour}", key_part(plan_id))
+}
+
+fn unavailable(e: FleetError) -> QuotaError {
+    QuotaError::Unavailable(e.to_string())
+}
+
+/// Hours of usage one query reads at most (the retention period).
+const MAX_USAGE_HOURS: i64 = 24 * 63;
+
+impl QuotaStore for RedisQuotaStore {
+    fn admit<'a>(
+        &'a self,
+        plan_id: &'a str,
+        key_id: &'a str,
+        limit: u64,
+        window: Window,
+    ) -> BoxFuture<'a, Result<(u64, bool), QuotaError>> {
+        Box::pin(async move {
+            let hour = OffsetDateTime::now_utc().unix_timestamp().div_euclid(3600) * 3600;
+            let mut call = self.admit.prepare_invoke();
+            call.key(counter_key(plan_id, key_id, window))
+                .key(usage_key(plan_id, hour))
+                .arg(limit)
+                .arg(window.end + COUNTER_GRACE_SECS)
+                .arg(key_id)
+                .arg(hour + self.retention_secs);
+            let (count, admitted): (u64, u8) = self
+                .fleet
+                .call(|mut conn| async move { call.invoke_async(&mut conn).await })
+                .await
+                .map_err(unavailable)?;
+            Ok((count, admitted == 1))
+        })
+    }
+
+    fn usage<'a>(
+        &'a self,
+        plan_id: &'a str,
+        from: i64,
+        to: i64,
+    ) -> BoxFuture<'a, Result<Vec<UsageRow>, QuotaError>> {
+        Box::pin(async move {
+            let first = from.div_euclid(3600) * 3600;
+            let hours: Vec<i64> = (0..MAX_USAGE_HOURS)
+                .map(|i| first + i * 3600)
+                .take_while(|h| *h < to)
+                .collect();
+            let mut pipe = redis::pipe();
+            for h in &hours {
+                pipe.hgetall(usage_key(plan_id, *h));
+            }
+            let maps: Vec<HashMap<String, u64>> = self
+                .fleet
+                .call(|mut conn| async move { pipe.query_async(&mut conn).await })
+                .await
+                .map_err(unavailable)?;
+            Ok(hours
+                .iter()
+                .zip(maps)
+                .flat_map(|(hour, m)| {
+                    m.into_iter().map(move |(key_id, count)| UsageRow {
+                        key_id,
+                        hour_start: *hour,
+                        count,
+                    })
+                })
+                .collect())
+        })
+    }
+
+    /// Nothing to write: every admission is already in Redis.
+    fn flush(&self) -> Result<(), QuotaError> {
+        Ok(())
+    }
+
+    /// Nothing to prune: keys carry their own expiry.
+    fn prune(&self, _before: i64) -> Result<(), QuotaError> {
+        Ok(())
+    }
+
+    fn backend(&self) -> &'static str {
+        "redis"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_named_from_stable_ids() {
+        let w = Window {
+            start: 1_790_000_000,
+            end: 1_790_003_600,
+        };
+        assert_eq!(
+            counter_key("up-1", "k:1", w),
+            "scpgw:quota:up-1:k%3A1:1790000000"
+        );
+        assert_eq!(
+            usage_key("up-1", 1_790_000_000),
+            "scpgw:usage:up-1:1790000000"
+        );
+    }
+}
