@@ -48,6 +48,8 @@ pub struct App {
     draining: AtomicBool,
     /// Open client connections on the data-plane listeners (drained on shutdown).
     pub active_connections: AtomicUsize,
+    /// One permit per open client connection (`limits.max_connections`).
+    pub connection_slots: Arc<tokio::sync::Semaphore>,
     last_prune_hour: std::sync::atomic::AtomicI64,
 }
 
@@ -88,6 +90,7 @@ impl App {
         } else {
             None
         };
+        let config_max_connections = config.limits.max_connections;
         let control =
             Control::spawn().map_err(|e| format!("cannot start the control thread: {e}"))?;
         Ok(Arc::new(Self {
@@ -106,6 +109,9 @@ impl App {
             ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             active_connections: AtomicUsize::new(0),
+            connection_slots: Arc::new(tokio::sync::Semaphore::new(
+                config_max_connections.min(tokio::sync::Semaphore::MAX_PERMITS),
+            )),
             last_prune_hour: std::sync::atomic::AtomicI64::new(-1),
         }))
     }

@@ -7,6 +7,8 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
+use crate::rejection::{BadRequest, Rejection};
+
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A response body: a gateway-made one, or the backend's, streamed through.
@@ -96,7 +98,7 @@ impl Body for LimitedBody {
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(ClientBodyError(e))))),
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => Poll::Pending,
         }
@@ -111,16 +113,26 @@ impl Body for LimitedBody {
     }
 }
 
-/// True when `err` (or anything in its source chain) is a [`BodyTooLarge`].
-pub fn caused_by_body_limit(err: &(dyn std::error::Error + 'static)) -> bool {
+/// The client's body failed while it was being forwarded (a broken chunk, a reset):
+/// the client's fault, answered 400 rather than 502.
+#[derive(Debug, thiserror::Error)]
+#[error("the client's request body failed: {0}")]
+pub struct ClientBodyError(#[source] hyper::Error);
+
+/// The rejection for a forwarding error caused by the client's body, found anywhere in the
+/// error's source chain: 413 over the limit, 400 for a broken body; `None` otherwise.
+pub fn client_body_failure(err: &(dyn std::error::Error + 'static)) -> Option<Rejection> {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
     while let Some(e) = cur {
         if e.is::<BodyTooLarge>() {
-            return true;
+            return Some(Rejection::PayloadTooLarge);
+        }
+        if e.is::<ClientBodyError>() {
+            return Some(Rejection::BadRequest(BadRequest::Body));
         }
         cur = e.source();
     }
-    false
+    None
 }
 
 /// What the gateway sends to a backend: the client's body streamed through, or a body the

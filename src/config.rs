@@ -185,6 +185,10 @@ pub struct Limits {
     /// Concurrent HTTP/2 streams per client connection.
     #[serde(default = "default_h2_streams")]
     pub max_concurrent_streams: u32,
+    /// Open client connections, all listeners together; a connection over the cap is
+    /// closed as soon as it is accepted.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -261,6 +265,9 @@ fn default_idle_timeout() -> Duration {
 fn default_h2_streams() -> u32 {
     100
 }
+fn default_max_connections() -> usize {
+    16_384
+}
 fn default_connect_timeout() -> Duration {
     Duration::from_secs(5)
 }
@@ -324,6 +331,7 @@ impl Default for Limits {
             head_read_timeout: default_head_timeout(),
             idle_timeout: default_idle_timeout(),
             max_concurrent_streams: default_h2_streams(),
+            max_connections: default_max_connections(),
         }
     }
 }
@@ -434,6 +442,9 @@ impl Config {
                 "limits.max_concurrent_streams",
                 "must be at least 1",
             ));
+        }
+        if self.limits.max_connections == 0 {
+            return Err(invalid("limits.max_connections", "must be at least 1"));
         }
         if self.runtime.worker_threads == Some(0) {
             return Err(invalid("runtime.worker_threads", "must be at least 1"));

@@ -418,6 +418,8 @@ fn check_framing(req: &Request<Incoming>, limits: &Limits) -> Result<(), Rejecti
     }
     let h = req.headers();
     let has_te = h.contains_key(TRANSFER_ENCODING);
+    // `AmbiguousLength` also marks a repeated Content-Length, even with equal values (hyper
+    // keeps one copy silently; nginx refuses them): the listener saw it in the raw head.
     if (has_te && h.contains_key(CONTENT_LENGTH))
         || req.extensions().get::<AmbiguousLength>().is_some()
     {
@@ -449,6 +451,9 @@ fn check_framing(req: &Request<Incoming>, limits: &Limits) -> Result<(), Rejecti
 /// The host the client addressed: `:authority` / absolute-form authority, else `Host`.
 /// Both present and different is a 400 (a classic cache-poisoning and routing confusion).
 fn request_host(req: &Request<Incoming>) -> Result<&str, Rejection> {
+    if req.headers().get_all(HOST).iter().nth(1).is_some() {
+        return Err(Rejection::BadRequest(BadRequest::RepeatedHost));
+    }
     let header = req.headers().get(HOST).map(|v| {
         v.to_str()
             .map_err(|_| Rejection::BadRequest(BadRequest::MissingHost))

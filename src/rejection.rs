@@ -11,7 +11,7 @@ use crate::path::PathError;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BadRequest {
     Path(PathError),
-    /// Both `Content-Length` and `Transfer-Encoding`.
+    /// Both `Content-Length` and `Transfer-Encoding`, or `Content-Length` more than once.
     AmbiguousLength,
     /// A transfer coding other than exactly `chunked`.
     TransferCoding,
@@ -19,6 +19,8 @@ pub enum BadRequest {
     MissingHost,
     /// An absolute-form target whose authority differs from `Host`.
     HostMismatch,
+    /// More than one `Host` header (RFC 9112 §3.2: always 400).
+    RepeatedHost,
     MissingQuery(Box<str>),
     MissingHeader(Box<str>),
     /// The request body could not be read (the client went away or sent a broken body).
@@ -124,10 +126,11 @@ impl Rejection {
             Rejection::BadRequest(b) => match b {
                 BadRequest::Path(e) => e.to_string(),
                 BadRequest::AmbiguousLength => {
-                    "both Content-Length and Transfer-Encoding are present".into()
+                    "the body length is ambiguous (Content-Length with Transfer-Encoding, or Content-Length repeated)".into()
                 }
                 BadRequest::TransferCoding => "only the chunked transfer coding is accepted".into(),
                 BadRequest::MissingHost => "the request names no host".into(),
+                BadRequest::RepeatedHost => "the request carries more than one Host header".into(),
                 BadRequest::HostMismatch => {
                     "the request target's authority differs from the Host header".into()
                 }
@@ -170,8 +173,9 @@ impl Rejection {
     pub fn closes_connection(&self) -> bool {
         matches!(
             self,
-            Rejection::BadRequest(BadRequest::AmbiguousLength | BadRequest::TransferCoding)
-                | Rejection::PayloadTooLarge
+            Rejection::BadRequest(
+                BadRequest::AmbiguousLength | BadRequest::TransferCoding | BadRequest::Body
+            ) | Rejection::PayloadTooLarge
         )
     }
 

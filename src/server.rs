@@ -58,6 +58,9 @@ struct Activity {
     requests: AtomicU64,
     /// The head being read carries both Content-Length and Transfer-Encoding.
     ambiguous_length: AtomicBool,
+    /// Wakes the connection's watchdog when a head begins, so that the head deadline (not
+    /// the longer idle one it was sleeping towards) applies from that moment.
+    head_begun: tokio::sync::Notify,
 }
 
 impl Activity {
@@ -71,6 +74,7 @@ impl Activity {
             h2: AtomicBool::new(false),
             requests: AtomicU64::new(0),
             ambiguous_length: AtomicBool::new(false),
+            head_begun: tokio::sync::Notify::new(),
         }
     }
 
@@ -91,6 +95,7 @@ impl Activity {
             && self.head_started.load(Ordering::Relaxed) == 0
         {
             self.head_started.store(now, Ordering::Relaxed);
+            self.head_begun.notify_one();
         }
     }
 
@@ -147,7 +152,7 @@ struct HeadScan {
     line_len: usize,
     cl_match: bool,
     te_match: bool,
-    saw_cl: bool,
+    cl_lines: u8,
     saw_te: bool,
     done: bool,
 }
@@ -162,7 +167,7 @@ impl HeadScan {
             line_len: 0,
             cl_match: true,
             te_match: true,
-            saw_cl: false,
+            cl_lines: 0,
             saw_te: false,
             done: false,
         }
@@ -171,7 +176,8 @@ impl HeadScan {
 const TE_NAME: &[u8] = b"transfer-encoding:";
 
 impl HeadScan {
-    /// Scans `bytes`; true when the head ended with both headers present.
+    /// Scans `bytes`; true when the head ended with both headers present, or with
+    /// `Content-Length` more than once (hyper keeps one of equal copies, silently).
     fn feed(&mut self, bytes: &[u8]) -> bool {
         for &b in bytes {
             if self.done {
@@ -181,7 +187,7 @@ impl HeadScan {
                 b'\n' => {
                     if self.line_len == 0 {
                         self.done = true;
-                        return self.saw_cl && self.saw_te;
+                        return (self.cl_lines > 0 && self.saw_te) || self.cl_lines > 1;
                     }
                     self.line_len = 0;
                     self.cl_match = true;
@@ -193,7 +199,9 @@ impl HeadScan {
                     let i = self.line_len;
                     if self.cl_match && i < CL_NAME.len() {
                         self.cl_match = CL_NAME[i] == l;
-                        self.saw_cl |= self.cl_match && i + 1 == CL_NAME.len();
+                        if self.cl_match && i + 1 == CL_NAME.len() {
+                            self.cl_lines = self.cl_lines.saturating_add(1);
+                        }
                     }
                     if self.te_match && i < TE_NAME.len() {
                         self.te_match = TE_NAME[i] == l;
@@ -392,6 +400,20 @@ pub async fn serve(
                 continue;
             }
         };
+        // The connection cap: over it, the connection is closed at once (a flood of idle
+        // or slow connections cannot take the descriptors and memory the others need).
+        let Ok(slot) = app.connection_slots.clone().try_acquire_owned() else {
+            static WARN: crate::log_throttle::LogThrottle = crate::log_throttle::LogThrottle::new();
+            if let Some(held_back) = WARN.allow() {
+                tracing::warn!(
+                    limit = app.config.limits.max_connections,
+                    similar_lines_held_back = held_back,
+                    "connection cap reached; new connections are closed"
+                );
+            }
+            drop(stream);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let mut info = ConnInfo {
             peer,
@@ -406,6 +428,7 @@ pub async fn serve(
         let (app, builder, shutdown) = (app.clone(), builder.clone(), shutdown.clone());
         let kind = kind.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let mut stream = stream;
             let deadline = app.config.limits.head_read_timeout;
             match kind {
@@ -519,6 +542,7 @@ async fn serve_connection<S: Stream>(
                     }
                 }
             }
+            _ = activity.head_begun.notified(), if kind == Deadline::Idle => {}
             _ = shutdown.changed(), if !closing => {
                 closing = true;
                 conn.as_mut().graceful_shutdown();
@@ -552,6 +576,11 @@ mod tests {
         assert!(scan(&[
             b"POST / HTTP/1.1\nContent-Length: 5\nTransfer-Encoding: chunked\n\n"
         ]));
+        // A repeated Content-Length, equal values included.
+        assert!(scan(&[
+            b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n"
+        ]));
+        assert!(!scan(&[b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\n"]));
     }
 
     #[test]

@@ -15,7 +15,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use smallvec::SmallVec;
 
-use crate::body::{caused_by_body_limit, ForwardBody};
+use crate::body::{client_body_failure, ForwardBody};
 use crate::config::UpstreamConfig;
 use crate::rejection::Rejection;
 
@@ -287,8 +287,8 @@ pub async fn send(
         }
         Ok(Err(e)) => {
             let elapsed = started.elapsed();
-            if caused_by_body_limit(&e) {
-                return Err((Rejection::PayloadTooLarge, elapsed));
+            if let Some(rejection) = client_body_failure(&e) {
+                return Err((rejection, elapsed));
             }
             tracing::warn!(error = %error_chain(&e), "integration request failed");
             Err((Rejection::IntegrationFailure, elapsed))

@@ -1,0 +1,29 @@
+//! JWT handling of an arbitrary `Authorization` header against an HS256 auth: never a panic,
+//! and nothing the fuzzer makes verifies (it does not know the secret).
+#![no_main]
+use std::sync::OnceLock;
+
+use libfuzzer_sys::fuzz_target;
+use scp_gateway::snapshot::CompiledApi;
+
+fn api() -> &'static CompiledApi {
+    static API: OnceLock<CompiledApi> = OnceLock::new();
+    API.get_or_init(|| {
+        let doc = serde_json::json!({"format": "scp-apigw.snapshot/v1", "revision": 1,
+            "api": {"id": "f", "name": "f", "hosts": ["f.test"]},
+            "deployments": [{"deployment_id": "d1", "resources": [
+                {"id": "root", "parent_id": "", "path": "/", "path_part": "", "methods": []}]}],
+            "stages": [{"name": "prod", "deployment_id": "d1", "jwt_enabled": true}],
+            "auths": [{"id": "au1", "name": "jwt", "connected_stages": ["prod"],
+                "verification": {"alg": "HS256", "secret_base64": "ZnV6ei1zZWNyZXQtZnV6ei1zZWNyZXQtZnV6ei1zZWNyZXQ="}}]});
+        scp_gateway::snapshot::build(&serde_json::to_vec(&doc).unwrap()).unwrap()
+    })
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(v) = http::HeaderValue::from_bytes(data) else { return };
+    let mut headers = http::HeaderMap::new();
+    headers.insert(http::header::AUTHORIZATION, v);
+    let jwt = &api().stage("prod").unwrap().jwt;
+    assert!(jwt.verify(&headers).is_err(), "a token made without the secret verified");
+});
