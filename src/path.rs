@@ -58,6 +58,13 @@ fn is_unreserved(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
 }
 
+fn push_escaped(out: &mut String, v: u8) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    out.push('%');
+    out.push(HEX[(v >> 4) as usize] as char);
+    out.push(HEX[(v & 15) as usize] as char);
+}
+
 pub fn normalize(raw: &str) -> Result<NormalizedPath, PathError> {
     let bytes = raw.as_bytes();
     if bytes.first() != Some(&b'/') {
@@ -81,18 +88,18 @@ pub fn normalize(raw: &str) -> Result<NormalizedPath, PathError> {
                     b'/' => return Err(PathError::EncodedSlash),
                     b'\\' => return Err(PathError::Backslash),
                     v if is_unreserved(v) => decoded.push(v as char),
-                    v => {
-                        const HEX: &[u8; 16] = b"0123456789ABCDEF";
-                        decoded.push('%');
-                        decoded.push(HEX[(v >> 4) as usize] as char);
-                        decoded.push(HEX[(v & 15) as usize] as char);
-                    }
+                    v => push_escaped(&mut decoded, v),
                 }
                 i += 3;
             }
             b'\\' => return Err(PathError::Backslash),
+            // Bytes a URI path may not hold raw (the http crate lets UTF-8 through): escaped,
+            // so that the result is ASCII and normalising it again changes nothing.
+            b if b >= 0x80 || b <= 0x20 || b == 0x7F => {
+                push_escaped(&mut decoded, b);
+                i += 1;
+            }
             _ => {
-                // `raw` is a valid URI path, so it is ASCII.
                 decoded.push(b as char);
                 i += 1;
             }
@@ -181,5 +188,18 @@ mod tests {
             Ok((Some("prod".into()), "/orders/a%20b".into()))
         );
         assert_eq!(n("/prod/x%3bY"), Ok((Some("prod".into()), "/x%3BY".into())));
+    }
+
+    /// Found by the `path` fuzz target: raw UTF-8 in a path was pushed byte by byte as
+    /// Latin-1 characters, so the result differed from the input and from itself.
+    #[test]
+    fn raw_non_ascii_is_escaped_and_stable() {
+        assert_eq!(
+            n("/prod/fills/x/.n\u{45d}\0\u{1b}"),
+            Ok((Some("prod".into()), "/fills/x/.n%D1%9D%00%1B".into()))
+        );
+        let once = normalize("/prod/caf\u{e9} x").unwrap();
+        assert_eq!(once.resource(), "/caf%C3%A9%20x");
+        assert_eq!(normalize(once.as_str()).unwrap(), once);
     }
 }

@@ -193,8 +193,30 @@ async fn redis_down_applies_the_failure_mode_and_counting_resumes() {
     let r = keyed_get(&c, &closed).await;
     assert!(r.headers().contains_key("ratelimit-remaining"));
 
+    // Redis hangs (SIGSTOP): no request waits longer than the 50 ms timeout.
+    let signal = |sig: &str| {
+        Command::new("kill")
+            .args([sig, &redis.child.id().to_string()])
+            .status()
+            .unwrap();
+    };
+    signal("-STOP");
+    for gw in [&closed, &open] {
+        let started = Instant::now();
+        let r = keyed_get(&c, gw).await;
+        let took = started.elapsed();
+        assert!(matches!(r.status().as_u16(), 503 | 200), "{}", r.status());
+        assert!(
+            took >= Duration::from_millis(40) && took < Duration::from_millis(400),
+            "a hung store costs about the timeout, took {took:?}"
+        );
+        eprintln!("Redis hung: answered {} in {took:?}", r.status());
+    }
+    signal("-CONT");
+
     // Redis dies mid-run: the failure mode applies within the timeout.
     redis.kill();
+    let mut slowest = Duration::ZERO;
     for _ in 0..5 {
         let started = Instant::now();
         let r = keyed_get(&c, &closed).await;
@@ -203,6 +225,7 @@ async fn redis_down_applies_the_failure_mode_and_counting_resumes() {
         let v: Value = r.json().await.unwrap();
         assert_eq!(v["code"], "QUOTA_STORE_UNAVAILABLE");
         assert!(took < Duration::from_millis(500), "answered in {took:?}");
+        slowest = slowest.max(took);
 
         let started = Instant::now();
         let r = keyed_get(&c, &open).await;
@@ -213,7 +236,9 @@ async fn redis_down_applies_the_failure_mode_and_counting_resumes() {
             "no RateLimit-* headers while the store is down"
         );
         assert!(took < Duration::from_millis(500), "answered in {took:?}");
+        slowest = slowest.max(took);
     }
+    eprintln!("Redis down: slowest answer in failure mode {slowest:?} (timeout 50 ms)");
     for gw in [&closed, &open] {
         let m = gw.metrics().await;
         let errors: f64 = m
@@ -226,6 +251,7 @@ async fn redis_down_applies_the_failure_mode_and_counting_resumes() {
 
     // Redis comes back on the same address: admissions are counted again, no restart.
     let _redis = Redis::start_on(port);
+    let back = Instant::now();
     for gw in [&closed, &open] {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
@@ -237,6 +263,10 @@ async fn redis_down_applies_the_failure_mode_and_counting_resumes() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+    eprintln!(
+        "Redis back: both instances counting again after {:?}",
+        back.elapsed()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -14,11 +14,7 @@ use serde_json::Value;
 const HOST: &str = "api.test";
 
 fn api(b: &Backend) -> Value {
-    SnapshotBuilder::new("api1", &[HOST])
-        .resource(
-            "/orders",
-            &[("GET", &b.url("/orders")), ("POST", &b.url("/orders"))],
-        )
+    orders_api(b)
         .resource("/big", &[("GET", &b.url("/big"))])
         .stage(|s| s["integration_timeout_ms"] = serde_json::json!(1500))
         .build()

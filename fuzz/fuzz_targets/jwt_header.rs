@@ -9,14 +9,11 @@ use scp_gateway::snapshot::CompiledApi;
 fn api() -> &'static CompiledApi {
     static API: OnceLock<CompiledApi> = OnceLock::new();
     API.get_or_init(|| {
-        let doc = serde_json::json!({"format": "scp-apigw.snapshot/v1", "revision": 1,
-            "api": {"id": "f", "name": "f", "hosts": ["f.test"]},
-            "deployments": [{"deployment_id": "d1", "resources": [
-                {"id": "root", "parent_id": "", "path": "/", "path_part": "", "methods": []}]}],
-            "stages": [{"name": "prod", "deployment_id": "d1", "jwt_enabled": true}],
-            "auths": [{"id": "au1", "name": "jwt", "connected_stages": ["prod"],
-                "verification": {"alg": "HS256", "secret_base64": "ZnV6ei1zZWNyZXQtZnV6ei1zZWNyZXQtZnV6ei1zZWNyZXQ="}}]});
-        scp_gateway::snapshot::build(&serde_json::to_vec(&doc).unwrap()).unwrap()
+        scp_gateway_fuzz::api_with(
+            serde_json::json!({"jwt_enabled": true}),
+            serde_json::json!({"auths": [{"id": "au1", "name": "jwt", "connected_stages": ["prod"],
+                "verification": {"alg": "HS256", "secret_base64": "ZnV6ei1zZWNyZXQtZnV6ei1zZWNyZXQtZnV6ei1zZWNyZXQ="}}]}),
+        )
     })
 }
 

@@ -454,6 +454,15 @@ pub fn raw_status(answer: &str) -> u16 {
         .unwrap_or_else(|| panic!("no status line in {answer:?}"))
 }
 
+/// API `api1` on host `api.test` with `GET` and `POST /orders` forwarded to `b`: the common
+/// start of the hardening suites' snapshots.
+pub fn orders_api(b: &Backend) -> SnapshotBuilder {
+    SnapshotBuilder::new("api1", &["api.test"]).resource(
+        "/orders",
+        &[("GET", &b.url("/orders")), ("POST", &b.url("/orders"))],
+    )
+}
+
 /// A TCP port nothing listens on (bound, then released).
 pub fn closed_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
