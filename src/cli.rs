@@ -158,6 +158,12 @@ fn run(args: RunArgs, demo_backend: Option<SocketAddr>) -> ExitCode {
     // one (as nginx's worker_rlimit_nofile would), so that a default 1,024 does not cap
     // the gateway far below what the machine allows.
     match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) if n < config.limits.max_connections as u64 + 256 => tracing::warn!(
+            open_file_limit = n,
+            max_connections = config.limits.max_connections,
+            "the open file limit is below limits.max_connections (+256 for backends and files); \
+             connections will fail with EMFILE before the cap: raise `ulimit -n` or lower the cap"
+        ),
         Ok(n) => tracing::debug!(limit = n, "open file limit"),
         Err(e) => tracing::warn!(error = %e, "could not raise the open file limit"),
     }
