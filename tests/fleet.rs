@@ -282,14 +282,21 @@ async fn redis_down_at_start_up_then_up() {
     let b = Backend::start("b").await;
     let doc = keyed_api(&b, 10);
     let url = format!("redis://127.0.0.1:{port}/0");
-    let gw = Gateway::start(&[("api1.json", &doc)], &fleet_toml(&url, "closed"));
+    // Not connected answers at once whatever the timeout; a generous one keeps a slow CI
+    // machine from timing out the first admissions after Redis comes up.
+    let gw = Gateway::start(
+        &[("api1.json", &doc)],
+        &fleet_toml_with_timeout(&url, "closed", "2s"),
+    );
     let c = client();
+    let started = Instant::now();
     let r = keyed_get(&c, &gw).await;
     assert_eq!(
         r.status(),
         503,
         "started without Redis; failure mode closed"
     );
+    assert!(started.elapsed() < Duration::from_millis(500));
     let _redis = Redis::start_on(port);
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
