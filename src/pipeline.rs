@@ -451,10 +451,13 @@ fn check_framing(req: &Request<Incoming>, limits: &Limits) -> Result<(), Rejecti
 /// The host the client addressed: `:authority` / absolute-form authority, else `Host`.
 /// Both present and different is a 400 (a classic cache-poisoning and routing confusion).
 fn request_host(req: &Request<Incoming>) -> Result<&str, Rejection> {
-    if req.headers().get_all(HOST).iter().nth(1).is_some() {
+    // One lookup serves both checks: the first `Host`, and whether there is a second.
+    let mut hosts = req.headers().get_all(HOST).iter();
+    let first = hosts.next();
+    if hosts.next().is_some() {
         return Err(Rejection::BadRequest(BadRequest::RepeatedHost));
     }
-    let header = req.headers().get(HOST).map(|v| {
+    let header = first.map(|v| {
         v.to_str()
             .map_err(|_| Rejection::BadRequest(BadRequest::MissingHost))
     });

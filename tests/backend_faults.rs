@@ -37,7 +37,7 @@ fn faulty_backend() -> SocketAddr {
                         let _ = s.write_all(&[b'x'; 1000]);
                         std::thread::sleep(Duration::from_millis(300));
                         // SO_LINGER 0: the close is a reset.
-                        let sock = socket2_linger_zero(s);
+                        let sock = reset_on_close(s);
                         drop(sock);
                     }
                     "/truncated-chunked" => {
@@ -66,7 +66,7 @@ fn faulty_backend() -> SocketAddr {
 }
 
 /// Closes with RST instead of FIN (SO_LINGER 0).
-fn socket2_linger_zero(s: TcpStream) -> TcpStream {
+fn reset_on_close(s: TcpStream) -> TcpStream {
     let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
     s
 }

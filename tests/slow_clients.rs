@@ -152,10 +152,13 @@ async fn slow_body_and_slow_reader() {
     }
     let (answer, took) = slow.join().unwrap();
     assert!(
-        answer.starts_with("HTTP/1.1 504") || answer.is_empty(),
+        answer.starts_with("HTTP/1.1 504"),
         "slow body ends at the integration timeout: {answer:?} after {took:?}"
     );
-    assert!(took < Duration::from_secs(6), "{took:?}");
+    assert!(
+        took >= Duration::from_millis(1400) && took < Duration::from_secs(4),
+        "{took:?}"
+    );
 
     // Slow reader: asks for 50 MiB and reads nothing. Backpressure keeps the gateway's
     // memory flat; others are served.
