@@ -118,7 +118,10 @@ impl AccessLog {
                 let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
                 let mut write = |buf: &mut Vec<u8>| {
                     if !buf.is_empty() && out.write_all(buf).and_then(|_| out.flush()).is_err() {
-                        eprintln!("scp-gateway: access log write failed");
+                        let _ = writeln!(
+                            std::io::stderr().lock(),
+                            "scp-gateway: access log write failed"
+                        );
                     }
                     buf.clear();
                 };

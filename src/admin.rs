@@ -272,6 +272,18 @@ async fn v1(app: &Arc<App>, path: &str, query: &str, rid: &HeaderValue) -> Respo
             let Some(stage) = q.stage_name.as_deref().filter(|s| !s.is_empty()) else {
                 return bad("`stage_name` is required".into());
             };
+            // An API or stage that is not loaded is a 404, not an empty list that would
+            // read as "no traffic" (as the control plane's report page: a deleted stage
+            // cannot be queried).
+            {
+                let state = app.state.load();
+                let Some(api) = state.api(api_id) else {
+                    return not_found("API_NOT_FOUND", "no such API is loaded");
+                };
+                if api.stage(stage).is_none() {
+                    return not_found("STAGE_NOT_FOUND", "the API has no such stage");
+                }
+            }
             let (start, end) = match period(&q) {
                 Ok(p) => p,
                 Err(m) => return bad(m),

@@ -132,9 +132,11 @@ fn validate(files: &[PathBuf]) -> ExitCode {
     }
 }
 
+/// A fatal start-up error: one line on stderr, exit code 2. Written without `eprintln!`,
+/// which panics when stderr is a closed pipe (`scp-gateway run ... 2>&1 | head -1`): a
+/// closed pipe must never change the documented exit code.
 fn config_error(msg: impl std::fmt::Display) -> ExitCode {
-    tracing::error!("{msg}");
-    eprintln!("scp-gateway: {msg}");
+    let _ = writeln!(std::io::stderr().lock(), "scp-gateway: error: {msg}");
     ExitCode::from(EXIT_CONFIG)
 }
 
@@ -153,6 +155,13 @@ fn run(args: RunArgs, demo_backend: Option<SocketAddr>) -> ExitCode {
         state_dir: args.state_dir,
     }) {
         return config_error(e);
+    }
+    if config.admin.is_open() {
+        tracing::warn!(
+            admin = %config.admin.listen,
+            "the admin API is served without a token on an address other hosts can reach \
+             (admin.allow_unauthenticated = true): anyone reaching it can replace every route"
+        );
     }
     // Every client and backend connection is a descriptor: raise the soft limit to the hard
     // one (as nginx's worker_rlimit_nofile would), so that a default 1,024 does not cap

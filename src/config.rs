@@ -105,6 +105,17 @@ pub struct AdminConfig {
     /// When non-empty, `/admin/*` and `/v1/*` need `Authorization: Bearer <token>`.
     #[serde(default)]
     pub token: String,
+    /// Serve the admin API without a token on an address that is not loopback (refused at
+    /// start unless this is true, as Redis's protected mode does).
+    #[serde(default)]
+    pub allow_unauthenticated: bool,
+}
+
+impl AdminConfig {
+    /// The admin API is reachable from other hosts and asks for no token.
+    pub fn is_open(&self) -> bool {
+        self.token.is_empty() && !self.listen.ip().is_loopback()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -293,6 +304,7 @@ impl Default for AdminConfig {
         Self {
             listen: default_admin_listen(),
             token: String::new(),
+            allow_unauthenticated: false,
         }
     }
 }
@@ -449,6 +461,17 @@ impl Config {
         if self.runtime.worker_threads == Some(0) {
             return Err(invalid("runtime.worker_threads", "must be at least 1"));
         }
+        if self.admin.is_open() && !self.admin.allow_unauthenticated {
+            return Err(ConfigError::Invalid {
+                key: "admin.token",
+                message: format!(
+                    "admin.listen {} is reachable from other hosts and admin.token is empty: \
+                     anyone reaching it could replace every route; set admin.token, listen on \
+                     loopback, or set admin.allow_unauthenticated = true",
+                    self.admin.listen
+                ),
+            });
+        }
         if self.quota.timeout.is_zero() {
             return Err(invalid("quota.timeout", "must be positive"));
         }
@@ -489,6 +512,28 @@ mod tests {
         assert!(e.to_string().contains("trusted_proxies"), "{e}");
         let e = Config::from_toml(Path::new("x.toml"), "[limits]\nmax_headers = 0\n").unwrap_err();
         assert!(e.to_string().contains("limits.max_headers"), "{e}");
+    }
+
+    #[test]
+    fn open_admin_api_is_refused_unless_allowed() {
+        let load = |t: &str| Config::from_toml(Path::new("x.toml"), t);
+        let e = load("[admin]\nlisten = \"0.0.0.0:9901\"\n").unwrap_err();
+        assert!(e.to_string().contains("config key `admin.token`"), "{e}");
+        let e = load("[admin]\nlisten = \"[::]:9901\"\n").unwrap_err();
+        assert!(e.to_string().contains("admin.token"), "{e}");
+        assert!(load("[admin]\nlisten = \"0.0.0.0:9901\"\ntoken = \"t0k\"\n").is_ok());
+        assert!(load("[admin]\nlisten = \"[::1]:9901\"\n").is_ok());
+        let c = load("[admin]\nlisten = \"0.0.0.0:9901\"\nallow_unauthenticated = true\n").unwrap();
+        assert!(c.admin.is_open());
+        // The command-line override is checked too.
+        let mut c = load("").unwrap();
+        let e = c
+            .apply(Overrides {
+                admin_listen: Some("10.1.2.3:9901".parse().unwrap()),
+                ..Overrides::default()
+            })
+            .unwrap_err();
+        assert!(e.to_string().contains("admin.token"), "{e}");
     }
 
     #[test]

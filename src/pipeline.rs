@@ -51,9 +51,10 @@ pub struct ConnInfo {
     pub trusted_peer: bool,
     /// What a PROXY protocol v2 header said (listeners configured for it).
     pub proxy: Option<crate::proxy_protocol::ProxyInfo>,
-    /// The canonical peer address as an `X-Forwarded-For` element, built once per
-    /// connection (the client address of most requests).
-    pub peer_ip_value: HeaderValue,
+    /// The address this hop appends to `X-Forwarded-For`, built once per connection: the
+    /// socket peer, or on PROXY protocol listeners the header's source address. Never the
+    /// client address derived through trusted proxies (that one is already in the list).
+    pub forwarded_for: HeaderValue,
 }
 
 /// Everything the phases learn about one request, borrowed from the state it is served with.
@@ -591,9 +592,7 @@ async fn integrate<'s>(
     http_integration::rewrite_request_headers(
         &mut parts.headers,
         &ForwardInfo {
-            client_ip: ctx.client_ip,
-            client_ip_value: (ctx.client_ip == crate::app::canonical_ip(ctx.conn.peer.ip()))
-                .then_some(&ctx.conn.peer_ip_value),
+            forwarded_for: &ctx.conn.forwarded_for,
             proto: ctx.conn.proto,
             host: host.as_ref(),
             request_id: &ctx.request_id,

@@ -107,13 +107,43 @@ struct Agg {
     ok: u64,
     client_errors: u64,
     server_errors: u64,
+    #[serde(with = "sketch_serde")]
     latency: DDSketch,
+    #[serde(with = "sketch_serde")]
     integration: DDSketch,
     #[serde(skip)]
     dirty: bool,
     /// Changed since the last push to the fleet's Redis.
     #[serde(skip)]
     shared_dirty: bool,
+}
+
+/// A sketch as stored (state database, fleet Redis): `null` when it holds no value.
+///
+/// An empty sketch's min and max are infinities, which JSON cannot carry (serde_json writes
+/// `null`), so an aggregate without integration samples (a 404, a 405, a preflight, any
+/// refusal) used to come back unreadable and was dropped at the next start. Rows written
+/// that way are read as an empty sketch again.
+mod sketch_serde {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use sketches_ddsketch::DDSketch;
+
+    pub fn serialize<S: Serializer>(s: &DDSketch, ser: S) -> Result<S::Ok, S::Error> {
+        if s.count() == 0 {
+            ser.serialize_none()
+        } else {
+            s.serialize(ser)
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(de: D) -> Result<DDSketch, D::Error> {
+        let v = serde_json::Value::deserialize(de)?;
+        // Absent, null, or an empty sketch written with `null` bounds.
+        if v.is_null() || v.get("min").is_some_and(serde_json::Value::is_null) {
+            return Ok(super::sketch());
+        }
+        serde_json::from_value(v).map_err(serde::de::Error::custom)
+    }
 }
 
 impl Default for Agg {
@@ -249,7 +279,10 @@ impl Reports {
                             (Some(key), Ok(agg)) => {
                                 aggs.insert(key, agg);
                             }
-                            _ => tracing::warn!("skipping an unreadable report aggregate"),
+                            _ => tracing::warn!(
+                                key = k.value(),
+                                "skipping an unreadable report aggregate"
+                            ),
                         }
                     }
                 }

@@ -421,7 +421,7 @@ pub async fn serve(
             proto: "http",
             trusted_peer: app.is_trusted_proxy(peer.ip()),
             proxy: None,
-            peer_ip_value: crate::integration::http::ip_header_value(crate::app::canonical_ip(
+            forwarded_for: crate::integration::http::ip_header_value(crate::app::canonical_ip(
                 peer.ip(),
             )),
         };
@@ -436,6 +436,11 @@ pub async fn serve(
                 ListenerKind::ProxyProtocol => {
                     match crate::proxy_protocol::read(&mut stream, deadline).await {
                         Ok(p) => {
+                            if let Some(source) = p.source {
+                                info.forwarded_for = crate::integration::http::ip_header_value(
+                                    crate::app::canonical_ip(source),
+                                );
+                            }
                             info.proxy = Some(p);
                             serve_connection(app, builder, stream, info, shutdown).await
                         }

@@ -169,6 +169,13 @@ async fn ip_access_control_and_client_address() {
         200,
         "trusted hops are skipped"
     );
+    // The backend sees the socket peer (the trusted proxy) appended, not the client address
+    // derived from the list a second time (issue 13, item 2).
+    assert_eq!(via("198.51.100.7").await.unwrap().status(), 200);
+    assert_eq!(
+        b.last().headers["x-forwarded-for"],
+        "198.51.100.7, 127.0.0.1"
+    );
     assert_eq!(
         via("::ffff:203.0.113.9").await.unwrap().status(),
         200,

@@ -273,3 +273,113 @@ async fn reports_usage_metrics_and_access_log_agree() {
     .await;
     assert_eq!(usage["items"]["k1"], json!([[5, 0]]));
 }
+
+/// Issue 13, item 3: every kind of aggregate (no resource, no method, preflight, refusals,
+/// 2xx) is in the reports after a graceful restart, latency summaries included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_kind_of_aggregate_survives_a_graceful_restart() {
+    let b = Backend::start("b").await;
+    let mut doc = SnapshotBuilder::new("api1", &[HOST])
+        .resource("/orders", &[("GET", &b.url("/orders"))])
+        .resource("/postonly", &[("POST", &b.url("/p"))])
+        .resource("/keyed", &[("GET", &b.url("/k"))])
+        .stage(|s| {
+            s["cors_enabled"] = json!(true);
+            s["allow_origins"] = json!(["https://app.example"]);
+            s["allow_methods"] = json!(["GET"]);
+            s["usage_plan_id"] = json!("up1");
+        })
+        .build();
+    doc["deployments"][0]["resources"][3]["methods"][0]["api_key_required"] = json!(true);
+    doc["usage_plans"] = json!([{"id": "up1", "name": "p", "limit": 1, "rate": "day",
+        "api_keys": [{"id": "k1", "name": "one", "key": "key-one-value"}]}]);
+    let gw = Gateway::start(&[("api1.json", &doc)], "");
+    let c = client();
+    let mut statuses = Vec::new();
+    let mut send = |r: reqwest::RequestBuilder| {
+        let r = r.send();
+        async { r.await.unwrap().status().as_u16() }
+    };
+    for _ in 0..3 {
+        statuses.push(send(gw.req(&c, reqwest::Method::GET, HOST, "/prod/orders")).await);
+    }
+    for _ in 0..5 {
+        statuses.push(send(gw.req(&c, reqwest::Method::GET, HOST, "/prod/nope")).await);
+    }
+    for _ in 0..2 {
+        statuses.push(send(gw.req(&c, reqwest::Method::GET, HOST, "/prod/postonly")).await);
+    }
+    for _ in 0..2 {
+        let r = gw
+            .req(&c, reqwest::Method::OPTIONS, HOST, "/prod/orders")
+            .header("origin", "https://app.example")
+            .header("access-control-request-method", "GET");
+        statuses.push(send(r).await);
+    }
+    statuses.push(send(gw.req(&c, reqwest::Method::GET, HOST, "/prod/keyed")).await);
+    for _ in 0..2 {
+        let r = gw
+            .req(&c, reqwest::Method::GET, HOST, "/prod/keyed")
+            .header("x-scp-apikey", "key-one-value");
+        statuses.push(send(r).await);
+    }
+    assert_eq!(
+        statuses,
+        [200, 200, 200, 404, 404, 404, 404, 404, 405, 405, 204, 204, 403, 200, 429]
+    );
+    let path = format!(
+        "/v1/apis/api1/reports?stage_name=prod&start_date={}&end_date={}",
+        today(),
+        today()
+    );
+    let (status, before) = v1(&gw, &path).await;
+    assert_eq!(status, 200, "{before}");
+    let day = &before["reports"][0];
+    assert_eq!(
+        (
+            day["call_count"].as_u64(),
+            day["error_4xx_count"].as_u64(),
+            day["error_5xx_count"].as_u64()
+        ),
+        (Some(6), Some(9), Some(0)),
+        "{before}"
+    );
+    let (exit, dir) = gw.terminate();
+    assert!(exit.success());
+    let gw = Gateway::start_in(dir, "");
+    let (_, after) = v1(&gw, &path).await;
+    assert_eq!(after, before, "the same report after a graceful restart");
+    assert!(
+        !gw.log().contains("unreadable"),
+        "every aggregate was read back: {}",
+        gw.log()
+    );
+}
+
+/// Issue 13, item 4: reports of an API or stage that is not loaded are 404s, not an empty
+/// list that reads as "no traffic".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_of_unknown_apis_and_stages_are_404() {
+    let b = Backend::start("b").await;
+    let doc = orders_api(&b).build();
+    let gw = Gateway::start(&[("api1.json", &doc)], "");
+    let q = |api: &str, stage: &str| {
+        format!(
+            "/v1/apis/{api}/reports?stage_name={stage}&start_date={}&end_date={}",
+            today(),
+            today()
+        )
+    };
+    let (status, body) = v1(&gw, &q("api1", "prod")).await;
+    assert_eq!((status, body["count"].as_u64()), (200, Some(0)), "{body}");
+    let (status, body) = v1(&gw, &q("api1", "nope")).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (404, Some("STAGE_NOT_FOUND"))
+    );
+    let (status, body) = v1(&gw, &q("nope", "prod")).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (404, Some("API_NOT_FOUND"))
+    );
+}

@@ -218,3 +218,109 @@ fn config_errors_exit_2_naming_the_key() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// Runs the binary with stdout and stderr connected to pipes whose reading ends are already
+/// closed (as `scp-gateway ... 2>&1 | head -1` leaves them once `head` has exited).
+fn run_with_closed_pipes(args: &[&str]) -> std::process::ExitStatus {
+    use std::process::Stdio;
+    let mut child = Command::new(common::bin())
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Close the reading ends before the process writes anything.
+    drop(child.stdout.take());
+    drop(child.stderr.take());
+    child.wait().unwrap()
+}
+
+#[test]
+fn a_closed_pipe_never_changes_the_exit_code() {
+    // Issue 13, item 6: `run --config broken.toml 2>&1 | head -5` exited 101 (a panic
+    // writing the error to a closed stderr) instead of the documented 2.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("broken.toml");
+    std::fs::write(&cfg, "[server\n").unwrap();
+    let cfg = cfg.display().to_string();
+    assert_eq!(
+        run_with_closed_pipes(&["run", "--config", &cfg]).code(),
+        Some(2)
+    );
+    // `validate` writes its findings to stdout: exit 1 for an invalid file, 0 for a good one.
+    let bad = dir.path().join("bad.json");
+    std::fs::write(&bad, "{").unwrap();
+    let good = dir.path().join("good.json");
+    common::write_json(&good, &spec_example());
+    let (bad, good) = (bad.display().to_string(), good.display().to_string());
+    assert_eq!(run_with_closed_pipes(&["validate", &bad]).code(), Some(1));
+    assert_eq!(run_with_closed_pipes(&["validate", &good]).code(), Some(0));
+    assert_eq!(run_with_closed_pipes(&["--help"]).code(), Some(0));
+    assert_eq!(run_with_closed_pipes(&["--no-such-flag"]).code(), Some(2));
+}
+
+/// Starts `scp-gateway` with `args` and expects it to refuse to start: returns its exit
+/// code and stderr. A gateway that starts serving instead (its `listening` line) is
+/// stopped and the test fails.
+fn refused_start(args: &[&str]) -> (Option<i32>, String) {
+    use std::io::{BufRead, Read};
+    use std::process::Stdio;
+    let mut child = Command::new(common::bin())
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    let _ = std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line);
+    if line.starts_with("listening") {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("the gateway started serving: {line}");
+    }
+    let mut err = String::new();
+    let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+    (child.wait().unwrap().code(), err)
+}
+
+#[test]
+fn an_open_admin_api_is_refused_unless_allowed() {
+    // Issue 13, item 7: a non-loopback admin address without a token is a start-up error
+    // naming `admin.token` (exit 2), unless `admin.allow_unauthenticated = true`.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("gw.toml");
+    std::fs::write(&cfg, "[admin]\nlisten = \"0.0.0.0:0\"\n").unwrap();
+    let cfg = cfg.display().to_string();
+    let state = dir.path().join("state").display().to_string();
+    let snapshots = dir.path().display().to_string();
+    let common = [
+        "--listen",
+        "127.0.0.1:0",
+        "--state-dir",
+        &state,
+        "--snapshot-dir",
+        &snapshots,
+    ];
+    let (code, err) = refused_start(&[&["run", "--config", &cfg], &common[..]].concat());
+    assert_eq!(code, Some(2));
+    assert!(err.contains("admin.token"), "{err}");
+    // The override is judged too.
+    let (code, err) =
+        refused_start(&[&["run", "--admin-listen", "0.0.0.0:0"], &common[..]].concat());
+    assert_eq!(code, Some(2));
+    assert!(err.contains("admin.token"), "{err}");
+
+    // Allowed explicitly: it starts, serves, and says so in a warning.
+    let gw = common::Gateway::start_with_args(
+        tempfile::tempdir().unwrap(),
+        "[admin]\nallow_unauthenticated = true\n",
+        &["--admin-listen", "0.0.0.0:0"],
+    );
+    assert!(gw.log().contains("served without a token"), "{}", gw.log());
+    let local = std::net::SocketAddr::from(([127, 0, 0, 1], gw.admin.port()));
+    let answer = common::raw(
+        local,
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(common::raw_status(&answer), 200, "{answer}");
+}

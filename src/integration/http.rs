@@ -77,9 +77,9 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
 
 /// What the gateway adds to a forwarded request.
 pub struct ForwardInfo<'a> {
-    pub client_ip: IpAddr,
-    /// `client_ip` as a header value, when the caller has it ready (per connection).
-    pub client_ip_value: Option<&'a HeaderValue>,
+    /// What this hop appends to `X-Forwarded-For`: the socket peer (or a PROXY header's
+    /// source), never the client address derived from the list through trusted proxies.
+    pub forwarded_for: &'a HeaderValue,
     pub proto: &'static str,
     pub host: Option<&'a HeaderValue>,
     pub request_id: &'a HeaderValue,
@@ -124,14 +124,7 @@ fn dropped_on_forward(n: &HeaderName, trusted_peer: bool) -> bool {
 pub fn rewrite_request_headers(h: &mut HeaderMap, info: &ForwardInfo<'_>) {
     remove_headers(h, |n| dropped_on_forward(n, info.trusted_peer));
 
-    let own;
-    let ip = match info.client_ip_value {
-        Some(v) => v,
-        None => {
-            own = ip_header_value(info.client_ip);
-            &own
-        }
-    };
+    let ip = info.forwarded_for;
     let xff = if h.contains_key(&X_FORWARDED_FOR) {
         let mut s: Vec<u8> = Vec::with_capacity(64);
         for v in h.get_all(&X_FORWARDED_FOR) {
@@ -321,8 +314,7 @@ mod tests {
 
     fn info<'a>(rid: &'a HeaderValue, host: &'a HeaderValue) -> ForwardInfo<'a> {
         ForwardInfo {
-            client_ip: "203.0.113.9".parse().unwrap(),
-            client_ip_value: None,
+            forwarded_for: Box::leak(Box::new(HeaderValue::from_static("203.0.113.9"))),
             proto: "http",
             host: Some(host),
             request_id: rid,

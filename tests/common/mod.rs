@@ -261,7 +261,9 @@ impl Gateway {
         if !args.contains(&"--listen") {
             overrides.extend(["--listen".into(), "127.0.0.1:0".into()]);
         }
-        overrides.extend(["--admin-listen".into(), "127.0.0.1:0".into()]);
+        if !args.contains(&"--admin-listen") {
+            overrides.extend(["--admin-listen".into(), "127.0.0.1:0".into()]);
+        }
         overrides.extend([
             "--snapshot-dir".into(),
             dir.path().join("snapshots").display().to_string(),
