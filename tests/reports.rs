@@ -296,7 +296,7 @@ async fn every_kind_of_aggregate_survives_a_graceful_restart() {
     let gw = Gateway::start(&[("api1.json", &doc)], "");
     let c = client();
     let mut statuses = Vec::new();
-    let mut send = |r: reqwest::RequestBuilder| {
+    let send = |r: reqwest::RequestBuilder| {
         let r = r.send();
         async { r.await.unwrap().status().as_u16() }
     };
