@@ -582,6 +582,13 @@ async fn integrate<'s>(
         _ => return Err(Rejection::Internal),
     };
     let (mut parts, body) = req.into_parts();
+    // A GET or HEAD with a body of unknown length (chunked, or HTTP/2 DATA frames) keeps
+    // its body, as with Content-Length: hyper's client would send such a request without
+    // its body unless the framing is said explicitly (other methods get chunked framing by
+    // default). `Transfer-Encoding` itself was dropped above as hop-by-hop from the client.
+    let chunked_get = matches!(parts.method, Method::GET | Method::HEAD)
+        && !http_body::Body::is_end_stream(&body)
+        && http_body::Body::size_hint(&body).exact().is_none();
     let host = parts.headers.get(HOST).cloned().or_else(|| {
         parts
             .uri
@@ -603,6 +610,11 @@ async fn integrate<'s>(
             trusted_peer: ctx.conn.trusted_peer,
         },
     );
+    let frame_body = |h: &mut http::HeaderMap| {
+        if chunked_get {
+            h.insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        }
+    };
     let timeout = stage.integration_timeout;
     let max_body = app.config.limits.max_body_bytes;
     let render = |url: &crate::integration::url::UrlTemplate, query: Option<&str>| {
@@ -615,6 +627,7 @@ async fn integrate<'s>(
     let (result, elapsed) = match &m.integration {
         Integration::Http { url } => {
             parts.uri = render(url, parts.uri.query())?;
+            frame_body(&mut parts.headers);
             let req =
                 Request::from_parts(parts, ForwardBody::Stream(LimitedBody::new(body, max_body)));
             forwarded(http_integration::send(&app.client, req, timeout).await)
@@ -625,6 +638,7 @@ async fn integrate<'s>(
                 app.privatelink
                     .route(&app.client, &target_url, endpoint, &mut parts.headers)?;
             parts.uri = uri;
+            frame_body(&mut parts.headers);
             let req =
                 Request::from_parts(parts, ForwardBody::Stream(LimitedBody::new(body, max_body)));
             forwarded(http_integration::send(&client, req, timeout).await)

@@ -214,3 +214,144 @@ async fn http2_stream_floods_and_rapid_reset() {
         started.elapsed()
     );
 }
+
+/// HPACK "literal header field without indexing", new name (RFC 7541 §6.2.2); names and
+/// values shorter than 127 bytes.
+fn hpack_literal(out: &mut Vec<u8>, name: &str, value: &str) {
+    out.push(0x00);
+    out.push(name.len() as u8);
+    out.extend_from_slice(name.as_bytes());
+    out.push(value.len() as u8);
+    out.extend_from_slice(value.as_bytes());
+}
+
+/// HPACK literal without indexing whose name is static-table entry `index` (1–15).
+fn hpack_indexed_name(out: &mut Vec<u8>, index: u8, value: &str) {
+    out.push(index);
+    out.push(value.len() as u8);
+    out.extend_from_slice(value.as_bytes());
+}
+
+/// An HTTP/2 frame: 24-bit length, type, flags, stream id.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// Reads frames until one on `stream` says how the request ended: `Ok(error code)` for a
+/// RST_STREAM (or GOAWAY), `Err(first HPACK byte)` for a response HEADERS frame.
+fn h2_outcome(s: &mut std::net::TcpStream, stream: u32) -> Result<u32, u8> {
+    use std::io::Read;
+    loop {
+        let mut head = [0u8; 9];
+        s.read_exact(&mut head).expect("the gateway answers");
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let id = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+        let mut payload = vec![0u8; len];
+        s.read_exact(&mut payload).unwrap();
+        match head[3] {
+            3 if id == stream => return Ok(u32::from_be_bytes(payload[..4].try_into().unwrap())),
+            7 => return Ok(u32::from_be_bytes(payload[4..8].try_into().unwrap())),
+            1 if id == stream => return Err(payload[0]),
+            _ => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_trailers_with_a_pseudo_header_are_refused() {
+    // Issue 13, item 5: RFC 9113 §8.1 makes a request whose trailers carry a pseudo-header
+    // malformed. The gateway used to drop the field and serve the request.
+    use std::io::Write;
+    let b = Backend::start("b").await;
+    let gw = Gateway::start(&[("api1.json", &api(&b))], "");
+    let send = |trailer_path: bool| -> Result<u32, u8> {
+        let mut s = std::net::TcpStream::connect(gw.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut head = vec![0x83, 0x86]; // :method POST, :scheme http
+        hpack_indexed_name(&mut head, 4, "/prod/orders"); // :path
+        hpack_indexed_name(&mut head, 1, HOST); // :authority
+        let mut trailers = Vec::new();
+        if trailer_path {
+            hpack_indexed_name(&mut trailers, 4, "/prod/other"); // :path in trailers
+        }
+        hpack_literal(&mut trailers, "x-checksum", "abc");
+        let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        bytes.extend(h2_frame(4, 0, 0, &[])); // SETTINGS
+        bytes.extend(h2_frame(1, 0x4, 1, &head)); // HEADERS, END_HEADERS
+        bytes.extend(h2_frame(0, 0, 1, b"hello")); // DATA
+        bytes.extend(h2_frame(1, 0x4 | 0x1, 1, &trailers)); // trailers, END_STREAM
+        s.write_all(&bytes).unwrap();
+        h2_outcome(&mut s, 1)
+    };
+    // Well-formed trailers: served (`:status: 200` is static entry 8, 0x88).
+    assert_eq!(
+        send(false),
+        Err(0x88),
+        "a request with plain trailers is served"
+    );
+    let served_before = b.seen().len();
+    // A pseudo-header in the trailers: stream error PROTOCOL_ERROR (1).
+    assert_eq!(send(true), Ok(1), "RST_STREAM with PROTOCOL_ERROR");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        b.seen().len(),
+        served_before,
+        "the backend never saw a complete request"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_cookie_crumbs_are_joined_and_get_bodies_are_forwarded() {
+    // Issue 13, item 5: RFC 9113 §8.2.3: cookie crumbs of an HTTP/2 request MUST be joined
+    // with "; " before an HTTP/1.1 hop.
+    let b = Backend::start("b").await;
+    let doc = orders_api(&b)
+        .resource("/any", &[("ANY", &b.url("/any"))])
+        .build();
+    let gw = Gateway::start(&[("api1.json", &doc)], "");
+    let stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::builder()
+        .uri(format!("http://{HOST}/prod/orders"))
+        .version(http::Version::HTTP_2)
+        .header("cookie", "a=1")
+        .header("cookie", "b=2")
+        .header("cookie", "c=3")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let seen = b.last();
+    let cookies: Vec<_> = seen.headers.get_all("cookie").iter().collect();
+    assert_eq!(cookies, ["a=1; b=2; c=3"], "one Cookie line");
+
+    // A GET or HEAD with a chunked body keeps its body, as with Content-Length.
+    for method in ["GET", "HEAD"] {
+        for framing in [
+            "Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+            "Content-Length: 5\r\n\r\nhello",
+        ] {
+            let req = format!(
+                "{method} /prod/any HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n{framing}"
+            );
+            let answer = raw(gw.addr, req.as_bytes());
+            assert_eq!(raw_status(&answer), 200, "{method} {framing:?}: {answer}");
+            let seen = b.last();
+            assert_eq!(
+                (seen.method.as_str(), seen.body_len),
+                (method, 5),
+                "{method} {framing:?}"
+            );
+        }
+    }
+}

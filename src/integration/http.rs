@@ -124,6 +124,7 @@ fn dropped_on_forward(n: &HeaderName, trusted_peer: bool) -> bool {
 pub fn rewrite_request_headers(h: &mut HeaderMap, info: &ForwardInfo<'_>) {
     remove_headers(h, |n| dropped_on_forward(n, info.trusted_peer));
 
+    join_cookie_crumbs(h);
     let ip = info.forwarded_for;
     let xff = if h.contains_key(&X_FORWARDED_FOR) {
         let mut s: Vec<u8> = Vec::with_capacity(64);
@@ -163,6 +164,26 @@ pub fn rewrite_request_headers(h: &mut HeaderMap, info: &ForwardInfo<'_>) {
         .is_some_and(|v| valid_traceparent(v.as_bytes()))
     {
         h.insert(&TRACEPARENT, new_traceparent());
+    }
+}
+
+/// RFC 9113 §8.2.3: an HTTP/2 request may split its cookie into several `cookie` fields
+/// ("crumbs"); they MUST be joined with "; " into one before an HTTP/1.1 hop, where a second
+/// `Cookie` line is not allowed (RFC 6265 §5.4).
+fn join_cookie_crumbs(h: &mut HeaderMap) {
+    let mut crumbs = h.get_all(header::COOKIE).iter();
+    if crumbs.next().is_none() || crumbs.next().is_none() {
+        return;
+    }
+    let mut joined: Vec<u8> = Vec::with_capacity(128);
+    for (i, v) in h.get_all(header::COOKIE).iter().enumerate() {
+        if i > 0 {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(v.as_bytes());
+    }
+    if let Ok(v) = HeaderValue::from_bytes(&joined) {
+        h.insert(header::COOKIE, v);
     }
 }
 
