@@ -236,6 +236,7 @@ fn metrics_recording(c: &mut Criterion) {
                 status: 200,
                 latency: Duration::from_micros(850),
                 integration: Some((Duration::from_micros(600), "HTTP")),
+                retried: false,
             }))
         })
     });

@@ -130,8 +130,7 @@ fn start_gateway_with(
     access_log: bool,
     extra: &str,
 ) -> (Proc, SocketAddr) {
-    let mut cfg =
-        format!("[runtime]\nworker_threads = {workers}\n[snapshots]\nwatch = false\n{extra}");
+    let mut cfg = format!("[runtime]\nworkers = {workers}\n[snapshots]\nwatch = false\n{extra}");
     if access_log {
         cfg.push_str(&format!(
             "[access_log]\nenabled = true\npath = {:?}\n",

@@ -30,6 +30,8 @@ pub struct Entry {
     pub latency: Duration,
     pub integration_latency: Option<Duration>,
     pub error_code: Option<&'static str>,
+    /// The integration request was sent a second time on a new connection.
+    pub retried: bool,
 }
 
 #[derive(Serialize)]
@@ -46,6 +48,7 @@ struct Line<'a> {
     latency_ms: f64,
     integration_latency_ms: Option<f64>,
     error_code: Option<&'a str>,
+    retried: bool,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -71,6 +74,7 @@ impl Entry {
             latency_ms: ms(self.latency),
             integration_latency_ms: self.integration_latency.map(ms),
             error_code: self.error_code,
+            retried: self.retried,
         };
         if serde_json::to_writer(&mut *out, &line).is_ok() {
             out.push(b'\n');

@@ -9,8 +9,7 @@ use ipnet::IpNet;
 use crate::access_log::{AccessLog, Target};
 use crate::config::{Config, QuotaBackend};
 use crate::fleet::Fleet;
-use crate::integration::http::{client, tls_config, HttpClient};
-use crate::integration::privatelink::PrivateLinkClients;
+use crate::integration::http::tls_config;
 use crate::metrics::Metrics;
 use crate::policy::quota::{LocalQuotaStore, QuotaStore, RedisQuotaStore};
 use crate::policy::throttle::Throttles;
@@ -31,9 +30,8 @@ pub struct App {
     /// The thread that runs every control-plane operation.
     pub control: Control,
     pub metrics: Metrics,
-    pub client: HttpClient,
-    /// Clients for `https` PrivateLink endpoints (one per target and server name).
-    pub privatelink: PrivateLinkClients,
+    /// Backend connection settings (the pools themselves are per worker: `upstream::pool`).
+    pub upstream: crate::upstream::Settings,
     /// Quota counters, keyed by stable ids so that they survive reloads.
     pub quota: Arc<dyn QuotaStore>,
     /// Fleet mode's shared Redis (`quota.backend = "redis"`).
@@ -55,9 +53,12 @@ pub struct App {
 
 impl App {
     pub fn new(config: Config) -> Result<Arc<Self>, String> {
-        let tls = tls_config(&config.upstream)?;
-        let client = client(&config.upstream, &tls, None);
-        let privatelink = PrivateLinkClients::new(config.upstream.clone(), tls);
+        let upstream = crate::upstream::Settings {
+            tls: tls_config(&config.upstream)?,
+            connect_timeout: config.upstream.connect_timeout,
+            idle_timeout: config.upstream.pool_idle_timeout,
+            max_idle: config.upstream.pool_max_idle_per_host,
+        };
         let dir = &config.state.dir;
         std::fs::create_dir_all(dir)
             .map_err(|e| format!("config key `state.dir`: {}: {e}", dir.display()))?;
@@ -99,8 +100,7 @@ impl App {
             config,
             state: StateHandle::default(),
             metrics,
-            client,
-            privatelink,
+            upstream,
             quota,
             fleet,
             reports,

@@ -15,7 +15,7 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub enum GatewayBody {
     Empty,
     Full(Option<Bytes>),
-    Upstream(Incoming),
+    Upstream(crate::upstream::UpstreamBody),
 }
 
 impl GatewayBody {

@@ -5,9 +5,7 @@ use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 use tokio::net::TcpListener;
@@ -176,12 +174,13 @@ fn run(args: RunArgs, demo_backend: Option<SocketAddr>) -> ExitCode {
         Ok(n) => tracing::debug!(limit = n, "open file limit"),
         Err(e) => tracing::warn!(error = %e, "could not raise the open file limit"),
     }
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
-    rt.enable_all();
-    if let Some(n) = config.runtime.worker_threads {
-        rt.worker_threads(n);
-    }
-    let rt = match rt.build() {
+    // The main thread's runtime runs the control plane (admin API, signals, reload and
+    // flush scheduling, fleet pushes); the data plane runs on its own worker threads.
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .thread_name("scp-control")
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => return config_error(format!("cannot start the runtime: {e}")),
     };
@@ -194,6 +193,64 @@ async fn bind(addr: SocketAddr, key: &str) -> Result<TcpListener, String> {
         .map_err(|e| format!("config key `{key}`: cannot listen on {addr}: {e}"))
 }
 
+/// Every data-plane address bound once per worker, with what each listener does.
+struct Bound {
+    /// `listeners[w]`: worker `w`'s sockets.
+    listeners: Vec<crate::server::WorkerListeners>,
+    data: Vec<String>,
+    proxy: Vec<String>,
+    tls: Vec<String>,
+    cert_stores: Vec<Arc<crate::server::tls::CertStore>>,
+}
+
+fn bind_data_plane(config: &Config, workers: usize) -> Result<Bound, String> {
+    use crate::server::{bind::bind, ListenerKind};
+    let mut b = Bound {
+        listeners: (0..workers).map(|_| Vec::new()).collect(),
+        data: Vec::new(),
+        proxy: Vec::new(),
+        tls: Vec::new(),
+        cert_stores: Vec::new(),
+    };
+    let mut add = |socks: Vec<std::net::TcpListener>, kind: &ListenerKind| -> Option<String> {
+        let addr = socks.first()?.local_addr().ok()?.to_string();
+        for (w, sock) in socks.into_iter().enumerate() {
+            b.listeners[w].push((sock, kind.clone()));
+        }
+        Some(addr)
+    };
+    let mut data = Vec::new();
+    for addr in &config.server.listen {
+        data.extend(add(
+            bind(*addr, workers, "server.listen")?,
+            &ListenerKind::Plain,
+        ));
+    }
+    let mut proxy = Vec::new();
+    for addr in &config.server.proxy_protocol_listen {
+        proxy.extend(add(
+            bind(*addr, workers, "server.proxy_protocol_listen")?,
+            &ListenerKind::ProxyProtocol,
+        ));
+    }
+    let mut tls = Vec::new();
+    let mut stores = Vec::new();
+    for (i, t) in config.server.tls.iter().enumerate() {
+        let store = crate::server::tls::CertStore::load(t, i)?;
+        let server_config = store
+            .server_config()
+            .map_err(|e| format!("config key `server.tls[{i}]`: {e}"))?;
+        let kind = ListenerKind::Tls(tokio_rustls::TlsAcceptor::from(server_config));
+        tls.extend(add(bind(t.listen, workers, "server.tls.listen")?, &kind));
+        stores.push(store);
+    }
+    b.data = data;
+    b.proxy = proxy;
+    b.tls = tls;
+    b.cert_stores = stores;
+    Ok(b)
+}
+
 async fn serve(config: Config, demo_backend: Option<SocketAddr>) -> ExitCode {
     if let Some(addr) = demo_backend {
         match crate::demo::start_echo(addr).await {
@@ -201,41 +258,17 @@ async fn serve(config: Config, demo_backend: Option<SocketAddr>) -> ExitCode {
             Err(e) => return config_error(format!("demo backend cannot listen on {addr}: {e}")),
         }
     }
-    let mut listeners = Vec::new();
-    for addr in &config.server.listen {
-        match bind(*addr, "server.listen").await {
-            Ok(l) => listeners.push(l),
-            Err(e) => return config_error(e),
-        }
-    }
-    let mut proxy_listeners = Vec::new();
-    for addr in &config.server.proxy_protocol_listen {
-        match bind(*addr, "server.proxy_protocol_listen").await {
-            Ok(l) => proxy_listeners.push(l),
-            Err(e) => return config_error(e),
-        }
-    }
-    let mut tls_listeners = Vec::new();
-    for (i, t) in config.server.tls.iter().enumerate() {
-        let store = match crate::tls::CertStore::load(t, i) {
-            Ok(s) => s,
-            Err(e) => return config_error(e),
-        };
-        let server_config = match store.server_config() {
-            Ok(c) => c,
-            Err(e) => return config_error(format!("config key `server.tls[{i}]`: {e}")),
-        };
-        match bind(t.listen, "server.tls.listen").await {
-            Ok(l) => tls_listeners.push((l, tokio_rustls::TlsAcceptor::from(server_config), store)),
-            Err(e) => return config_error(e),
-        }
-    }
+    let workers = config.runtime.workers();
+    crate::worker::set_count(workers);
+    let bound = match bind_data_plane(&config, workers) {
+        Ok(b) => b,
+        Err(e) => return config_error(e),
+    };
     let admin = match bind(config.admin.listen, "admin.listen").await {
         Ok(l) => l,
         Err(e) => return config_error(e),
     };
     let snapshot_dir = config.snapshots.dir.clone();
-    let drain_timeout = config.server.drain_timeout;
     let app = match App::new(config) {
         Ok(a) => a,
         Err(e) => return config_error(e),
@@ -263,51 +296,24 @@ async fn serve(config: Config, demo_backend: Option<SocketAddr>) -> ExitCode {
     };
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let builder = Arc::new(crate::server::http_builder(&app.config.limits));
-    let data_addrs: Vec<String> = listeners
-        .iter()
-        .filter_map(|l| l.local_addr().ok())
-        .map(|a| a.to_string())
-        .collect();
-    let proxy_addrs: Vec<String> = proxy_listeners
-        .iter()
-        .filter_map(|l| l.local_addr().ok())
-        .map(|a| a.to_string())
-        .collect();
     let admin_addr = admin
         .local_addr()
         .map(|a| a.to_string())
         .unwrap_or_default();
-    let mut tasks = Vec::new();
-    let tls_addrs: Vec<String> = tls_listeners
-        .iter()
-        .filter_map(|(l, _, _)| l.local_addr().ok())
-        .map(|a| a.to_string())
-        .collect();
-    let cert_stores: Vec<Arc<crate::tls::CertStore>> =
-        tls_listeners.iter().map(|(_, _, s)| s.clone()).collect();
-    use crate::server::ListenerKind;
-    let all = listeners
-        .into_iter()
-        .map(|l| (l, ListenerKind::Plain))
-        .chain(
-            proxy_listeners
-                .into_iter()
-                .map(|l| (l, ListenerKind::ProxyProtocol)),
-        )
-        .chain(
-            tls_listeners
-                .into_iter()
-                .map(|(l, a, _)| (l, ListenerKind::Tls(a))),
-        );
-    for (l, proxy) in all {
-        let serve =
-            crate::server::serve(app.clone(), builder.clone(), l, proxy, shutdown_rx.clone());
-        tasks.push(tokio::spawn(serve));
-    }
+    let Bound {
+        listeners,
+        data,
+        proxy,
+        tls,
+        cert_stores,
+    } = bound;
+    let workers = match crate::server::Workers::start(&app, listeners, &shutdown_rx) {
+        Ok(w) => w,
+        Err(e) => return config_error(format!("cannot start the worker threads: {e}")),
+    };
     tokio::spawn(crate::admin::serve(app.clone(), admin));
     app.set_ready(true);
-    tracing::info!(data = %data_addrs.join(","), admin = %admin_addr, "scp-gateway ready");
+    tracing::info!(data = %data.join(","), admin = %admin_addr, workers = crate::worker::count(), "scp-gateway ready");
     // One machine-readable line on stdout with the bound addresses (tests and scripts that
     // bind port 0 read it); logs go to stderr.
     {
@@ -315,33 +321,31 @@ async fn serve(config: Config, demo_backend: Option<SocketAddr>) -> ExitCode {
         let _ = writeln!(
             out,
             "listening data={} admin={admin_addr} proxy={} tls={}",
-            data_addrs.join(","),
-            proxy_addrs.join(","),
-            tls_addrs.join(",")
+            data.join(","),
+            proxy.join(","),
+            tls.join(",")
         );
         let _ = out.flush();
     }
 
     wait_for_signals(&app, &cert_stores).await;
 
+    let drain_timeout = app.config.server.drain_timeout;
     tracing::info!(
         deadline_s = drain_timeout.as_secs(),
         "shutting down: draining connections"
     );
     app.start_draining();
     let _ = shutdown_tx.send(true);
-    for t in tasks {
-        let _ = t.await;
-    }
-    let deadline = Instant::now() + drain_timeout;
-    while app.active_connections.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let left = app.active_connections.load(Ordering::Acquire);
+    // The workers stop accepting, let their connections finish (up to the drain
+    // deadline) and exit; the admin listener answers meanwhile (/readyz says 503).
+    let left = tokio::task::spawn_blocking(move || workers.join())
+        .await
+        .unwrap_or(0);
     if left > 0 {
         tracing::warn!(
             connections = left,
-            "drain deadline reached; cutting remaining connections"
+            "drain deadline reached; remaining connections were cut"
         );
     }
     app.flush_state();
@@ -353,7 +357,7 @@ async fn serve(config: Config, demo_backend: Option<SocketAddr>) -> ExitCode {
 }
 
 #[cfg(unix)]
-async fn wait_for_signals(app: &Arc<App>, cert_stores: &[Arc<crate::tls::CertStore>]) {
+async fn wait_for_signals(app: &Arc<App>, cert_stores: &[Arc<crate::server::tls::CertStore>]) {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
@@ -386,6 +390,6 @@ async fn wait_for_signals(app: &Arc<App>, cert_stores: &[Arc<crate::tls::CertSto
 }
 
 #[cfg(not(unix))]
-async fn wait_for_signals(_app: &Arc<App>, _cert_stores: &[Arc<crate::tls::CertStore>]) {
+async fn wait_for_signals(_app: &Arc<App>, _cert_stores: &[Arc<crate::server::tls::CertStore>]) {
     let _ = tokio::signal::ctrl_c().await;
 }

@@ -220,9 +220,19 @@ pub struct UpstreamConfig {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RuntimeConfig {
-    /// Tokio worker threads; default: one per CPU core.
-    #[serde(default)]
-    pub worker_threads: Option<usize>,
+    /// Data-plane worker threads, each with its own runtime, listeners and backend pools;
+    /// default: one per CPU core. `worker_threads` is the former name of this key.
+    #[serde(default, alias = "worker_threads")]
+    pub workers: Option<usize>,
+}
+
+impl RuntimeConfig {
+    /// The number of workers to run.
+    pub fn workers(&self) -> usize {
+        self.workers.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        })
+    }
 }
 
 fn default_listen() -> Vec<SocketAddr> {
@@ -458,8 +468,13 @@ impl Config {
         if self.limits.max_connections == 0 {
             return Err(invalid("limits.max_connections", "must be at least 1"));
         }
-        if self.runtime.worker_threads == Some(0) {
-            return Err(invalid("runtime.worker_threads", "must be at least 1"));
+        if let Some(n) = self.runtime.workers {
+            if n == 0 || n > crate::worker::MAX_WORKERS {
+                return Err(invalid(
+                    "runtime.workers",
+                    &format!("must be between 1 and {}", crate::worker::MAX_WORKERS),
+                ));
+            }
         }
         if self.admin.is_open() && !self.admin.allow_unauthenticated {
             return Err(ConfigError::Invalid {

@@ -17,6 +17,7 @@ pub struct Metrics {
     pub request_duration: HistogramVec,
     pub integration_duration: HistogramVec,
     pub rejections: IntCounterVec,
+    pub integration_retries: IntCounterVec,
     pub quota_store_errors: IntCounterVec,
     pub snapshot_reloads: IntCounterVec,
     pub snapshot_revision: IntGaugeVec,
@@ -60,6 +61,8 @@ pub struct RequestSample<'a> {
     pub latency: std::time::Duration,
     /// Time spent in the integration, and its kind label.
     pub integration: Option<(std::time::Duration, &'a str)>,
+    /// The integration request was sent a second time.
+    pub retried: bool,
 }
 
 impl Metrics {
@@ -71,6 +74,11 @@ impl Metrics {
         self.request_duration
             .with_label_values(&[s.api, s.stage])
             .observe(s.latency.as_secs_f64());
+        if s.retried {
+            self.integration_retries
+                .with_label_values(&[s.api, s.stage])
+                .inc();
+        }
         if let Some((elapsed, kind)) = s.integration {
             self.integration_duration
                 .with_label_values(&[s.api, s.stage, kind])
@@ -114,6 +122,15 @@ impl Metrics {
             &["api_id", "stage", "code"],
         )
         .expect("metric definition");
+        let integration_retries = IntCounterVec::new(
+            Opts::new(
+                "apigw_integration_retries_total",
+                "Requests sent to the backend a second time, on a new connection, after a \
+                 reused connection failed before answering",
+            ),
+            &["api_id", "stage"],
+        )
+        .expect("metric definition");
         let quota_store_errors = IntCounterVec::new(
             Opts::new(
                 "apigw_quota_store_errors_total",
@@ -149,6 +166,7 @@ impl Metrics {
             Box::new(request_duration.clone()),
             Box::new(integration_duration.clone()),
             Box::new(rejections.clone()),
+            Box::new(integration_retries.clone()),
             Box::new(quota_store_errors.clone()),
             Box::new(snapshot_reloads.clone()),
             Box::new(snapshot_revision.clone()),
@@ -161,6 +179,7 @@ impl Metrics {
             request_duration,
             integration_duration,
             rejections,
+            integration_retries,
             quota_store_errors,
             snapshot_reloads,
             snapshot_revision,

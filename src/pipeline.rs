@@ -50,11 +50,20 @@ pub struct ConnInfo {
     /// The socket peer is inside `network.trusted_proxies` (decided once per connection).
     pub trusted_peer: bool,
     /// What a PROXY protocol v2 header said (listeners configured for it).
-    pub proxy: Option<crate::proxy_protocol::ProxyInfo>,
+    pub proxy: Option<ProxyInfo>,
     /// The address this hop appends to `X-Forwarded-For`, built once per connection: the
     /// socket peer, or on PROXY protocol listeners the header's source address. Never the
     /// client address derived through trusted proxies (that one is already in the list).
     pub forwarded_for: HeaderValue,
+}
+
+/// What a PROXY protocol v2 header said about the client (listeners configured for it).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProxyInfo {
+    /// The original client address (`PROXY` command with an IP address family).
+    pub source: Option<IpAddr>,
+    /// The PrivateLink endpoint id of TLV 0xE0.
+    pub endpoint_id: Option<Box<str>>,
 }
 
 /// Everything the phases learn about one request, borrowed from the state it is served with.
@@ -84,6 +93,8 @@ pub struct RequestContext<'s> {
     pub preflight: bool,
     /// The code of a gateway-made error response.
     pub error_code: Option<&'static str>,
+    /// The integration request was sent a second time (a reused backend connection failed).
+    pub retried: bool,
 }
 
 impl<'s> RequestContext<'s> {
@@ -122,6 +133,7 @@ impl<'s> RequestContext<'s> {
             rate_limit: None,
             preflight: false,
             error_code: None,
+            retried: false,
         }
     }
 }
@@ -624,24 +636,13 @@ async fn integrate<'s>(
                 Rejection::IntegrationFailure
             })
     };
-    let (result, elapsed) = match &m.integration {
-        Integration::Http { url } => {
+    let outcome = match &m.integration {
+        Integration::Http { url, upstream } | Integration::PrivateLink { url, upstream, .. } => {
             parts.uri = render(url, parts.uri.query())?;
             frame_body(&mut parts.headers);
             let req =
                 Request::from_parts(parts, ForwardBody::Stream(LimitedBody::new(body, max_body)));
-            forwarded(http_integration::send(&app.client, req, timeout).await)
-        }
-        Integration::PrivateLink { url, endpoint } => {
-            let target_url = render(url, parts.uri.query())?;
-            let (client, uri) =
-                app.privatelink
-                    .route(&app.client, &target_url, endpoint, &mut parts.headers)?;
-            parts.uri = uri;
-            frame_body(&mut parts.headers);
-            let req =
-                Request::from_parts(parts, ForwardBody::Stream(LimitedBody::new(body, max_body)));
-            forwarded(http_integration::send(&client, req, timeout).await)
+            forwarded(http_integration::forward(&app.upstream, upstream, req, timeout).await)
         }
         Integration::Function { function } => {
             let path_parameters = route
@@ -675,8 +676,8 @@ async fn integrate<'s>(
                 jwt_claims: ctx.jwt.as_ref().map(|v| &*v.claims),
             };
             crate::integration::function::invoke(
-                &app.client,
-                &function.invoke_url,
+                &app.upstream,
+                function,
                 &input,
                 body,
                 max_body,
@@ -685,17 +686,26 @@ async fn integrate<'s>(
             .await
         }
     };
-    ctx.integration_elapsed = Some(elapsed);
-    result
+    ctx.integration_elapsed = Some(outcome.elapsed);
+    ctx.retried = outcome.retried;
+    outcome.result
 }
 
 /// A streamed backend answer as the client's response.
 fn forwarded(
-    r: Result<http_integration::Forwarded, (Rejection, Duration)>,
-) -> (Result<Response<GatewayBody>, Rejection>, Duration) {
+    r: Result<http_integration::Forwarded, http_integration::NotForwarded>,
+) -> crate::integration::Outcome {
     match r {
-        Ok(f) => (Ok(f.response.map(GatewayBody::Upstream)), f.elapsed),
-        Err((rejection, elapsed)) => (Err(rejection), elapsed),
+        Ok(f) => crate::integration::Outcome {
+            result: Ok(f.response.map(GatewayBody::Upstream)),
+            elapsed: f.elapsed,
+            retried: f.retried,
+        },
+        Err(e) => crate::integration::Outcome {
+            result: Err(e.rejection),
+            elapsed: e.elapsed,
+            retried: e.retried,
+        },
     }
 }
 
@@ -725,6 +735,7 @@ fn record(app: &App, ctx: &RequestContext<'_>, resp: &Response<GatewayBody>) {
         integration: ctx
             .integration_elapsed
             .zip(ctx.method_route.map(|m| m.integration.kind().as_str())),
+        retried: ctx.retried,
     });
     let method = crate::report::static_method(method).unwrap_or("OTHER");
     if let (Some(a), Some(s)) = (ctx.api, ctx.stage) {
@@ -752,6 +763,7 @@ fn record(app: &App, ctx: &RequestContext<'_>, resp: &Response<GatewayBody>) {
             latency,
             integration_latency: ctx.integration_elapsed,
             error_code: ctx.error_code,
+            retried: ctx.retried,
         });
     }
 }

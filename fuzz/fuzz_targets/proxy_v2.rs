@@ -3,5 +3,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = scp_gateway::proxy_protocol::parse(data);
+    let _ = scp_gateway::server::proxy_protocol::parse(data);
 });

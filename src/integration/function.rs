@@ -15,9 +15,12 @@ use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::http::{send, strip_hop_by_hop, HttpClient};
+use super::http::{forward, strip_hop_by_hop};
+use super::Outcome;
 use crate::body::{ForwardBody, GatewayBody};
 use crate::rejection::Rejection;
+use crate::snapshot::compile::FunctionTarget;
+use crate::upstream::Settings;
 
 /// Largest function answer accepted (→ 502 beyond).
 pub const MAX_FUNCTION_RESPONSE: usize = 6 * 1024 * 1024;
@@ -203,15 +206,19 @@ pub fn response(raw: &[u8]) -> Result<Response<GatewayBody>, Rejection> {
 }
 
 /// Invokes the function: reads the request body (bounded), POSTs the event, maps the answer.
-/// Returns the response and how long the function took.
 pub async fn invoke(
-    client: &HttpClient,
-    invoke_url: &http::Uri,
+    settings: &Settings,
+    function: &FunctionTarget,
     input: &EventInput<'_>,
     body: Incoming,
     max_body: u64,
     timeout: Duration,
-) -> (Result<Response<GatewayBody>, Rejection>, Duration) {
+) -> Outcome {
+    let failed = |rejection, elapsed, retried| Outcome {
+        result: Err(rejection),
+        elapsed,
+        retried,
+    };
     let body =
         match http_body_util::Limited::new(body, usize::try_from(max_body).unwrap_or(usize::MAX))
             .collect()
@@ -219,47 +226,54 @@ pub async fn invoke(
         {
             Ok(b) => b.to_bytes(),
             Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-                return (Err(Rejection::PayloadTooLarge), Duration::ZERO)
+                return failed(Rejection::PayloadTooLarge, Duration::ZERO, false)
             }
             Err(_) => {
-                return (
-                    Err(Rejection::BadRequest(crate::rejection::BadRequest::Body)),
+                return failed(
+                    Rejection::BadRequest(crate::rejection::BadRequest::Body),
                     Duration::ZERO,
+                    false,
                 )
             }
         };
     let event = event(input, &body);
     let mut req = Request::new(ForwardBody::Full(Some(Bytes::from(event))));
     *req.method_mut() = http::Method::POST;
-    *req.uri_mut() = invoke_url.clone();
+    *req.uri_mut() = function.target.clone();
     req.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     let started = Instant::now();
     let deadline = tokio::time::Instant::now() + timeout;
-    let forwarded = match send(client, req, timeout).await {
+    let forwarded = match forward(settings, &function.upstream, req, timeout).await {
         Ok(f) => f,
-        Err((rejection, elapsed)) => return (Err(rejection), elapsed),
+        Err(e) => return failed(e.rejection, e.elapsed, e.retried),
     };
+    let retried = forwarded.retried;
     if forwarded.response.status() != StatusCode::OK {
         tracing::warn!(
             status = forwarded.response.status().as_u16(),
             "function endpoint answered non-200"
         );
-        return (Err(Rejection::IntegrationFailure), started.elapsed());
+        return failed(Rejection::IntegrationFailure, started.elapsed(), retried);
     }
     let limited =
         http_body_util::Limited::new(forwarded.response.into_body(), MAX_FUNCTION_RESPONSE);
     let raw = match tokio::time::timeout_at(deadline, limited.collect()).await {
         Ok(Ok(b)) => b.to_bytes(),
         Ok(Err(_)) => {
-            return (
-                Err(malformed("answer over 6 MiB or cut short")),
+            return failed(
+                malformed("answer over 6 MiB or cut short"),
                 started.elapsed(),
+                retried,
             )
         }
-        Err(_) => return (Err(Rejection::IntegrationTimeout), started.elapsed()),
+        Err(_) => return failed(Rejection::IntegrationTimeout, started.elapsed(), retried),
     };
-    (response(&raw), started.elapsed())
+    Outcome {
+        result: response(&raw),
+        elapsed: started.elapsed(),
+        retried,
+    }
 }
 
 #[cfg(test)]

@@ -1,25 +1,19 @@
 //! Forwarding to an HTTP integration ("Forwarding to an HTTP or PRIVATELINK integration"):
-//! header rules, the pooled keep-alive client (HTTP/1.1, and HTTP/2 where a TLS backend
-//! offers it), streaming bodies both ways, 502/504 mapping.
+//! the header rules, the backend TLS settings, and one call through [`crate::upstream`]
+//! (pooled connections, the retry rule) with its 502/504 mapping. Bodies stream both ways.
 
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Request, Response, Version};
-use hyper::body::Incoming;
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use http::{Request, Response};
 use smallvec::SmallVec;
 
-use crate::body::{client_body_failure, ForwardBody};
+use crate::body::ForwardBody;
 use crate::config::UpstreamConfig;
 use crate::rejection::Rejection;
-
-pub type HttpClient = Client<HttpsConnector<HttpConnector>, ForwardBody>;
+use crate::upstream::{SendError, Settings, Upstream, UpstreamBody};
 
 pub static X_SCP_REQUEST_ID: HeaderName = HeaderName::from_static("x-scp-request-id");
 pub static X_SCP_API_ID: HeaderName = HeaderName::from_static("x-scp-api-id");
@@ -243,90 +237,72 @@ pub fn tls_config(cfg: &UpstreamConfig) -> Result<Arc<rustls::ClientConfig>, Str
     .map_err(|e| e.to_string())?
     .with_root_certificates(roots)
     .with_no_client_auth();
+    let mut tls = tls;
+    // HTTP/2 when a TLS backend offers it, else HTTP/1.1.
+    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(tls))
 }
 
-/// Builds a pooled backend client: plain HTTP and HTTPS, HTTP/2 when a TLS backend
-/// negotiates it by ALPN. `server_name` fixes the TLS name (SNI and certificate check)
-/// whatever host the request URI names (PrivateLink targets).
-pub fn client(
-    cfg: &UpstreamConfig,
-    tls: &Arc<rustls::ClientConfig>,
-    server_name: Option<rustls::pki_types::ServerName<'static>>,
-) -> HttpClient {
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(cfg.connect_timeout));
-    let builder = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config((**tls).clone())
-        .https_or_http();
-    let builder = match server_name {
-        Some(name) => {
-            builder.with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(name))
-        }
-        None => builder,
-    };
-    let https = builder.enable_http1().enable_http2().wrap_connector(http);
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(cfg.pool_idle_timeout)
-        .pool_max_idle_per_host(cfg.pool_max_idle_per_host)
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .build(https)
-}
-
-/// Outcome of one backend call: the response and how long its head took.
+/// Outcome of one backend call: the response, how long its head took, and whether the
+/// request had to be sent a second time (see [`crate::upstream`]).
 pub struct Forwarded {
-    pub response: Response<Incoming>,
+    pub response: Response<UpstreamBody>,
     pub elapsed: Duration,
+    pub retried: bool,
 }
 
-/// Sends the request and waits for the response head within `timeout`.
-pub async fn send(
-    client: &HttpClient,
-    mut req: Request<ForwardBody>,
+/// A failed backend call: the rejection, how long it took, and whether it was retried.
+pub struct NotForwarded {
+    pub rejection: Rejection,
+    pub elapsed: Duration,
+    pub retried: bool,
+}
+
+/// Sends the request (origin-form URI) to `upstream` and waits for the response head within
+/// `timeout`, which covers a retry too. Hop-by-hop headers of the answer are removed.
+pub async fn forward(
+    settings: &Settings,
+    upstream: &Upstream,
+    req: Request<ForwardBody>,
     timeout: Duration,
-) -> Result<Forwarded, (Rejection, Duration)> {
-    // The client picks HTTP/2 itself when ALPN says so; a client's h2 request is sent as 1.1.
-    *req.version_mut() = Version::HTTP_11;
+) -> Result<Forwarded, NotForwarded> {
     let started = Instant::now();
-    match tokio::time::timeout(timeout, client.request(req)).await {
-        Ok(Ok(mut response)) => {
-            strip_hop_by_hop(response.headers_mut());
+    let deadline = tokio::time::Instant::from_std(started + timeout);
+    match crate::upstream::send(settings, upstream, req, deadline).await {
+        Ok(mut sent) => {
+            strip_hop_by_hop(sent.response.headers_mut());
             Ok(Forwarded {
-                response,
+                response: sent.response,
                 elapsed: started.elapsed(),
+                retried: sent.retried,
             })
         }
-        Ok(Err(e)) => {
+        Err(e) => {
             let elapsed = started.elapsed();
-            if let Some(rejection) = client_body_failure(&e) {
-                return Err((rejection, elapsed));
-            }
-            tracing::warn!(error = %error_chain(&e), "integration request failed");
-            Err((Rejection::IntegrationFailure, elapsed))
-        }
-        Err(_) => {
-            tracing::warn!(
-                timeout_ms = timeout.as_millis() as u64,
-                "integration timed out"
-            );
-            Err((Rejection::IntegrationTimeout, started.elapsed()))
+            let backend = upstream.host_header.to_str().unwrap_or("");
+            let (rejection, retried) = match e {
+                SendError::ClientBody(r) => (r, false),
+                SendError::Timeout { retried } => {
+                    tracing::warn!(
+                        backend,
+                        timeout_ms = timeout.as_millis() as u64,
+                        retried,
+                        "integration timed out"
+                    );
+                    (Rejection::IntegrationTimeout, retried)
+                }
+                SendError::Failed { reason, retried } => {
+                    tracing::warn!(backend, error = %reason, retried, "integration request failed");
+                    (Rejection::IntegrationFailure, retried)
+                }
+            };
+            Err(NotForwarded {
+                rejection,
+                elapsed,
+                retried,
+            })
         }
     }
-}
-
-/// `a: b: c` of an error and its sources, for logs.
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 #[cfg(test)]

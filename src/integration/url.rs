@@ -23,9 +23,20 @@ enum Part {
     },
 }
 
+/// Splits a URL into its origin (`scheme://authority`) and the rest (path and query).
+pub fn split_origin(url: &str) -> (&str, &str) {
+    let after_scheme = url.find("://").map_or(0, |i| i + 3);
+    match url[after_scheme..].find(['/', '?']) {
+        Some(i) => url.split_at(after_scheme + i),
+        None => (url, ""),
+    }
+}
+
+/// The path and query of an `endpoint_url`; the origin is the backend's
+/// ([`crate::upstream::Upstream`]), compiled separately.
 #[derive(Debug, Clone)]
 pub struct UrlTemplate {
-    /// Scheme + authority + path parts (no query).
+    /// Path parts (no query).
     parts: Vec<Part>,
     /// The query the URL already has, without `?`.
     query: Option<Box<str>>,
@@ -34,8 +45,10 @@ pub struct UrlTemplate {
 }
 
 impl UrlTemplate {
-    /// Compiles a validated `endpoint_url` against the route's parameter names.
+    /// Compiles the path and query of a validated `endpoint_url` against the route's
+    /// parameter names (placeholders are allowed in the path only).
     pub fn compile(url: &str, param_names: &[impl AsRef<str>]) -> Result<Self, String> {
+        let (_, url) = split_origin(url);
         let (base, query) = match url.split_once('?') {
             Some((b, q)) => (b, Some(q.into())),
             None => (url, None),
@@ -57,6 +70,9 @@ impl UrlTemplate {
         if at < base.len() {
             parts.push(Part::Literal(base[at..].into()));
         }
+        if base.is_empty() {
+            parts.push(Part::Literal("/".into()));
+        }
         let literal_len = parts
             .iter()
             .map(|p| match p {
@@ -71,8 +87,8 @@ impl UrlTemplate {
         })
     }
 
-    /// The backend URI for one request: parameters substituted (percent-encoded), the
-    /// client's raw query appended to the URL's own.
+    /// The backend request target (origin-form) for one request: parameters substituted
+    /// (percent-encoded), the client's raw query appended to the URL's own.
     pub fn render(
         &self,
         path: &str,
@@ -162,16 +178,25 @@ mod tests {
                 "/orders/42",
                 Some("page=2")
             ),
-            "http://b:9000/v1/orders/42?src=gw&page=2"
+            "/v1/orders/42?src=gw&page=2"
         );
         assert_eq!(
             render("http://b/x", "/orders", "/orders", Some("a=1")),
-            "http://b/x?a=1"
+            "/x?a=1"
         );
+        assert_eq!(render("/x?k=v", "/orders", "/orders", None), "/x?k=v");
+    }
+
+    #[test]
+    fn origins() {
         assert_eq!(
-            render("http://b/x?k=v", "/orders", "/orders", None),
-            "http://b/x?k=v"
+            split_origin("http://b:9000/v1?x=1"),
+            ("http://b:9000", "/v1?x=1")
         );
+        assert_eq!(split_origin("https://b?x=1"), ("https://b", "?x=1"));
+        assert_eq!(split_origin("http://[::1]:80"), ("http://[::1]:80", ""));
+        assert_eq!(render("http://b", "/orders", "/orders", None), "/");
+        assert_eq!(render("http://b?k=v", "/orders", "/orders", None), "/?k=v");
     }
 
     #[test]
@@ -183,7 +208,7 @@ mod tests {
                 "/files/a/b%20c/d",
                 None
             ),
-            "http://b/static/a/b%20c/d"
+            "/static/a/b%20c/d"
         );
         assert_eq!(
             render(
@@ -192,7 +217,7 @@ mod tests {
                 "/users/a;b=c",
                 None
             ),
-            "http://b/u/a%3Bb%3Dc"
+            "/u/a%3Bb%3Dc"
         );
         assert_eq!(
             render(
@@ -201,7 +226,7 @@ mod tests {
                 "/users/%C3%A9",
                 None
             ),
-            "http://b/u/%C3%A9"
+            "/u/%C3%A9"
         );
     }
 }

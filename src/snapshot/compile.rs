@@ -10,13 +10,14 @@ use http::{HeaderName, HeaderValue};
 use super::model::{EndpointType, IntegrationType, MethodType, Snapshot};
 use super::validate::{normalize_host, parse_target, split_list};
 use super::Issue;
-use crate::integration::url::UrlTemplate;
+use crate::integration::url::{split_origin, UrlTemplate};
 use crate::policy::acl::{IpAcl, StageAcl};
 use crate::policy::apikey::{CompiledPlan, StageKeys, ThrottleSpec};
 use crate::policy::cors::CorsPolicy;
 use crate::policy::jwt::{CompiledAuth, StageJwt};
 use crate::policy::resource_policy::{CompiledPolicy, SrnTemplate};
 use crate::routing::{MethodTable, RouteError, RouteTable};
+use crate::upstream::Upstream;
 
 pub const DEFAULT_INTEGRATION_TIMEOUT: Duration = Duration::from_millis(29_000);
 
@@ -32,13 +33,17 @@ pub struct PrivateLinkTarget {
 pub struct FunctionTarget {
     pub id: Arc<str>,
     pub name: String,
-    pub invoke_url: http::Uri,
+    /// Where the function's endpoint is.
+    pub upstream: Arc<Upstream>,
+    /// The invoke URL's path and query (origin-form).
+    pub target: http::Uri,
 }
 
 #[derive(Debug)]
 pub enum Integration {
     Http {
         url: UrlTemplate,
+        upstream: Arc<Upstream>,
     },
     Function {
         function: Arc<FunctionTarget>,
@@ -46,6 +51,8 @@ pub enum Integration {
     PrivateLink {
         url: UrlTemplate,
         endpoint: Arc<PrivateLinkTarget>,
+        /// The endpoint's target, with the URL's `Host` and TLS server name.
+        upstream: Arc<Upstream>,
     },
 }
 
@@ -165,18 +172,34 @@ pub fn compile(s: Snapshot) -> Result<CompiledApi, Vec<Issue>> {
         .collect();
     let mut functions: HashMap<&str, Arc<FunctionTarget>> = HashMap::new();
     for (i, f) in s.functions.iter().enumerate() {
-        match f.invoke_url.parse() {
-            Ok(invoke_url) => {
+        let target = f
+            .invoke_url
+            .parse::<http::Uri>()
+            .map_err(|e| e.to_string())
+            .and_then(|url| {
+                let upstream = Upstream::for_url(&url)?;
+                let path = url.path_and_query().map_or("/", |p| p.as_str());
+                let target = if path.starts_with('/') {
+                    path.parse::<http::Uri>()
+                } else {
+                    format!("/{path}").parse::<http::Uri>()
+                }
+                .map_err(|e| e.to_string())?;
+                Ok((upstream, target))
+            });
+        match target {
+            Ok((upstream, target)) => {
                 functions.insert(
                     f.function_id.as_str(),
                     Arc::new(FunctionTarget {
                         id: Arc::from(f.function_id.as_str()),
                         name: f.function_name.clone(),
-                        invoke_url,
+                        upstream,
+                        target,
                     }),
                 );
             }
-            Err(e) => errors.push(issue(format!("functions[{i}].invoke_url"), e.to_string())),
+            Err(e) => errors.push(issue(format!("functions[{i}].invoke_url"), e)),
         }
     }
 
@@ -200,14 +223,33 @@ pub fn compile(s: Snapshot) -> Result<CompiledApi, Vec<Issue>> {
             let mut methods = Vec::with_capacity(r.methods.len());
             for (j, m) in r.methods.iter().enumerate() {
                 let mp = format!("{rp}.methods[{j}]");
+                let raw_url = m.endpoint_url.as_deref().unwrap_or("");
                 let url = |errors: &mut Vec<Issue>| -> Option<UrlTemplate> {
-                    let raw = m.endpoint_url.as_deref().unwrap_or("");
-                    UrlTemplate::compile(raw, &param_names)
+                    UrlTemplate::compile(raw_url, &param_names)
                         .map_err(|e| errors.push(issue(format!("{mp}.endpoint_url"), e)))
                         .ok()
                 };
+                // The backend: the URL's origin, or for PrivateLink the endpoint's target
+                // with the URL's Host and TLS name.
+                let origin = |errors: &mut Vec<Issue>,
+                              target: Option<&PrivateLinkTarget>|
+                 -> Option<Arc<Upstream>> {
+                    let url = split_origin(raw_url)
+                        .0
+                        .parse::<http::Uri>()
+                        .map_err(|e| e.to_string())
+                        .and_then(|u| match target {
+                            None => Upstream::for_url(&u),
+                            Some(t) => Upstream::for_target(&u, &t.host, t.port),
+                        });
+                    url.map_err(|e| errors.push(issue(format!("{mp}.endpoint_url"), e)))
+                        .ok()
+                };
                 let integration = match m.integration_type {
-                    IntegrationType::Http => url(&mut errors).map(|url| Integration::Http { url }),
+                    IntegrationType::Http => match (url(&mut errors), origin(&mut errors, None)) {
+                        (Some(url), Some(upstream)) => Some(Integration::Http { url, upstream }),
+                        _ => None,
+                    },
                     IntegrationType::Scf => m
                         .function_id
                         .as_deref()
@@ -220,11 +262,15 @@ pub fn compile(s: Snapshot) -> Result<CompiledApi, Vec<Issue>> {
                             .privatelink_endpoint_id
                             .as_deref()
                             .and_then(|e| endpoints.get(e));
-                        match (url(&mut errors), endpoint) {
-                            (Some(url), Some(endpoint)) => Some(Integration::PrivateLink {
-                                url,
-                                endpoint: endpoint.clone(),
-                            }),
+                        let upstream = endpoint.and_then(|e| origin(&mut errors, Some(e)));
+                        match (url(&mut errors), endpoint, upstream) {
+                            (Some(url), Some(endpoint), Some(upstream)) => {
+                                Some(Integration::PrivateLink {
+                                    url,
+                                    endpoint: endpoint.clone(),
+                                    upstream,
+                                })
+                            }
                             _ => None,
                         }
                     }

@@ -10,20 +10,13 @@ use ppp::v2::{Addresses, Command, Header};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
+pub use crate::pipeline::ProxyInfo;
+
 /// TLV type carrying the PrivateLink endpoint id (ASCII).
 pub const ENDPOINT_TLV: u8 = 0xE0;
 /// The largest header accepted (address block + TLVs).
 const MAX_LENGTH: usize = 1024;
 const FIXED: usize = 16;
-
-/// What a PROXY header says about the client.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ProxyInfo {
-    /// The original client address (`PROXY` command with an IP address family).
-    pub source: Option<IpAddr>,
-    /// The PrivateLink endpoint id of TLV 0xE0.
-    pub endpoint_id: Option<Box<str>>,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {

@@ -1,0 +1,392 @@
+//! A client connection's byte stream as the listener sees it: what it tells the
+//! connection's watchdog ([`Activity`]), the raw-head scan for ambiguous framing
+//! ([`HeadScan`]), and the lingering close.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// What a connection's watchdog needs to know, written by the connection's own task (its
+/// reads and writes, and its requests starting and ending) and read by its watchdog, on the
+/// same worker thread. Each field has one writer at a time, so updates are plain loads and
+/// stores: nothing here costs a locked instruction, a timer or a wake-up per request.
+pub struct Activity {
+    base: Instant,
+    /// Bumped by every read or write that moved bytes and by every request's end: the
+    /// watchdog compares it between its ticks to tell an idle connection from a busy one.
+    events: AtomicU64,
+    /// When the head being read began (ms since `base`, +1), 0 when no head is being read.
+    head_started: AtomicU64,
+    in_flight: AtomicU32,
+    saw_first_read: AtomicBool,
+    h2: AtomicBool,
+    /// Requests whose service has started (a new head begins after each).
+    requests: AtomicU64,
+    /// The head being read carries both Content-Length and Transfer-Encoding.
+    ambiguous_length: AtomicBool,
+}
+
+/// Adds one with a plain load and store: every counter here has a single writer.
+fn bump(c: &AtomicU64) {
+    c.store(c.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
+}
+
+impl Activity {
+    pub fn new() -> Self {
+        Self {
+            base: Instant::now(),
+            events: AtomicU64::new(0),
+            head_started: AtomicU64::new(0),
+            in_flight: AtomicU32::new(0),
+            saw_first_read: AtomicBool::new(false),
+            h2: AtomicBool::new(false),
+            requests: AtomicU64::new(0),
+            ambiguous_length: AtomicBool::new(false),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.base.elapsed().as_millis() as u64 + 1
+    }
+
+    fn on_read(&self, bytes: &[u8]) {
+        bump(&self.events);
+        if !self.saw_first_read.load(Ordering::Relaxed) {
+            self.saw_first_read.store(true, Ordering::Relaxed);
+            if bytes.starts_with(b"PRI * HTTP/2.0") {
+                self.h2.store(true, Ordering::Relaxed);
+            }
+        }
+        // The first byte of a new HTTP/1 head: the head deadline runs from here. (One clock
+        // read per request; HTTP/2 connections have no per-request head to time.)
+        if self.head_started.load(Ordering::Relaxed) == 0
+            && self.in_flight.load(Ordering::Relaxed) == 0
+            && !self.h2.load(Ordering::Relaxed)
+        {
+            self.head_started.store(self.now_ms(), Ordering::Relaxed);
+        }
+    }
+
+    fn on_write(&self) {
+        bump(&self.events);
+    }
+
+    /// A snapshot of the activity counter.
+    pub fn events(&self) -> u64 {
+        self.events.load(Ordering::Relaxed)
+    }
+
+    /// A request is being served (its head was read; its answer is not done).
+    pub fn busy(&self) -> bool {
+        self.in_flight.load(Ordering::Relaxed) > 0
+    }
+
+    /// When the head now being read began, if one is.
+    pub fn head_started(&self) -> Option<Instant> {
+        match self.head_started.load(Ordering::Relaxed) {
+            0 => None,
+            t => Some(self.base + Duration::from_millis(t - 1)),
+        }
+    }
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Marks a request in flight for the watchdog; the head is complete once the service runs.
+pub struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    /// Called when a request head is complete; returns whether that head was ambiguous.
+    pub fn start(a: &Arc<Activity>) -> (Self, bool) {
+        let n = a.in_flight.load(Ordering::Relaxed);
+        a.in_flight.store(n + 1, Ordering::Relaxed);
+        a.head_started.store(0, Ordering::Relaxed);
+        bump(&a.requests);
+        let ambiguous = a.ambiguous_length.load(Ordering::Relaxed);
+        if ambiguous {
+            a.ambiguous_length.store(false, Ordering::Relaxed);
+        }
+        (InFlight(a.clone()), ambiguous)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let n = self.0.in_flight.load(Ordering::Relaxed);
+        self.0
+            .in_flight
+            .store(n.saturating_sub(1), Ordering::Relaxed);
+        bump(&self.0.events);
+    }
+}
+
+/// Finds `Content-Length` and `Transfer-Encoding` together in an HTTP/1 request head.
+///
+/// hyper drops `Content-Length` from the parsed headers when `Transfer-Encoding` is present
+/// (and only stops keeping the connection alive), so the pipeline could not refuse such a
+/// request as `request-pipeline.md` demands. This scanner looks at the raw head bytes: it
+/// compares the first bytes of each line with the two names and stops at the blank line
+/// that ends the head. Body bytes are never scanned.
+pub struct HeadScan {
+    generation: u64,
+    line_len: usize,
+    cl_match: bool,
+    te_match: bool,
+    cl_lines: u8,
+    saw_te: bool,
+    done: bool,
+}
+
+const CL_NAME: &[u8] = b"content-length:";
+const TE_NAME: &[u8] = b"transfer-encoding:";
+
+impl HeadScan {
+    /// A scanner for the head that follows `generation` started requests.
+    pub fn new(generation: u64) -> Self {
+        Self {
+            generation,
+            line_len: 0,
+            cl_match: true,
+            te_match: true,
+            cl_lines: 0,
+            saw_te: false,
+            done: false,
+        }
+    }
+
+    /// Scans `bytes`; true when the head ended with both headers present, or with
+    /// `Content-Length` more than once (hyper keeps one of equal copies, silently).
+    pub fn feed(&mut self, bytes: &[u8]) -> bool {
+        for &b in bytes {
+            if self.done {
+                break;
+            }
+            match b {
+                b'\n' => {
+                    if self.line_len == 0 {
+                        self.done = true;
+                        return (self.cl_lines > 0 && self.saw_te) || self.cl_lines > 1;
+                    }
+                    self.line_len = 0;
+                    self.cl_match = true;
+                    self.te_match = true;
+                }
+                b'\r' => {}
+                _ => {
+                    let i = self.line_len;
+                    if (self.cl_match || self.te_match) && i < TE_NAME.len() {
+                        let l = b.to_ascii_lowercase();
+                        if self.cl_match && i < CL_NAME.len() {
+                            self.cl_match = CL_NAME[i] == l;
+                            if self.cl_match && i + 1 == CL_NAME.len() {
+                                self.cl_lines = self.cl_lines.saturating_add(1);
+                            }
+                        } else {
+                            self.cl_match = false;
+                        }
+                        if self.te_match {
+                            self.te_match = TE_NAME[i] == l;
+                            self.saw_te |= self.te_match && i + 1 == TE_NAME.len();
+                        }
+                    }
+                    self.line_len += 1;
+                }
+            }
+        }
+        false
+    }
+}
+
+/// A client connection's byte stream: plain TCP, or TLS over TCP.
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for S {}
+
+/// A client socket that reports its reads and writes to an [`Activity`], scans request
+/// heads ([`HeadScan`]), and closes lingeringly: when the gateway closes a connection whose
+/// client may still be sending (a 413 mid-upload, a timeout), the socket is half-closed and
+/// drained for a short while before it is dropped, as nginx's `lingering_close` does.
+/// Closing with unread data would make the kernel send a reset that can destroy the
+/// response before the client reads it.
+pub struct TrackedIo<S: Stream> {
+    inner: Option<S>,
+    activity: Arc<Activity>,
+    read_eof: bool,
+    scan: HeadScan,
+}
+
+/// Lingering close: at most this long in all, and this long without any data.
+const LINGER_TOTAL: Duration = Duration::from_secs(5);
+const LINGER_QUIET: Duration = Duration::from_secs(1);
+
+impl<S: Stream> TrackedIo<S> {
+    pub fn new(stream: S, activity: Arc<Activity>) -> Self {
+        Self {
+            inner: Some(stream),
+            activity,
+            read_eof: false,
+            scan: HeadScan::new(0),
+        }
+    }
+
+    /// Feeds head bytes (read while no request is in flight) to the [`HeadScan`].
+    fn scan_head(&mut self, bytes: &[u8]) {
+        let a = &self.activity;
+        if a.h2.load(Ordering::Relaxed) || a.in_flight.load(Ordering::Relaxed) > 0 {
+            return;
+        }
+        let generation = a.requests.load(Ordering::Relaxed);
+        if self.scan.generation != generation {
+            self.scan = HeadScan::new(generation);
+        }
+        if self.scan.feed(bytes) {
+            a.ambiguous_length.store(true, Ordering::Relaxed);
+        }
+    }
+
+    fn io(&mut self) -> Pin<&mut S> {
+        Pin::new(
+            self.inner
+                .as_mut()
+                .expect("the stream is present until drop"),
+        )
+    }
+}
+
+impl<S: Stream> Drop for TrackedIo<S> {
+    fn drop(&mut self) {
+        if self.read_eof {
+            return;
+        }
+        let (Some(stream), Ok(rt)) = (self.inner.take(), tokio::runtime::Handle::try_current())
+        else {
+            return;
+        };
+        rt.spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut stream = stream;
+            let _ = stream.shutdown().await;
+            let end = tokio::time::Instant::now() + LINGER_TOTAL;
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                let until = end.min(tokio::time::Instant::now() + LINGER_QUIET);
+                match tokio::time::timeout_at(until, stream.read(&mut buf)).await {
+                    Ok(Ok(n)) if n > 0 => continue,
+                    _ => return,
+                }
+            }
+        });
+    }
+}
+
+impl<S: Stream> AsyncRead for TrackedIo<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = this.io().poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) {
+            if buf.filled().len() > before {
+                let new = &buf.filled()[before..];
+                this.activity.on_read(new);
+                this.scan_head(new);
+            } else if buf.remaining() > 0 {
+                this.read_eof = true;
+            }
+        }
+        r
+    }
+}
+
+impl<S: Stream> AsyncWrite for TrackedIo<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = this.io().poll_write(cx, data);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            this.activity.on_write();
+        }
+        r
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = this.io().poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            this.activity.on_write();
+        }
+        r
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.as_ref().is_some_and(|s| s.is_write_vectored())
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.get_mut().io().poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.get_mut().io().poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::HeadScan;
+
+    fn scan(parts: &[&[u8]]) -> bool {
+        let mut s = HeadScan::new(0);
+        parts.iter().any(|p| s.feed(p))
+    }
+
+    #[test]
+    fn finds_cl_and_te_in_either_order_and_split_reads() {
+        assert!(scan(&[
+            b"POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+        ]));
+        assert!(scan(&[
+            b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\nCONTENT-LENGTH: 5\r\n\r\n"
+        ]));
+        assert!(scan(&[
+            b"POST / HTTP/1.1\r\nContent-Len",
+            b"gth: 5\r\nTransfer-Encoding: chunked\r\n",
+            b"\r\n"
+        ]));
+        assert!(scan(&[
+            b"POST / HTTP/1.1\nContent-Length: 5\nTransfer-Encoding: chunked\n\n"
+        ]));
+        // A repeated Content-Length, equal values included.
+        assert!(scan(&[
+            b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n"
+        ]));
+        assert!(!scan(&[b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\n"]));
+    }
+
+    #[test]
+    fn ignores_bodies_and_lookalikes() {
+        assert!(!scan(&[
+            b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nTransfer-Encoding: chunked\r\n\r\n"
+        ]));
+        assert!(!scan(&[
+            b"POST / HTTP/1.1\r\nX-Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+        ]));
+        assert!(!scan(&[
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nContent-Length: 1\r\n"
+        ]));
+    }
+}

@@ -1,0 +1,227 @@
+//! Opening a backend connection: name resolution, TCP within `upstream.connect_timeout`,
+//! TLS with ALPN (`h2`, `http/1.1`), and the HTTP/1.1 or HTTP/2 handshake. The connection's
+//! driver runs as a task of the worker that opened it.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::{Settings, Upstream};
+use crate::body::ForwardBody;
+
+/// A new connection's request handle.
+pub enum Handle {
+    H1(http1::SendRequest<ForwardBody>),
+    H2(http2::SendRequest<ForwardBody>),
+}
+
+/// A connection just opened, with its count of bytes received (to tell, when a request
+/// fails, whether any byte of the answer had arrived).
+pub struct Fresh {
+    pub handle: Handle,
+    pub received: Arc<AtomicU64>,
+}
+
+/// Why a connection could not be opened (logged; the client gets 502).
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("cannot resolve {host}: {source}")]
+    Resolve { host: String, source: io::Error },
+    #[error("{host} resolves to no address")]
+    NoAddress { host: String },
+    #[error("connect to {addr}: {source}")]
+    Connect { addr: SocketAddr, source: io::Error },
+    #[error("connect to {addr}: no connection within the connect timeout")]
+    Timeout { addr: SocketAddr },
+    #[error("TLS with {addr}: {source}")]
+    Tls { addr: SocketAddr, source: io::Error },
+    #[error("HTTP handshake with {addr}: {source}")]
+    Handshake {
+        addr: SocketAddr,
+        source: hyper::Error,
+    },
+    #[error("no connection before the integration deadline")]
+    Deadline,
+}
+
+/// Opens a connection to `up`, giving up at `deadline` (the request's integration
+/// deadline) or after the connect timeout, whichever comes first.
+pub async fn open(
+    settings: &Settings,
+    up: &Upstream,
+    deadline: Instant,
+) -> Result<Fresh, ConnectError> {
+    let addrs: Vec<SocketAddr> = match up.host.parse::<IpAddr>() {
+        Ok(ip) => vec![SocketAddr::new(ip, up.port)],
+        Err(_) => {
+            let lookup = tokio::net::lookup_host((&*up.host, up.port));
+            match tokio::time::timeout_at(deadline, lookup).await {
+                Ok(Ok(a)) => a.collect(),
+                Ok(Err(source)) => {
+                    return Err(ConnectError::Resolve {
+                        host: up.host.to_string(),
+                        source,
+                    })
+                }
+                Err(_) => return Err(ConnectError::Deadline),
+            }
+        }
+    };
+    let mut last = ConnectError::NoAddress {
+        host: up.host.to_string(),
+    };
+    for addr in addrs {
+        match open_addr(settings, up, addr, deadline).await {
+            Ok(c) => return Ok(c),
+            Err(ConnectError::Deadline) => return Err(ConnectError::Deadline),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+async fn open_addr(
+    settings: &Settings,
+    up: &Upstream,
+    addr: SocketAddr,
+    deadline: Instant,
+) -> Result<Fresh, ConnectError> {
+    let until = deadline.min(Instant::now() + settings.connect_timeout);
+    let tcp = match tokio::time::timeout_at(until, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(source)) => return Err(ConnectError::Connect { addr, source }),
+        Err(_) if until == deadline => return Err(ConnectError::Deadline),
+        Err(_) => return Err(ConnectError::Timeout { addr }),
+    };
+    let _ = tcp.set_nodelay(true);
+    let received = Arc::new(AtomicU64::new(0));
+    let (io, h2) = match &up.server_name {
+        Some(name) if up.tls => {
+            let connector = tokio_rustls::TlsConnector::from(settings.tls.clone());
+            let tls = match tokio::time::timeout_at(deadline, connector.connect(name.clone(), tcp))
+                .await
+            {
+                Ok(Ok(t)) => t,
+                Ok(Err(source)) => return Err(ConnectError::Tls { addr, source }),
+                Err(_) => return Err(ConnectError::Deadline),
+            };
+            let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+            (BackendIo::Tls(Box::new(tls)), h2)
+        }
+        _ => (BackendIo::Plain(tcp), false),
+    };
+    let io = TokioIo::new(Counted {
+        inner: io,
+        received: received.clone(),
+    });
+    let handle = if h2 {
+        let (send, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake(io)
+            .await
+            .map_err(|source| ConnectError::Handshake { addr, source })?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(backend = %addr, error = %e, "HTTP/2 backend connection ended");
+            }
+        });
+        Handle::H2(send)
+    } else {
+        let (send, conn) = http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(|source| ConnectError::Handshake { addr, source })?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(backend = %addr, error = %e, "backend connection ended");
+            }
+        });
+        Handle::H1(send)
+    };
+    Ok(Fresh { handle, received })
+}
+
+/// A backend socket: plain TCP or TLS.
+enum BackendIo {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+/// A backend socket that counts the bytes it received.
+struct Counted {
+    inner: BackendIo,
+    /// Written only by the connection's own task; read when a request on it fails.
+    received: Arc<AtomicU64>,
+}
+
+impl AsyncRead for Counted {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = match &mut this.inner {
+            BackendIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            BackendIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        };
+        let n = (buf.filled().len() - before) as u64;
+        if n > 0 {
+            // One writer: a plain load and store, no read-modify-write.
+            let c = this.received.load(Ordering::Relaxed);
+            this.received.store(c + n, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl AsyncWrite for Counted {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match &mut self.get_mut().inner {
+            BackendIo::Plain(s) => Pin::new(s).poll_write(cx, data),
+            BackendIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, data),
+        }
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match &mut self.get_mut().inner {
+            BackendIo::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            BackendIo::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+    fn is_write_vectored(&self) -> bool {
+        match &self.inner {
+            BackendIo::Plain(s) => s.is_write_vectored(),
+            BackendIo::Tls(s) => s.is_write_vectored(),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().inner {
+            BackendIo::Plain(s) => Pin::new(s).poll_flush(cx),
+            BackendIo::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().inner {
+            BackendIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            BackendIo::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}

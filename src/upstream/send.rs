@@ -1,0 +1,388 @@
+//! Sending one request to a backend, with the contract's retry rule (see the module docs
+//! of [`super`]), and the answer's body, which gives its connection back to the worker's
+//! pool when it has been read to its end.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, HOST};
+use http::{Method, Request, Response, Version};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use super::connect::{self, ConnectError, Handle};
+use super::pool::{self, Pooled};
+use super::{Settings, Upstream};
+use crate::body::{client_body_failure, ForwardBody};
+use crate::rejection::Rejection;
+
+/// A backend's answer (its head; the body streams).
+pub struct Sent {
+    pub response: Response<UpstreamBody>,
+    /// The request was sent a second time on a new connection.
+    pub retried: bool,
+}
+
+/// Why no answer came.
+#[derive(Debug)]
+pub enum SendError {
+    /// No answer head before the integration deadline (504).
+    Timeout { retried: bool },
+    /// The connection could not be opened, broke, or the answer was not HTTP (502).
+    Failed { reason: String, retried: bool },
+    /// The client's body broke or exceeded the limit while it was forwarded (400, 413).
+    ClientBody(Rejection),
+}
+
+/// RFC 9110 §9.2.2 idempotent methods (CONNECT and TRACE are never forwarded).
+fn idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
+    )
+}
+
+/// A copy to send again if the first try on a reused connection fails after the request was
+/// written: only when the body is empty or whole in hand (never a streamed client body).
+fn copy_for_retry(req: &Request<ForwardBody>) -> Option<Request<ForwardBody>> {
+    let body = match req.body() {
+        ForwardBody::Full(b) => ForwardBody::Full(b.clone()),
+        ForwardBody::Stream(s) if s.is_end_stream() => ForwardBody::Full(None),
+        ForwardBody::Stream(_) => return None,
+    };
+    let mut copy = Request::new(body);
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    Some(copy)
+}
+
+/// Sends `req` (origin-form URI) to `up` and waits for the answer's head until `deadline`.
+pub async fn send(
+    settings: &Settings,
+    up: &Upstream,
+    req: Request<ForwardBody>,
+    deadline: Instant,
+) -> Result<Sent, SendError> {
+    let mut req = req;
+    let mut retried = false;
+    loop {
+        match attempt(settings, up, req, deadline, retried).await {
+            Outcome::Answer(response) => return Ok(Sent { response, retried }),
+            Outcome::Again(r) if !retried => {
+                tracing::debug!(backend = %up.host_header.to_str().unwrap_or(""), "reused backend connection failed before answering; sending once more on a new connection");
+                req = r;
+                retried = true;
+            }
+            Outcome::Again(_) => {
+                return Err(SendError::Failed {
+                    reason: "the backend closed the connection before answering".into(),
+                    retried,
+                })
+            }
+            Outcome::Timeout => return Err(SendError::Timeout { retried }),
+            Outcome::Failed(reason) => return Err(SendError::Failed { reason, retried }),
+            Outcome::ClientBody(r) => return Err(SendError::ClientBody(r)),
+        }
+    }
+}
+
+enum Outcome {
+    Answer(Response<UpstreamBody>),
+    /// A reused connection failed before any byte of the answer; the request may be sent
+    /// once more, on a new connection.
+    Again(Request<ForwardBody>),
+    Timeout,
+    Failed(String),
+    ClientBody(Rejection),
+}
+
+/// One try: on a pooled connection unless `fresh_only`, else on a new one.
+async fn attempt(
+    settings: &Settings,
+    up: &Upstream,
+    req: Request<ForwardBody>,
+    deadline: Instant,
+    fresh_only: bool,
+) -> Outcome {
+    if !fresh_only {
+        if up.tls {
+            if let Some((h2, received)) = pool::h2(up.id) {
+                return send_h2(up, h2, received, req, deadline, true).await;
+            }
+        }
+        while let Some(mut conn) = pool::checkout(up.id) {
+            // An idle connection becomes ready as soon as its driver has seen the end of
+            // the previous answer; one that fails here was closed and nothing was sent.
+            match tokio::time::timeout_at(deadline, conn.sender.ready()).await {
+                Ok(Ok(())) => return send_h1(settings, up, conn, req, deadline, true).await,
+                Ok(Err(_)) => continue,
+                Err(_) => return Outcome::Timeout,
+            }
+        }
+    }
+    let fresh = match connect::open(settings, up, deadline).await {
+        Ok(f) => f,
+        Err(ConnectError::Deadline) => return Outcome::Timeout,
+        Err(e) => return Outcome::Failed(e.to_string()),
+    };
+    match fresh.handle {
+        Handle::H1(mut sender) => {
+            if tokio::time::timeout_at(deadline, sender.ready())
+                .await
+                .is_err()
+            {
+                return Outcome::Timeout;
+            }
+            let conn = Pooled {
+                sender,
+                received: fresh.received,
+            };
+            send_h1(settings, up, conn, req, deadline, false).await
+        }
+        Handle::H2(sender) => {
+            pool::set_h2(up.id, sender.clone(), fresh.received.clone());
+            send_h2(up, sender, fresh.received, req, deadline, false).await
+        }
+    }
+}
+
+async fn send_h1(
+    settings: &Settings,
+    up: &Upstream,
+    mut conn: Pooled,
+    mut req: Request<ForwardBody>,
+    deadline: Instant,
+    reused: bool,
+) -> Outcome {
+    *req.version_mut() = Version::HTTP_11;
+    req.headers_mut().insert(HOST, up.host_header.clone());
+    let copy = if reused && idempotent(req.method()) {
+        copy_for_retry(&req)
+    } else {
+        None
+    };
+    let before = conn.received.load(Ordering::Relaxed);
+    let sent = conn.sender.try_send_request(req);
+    match tokio::time::timeout_at(deadline, sent).await {
+        Err(_) => Outcome::Timeout,
+        Ok(Ok(response)) => {
+            let idle_for = reuse_for(&response, settings.idle_timeout);
+            let (parts, body) = response.into_parts();
+            let body = UpstreamBody::pooled(
+                body,
+                GiveBack {
+                    id: up.id,
+                    conn,
+                    idle_for,
+                    max_idle: settings.max_idle,
+                },
+            );
+            Outcome::Answer(Response::from_parts(parts, body))
+        }
+        Ok(Err(mut e)) => failed(&mut e, reused, copy, &conn.received, before),
+    }
+}
+
+async fn send_h2(
+    up: &Upstream,
+    mut sender: hyper::client::conn::http2::SendRequest<ForwardBody>,
+    received: Arc<AtomicU64>,
+    mut req: Request<ForwardBody>,
+    deadline: Instant,
+    reused: bool,
+) -> Outcome {
+    if tokio::time::timeout_at(deadline, sender.ready())
+        .await
+        .is_err()
+    {
+        return Outcome::Timeout;
+    }
+    *req.version_mut() = Version::HTTP_2;
+    // `:authority` replaces Host; the URI is absolute.
+    req.headers_mut().remove(HOST);
+    let mut parts = req.uri().clone().into_parts();
+    parts.scheme = Some(up.scheme.clone());
+    parts.authority = Some(up.authority.clone());
+    match http::Uri::from_parts(parts) {
+        Ok(uri) => *req.uri_mut() = uri,
+        Err(e) => return Outcome::Failed(format!("request URI: {e}")),
+    }
+    let copy = if reused && idempotent(req.method()) {
+        copy_for_retry(&req)
+    } else {
+        None
+    };
+    let before = received.load(Ordering::Relaxed);
+    match tokio::time::timeout_at(deadline, sender.try_send_request(req)).await {
+        Err(_) => Outcome::Timeout,
+        Ok(Ok(response)) => {
+            let (parts, body) = response.into_parts();
+            Outcome::Answer(Response::from_parts(parts, UpstreamBody::shared(body)))
+        }
+        Ok(Err(mut e)) => failed(&mut e, reused, copy, &received, before),
+    }
+}
+
+/// Decides what a failed try means: the client's body at fault, a retry, or a failure.
+fn failed(
+    e: &mut hyper::client::conn::TrySendError<Request<ForwardBody>>,
+    reused: bool,
+    copy: Option<Request<ForwardBody>>,
+    received: &AtomicU64,
+    before: u64,
+) -> Outcome {
+    if let Some(r) = client_body_failure(e.error()) {
+        return Outcome::ClientBody(r);
+    }
+    if reused {
+        // Never written: any method may go again.
+        if let Some(unsent) = e.take_message() {
+            return Outcome::Again(unsent);
+        }
+        // Written, and not a byte of the answer arrived: idempotent requests whose body
+        // is in hand go again.
+        if received.load(Ordering::Relaxed) == before {
+            if let Some(copy) = copy {
+                return Outcome::Again(copy);
+            }
+        }
+    }
+    Outcome::Failed(super::error_chain(e.error()))
+}
+
+/// How long a connection may stay idle after `response`: the pool's idle timeout, or less
+/// when the backend announced `Keep-Alive: timeout=N` (minus a margin, so that the gateway
+/// stops reusing it before the backend closes it). Zero when it must not be reused.
+fn reuse_for(response: &Response<Incoming>, pool_idle: Duration) -> Duration {
+    let Some(ka) = response
+        .headers()
+        .get(http::header::HeaderName::from_static("keep-alive"))
+    else {
+        return pool_idle;
+    };
+    match keep_alive_timeout(ka) {
+        Some(n) => pool_idle.min(usable_idle(n)),
+        None => pool_idle,
+    }
+}
+
+/// `timeout=N` of a `Keep-Alive` value (RFC 2068 §19.7.1.1), in seconds.
+fn keep_alive_timeout(v: &HeaderValue) -> Option<u64> {
+    let s = v.to_str().ok()?;
+    s.split(',').find_map(|p| {
+        let (k, v) = p.split_once('=')?;
+        k.trim()
+            .eq_ignore_ascii_case("timeout")
+            .then(|| v.trim().trim_matches('"').parse().ok())
+            .flatten()
+    })
+}
+
+/// The idle time the gateway uses of a backend's `N` seconds: a fifth of it is kept as a
+/// margin, at least 250 ms and at most 2 s (N = 1 → 750 ms, 5 → 4 s, 60 → 58 s).
+fn usable_idle(n_secs: u64) -> Duration {
+    let n = Duration::from_secs(n_secs);
+    let margin = (n / 5).clamp(Duration::from_millis(250), Duration::from_secs(2));
+    n.saturating_sub(margin)
+}
+
+/// What returns a connection to its worker's pool.
+struct GiveBack {
+    id: usize,
+    conn: Pooled,
+    idle_for: Duration,
+    max_idle: usize,
+}
+
+impl GiveBack {
+    fn give(self) {
+        pool::checkin(self.id, self.conn, self.idle_for, self.max_idle);
+    }
+}
+
+/// A backend answer's body. An HTTP/1.1 connection goes back to the worker's pool when the
+/// body has been read to its end; a body dropped before that closes the connection.
+pub struct UpstreamBody {
+    inner: Incoming,
+    give_back: Option<GiveBack>,
+}
+
+impl UpstreamBody {
+    fn pooled(inner: Incoming, give_back: GiveBack) -> Self {
+        let mut b = Self {
+            inner,
+            give_back: Some(give_back),
+        };
+        // No body at all (HEAD, 204, 304, Content-Length: 0): the connection is free now.
+        if b.inner.is_end_stream() {
+            b.release();
+        }
+        b
+    }
+
+    fn shared(inner: Incoming) -> Self {
+        Self {
+            inner,
+            give_back: None,
+        }
+    }
+
+    fn release(&mut self) {
+        if let Some(g) = self.give_back.take() {
+            g.give();
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_frame(cx);
+        match &r {
+            Poll::Ready(None) => this.release(),
+            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.release(),
+            Poll::Ready(Some(Err(_))) => this.give_back = None,
+            _ => {}
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keep_alive_timeouts() {
+        let v = |s: &'static str| keep_alive_timeout(&HeaderValue::from_static(s));
+        assert_eq!(v("timeout=5, max=1000"), Some(5));
+        assert_eq!(v("max=10,Timeout = 2"), Some(2));
+        assert_eq!(v("max=10"), None);
+        assert_eq!(v("timeout=soon"), None);
+        assert_eq!(usable_idle(1), Duration::from_millis(750));
+        assert_eq!(usable_idle(5), Duration::from_secs(4));
+        assert_eq!(usable_idle(60), Duration::from_secs(58));
+        assert_eq!(usable_idle(0), Duration::ZERO);
+    }
+}

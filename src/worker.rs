@@ -1,0 +1,52 @@
+//! Which data-plane worker the current thread is.
+//!
+//! The data plane runs one thread per worker, each with its own single-threaded runtime
+//! (`server`). State that requests write (metric and report shards, backend pools, request
+//! id counters) is kept per worker and indexed by [`index`], so that no two threads write
+//! the same memory on the request path; readers (the `/metrics` scrape, the report flush)
+//! merge the shards. Threads that are not workers (the control thread, tests) share one
+//! extra shard, index [`count`].
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Upper bound on workers (shards are sized once, at start).
+pub const MAX_WORKERS: usize = 256;
+
+static COUNT: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    static INDEX: Cell<usize> = const { Cell::new(usize::MAX) };
+}
+
+/// Sets the number of workers; called once at start, before any worker runs.
+pub fn set_count(n: usize) {
+    COUNT.store(n.clamp(1, MAX_WORKERS), Ordering::Relaxed);
+}
+
+/// The number of workers (at least 1 once set; 0 before).
+pub fn count() -> usize {
+    COUNT.load(Ordering::Relaxed)
+}
+
+/// Marks the current thread as worker `i`.
+pub fn enter(i: usize) {
+    INDEX.with(|c| c.set(i));
+}
+
+/// The current worker's index, or [`count`] (the shared extra shard) on other threads.
+/// Always below [`shards`].
+#[inline]
+pub fn index() -> usize {
+    let i = INDEX.with(Cell::get);
+    if i == usize::MAX {
+        count()
+    } else {
+        i
+    }
+}
+
+/// Shards per-worker structures need: one per worker plus the shared extra one.
+pub fn shards() -> usize {
+    count() + 1
+}

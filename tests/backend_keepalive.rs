@@ -1,0 +1,294 @@
+//! Issue 13, item 1: backends that close pooled keep-alive connections. Raw-socket backends
+//! whose closing the test controls: the race must never reach the client, within the
+//! contract's rule (idempotent or never-written requests are sent once more on a new
+//! connection; others get 502), and an announced `Keep-Alive: timeout` is honoured.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const HOST: &str = "api.test";
+
+/// How a raw backend treats its connections.
+#[derive(Clone, Copy)]
+enum Behaviour {
+    /// Answers the first request of each connection, then reads the next one and closes
+    /// the connection without answering.
+    AnswerFirstThenDrop,
+    /// Answers every request with `Keep-Alive: timeout=N` but never closes by itself.
+    Announces(u64),
+    /// Answers every request and closes a connection idle for this long, announcing nothing.
+    ClosesIdleAfter(Duration),
+}
+
+struct RawBackend {
+    addr: std::net::SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    /// `METHOD path` of every request read, in order.
+    requests: Arc<Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for RawBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl RawBackend {
+    async fn start(behaviour: Behaviour) -> RawBackend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let requests: Arc<Mutex<Vec<String>>> = Arc::default();
+        let (acc, reqs) = (accepted.clone(), requests.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                acc.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(serve(stream, behaviour, reqs.clone()));
+            }
+        });
+        RawBackend {
+            addr,
+            accepted,
+            requests,
+            task,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    fn requests(&self) -> Vec<String> {
+        self.requests.lock().unwrap().clone()
+    }
+}
+
+/// Reads one request (head and Content-Length body); `None` when the connection ended.
+async fn read_request(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> {
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse().ok())?
+                })
+                .unwrap_or(0);
+            while buf.len() < end + 4 + len {
+                let mut chunk = [0u8; 4096];
+                let n = s.read(&mut chunk).await.ok()?;
+                if n == 0 {
+                    return None;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            buf.drain(..end + 4 + len);
+            let line = head.lines().next().unwrap_or("");
+            let mut parts = line.split(' ');
+            return Some(format!(
+                "{} {}",
+                parts.next().unwrap_or(""),
+                parts.next().unwrap_or("")
+            ));
+        }
+        let mut chunk = [0u8; 4096];
+        let n = s.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+async fn serve(mut s: TcpStream, behaviour: Behaviour, seen: Arc<Mutex<Vec<String>>>) {
+    let mut buf = Vec::new();
+    let mut answered = 0usize;
+    loop {
+        let next = match behaviour {
+            Behaviour::ClosesIdleAfter(idle) => {
+                match tokio::time::timeout(idle, read_request(&mut s, &mut buf)).await {
+                    Ok(r) => r,
+                    Err(_) => return, // idle too long: close, announcing nothing
+                }
+            }
+            _ => read_request(&mut s, &mut buf).await,
+        };
+        let Some(request) = next else { return };
+        seen.lock().unwrap().push(request);
+        if matches!(behaviour, Behaviour::AnswerFirstThenDrop) && answered == 1 {
+            return; // read, never answered: the connection closes
+        }
+        let extra = match behaviour {
+            Behaviour::Announces(n) => format!("Keep-Alive: timeout={n}\r\n"),
+            _ => String::new(),
+        };
+        let answer = format!("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n{extra}\r\nok");
+        if s.write_all(answer.as_bytes()).await.is_err() {
+            return;
+        }
+        answered += 1;
+    }
+}
+
+fn api(b: &RawBackend) -> serde_json::Value {
+    SnapshotBuilder::new("api1", &[HOST])
+        .resource(
+            "/orders",
+            &[("GET", &b.url("/orders")), ("POST", &b.url("/orders"))],
+        )
+        .build()
+}
+
+fn retries(metrics: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(r#"apigw_integration_retries_total{api_id="api1",stage="prod"} "#)
+        })
+        .map_or(0, |v| v.trim().parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_reused_connection_is_retried_for_idempotent_requests_only() {
+    let b = RawBackend::start(Behaviour::AnswerFirstThenDrop).await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    std::fs::create_dir_all(dir.path().join("snapshots")).unwrap();
+    write_json(&dir.path().join("snapshots/api1.json"), &api(&b));
+    let gw = Gateway::start_with_args(
+        dir,
+        &format!("[access_log]\nenabled = true\npath = {log:?}\n"),
+        &[],
+    );
+    let c = client();
+    // The first request opens a connection, which the gateway pools.
+    assert_eq!(gw.get(&c, HOST, "/prod/orders").await.status(), 200);
+    // The second reuses it; the backend reads it and closes without answering. A GET is
+    // sent once more, on a new connection.
+    let r = gw.get(&c, HOST, "/prod/orders").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        b.requests(),
+        ["GET /orders", "GET /orders", "GET /orders"],
+        "the backend saw the second GET twice"
+    );
+    assert_eq!(b.accepted.load(Ordering::SeqCst), 2);
+    assert_eq!(retries(&gw.metrics().await), 1);
+
+    // A POST on the reused connection was written and may not be repeated: 502, and the
+    // backend saw it once.
+    let r = gw
+        .req(&c, reqwest::Method::POST, HOST, "/prod/orders")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 502);
+    let posts = b
+        .requests()
+        .iter()
+        .filter(|r| r.starts_with("POST"))
+        .count();
+    assert_eq!(posts, 1, "{:?}", b.requests());
+    assert_eq!(retries(&gw.metrics().await), 1, "the POST was not retried");
+
+    // The access log says which request was retried.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let retried: Vec<(u64, bool)> = lines
+        .iter()
+        .map(|l| {
+            (
+                l["status"].as_u64().unwrap(),
+                l["retried"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(retried, [(200, false), (200, true), (502, false)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_announced_keep_alive_timeout_is_honoured() {
+    let b = RawBackend::start(Behaviour::Announces(1)).await;
+    let gw = Gateway::start(&[("api1.json", &api(&b))], "");
+    let c = client();
+    assert_eq!(gw.get(&c, HOST, "/prod/orders").await.status(), 200);
+    assert_eq!(gw.get(&c, HOST, "/prod/orders").await.status(), 200);
+    assert_eq!(
+        b.accepted.load(Ordering::SeqCst),
+        1,
+        "reused within the announced time"
+    );
+    // 1.5 s idle is past `timeout=1`: the gateway must not reuse that connection, even
+    // though this backend has not closed it.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(gw.get(&c, HOST, "/prod/orders").await.status(), 200);
+    assert_eq!(b.accepted.load(Ordering::SeqCst), 2, "a new connection");
+    assert_eq!(retries(&gw.metrics().await), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn soak_against_a_backend_closing_idle_connections() {
+    // Many clients, each calling about once a second, through a backend that closes
+    // connections idle for 1 s without saying so: the closing race is hit over and over,
+    // and no client may see it.
+    const CLIENTS: usize = 64;
+    const ROUNDS: usize = 10;
+    let b = RawBackend::start(Behaviour::ClosesIdleAfter(Duration::from_secs(1))).await;
+    let gw = Gateway::start(&[("api1.json", &api(&b))], "");
+    let url = gw.url("/prod/orders");
+    // All clients call at about the same moment, every 996 to 1,004 ms, so the gateway
+    // keeps about one backend connection per client, each idle for just about the 1 s after
+    // which the backend closes it: reuse and close race every round.
+    let start = tokio::time::Instant::now() + Duration::from_millis(200);
+    let mut tasks = Vec::new();
+    for i in 0..CLIENTS {
+        let url = url.clone();
+        tasks.push(tokio::spawn(async move {
+            let c = client();
+            let mut statuses = Vec::new();
+            for round in 0..ROUNDS {
+                let offset = (round * 1000 + (i + round) % 5) as u64;
+                let at = start + Duration::from_millis(offset);
+                tokio::time::sleep_until(at).await;
+                let r = c.get(&url).header("host", HOST).send().await;
+                statuses.push(r.map_or(0, |r| r.status().as_u16()));
+            }
+            statuses
+        }));
+    }
+    let mut counts = std::collections::BTreeMap::new();
+    for t in tasks {
+        for s in t.await.unwrap() {
+            *counts.entry(s).or_insert(0usize) += 1;
+        }
+    }
+    let m = gw.metrics().await;
+    println!(
+        "soak: {counts:?}; backend accepted {} connections; gateway retried {} requests",
+        b.accepted.load(Ordering::SeqCst),
+        retries(&m)
+    );
+    assert_eq!(
+        counts,
+        [(200u16, CLIENTS * ROUNDS)].into_iter().collect(),
+        "every request answered 200"
+    );
+}
