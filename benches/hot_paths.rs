@@ -225,18 +225,30 @@ fn cors(c: &mut Criterion) {
 }
 
 fn metrics_recording(c: &mut Criterion) {
-    let metrics = scp_gateway::metrics::Metrics::new();
+    use scp_gateway::observe::series;
+    let (api, stage, resource): (Arc<str>, Arc<str>, Arc<str>) =
+        ("api0500".into(), "prod".into(), "/orders/{order-id}".into());
+    let st = series::stage(&api, &stage);
+    let rt = series::route(&api, &stage, &resource);
     c.bench_function("metrics_record_request", |b| {
         b.iter(|| {
-            metrics.record_request(black_box(&scp_gateway::metrics::RequestSample {
-                api: "api0500",
-                stage: "prod",
-                resource: "/orders/{order-id}",
-                method: "GET",
+            rt.count(black_box(0), black_box(200));
+            st.record(
+                black_box(Duration::from_micros(850)),
+                Some((Duration::from_micros(600), 0)),
+                None,
+                false,
+            );
+        })
+    });
+    c.bench_function("report_record_request", |b| {
+        b.iter(|| {
+            rt.report(black_box(&series::ReportSample {
+                day: 20_000,
+                method: 0,
                 status: 200,
                 latency: Duration::from_micros(850),
-                integration: Some((Duration::from_micros(600), "HTTP")),
-                retried: false,
+                integration: Some(Duration::from_micros(600)),
             }))
         })
     });

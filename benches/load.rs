@@ -1,18 +1,29 @@
-//! Load benchmark: a minimal backend direct, through nginx, and through scp-gateway (bare route,
-//! full policy chain, 1,000 APIs × 300 resources), measured side by side in one run with wrk
-//! over keep-alive connections.
+//! Load benchmark: a minimal backend direct, through nginx, HAProxy, the floor (a minimal
+//! proxy built the way the data plane is built, `support/floor.rs`) and scp-gateway (bare
+//! route, full policy chain, fleet mode, 1,000 APIs × 300 resources), measured side by side
+//! in one run with wrk over keep-alive connections, rounds interleaved, medians reported.
+//! Then open-loop latency (oha), the memory of idle connections, and instructions per
+//! request (callgrind) for the floor, the gateway and nginx.
 //!
-//! Run: `cargo bench --bench load` (needs `wrk`; the nginx rows need `nginx`, row 6 `oha`,
-//! the instruction counts `valgrind`).
-//! Environment: `LOAD_SECONDS` (per row, default 5), `LOAD_CONNECTIONS` (default 32),
-//! `LOAD_APIS` (APIs for the many-APIs row, default 1000).
+//! Run: `cargo bench --bench load` (needs `wrk`, `taskset`, `curl`; the reference rows need
+//! `nginx` and `haproxy`, row 6 `oha`, the instruction counts `valgrind`, the fleet row
+//! `redis-server`; a missing tool skips its rows with a message).
+//! Environment: `LOAD_SECONDS` (per round and row, default 5), `LOAD_ROUNDS` (default 3),
+//! `LOAD_CONNECTIONS` (default 64), `LOAD_APIS` (default 1000), `LOAD_CALLGRIND=0`,
+//! `LOAD_IDLE` (idle connections, default 10000).
 //!
-//! Pinning on 2 cores: this process (the backend) and wrk share CPU 1; the proxy under test
-//! (gateway or nginx) runs on CPU 0 with 1 worker, and on CPUs 0-1 with 2 workers.
+//! Pinning on 2 cores: this process (the backend) and the load generator share CPU 1; the
+//! proxy under test runs on CPU 0 with 1 worker, and on CPUs 0-1 with 2 workers. Every
+//! proxy is started once and stays up (idle) while the others are measured; every process
+//! this bench starts is stopped, with its children, when it ends.
+
+#[path = "support/floor.rs"]
+mod floor;
 
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -111,20 +122,65 @@ fn full_chain(backend: SocketAddr) -> Value {
     doc
 }
 
+/// A process this bench started, in its own process group: stopped with its children
+/// (nginx's workers, valgrind's client) when dropped, so that nothing is left running.
 struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
+
+impl Proc {
+    fn spawn(cmd: &mut Command) -> std::io::Result<Proc> {
+        cmd.process_group(0).spawn().map(Proc)
+    }
+
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    fn signal_group(&self, sig: &str) {
+        let _ = Command::new("kill")
+            .args([&format!("-{sig}"), "--", &format!("-{}", self.0.id())])
+            .stderr(Stdio::null())
+            .status();
+    }
+
+    /// SIGTERM to the group, then waits (a graceful exit: valgrind writes its counts).
+    fn stop(mut self) {
+        self.signal_group("TERM");
         let _ = self.0.wait();
     }
 }
 
-fn start_gateway(dir: &Path, cpus: &str, workers: u64, access_log: bool) -> (Proc, SocketAddr) {
-    start_gateway_with(dir, &["taskset", "-c", cpus], workers, access_log, "")
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(Some(_)) = self.0.try_wait() {
+            self.signal_group("KILL"); // children may outlive their leader
+            return;
+        }
+        self.signal_group("TERM");
+        for _ in 0..100 {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                self.signal_group("KILL");
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.signal_group("KILL");
+        let _ = self.0.wait();
+    }
 }
 
-fn start_gateway_with(
+/// Reads the first line of a child's stdout (`listening ...`).
+fn first_line(child: &mut Child) -> String {
+    let mut line = String::new();
+    if let Some(out) = child.stdout.take() {
+        let _ = BufReader::new(out).read_line(&mut line);
+    }
+    line
+}
+
+/// Starts the release gateway on `dir`'s snapshots with its own state directory `name`.
+fn start_gateway(
     dir: &Path,
+    name: &str,
     prefix: &[&str],
     workers: u64,
     access_log: bool,
@@ -134,39 +190,57 @@ fn start_gateway_with(
     if access_log {
         cfg.push_str(&format!(
             "[access_log]\nenabled = true\npath = {:?}\n",
-            dir.join("access.log")
+            dir.join(format!("access-{name}.log"))
         ));
     }
-    std::fs::write(dir.join("gw.toml"), cfg).unwrap();
-    let mut child = Command::new(prefix[0])
-        .args(&prefix[1..])
-        .args([env!("CARGO_BIN_EXE_scp-gateway"), "run", "--config"])
-        .arg(dir.join("gw.toml"))
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--snapshot-dir",
-        ])
-        .arg(dir.join("snapshots"))
-        .arg("--state-dir")
-        .arg(dir.join("state"))
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start the gateway");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let conf = dir.join(format!("gw-{name}.toml"));
+    std::fs::write(&conf, cfg).unwrap();
+    let mut p = Proc::spawn(
+        Command::new(prefix[0])
+            .args(&prefix[1..])
+            .args([env!("CARGO_BIN_EXE_scp-gateway"), "run", "--config"])
+            .arg(&conf)
+            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+            .arg("--snapshot-dir")
+            .arg(dir.join("snapshots"))
+            .arg("--state-dir")
+            .arg(dir.join(format!("state-{name}")))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null()),
+    )
+    .expect("start the gateway");
+    let line = first_line(&mut p.0);
     let addr = line
         .split_whitespace()
         .find_map(|f| f.strip_prefix("data="))
         .and_then(|a| a.split(',').next()?.parse().ok())
-        .expect("listening line");
-    (Proc(child), addr)
+        .unwrap_or_else(|| panic!("gateway {name} did not start: {line:?}"));
+    (p, addr)
+}
+
+/// Starts the floor proxy (this executable with `--floor-proxy`).
+fn start_floor(prefix: &[&str], workers: u64, backend: SocketAddr) -> (Proc, SocketAddr) {
+    let exe = std::env::current_exe().unwrap();
+    let mut cmd = Command::new(prefix[0]);
+    cmd.args(&prefix[1..])
+        .arg(exe)
+        .args([
+            "--floor-proxy",
+            "127.0.0.1:0",
+            &backend.to_string(),
+            &workers.to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut p = Proc::spawn(&mut cmd).expect("start the floor proxy");
+    let line = first_line(&mut p.0);
+    let addr = line
+        .trim()
+        .strip_prefix("listening ")
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("floor did not start: {line:?}"));
+    (p, addr)
 }
 
 fn free_port() -> u16 {
@@ -177,47 +251,79 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn start_nginx(dir: &Path, cpus: &str, workers: u64, backend: SocketAddr) -> (Proc, SocketAddr) {
-    start_nginx_with(dir, &["taskset", "-c", cpus, "nginx"], workers, backend, "")
+fn wait_listening(addr: SocketAddr) {
+    for _ in 0..1500 {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
-fn start_nginx_with(
+/// nginx as a reverse proxy with upstream keep-alive, access log off, the same worker count.
+fn start_nginx(
     dir: &Path,
-    command: &[&str],
+    name: &str,
+    prefix: &[&str],
     workers: u64,
     backend: SocketAddr,
     extra: &str,
 ) -> (Proc, SocketAddr) {
     let port = free_port();
     let conf = format!(
-        "{extra}worker_processes {workers};\nerror_log {err} error;\npid {pid};\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  keepalive_requests 1000000;\n  upstream backend {{ server {backend}; keepalive 64; }}\n  server {{\n    listen 127.0.0.1:{port};\n    location / {{ proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection \"\"; }}\n  }}\n}}\n",
-        err = dir.join("nginx-error.log").display(),
-        pid = dir.join("nginx.pid").display(),
+        "{extra}worker_processes {workers};\nerror_log {err} error;\npid {pid};\nevents {{ worker_connections 16384; }}\nhttp {{\n  access_log off;\n  keepalive_requests 1000000;\n  upstream backend {{ server {backend}; keepalive 64; }}\n  server {{\n    listen 127.0.0.1:{port};\n    location / {{ proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection \"\"; }}\n  }}\n}}\n",
+        err = dir.join(format!("nginx-{name}-error.log")).display(),
+        pid = dir.join(format!("nginx-{name}.pid")).display(),
     );
-    std::fs::write(dir.join("nginx.conf"), conf).unwrap();
-    let child = Command::new(command[0])
-        .args(&command[1..])
-        .arg("-p")
-        .arg(dir)
-        .arg("-c")
-        .arg(dir.join("nginx.conf"))
-        .args(["-g", "daemon off;"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start nginx");
+    let path = dir.join(format!("nginx-{name}.conf"));
+    std::fs::write(&path, conf).unwrap();
+    let p = Proc::spawn(
+        Command::new(prefix[0])
+            .args(&prefix[1..])
+            .arg("nginx")
+            .arg("-p")
+            .arg(dir)
+            .arg("-c")
+            .arg(&path)
+            .args(["-g", "daemon off;"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    )
+    .expect("start nginx");
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    for _ in 0..1500 {
-        if std::net::TcpStream::connect(addr).is_ok() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    (Proc(child), addr)
+    wait_listening(addr);
+    (p, addr)
+}
+
+/// HAProxy in HTTP mode with server-side keep-alive (`http-reuse always`), no logging.
+fn start_haproxy(
+    dir: &Path,
+    name: &str,
+    cpus: &str,
+    workers: u64,
+    backend: SocketAddr,
+) -> (Proc, SocketAddr) {
+    let port = free_port();
+    let conf = format!(
+        "global\n  nbthread {workers}\n  maxconn 50000\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  timeout http-keep-alive 60s\n  option http-keep-alive\n  http-reuse always\nfrontend f\n  bind 127.0.0.1:{port}\n  default_backend b\nbackend b\n  server s1 {backend}\n"
+    );
+    let path = dir.join(format!("haproxy-{name}.cfg"));
+    std::fs::write(&path, conf).unwrap();
+    let p = Proc::spawn(
+        Command::new("taskset")
+            .args(["-c", cpus, "haproxy", "-db", "-f"])
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    )
+    .expect("start haproxy");
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    wait_listening(addr);
+    (p, addr)
 }
 
 fn wait_ready(addr: SocketAddr, host: &str, headers: &[String]) {
-    for _ in 0..500 {
+    for _ in 0..1500 {
         let mut cmd = Command::new("curl");
         cmd.args([
             "-s",
@@ -240,22 +346,24 @@ fn wait_ready(addr: SocketAddr, host: &str, headers: &[String]) {
     panic!("{host} on {addr} never answered 200");
 }
 
-/// Stops a process with SIGTERM and waits (valgrind writes its counts on a normal exit).
-fn stop_gracefully(mut p: Proc) {
-    let _ = Command::new("kill")
-        .args(["-TERM", &p.0.id().to_string()])
-        .status();
-    let _ = p.0.wait();
-}
-
 /// `n` GET requests over one keep-alive connection, each answered in full before the next:
 /// a fixed workload whose instruction count does not depend on timing.
-fn fixed_requests(addr: SocketAddr, host: &str, n: usize) -> std::io::Result<()> {
+fn fixed_requests(
+    addr: SocketAddr,
+    host: &str,
+    headers: &[String],
+    n: usize,
+) -> std::io::Result<()> {
     use std::io::{Error, Read, Write};
     let stream = std::net::TcpStream::connect(addr)?;
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut writer = stream;
-    let req = format!("GET /prod/ping HTTP/1.1\r\nHost: {host}\r\n\r\n");
+    let mut req = format!("GET /prod/ping HTTP/1.1\r\nHost: {host}\r\n");
+    for h in headers {
+        req.push_str(h);
+        req.push_str("\r\n");
+    }
+    req.push_str("\r\n");
     for _ in 0..n {
         writer.write_all(req.as_bytes())?;
         let mut len = 0usize;
@@ -284,22 +392,31 @@ fn fixed_requests(addr: SocketAddr, host: &str, n: usize) -> std::io::Result<()>
     Ok(())
 }
 
-/// Instructions per proxied request under callgrind: two runs of `small` and `large`
-/// requests, the difference divided by the difference (start-up and shutdown cancel out).
+/// Starts a proxy under a command prefix (valgrind) with a name for its files.
+type Starter<'a> = dyn Fn(&[&str], &str) -> (Proc, SocketAddr) + 'a;
+
+/// Instructions per proxied request under callgrind: two runs of 500 and 3,000 requests
+/// over one keep-alive connection, the difference divided by 2,500 (start-up, the first
+/// connection and shutdown cancel out).
 fn callgrind_per_request(
     dir: &Path,
     label: &str,
     host: &str,
-    start: &dyn Fn(&[&str]) -> (Proc, SocketAddr),
+    headers: &[String],
+    start: &Starter<'_>,
 ) -> Option<f64> {
-    let (small, large) = (1_000usize, 6_000usize);
+    let (small, large) = (500usize, 3_000usize);
     let mut totals = Vec::new();
     for n in [small, large] {
         let out = dir.join(format!("callgrind-{label}-{n}.out"));
         let out_arg = format!("--callgrind-out-file={}", out.display());
-        let (p, addr) = start(&["valgrind", "--tool=callgrind", &out_arg]);
-        let run = fixed_requests(addr, host, 1).and_then(|_| fixed_requests(addr, host, n));
-        stop_gracefully(p);
+        let (p, addr) = start(
+            &["valgrind", "--tool=callgrind", &out_arg],
+            &format!("cg-{label}"),
+        );
+        let run = fixed_requests(addr, host, headers, 1)
+            .and_then(|_| fixed_requests(addr, host, headers, n));
+        p.stop();
         if let Err(e) = run {
             eprintln!("warning: callgrind run of {label} failed: {e}");
             return None;
@@ -330,7 +447,8 @@ fn rss_kib(pid: u32) -> Option<u64> {
 }
 
 /// Opens `n` keep-alive connections, each after one answered request, and returns the
-/// gateway's RSS before and after (KiB), with the connections still open.
+/// process's RSS before and after (KiB) with the connections still open, and how many
+/// connections were opened.
 fn idle_connections(pid: u32, addr: SocketAddr, host: &str, n: usize) -> (u64, u64, usize) {
     use std::io::{Read, Write};
     let before = rss_kib(pid).unwrap_or(0);
@@ -398,13 +516,14 @@ fn oha_fixed(
     })
 }
 
-#[derive(Debug, Default, Clone)]
-struct Row {
-    name: String,
+/// One wrk run.
+#[derive(Debug, Default, Clone, Copy)]
+struct Run {
     rps: f64,
     p50_ms: f64,
     p99_ms: f64,
-    new_conns_per_1000: f64,
+    requests: f64,
+    new_conns: usize,
 }
 
 fn to_ms(v: &str) -> f64 {
@@ -426,7 +545,7 @@ fn wrk(
     seconds: u64,
     conns: u64,
     accepted: &AtomicUsize,
-) -> Row {
+) -> Run {
     let before = accepted.load(Ordering::Relaxed);
     let mut cmd = Command::new("taskset");
     cmd.args([
@@ -445,36 +564,87 @@ fn wrk(
     }
     let out = cmd.arg(url).output().expect("run wrk");
     let text = String::from_utf8_lossy(&out.stdout);
-    let mut row = Row {
-        name: name.into(),
-        ..Row::default()
-    };
-    let mut requests = 0.0;
+    let mut run = Run::default();
     for line in text.lines() {
         let f: Vec<&str> = line.split_whitespace().collect();
         match f.as_slice() {
-            ["Requests/sec:", v] => row.rps = v.parse().unwrap_or(0.0),
-            ["50%", v] => row.p50_ms = to_ms(v),
-            ["99%", v] => row.p99_ms = to_ms(v),
-            [n, "requests", "in", ..] => requests = n.parse().unwrap_or(0.0),
+            ["Requests/sec:", v] => run.rps = v.parse().unwrap_or(0.0),
+            ["50%", v] => run.p50_ms = to_ms(v),
+            ["99%", v] => run.p99_ms = to_ms(v),
+            [n, "requests", "in", ..] => run.requests = n.parse().unwrap_or(0.0),
             _ => {}
         }
-        if line.contains("Non-2xx") {
+        if line.contains("Non-2xx") || line.contains("Socket errors") {
             eprintln!("warning: {name}: {line}");
         }
     }
-    let new = accepted.load(Ordering::Relaxed) - before;
-    row.new_conns_per_1000 = if requests > 0.0 {
-        new as f64 * 1000.0 / requests
-    } else {
-        f64::NAN
-    };
-    row
+    run.new_conns = accepted.load(Ordering::Relaxed) - before;
+    run
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// A proxy under load: where to send requests and what its rounds measured.
+struct Row {
+    name: String,
+    addr: SocketAddr,
+    host: String,
+    headers: Vec<String>,
+    runs: Vec<Run>,
+    _proc: Option<Proc>,
+}
+
+impl Row {
+    fn rps(&self) -> f64 {
+        median(self.runs.iter().map(|r| r.rps).collect())
+    }
+    fn p50(&self) -> f64 {
+        median(self.runs.iter().map(|r| r.p50_ms).collect())
+    }
+    fn p99(&self) -> f64 {
+        median(self.runs.iter().map(|r| r.p99_ms).collect())
+    }
+    fn range(&self) -> (f64, f64) {
+        let v: Vec<f64> = self.runs.iter().map(|r| r.rps).collect();
+        (
+            v.iter().copied().fold(f64::INFINITY, f64::min),
+            v.iter().copied().fold(0.0, f64::max),
+        )
+    }
+    fn new_conns_per_1000(&self) -> f64 {
+        let (n, req): (usize, f64) = self
+            .runs
+            .iter()
+            .fold((0, 0.0), |(n, r), x| (n + x.new_conns, r + x.requests));
+        if req > 0.0 {
+            n as f64 * 1000.0 / req
+        } else {
+            f64::NAN
+        }
+    }
 }
 
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    // The floor proxy runs as this executable: `--floor-proxy LISTEN BACKEND WORKERS`.
+    if args.get(1).map(String::as_str) == Some("--floor-proxy") {
+        let arg = |i: usize| args.get(i).expect("--floor-proxy LISTEN BACKEND WORKERS");
+        floor::main(
+            arg(2).parse().unwrap(),
+            arg(3).parse().unwrap(),
+            arg(4).parse().unwrap(),
+        );
+        return;
+    }
     // `cargo bench` passes `--bench`; anything else (`cargo test --benches`) skips the run.
-    if !std::env::args().any(|a| a == "--bench") {
+    if !args.iter().any(|a| a == "--bench") {
         return;
     }
     for tool in ["wrk", "taskset", "curl"] {
@@ -483,11 +653,24 @@ fn main() {
             "the load benchmark needs `{tool}` (apt-get install wrk util-linux curl)"
         );
     }
+    for (tool, what) in [
+        ("nginx", "the nginx rows"),
+        ("haproxy", "the HAProxy rows"),
+        ("redis-server", "the fleet row"),
+        ("oha", "row 6 (open loop; cargo install oha)"),
+        ("valgrind", "the instruction counts"),
+    ] {
+        if !has(tool) {
+            println!("note: `{tool}` is not installed: {what} are skipped");
+        }
+    }
     // 10,000 idle connections need as many descriptors in this process.
     let _ = rlimit::increase_nofile_limit(u64::MAX);
     let seconds = env_num("LOAD_SECONDS", 5);
-    let conns = env_num("LOAD_CONNECTIONS", 32);
+    let rounds = env_num("LOAD_ROUNDS", 3) as usize;
+    let conns = env_num("LOAD_CONNECTIONS", 64);
     let apis = env_num("LOAD_APIS", 1000) as usize;
+    let idle_n = env_num("LOAD_IDLE", 10_000) as usize;
     let _ = Command::new("taskset")
         .args(["-pc", "1", &std::process::id().to_string()])
         .stdout(Stdio::null())
@@ -536,114 +719,121 @@ fn main() {
         "Origin: https://app.example.com".to_owned(),
     ];
 
-    let mut rows = Vec::new();
-    rows.push(wrk(
-        "direct to the backend",
-        &format!("http://{backend}/ping"),
-        "backend",
-        &[],
-        seconds,
-        conns,
-        &accepted,
-    ));
+    // Every proxy, started once.
+    let mut rows: Vec<Row> = Vec::new();
+    let mut add = |name: String, (p, addr): (Proc, SocketAddr), host: &str, headers: &[String]| {
+        wait_ready(addr, host, headers);
+        rows.push(Row {
+            name,
+            addr,
+            host: host.into(),
+            headers: headers.to_vec(),
+            runs: Vec::new(),
+            _proc: Some(p),
+        });
+    };
     for (workers, cpus) in [(1u64, "0"), (2, "0,1")] {
         let w = format!("{workers}w");
+        let pin = ["taskset", "-c", cpus];
         if has("nginx") {
-            let (_ng, addr) = start_nginx(tmp.path(), cpus, workers, backend);
-            wait_ready(addr, "bare.test", &[]);
-            rows.push(wrk(
-                &format!("nginx → backend ({w})"),
-                &format!("http://{addr}/prod/ping"),
-                "bare.test",
-                &[],
-                seconds,
-                conns,
-                &accepted,
-            ));
+            let p = start_nginx(tmp.path(), &w, &pin, workers, backend, "");
+            add(format!("nginx ({w})"), p, "bare.test", &[]);
         }
-        let (_gw, addr) = start_gateway(&single, cpus, workers, false);
-        wait_ready(addr, "bare.test", &[]);
-        rows.push(wrk(
-            &format!("gateway, bare route ({w})"),
-            &format!("http://{addr}/prod/ping"),
+        if has("haproxy") {
+            let p = start_haproxy(tmp.path(), &w, cpus, workers, backend);
+            add(format!("HAProxy ({w})"), p, "bare.test", &[]);
+        }
+        add(
+            format!("floor ({w})"),
+            start_floor(&pin, workers, backend),
             "bare.test",
+            &[],
+        );
+        let p = start_gateway(&single, &format!("bare-{w}"), &pin, workers, false, "");
+        add(format!("gateway, bare route ({w})"), p, "bare.test", &[]);
+        let p = start_gateway(&single, &format!("full-{w}"), &pin, workers, true, "");
+        add(
+            format!("gateway, full chain ({w})"),
+            p,
+            "full.test",
+            &full_headers,
+        );
+    }
+    // Fleet mode: the full chain with quotas in Redis (redis-server pinned with the backend).
+    let _redis = has("redis-server").then(|| {
+        let port = free_port();
+        let redis = Proc::spawn(
+            Command::new("taskset")
+                .args(["-c", "1", "redis-server", "--port", &port.to_string()])
+                .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                .stdout(Stdio::null()),
+        )
+        .expect("start redis-server");
+        let cfg = format!("[quota]\nbackend = \"redis\"\nredis_url = \"redis://127.0.0.1:{port}/0\"\nfailure_mode = \"closed\"\n");
+        let p = start_gateway(&single, "fleet", &["taskset", "-c", "0"], 1, true, &cfg);
+        add("gateway, full chain, fleet/Redis (1w)".into(), p, "full.test", &full_headers);
+        redis
+    });
+    let started = std::time::Instant::now();
+    let host = format!("api{:04}.test", apis / 2);
+    let p = start_gateway(&many, "many", &["taskset", "-c", "0"], 1, false, "");
+    let many_rss = rss_kib(p.0.pid()).unwrap_or(0);
+    add(
+        format!("gateway, {apis} APIs × 300 resources (1w)"),
+        p,
+        &host,
+        &[],
+    );
+    let load_time = started.elapsed();
+    let many_rss = rss_kib(
+        rows.last()
+            .and_then(|r| r._proc.as_ref())
+            .map_or(0, Proc::pid),
+    )
+    .unwrap_or(many_rss);
+
+    // Rounds, interleaved: each round measures every row once, so that a slow phase of this
+    // shared machine spreads over all rows instead of one.
+    let direct = format!("http://{backend}/ping");
+    let mut direct_runs = Vec::new();
+    for round in 0..rounds {
+        eprintln!("round {}/{rounds}", round + 1);
+        direct_runs.push(wrk(
+            "direct",
+            &direct,
+            "backend",
             &[],
             seconds,
             conns,
             &accepted,
         ));
-        drop(_gw);
-        let (_gw, addr) = start_gateway(&single, cpus, workers, true);
-        wait_ready(addr, "full.test", &full_headers);
-        rows.push(wrk(
-            &format!("gateway, full policy chain ({w})"),
-            &format!("http://{addr}/prod/ping"),
-            "full.test",
-            &full_headers,
-            seconds,
-            conns,
-            &accepted,
-        ));
+        for r in rows.iter_mut() {
+            let url = format!("http://{}/prod/ping", r.addr);
+            let run = wrk(
+                &r.name, &url, &r.host, &r.headers, seconds, conns, &accepted,
+            );
+            r.runs.push(run);
+        }
     }
-    // Fleet mode: the full chain with quotas in Redis (redis-server pinned with the backend).
-    if has("redis-server") {
-        let port = free_port();
-        let _redis = Proc(
-            Command::new("taskset")
-                .args(["-c", "1", "redis-server", "--port", &port.to_string()])
-                .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-                .stdout(Stdio::null())
-                .spawn()
-                .expect("start redis-server"),
-        );
-        let fleet_cfg =
-            format!("[quota]\nbackend = \"redis\"\nredis_url = \"redis://127.0.0.1:{port}/0\"\nfailure_mode = \"closed\"\n");
-        let (_gw, addr) = start_gateway_with(&single, &["taskset", "-c", "0"], 1, true, &fleet_cfg);
-        wait_ready(addr, "full.test", &full_headers);
-        rows.push(wrk(
-            "gateway, full chain, fleet mode/Redis (1w)",
-            &format!("http://{addr}/prod/ping"),
-            "full.test",
-            &full_headers,
-            seconds,
-            conns,
-            &accepted,
-        ));
-    }
+    let direct_rps = median(direct_runs.iter().map(|r| r.rps).collect());
+    let find = |name: &str| rows.iter().find(|r| r.name.starts_with(name)).map(Row::rps);
 
-    let started = std::time::Instant::now();
-    let (gw, addr) = start_gateway(&many, "0", 1, false);
-    let host = format!("api{:04}.test", apis / 2);
-    wait_ready(addr, &host, &[]);
-    let load_time = started.elapsed();
-    let rss = std::fs::read_to_string(format!("/proc/{}/status", gw.0.id()))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:").map(|v| v.trim().to_owned()))
-        })
-        .unwrap_or_default();
-    rows.push(wrk(
-        &format!("gateway, {apis} APIs × 300 resources (1w)"),
-        &format!("http://{addr}/prod/ping"),
-        &host,
-        &[],
-        seconds,
-        conns,
-        &accepted,
-    ));
-    drop(gw);
-
-    let base = |name: &str| {
-        rows.iter()
-            .find(|r| r.name.starts_with(name))
-            .map(|r| r.rps)
-    };
     println!();
-    println!("load benchmark: wrk -t1 -c{conns} -d{seconds}s, keep-alive; backend + wrk pinned to CPU 1, proxy to CPU 0 (1w) or 0-1 (2w)");
+    println!("load benchmark: wrk -t1 -c{conns}, {rounds} interleaved rounds × {seconds}s per row, medians (range); keep-alive; backend + wrk on CPU 1, proxy on CPU 0 (1w) or 0-1 (2w)");
     println!(
-        "{:<44} {:>10} {:>9} {:>9} {:>10} {:>12}",
-        "row", "req/s", "p50 ms", "p99 ms", "vs nginx", "new conn/1k"
+        "{:<42} {:>9} {:>17} {:>8} {:>8} {:>8} {:>8} {:>9}",
+        "row", "req/s", "range", "p50 ms", "p99 ms", "/nginx", "/floor", "conn/1k"
+    );
+    println!(
+        "{:<42} {:>9.0} {:>17} {:>8.3} {:>8.3} {:>8} {:>8} {:>9}",
+        "direct to the backend",
+        direct_rps,
+        "",
+        median(direct_runs.iter().map(|r| r.p50_ms).collect()),
+        median(direct_runs.iter().map(|r| r.p99_ms).collect()),
+        "",
+        "",
+        ""
     );
     for r in &rows {
         let w = if r.name.contains("(2w)") {
@@ -651,170 +841,146 @@ fn main() {
         } else {
             "(1w)"
         };
-        let ng = base(&format!("nginx → backend {w}"))
-            .map(|n| format!("{:.2}×", r.rps / n))
-            .unwrap_or_else(|| "-".into());
+        let ratio =
+            |base: Option<f64>| base.map_or("-".to_owned(), |b| format!("{:.2}×", r.rps() / b));
+        let (lo, hi) = r.range();
         println!(
-            "{:<44} {:>10.0} {:>9.3} {:>9.3} {:>10} {:>12.2}",
-            r.name, r.rps, r.p50_ms, r.p99_ms, ng, r.new_conns_per_1000
+            "{:<42} {:>9.0} {:>17} {:>8.3} {:>8.3} {:>8} {:>8} {:>9.2}",
+            r.name,
+            r.rps(),
+            format!("{lo:.0}–{hi:.0}"),
+            r.p50(),
+            r.p99(),
+            ratio(find(&format!("nginx {w}"))),
+            ratio(find(&format!("floor {w}"))),
+            r.new_conns_per_1000()
         );
     }
+    println!();
     for w in ["1w", "2w"] {
-        if let (Some(bare), Some(full)) = (
-            base(&format!("gateway, bare route ({w})")),
-            base(&format!("gateway, full policy chain ({w})")),
+        if let (Some(bare), Some(floor)) = (
+            find(&format!("gateway, bare route ({w})")),
+            find(&format!("floor ({w})")),
         ) {
-            println!(
-                "full chain costs {:.1}% of the bare route's req/s ({w})",
-                (1.0 - full / bare) * 100.0
-            );
+            print!("{w}: bare route {:.2}× the floor", bare / floor);
+            if let Some(ng) = find(&format!("nginx ({w})")) {
+                print!(", {:.2}× nginx", bare / ng);
+            }
+            if let Some(full) = find(&format!("gateway, full chain ({w})")) {
+                print!("; full chain {:.2}× the bare route", full / bare);
+            }
+            println!();
         }
     }
     if let (Some(local), Some(redis)) = (
-        base("gateway, full policy chain (1w)"),
-        base("gateway, full chain, fleet mode"),
+        find("gateway, full chain (1w)"),
+        find("gateway, full chain, fleet"),
     ) {
         println!(
-            "fleet mode: full chain with the Redis quota store at {:.2}× the local store's req/s (1w)",
+            "fleet mode: full chain with the Redis quota store {:.2}× the local store (1w)",
             redis / local
         );
     }
-    if let (Some(bare), Some(manyr)) = (
-        base("gateway, bare route (1w)"),
-        base(&format!("gateway, {apis} APIs")),
+    if let (Some(bare), Some(m)) = (
+        find("gateway, bare route (1w)"),
+        find(&format!("gateway, {apis} APIs")),
     ) {
         println!(
-            "{apis} APIs: {:.1}% of the bare route's req/s; loaded in {load_time:.2?}; RSS {rss}",
-            manyr / bare * 100.0
+            "{apis} APIs × 300 resources: {:.2}× the bare route; loaded in {load_time:.2?}; RSS {many_rss} KiB",
+            m / bare
         );
     }
 
-    // Row 6: open-loop runs at half the bare route's maximum (1 worker).
-    let bare_1w = base("gateway, bare route (1w)").unwrap_or(0.0);
-    let rate = (bare_1w / 2.0).round() as u64;
-    let mut fixed = Vec::new();
+    // Row 6: open-loop runs at half nginx's maximum (1 worker), latency corrected for
+    // coordinated omission; the added p99 is over the direct run's.
+    let rate = (find("nginx (1w)").or(find("floor (1w)")).unwrap_or(0.0) / 2.0).round() as u64;
     if has("oha") && rate > 0 {
+        let mut fixed = Vec::new();
         fixed.extend(oha_fixed(
             "direct to the backend",
-            &format!("http://{backend}/ping"),
+            &direct,
             "backend",
             &[],
             rate,
             seconds,
             conns,
         ));
-        if has("nginx") {
-            let (_ng, addr) = start_nginx(tmp.path(), "0", 1, backend);
-            wait_ready(addr, "bare.test", &[]);
+        for r in rows.iter().filter(|r| {
+            r.name.ends_with("(1w)") && !r.name.contains("fleet") && !r.name.contains("APIs")
+        }) {
+            let url = format!("http://{}/prod/ping", r.addr);
             fixed.extend(oha_fixed(
-                "nginx → backend (1w)",
-                &format!("http://{addr}/prod/ping"),
-                "bare.test",
-                &[],
-                rate,
-                seconds,
-                conns,
+                &r.name, &url, &r.host, &r.headers, rate, seconds, conns,
             ));
         }
-        for (name, host, headers, log) in [
-            ("gateway, bare route (1w)", "bare.test", &[][..], false),
-            (
-                "gateway, full policy chain (1w)",
-                "full.test",
-                &full_headers[..],
-                true,
-            ),
-        ] {
-            let (_gw, addr) = start_gateway(&single, "0", 1, log);
-            wait_ready(addr, host, headers);
-            fixed.extend(oha_fixed(
-                name,
-                &format!("http://{addr}/prod/ping"),
-                host,
-                headers,
-                rate,
-                seconds,
-                conns,
-            ));
-        }
-    }
-
-    // 10,000 idle keep-alive client connections.
-    let idle = {
-        let (gw, addr) = start_gateway(&single, "0", 1, false);
-        wait_ready(addr, "bare.test", &[]);
-        let r = idle_connections(gw.0.id(), addr, "bare.test", IDLE_CONNECTIONS);
-        drop(gw);
-        r
-    };
-
-    // Instructions per proxied request (bare route, 1 worker), gateway and nginx.
-    let callgrind = if has("valgrind") && std::env::var("LOAD_CALLGRIND").as_deref() != Ok("0") {
-        let gw = callgrind_per_request(tmp.path(), "gateway", "bare.test", &|prefix| {
-            start_gateway_with(&single, prefix, 1, false, "")
-        });
-        let ng = has("nginx")
-            .then(|| {
-                callgrind_per_request(tmp.path(), "nginx", "bare.test", &|prefix| {
-                    let mut cmd = prefix.to_vec();
-                    cmd.push("nginx");
-                    start_nginx_with(tmp.path(), &cmd, 1, backend, "master_process off;\n")
-                })
-            })
-            .flatten();
-        Some((gw, ng))
-    } else {
-        None
-    };
-
-    println!();
-    match fixed.first() {
-        Some(direct) => {
-            println!(
-                "row 6, open loop: oha -q {rate} (half the bare route's 1w maximum) -c{conns} -z{seconds}s --latency-correction, oha on CPU 1"
-            );
-            println!(
-                "{:<44} {:>10} {:>9} {:>9} {:>9} {:>14}",
-                "row", "req/s", "p50 ms", "p99 ms", "p99.9 ms", "added p99 ms"
-            );
+        println!();
+        println!("row 6, open loop: oha -q {rate} (half nginx's 1w maximum) -c{conns} -z{seconds}s --latency-correction, oha on CPU 1");
+        println!(
+            "{:<42} {:>9} {:>8} {:>8} {:>9} {:>13}",
+            "row", "req/s", "p50 ms", "p99 ms", "p99.9 ms", "added p99 ms"
+        );
+        if let Some(d) = fixed.first().cloned() {
             for f in &fixed {
                 println!(
-                    "{:<44} {:>10.0} {:>9.3} {:>9.3} {:>9.3} {:>14.3}",
+                    "{:<42} {:>9.0} {:>8.3} {:>8.3} {:>9.3} {:>13.3}",
                     f.name,
                     f.achieved,
                     f.p50_ms,
                     f.p99_ms,
                     f.p999_ms,
-                    f.p99_ms - direct.p99_ms
+                    f.p99_ms - d.p99_ms
                 );
             }
         }
-        None => println!("row 6 (open loop) skipped: needs `oha` (cargo install oha)"),
     }
-    let (before, after, opened) = idle;
-    println!(
-        "{opened} idle keep-alive connections: gateway RSS {before} KiB → {after} KiB, {:.1} MiB in all, {:.2} KiB each",
-        (after.saturating_sub(before)) as f64 / 1024.0,
-        (after.saturating_sub(before)) as f64 / opened.max(1) as f64
-    );
-    match callgrind {
-        Some((gw, ng)) => {
-            let show = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.0}"));
-            println!(
-                "instructions per proxied request (callgrind, bare route, 1 worker, 1 keep-alive connection, 6,000 − 1,000 requests): gateway {} nginx {}{}",
-                show(gw),
-                show(ng),
-                match (gw, ng) {
-                    (Some(g), Some(n)) => format!(" ({:.2}× nginx)", g / n),
-                    _ => String::new(),
-                }
-            );
-        }
-        None => {
-            println!("instruction counts skipped: needs `valgrind` (LOAD_CALLGRIND=0 skips them)")
-        }
+
+    // Idle keep-alive connections: memory per connection, gateway and floor (1 worker).
+    println!();
+    for name in ["floor (1w)", "gateway, bare route (1w)"] {
+        let Some(r) = rows.iter().find(|r| r.name == name) else {
+            continue;
+        };
+        let pid = r._proc.as_ref().map_or(0, Proc::pid);
+        let (before, after, opened) = idle_connections(pid, r.addr, &r.host, idle_n);
+        println!(
+            "{opened} idle keep-alive connections, {name}: RSS {before} KiB → {after} KiB, {:.2} KiB each",
+            after.saturating_sub(before) as f64 / opened.max(1) as f64
+        );
+    }
+    // The load rows are done: stop their proxies before callgrind runs.
+    drop(rows);
+    drop(_redis);
+
+    // Instructions per proxied request (1 worker, one keep-alive connection).
+    if has("valgrind") && std::env::var("LOAD_CALLGRIND").as_deref() != Ok("0") {
+        let dir = tmp.path();
+        let show = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.0}"));
+        let fl = callgrind_per_request(dir, "floor", "bare.test", &[], &|prefix, _| {
+            start_floor(prefix, 1, backend)
+        });
+        let bare = callgrind_per_request(dir, "bare", "bare.test", &[], &|prefix, name| {
+            start_gateway(&single, name, prefix, 1, false, "")
+        });
+        let full =
+            callgrind_per_request(dir, "full", "full.test", &full_headers, &|prefix, name| {
+                start_gateway(&single, name, prefix, 1, true, "")
+            });
+        let ng = has("nginx")
+            .then(|| {
+                callgrind_per_request(dir, "nginx", "bare.test", &[], &|prefix, name| {
+                    start_nginx(dir, name, prefix, 1, backend, "master_process off;\n")
+                })
+            })
+            .flatten();
+        println!();
+        println!("instructions per proxied request (callgrind, 1 worker, one keep-alive connection, 3,000 − 500 requests):");
+        let vs = |v: Option<f64>| match (v, fl) {
+            (Some(v), Some(f)) => format!(" ({:.2}× the floor)", v / f),
+            _ => String::new(),
+        };
+        println!("  floor {}", show(fl));
+        println!("  gateway, bare route {}{}", show(bare), vs(bare));
+        println!("  gateway, full chain {}{}", show(full), vs(full));
+        println!("  nginx {}{}", show(ng), vs(ng));
     }
 }
-
-/// Idle keep-alive connections opened for the memory row.
-const IDLE_CONNECTIONS: usize = 10_000;

@@ -238,7 +238,7 @@ struct Period {
 
 /// `start_date` and `end_date`: `YYYY-MM-DD`, start ≤ end, at most 31 days apart.
 fn period(p: &Period) -> Result<(time::Date, time::Date), String> {
-    use crate::report::{parse_date, MAX_RANGE_DAYS};
+    use crate::observe::report::{parse_date, MAX_RANGE_DAYS};
     let get = |v: &Option<String>, name: &str| -> Result<time::Date, String> {
         let raw = v
             .as_deref()
@@ -332,7 +332,7 @@ async fn v1(app: &Arc<App>, path: &str, query: &str, rid: &HeaderValue) -> Respo
                 Some(_) => return not_found("API_KEY_NOT_FOUND", "the usage plan has no such key"),
                 None => plan.api_keys.iter().map(|k| k.id.clone()).collect(),
             };
-            let from = crate::usage::rows_from(plan.rate, start);
+            let from = crate::observe::usage::rows_from(plan.rate, start);
             let to = end
                 .next_day()
                 .unwrap_or(end)
@@ -355,7 +355,7 @@ async fn v1(app: &Arc<App>, path: &str, query: &str, rid: &HeaderValue) -> Respo
                     );
                 }
             };
-            let items = crate::usage::items(
+            let items = crate::observe::usage::items(
                 &rows,
                 &keys,
                 plan.limit,
@@ -368,8 +368,8 @@ async fn v1(app: &Arc<App>, path: &str, query: &str, rid: &HeaderValue) -> Respo
                 StatusCode::OK,
                 &serde_json::json!({
                     "usage_plan_id": plan_id,
-                    "start_date": crate::report::format_date(start),
-                    "end_date": crate::report::format_date(end),
+                    "start_date": crate::observe::report::format_date(start),
+                    "end_date": crate::observe::report::format_date(end),
                     "items": items,
                 }),
             )

@@ -6,15 +6,15 @@ use std::sync::Arc;
 
 use ipnet::IpNet;
 
-use crate::access_log::{AccessLog, Target};
 use crate::config::{Config, QuotaBackend};
 use crate::fleet::Fleet;
 use crate::integration::http::tls_config;
-use crate::metrics::Metrics;
+use crate::observe::access_log::{AccessLog, Target};
+use crate::observe::metrics::Metrics;
+use crate::observe::report::Reports;
 use crate::policy::quota::{LocalQuotaStore, QuotaStore, RedisQuotaStore};
 use crate::policy::throttle::Throttles;
 use crate::reload::{Control, SnapshotDir};
-use crate::report::Reports;
 use crate::snapshot;
 use crate::state::{LoadError, StateHandle};
 
@@ -147,7 +147,10 @@ impl App {
             if let Err(e) = self.quota.prune(before.unix_timestamp()) {
                 tracing::error!(error = %e, "old quota state could not be pruned");
             }
-            if let Err(e) = self.reports.prune(crate::report::day_number(before.date())) {
+            if let Err(e) = self
+                .reports
+                .prune(crate::observe::report::day_number(before.date()))
+            {
                 tracing::error!(error = %e, "old report aggregates could not be pruned");
             }
         }

@@ -6,7 +6,6 @@
 //! [`pipeline`]. Rejections are data ([`rejection::Rejection`]) turned into responses in one
 //! place.
 
-pub mod access_log;
 pub mod admin;
 pub mod app;
 pub mod body;
@@ -16,18 +15,16 @@ pub mod demo;
 pub mod fleet;
 pub mod integration;
 pub mod log_throttle;
-pub mod metrics;
+pub mod observe;
 pub mod path;
 pub mod pipeline;
 pub mod policy;
 pub mod rejection;
 pub mod reload;
-pub mod report;
 pub mod request_id;
 pub mod routing;
 pub mod server;
 pub mod snapshot;
 pub mod state;
 pub mod upstream;
-pub mod usage;
 pub mod worker;

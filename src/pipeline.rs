@@ -21,7 +21,6 @@ use crate::config::{FailureMode, Limits};
 use crate::integration::http::{
     self as http_integration, ForwardInfo, X_SCP_ENDPOINT_ID, X_SCP_REQUEST_ID,
 };
-use crate::metrics::method_label;
 use crate::path::{self, NormalizedPath};
 use crate::policy::apikey::{CompiledPlan, KeyError};
 use crate::policy::client_addr;
@@ -91,8 +90,11 @@ pub struct RequestContext<'s> {
     pub rate_limit: Option<Admission>,
     /// The request was a CORS preflight the gateway answered.
     pub preflight: bool,
-    /// The code of a gateway-made error response.
-    pub error_code: Option<&'static str>,
+    /// The code of a gateway-made error response (index into [`crate::rejection::CODES`]).
+    pub error_code: Option<usize>,
+    /// The matched route's id in the selected deployment, and whether that is the canary.
+    pub route_id: usize,
+    pub canary: bool,
     /// The integration request was sent a second time (a reused backend connection failed).
     pub retried: bool,
 }
@@ -133,6 +135,8 @@ impl<'s> RequestContext<'s> {
             rate_limit: None,
             preflight: false,
             error_code: None,
+            route_id: 0,
+            canary: false,
             retried: false,
         }
     }
@@ -145,11 +149,7 @@ pub async fn handle(app: &App, conn: &ConnInfo, req: Request<Incoming>) -> Respo
     let mut resp = match run(app, &state, &mut ctx, req).await {
         Ok(resp) => resp,
         Err(rejection) => {
-            ctx.error_code = Some(rejection.code());
-            app.metrics
-                .rejections
-                .with_label_values(&[api_label(&ctx), stage_label(&ctx), rejection.code()])
-                .inc();
+            ctx.error_code = Some(rejection.code_index());
             rejection.into_response(&ctx.request_id)
         }
     };
@@ -522,12 +522,14 @@ fn route_resource<'s>(
         _ => &stage.deployment,
     };
     ctx.deployment = Some(deployment);
+    ctx.canary = !Arc::ptr_eq(deployment, &stage.deployment);
     let path = ctx.path.as_ref().ok_or(Rejection::Internal)?;
     let (id, params) = deployment
         .routes
         .find(path.resource())
         .ok_or(Rejection::ResourceNotFound)?;
     ctx.route = Some(deployment.routes.route(id));
+    ctx.route_id = id.index();
     ctx.params = params;
     Ok(())
 }
@@ -709,40 +711,33 @@ fn forwarded(
     }
 }
 
-fn api_label<'a>(ctx: &'a RequestContext<'_>) -> &'a str {
-    ctx.api.map_or("", |a| &a.id)
-}
-
-fn stage_label<'a>(ctx: &'a RequestContext<'_>) -> &'a str {
-    ctx.stage.map_or("", |s| &s.name)
-}
-
-/// Metrics, report aggregates and the access log of one answered request (every outcome
-/// passes here exactly once, when the response head is ready).
+/// Metrics, report deltas and the access log of one answered request (every outcome
+/// passes here exactly once, when the response head is ready). Everything written here is
+/// the current worker's own (`observe::series`), except the access log's queue.
 fn record(app: &App, ctx: &RequestContext<'_>, resp: &Response<GatewayBody>) {
+    use crate::observe::series;
     let status = resp.status().as_u16();
-    let (api, stage) = (api_label(ctx), stage_label(ctx));
-    let resource = ctx.route.map_or("", |r| &r.template);
-    let method = method_label(&ctx.method);
     let latency = ctx.started.elapsed();
-    app.metrics.record_request(&crate::metrics::RequestSample {
-        api,
-        stage,
-        resource,
-        method,
-        status,
-        latency,
-        integration: ctx
-            .integration_elapsed
-            .zip(ctx.method_route.map(|m| m.integration.kind().as_str())),
-        retried: ctx.retried,
-    });
-    let method = crate::report::static_method(method).unwrap_or("OTHER");
-    if let (Some(a), Some(s)) = (ctx.api, ctx.stage) {
-        app.reports.record(&crate::report::Sample {
-            api: &a.id,
-            stage: &s.name,
-            resource: ctx.route.map(|r| &r.template),
+    let method = series::method_index(&ctx.method);
+    let integration = ctx
+        .integration_elapsed
+        .zip(ctx.method_route.map(|m| m.integration.kind().index()));
+    let (stage_series, route_series) = match (ctx.api, ctx.stage) {
+        (None, _) => series::unknown_host(),
+        (Some(api), None) => api.no_stage_series(),
+        (Some(_), Some(stage)) => (
+            &stage.series,
+            match ctx.route {
+                Some(r) => stage.route_series(ctx.canary, ctx.route_id, &r.template),
+                None => stage.no_route_series(),
+            },
+        ),
+    };
+    route_series.count(method, status);
+    stage_series.record(latency, integration, ctx.error_code, ctx.retried);
+    if ctx.stage.is_some() {
+        route_series.report(&series::ReportSample {
+            day: today(),
             method,
             status,
             latency,
@@ -750,20 +745,28 @@ fn record(app: &App, ctx: &RequestContext<'_>, resp: &Response<GatewayBody>) {
         });
     }
     if let Some(log) = &app.access_log {
-        log.log(crate::access_log::Entry {
+        log.log(crate::observe::access_log::Entry {
             time: time::OffsetDateTime::now_utc(),
             request_id: ctx.request_id.clone(),
             client_ip: ctx.client_ip,
             api_id: ctx.api.map(|a| a.id.clone()),
             stage: ctx.stage.map(|s| s.name.clone()),
             resource: ctx.route.map(|r| r.template.clone()),
-            method,
+            method: series::METHODS[method],
             status,
             bytes: http_body::Body::size_hint(resp.body()).exact(),
             latency,
             integration_latency: ctx.integration_elapsed,
-            error_code: ctx.error_code,
+            error_code: ctx.error_code.map(|c| crate::rejection::CODES[c]),
             retried: ctx.retried,
         });
     }
+}
+
+/// Days since 1970-01-01 (UTC), the report day of a request answered now.
+fn today() -> i32 {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    (secs / 86_400) as i32
 }

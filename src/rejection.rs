@@ -27,6 +27,33 @@ pub enum BadRequest {
     Body,
 }
 
+/// Every error code of gateway-made responses, indexed by [`Rejection::code_index`].
+pub const CODES: [&str; 23] = [
+    "BAD_REQUEST",
+    "PAYLOAD_TOO_LARGE",
+    "HEADERS_TOO_LARGE",
+    "URI_TOO_LONG",
+    "API_NOT_FOUND",
+    "STAGE_NOT_FOUND",
+    "ENDPOINT_NOT_ALLOWED",
+    "IP_NOT_ALLOWED",
+    "RESOURCE_NOT_FOUND",
+    "CORS_REJECTED",
+    "METHOD_NOT_ALLOWED",
+    "UNAUTHORIZED",
+    "INVALID_TOKEN",
+    "ACCESS_DENIED",
+    "MISSING_API_KEY",
+    "INVALID_API_KEY",
+    "THROTTLED",
+    "QUOTA_EXCEEDED",
+    "INTEGRATION_FAILURE",
+    "ENDPOINT_UNAVAILABLE",
+    "INTEGRATION_TIMEOUT",
+    "QUOTA_STORE_UNAVAILABLE",
+    "INTERNAL_ERROR",
+];
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Rejection {
     BadRequest(BadRequest),
@@ -94,30 +121,35 @@ impl Rejection {
 
     /// The spec's error code, also the `code` label of `apigw_rejections_total`.
     pub fn code(&self) -> &'static str {
+        CODES[self.code_index()]
+    }
+
+    /// The index of [`Rejection::code`] in [`CODES`].
+    pub fn code_index(&self) -> usize {
         match self {
-            Rejection::BadRequest(_) => "BAD_REQUEST",
-            Rejection::PayloadTooLarge => "PAYLOAD_TOO_LARGE",
-            Rejection::HeadersTooLarge => "HEADERS_TOO_LARGE",
-            Rejection::UriTooLong => "URI_TOO_LONG",
-            Rejection::ApiNotFound => "API_NOT_FOUND",
-            Rejection::StageNotFound => "STAGE_NOT_FOUND",
-            Rejection::EndpointNotAllowed => "ENDPOINT_NOT_ALLOWED",
-            Rejection::IpNotAllowed => "IP_NOT_ALLOWED",
-            Rejection::ResourceNotFound => "RESOURCE_NOT_FOUND",
-            Rejection::CorsRejected => "CORS_REJECTED",
-            Rejection::MethodNotAllowed { .. } => "METHOD_NOT_ALLOWED",
-            Rejection::Unauthorized => "UNAUTHORIZED",
-            Rejection::InvalidToken => "INVALID_TOKEN",
-            Rejection::AccessDenied => "ACCESS_DENIED",
-            Rejection::MissingApiKey => "MISSING_API_KEY",
-            Rejection::InvalidApiKey => "INVALID_API_KEY",
-            Rejection::Throttled { .. } => "THROTTLED",
-            Rejection::QuotaExceeded { .. } => "QUOTA_EXCEEDED",
-            Rejection::IntegrationFailure => "INTEGRATION_FAILURE",
-            Rejection::EndpointUnavailable => "ENDPOINT_UNAVAILABLE",
-            Rejection::IntegrationTimeout => "INTEGRATION_TIMEOUT",
-            Rejection::QuotaStoreUnavailable => "QUOTA_STORE_UNAVAILABLE",
-            Rejection::Internal => "INTERNAL_ERROR",
+            Rejection::BadRequest(_) => 0,
+            Rejection::PayloadTooLarge => 1,
+            Rejection::HeadersTooLarge => 2,
+            Rejection::UriTooLong => 3,
+            Rejection::ApiNotFound => 4,
+            Rejection::StageNotFound => 5,
+            Rejection::EndpointNotAllowed => 6,
+            Rejection::IpNotAllowed => 7,
+            Rejection::ResourceNotFound => 8,
+            Rejection::CorsRejected => 9,
+            Rejection::MethodNotAllowed { .. } => 10,
+            Rejection::Unauthorized => 11,
+            Rejection::InvalidToken => 12,
+            Rejection::AccessDenied => 13,
+            Rejection::MissingApiKey => 14,
+            Rejection::InvalidApiKey => 15,
+            Rejection::Throttled { .. } => 16,
+            Rejection::QuotaExceeded { .. } => 17,
+            Rejection::IntegrationFailure => 18,
+            Rejection::EndpointUnavailable => 19,
+            Rejection::IntegrationTimeout => 20,
+            Rejection::QuotaStoreUnavailable => 21,
+            Rejection::Internal => 22,
         }
     }
 

@@ -18,6 +18,13 @@ use crate::snapshot::validate::{parse_segment, path_segments, Segment};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RouteId(u32);
 
+impl RouteId {
+    /// The route's position in its table (`0..len()`).
+    pub fn index(self) -> usize {
+        self.0 as usize
+    }
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RouteError {
     #[error("`{path}`: {message}")]

@@ -11,6 +11,7 @@ use super::model::{EndpointType, IntegrationType, MethodType, Snapshot};
 use super::validate::{normalize_host, parse_target, split_list};
 use super::Issue;
 use crate::integration::url::{split_origin, UrlTemplate};
+use crate::observe::series::{self, Lazy, RouteSeries, StageSeries};
 use crate::policy::acl::{IpAcl, StageAcl};
 use crate::policy::apikey::{CompiledPlan, StageKeys, ThrottleSpec};
 use crate::policy::cors::CorsPolicy;
@@ -106,9 +107,29 @@ pub struct CompiledStage {
     pub keys: StageKeys,
     pub throttle: Option<ThrottleSpec>,
     pub cors: Option<CorsPolicy>,
+    /// This stage's latency histograms, rejections and retries (resolved with the snapshot:
+    /// the same series as before a reload).
+    pub series: Arc<StageSeries>,
+    /// Request counts and report deltas per route of the active deployment (`[0]`) and of
+    /// the canary (`[1]`), by route id, resolved at a route's first request.
+    pub route_series: [Box<[Lazy<RouteSeries>]>; 2],
+    /// Requests of this stage that matched no resource.
+    pub no_route_series: Lazy<RouteSeries>,
 }
 
 impl CompiledStage {
+    /// The series of route `id` of the active deployment or the canary.
+    pub fn route_series(&self, canary: bool, id: usize, template: &Arc<str>) -> &Arc<RouteSeries> {
+        let slot = &self.route_series[usize::from(canary)][id];
+        slot.get_or_init(|| series::route(&self.series.api, &self.name, template))
+    }
+
+    /// The series of requests that matched no resource.
+    pub fn no_route_series(&self) -> &Arc<RouteSeries> {
+        self.no_route_series
+            .get_or_init(|| series::route(&self.series.api, &self.name, &Arc::from("")))
+    }
+
     /// The deployment serving one request: the canary for `percent`% of draws.
     /// `draw` is uniform in [0, 100).
     pub fn select(&self, draw: f64) -> &Arc<CompiledDeployment> {
@@ -136,11 +157,25 @@ pub struct CompiledApi {
     /// The document it was built from (key values and secrets are never serialised).
     pub snapshot: Arc<Snapshot>,
     pub loaded_at: time::OffsetDateTime,
+    /// Requests of this API for a stage it does not have (`stage=""`).
+    pub no_stage_series: std::sync::OnceLock<(Arc<StageSeries>, Arc<RouteSeries>)>,
 }
 
 impl CompiledApi {
     pub fn stage(&self, name: &str) -> Option<&CompiledStage> {
         self.stages.get(name)
+    }
+
+    /// The series of requests for a stage this API does not have.
+    pub fn no_stage_series(&self) -> (&Arc<StageSeries>, &Arc<RouteSeries>) {
+        let (s, r) = self.no_stage_series.get_or_init(|| {
+            let empty: Arc<str> = Arc::from("");
+            (
+                series::stage(&self.id, &empty),
+                series::route(&self.id, &empty, &empty),
+            )
+        });
+        (s, r)
     }
 }
 
@@ -340,6 +375,7 @@ pub fn compile(s: Snapshot) -> Result<CompiledApi, Vec<Issue>> {
         .map(|p| (p.id.as_str(), Arc::new(CompiledPlan::compile(p))))
         .collect();
 
+    let api_id: Arc<str> = Arc::from(s.api.id.as_str());
     let mut stages = HashMap::new();
     for (i, st) in s.stages.iter().enumerate() {
         let connected = |list: &[String]| split_list(list).any(|n| n == st.name);
@@ -387,10 +423,23 @@ pub fn compile(s: Snapshot) -> Result<CompiledApi, Vec<Issue>> {
                 percent: c.percent,
             })
         });
+        let name: Arc<str> = Arc::from(st.name.as_str());
+        let lazy_routes = |d: Option<&Arc<CompiledDeployment>>| -> Box<[Lazy<RouteSeries>]> {
+            (0..d.map_or(0, |d| d.routes.len()))
+                .map(|_| Lazy::default())
+                .collect()
+        };
+        let route_series = [
+            lazy_routes(Some(&deployment)),
+            lazy_routes(canary.as_ref().map(|c| &c.deployment)),
+        ];
         stages.insert(
             st.name.as_str().into(),
             CompiledStage {
-                name: Arc::from(st.name.as_str()),
+                series: series::stage(&api_id, &name),
+                route_series,
+                no_route_series: Lazy::default(),
+                name,
                 name_header: HeaderValue::from_str(&st.name).ok(),
                 deployment,
                 canary,
@@ -411,7 +460,7 @@ pub fn compile(s: Snapshot) -> Result<CompiledApi, Vec<Issue>> {
         return Err(errors);
     }
     Ok(CompiledApi {
-        id: Arc::from(s.api.id.as_str()),
+        id: api_id,
         id_header: HeaderValue::from_str(&s.api.id).ok(),
         name: s.api.name.clone(),
         revision: s.revision,
@@ -427,5 +476,6 @@ pub fn compile(s: Snapshot) -> Result<CompiledApi, Vec<Issue>> {
             .collect(),
         snapshot: Arc::new(s),
         loaded_at: time::OffsetDateTime::now_utc(),
+        no_stage_series: std::sync::OnceLock::new(),
     })
 }

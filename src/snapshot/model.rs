@@ -123,6 +123,15 @@ pub enum IntegrationType {
 }
 
 impl IntegrationType {
+    /// Index into `observe::series::INTEGRATIONS` (the `integration` label).
+    pub fn index(self) -> usize {
+        match self {
+            IntegrationType::Http => 0,
+            IntegrationType::Scf => 1,
+            IntegrationType::PrivateLink => 2,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             IntegrationType::Http => "HTTP",

@@ -95,7 +95,7 @@ mod tests {
     }
 
     fn date(s: &str) -> Date {
-        crate::report::parse_date(s).unwrap()
+        crate::observe::report::parse_date(s).unwrap()
     }
 
     #[test]

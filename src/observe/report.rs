@@ -1,23 +1,23 @@
 //! Report aggregation (`operations.md`, "Reports"): per (API, stage, UTC day, resource,
 //! method) the 2xx/4xx/5xx counts and mergeable latency sketches (DDSketch, 1% relative
-//! accuracy), kept in memory, persisted in the state database every second and on stop,
-//! and reloaded at start. Keys are stable ids, so aggregates survive reloads.
+//! accuracy). Requests add to their worker's deltas ([`series::RouteSeries::report`]); the
+//! deltas are merged here before every flush (each second), fleet push and report query,
+//! persisted in the state database every second and on stop, and reloaded at start. Keys
+//! are stable ids, so aggregates survive reloads.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, LazyLock};
-use std::time::Duration;
+use std::sync::Arc;
 
 use dashmap::DashMap;
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
-use sketches_ddsketch::{Config as SketchConfig, DDSketch};
-use time::{Date, OffsetDateTime};
+use sketches_ddsketch::DDSketch;
+use time::Date;
 
+use super::series;
 use crate::fleet::{Fleet, FleetError};
 
-/// Relative accuracy of the latency sketches (the contract asks for 5%).
-const SKETCH_ALPHA: f64 = 0.01;
 /// Reports may span at most this many days between start and end.
 pub const MAX_RANGE_DAYS: i64 = 31;
 
@@ -47,10 +47,8 @@ fn instance_id(db: &Database) -> Result<String, String> {
     Ok(id)
 }
 
-static NO_RESOURCE: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from(""));
-
 fn sketch() -> DDSketch {
-    DDSketch::new(SketchConfig::new(SKETCH_ALPHA, 4096, 1e-3))
+    series::latency_sketch()
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -158,18 +156,6 @@ impl Default for Agg {
             shared_dirty: false,
         }
     }
-}
-
-/// One answered request, as reports see it.
-pub struct Sample<'a> {
-    pub api: &'a Arc<str>,
-    pub stage: &'a Arc<str>,
-    /// The matched resource template, `None` when no resource matched.
-    pub resource: Option<&'a Arc<str>>,
-    pub method: &'static str,
-    pub status: u16,
-    pub latency: Duration,
-    pub integration: Option<Duration>,
 }
 
 pub struct Reports {
@@ -303,34 +289,40 @@ impl Reports {
         }))
     }
 
-    /// Records one answered request of a known stage.
-    pub fn record(&self, s: &Sample<'_>) {
-        let key = Key {
-            api: s.api.clone(),
-            stage: s.stage.clone(),
-            day: day_number(OffsetDateTime::now_utc().date()),
-            resource: s.resource.cloned().unwrap_or_else(|| NO_RESOURCE.clone()),
-            method: s.method,
-        };
-        let mut agg = self.aggs.entry(key).or_default();
-        match s.status {
-            200..=299 => agg.ok += 1,
-            400..=499 => agg.client_errors += 1,
-            500..=599 => agg.server_errors += 1,
-            _ => {}
+    /// Takes the workers' report deltas ([`series::RouteSeries::report`]) into the
+    /// aggregates. Runs before every flush, push and report query.
+    pub fn merge_deltas(&self) {
+        let mut deltas = Vec::new();
+        let mut merged = false;
+        for r in series::all_routes() {
+            r.take_report_deltas(&mut deltas);
+            for d in deltas.drain(..) {
+                let key = Key {
+                    api: r.api.clone(),
+                    stage: r.stage.clone(),
+                    day: d.day,
+                    resource: r.resource.clone(),
+                    method: series::METHODS[d.method.min(series::METHODS.len() - 1)],
+                };
+                let mut agg = self.aggs.entry(key).or_default();
+                agg.ok += d.ok;
+                agg.client_errors += d.client_errors;
+                agg.server_errors += d.server_errors;
+                let _ = agg.latency.merge(&d.latency);
+                let _ = agg.integration.merge(&d.integration);
+                agg.dirty = true;
+                agg.shared_dirty = true;
+                merged = true;
+            }
         }
-        agg.latency.add(s.latency.as_secs_f64() * 1000.0);
-        if let Some(i) = s.integration {
-            agg.integration.add(i.as_secs_f64() * 1000.0);
+        if merged {
+            self.any_dirty.store(true, Ordering::Relaxed);
         }
-        agg.dirty = true;
-        agg.shared_dirty = true;
-        drop(agg);
-        self.any_dirty.store(true, Ordering::Relaxed);
     }
 
     /// Writes changed aggregates to the database.
     pub fn flush(&self) -> Result<(), String> {
+        self.merge_deltas();
         if !self.any_dirty.swap(false, Ordering::AcqRel) {
             return Ok(());
         }
@@ -371,6 +363,7 @@ impl Reports {
 
     /// The report of one stage for `[start, end]` (UTC days, inclusive).
     pub fn report(&self, api: &str, stage: &str, start: Date, end: Date) -> ReportList {
+        self.merge_deltas();
         let (from, to) = (day_number(start), day_number(end));
         let mut b = ReportBuilder::default();
         for entry in self.aggs.iter() {
@@ -387,6 +380,7 @@ impl Reports {
     /// stage, day) with a field per (instance, resource, method). Each instance writes only
     /// its own cumulative aggregates, so a reader merges them without double counting.
     pub async fn push(&self, fleet: &Fleet) -> Result<(), FleetError> {
+        self.merge_deltas();
         let mut rows = Vec::new();
         for mut a in self.aggs.iter_mut() {
             if a.shared_dirty {
@@ -542,6 +536,7 @@ impl ReportBuilder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use time::OffsetDateTime;
 
     fn reports() -> (tempfile::TempDir, Arc<Reports>) {
         let dir = tempfile::tempdir().unwrap();
@@ -560,18 +555,18 @@ mod tests {
     #[test]
     fn counts_percentiles_top_and_persistence() {
         let (dir, r) = reports();
-        let (api, stage): (Arc<str>, Arc<str>) = ("a".into(), "prod".into());
+        let (api, stage): (Arc<str>, Arc<str>) = ("report-test".into(), "prod".into());
         let (orders, items, root): (Arc<str>, Arc<str>, Arc<str>) =
             ("/orders".into(), "/orders/{id}".into(), "/".into());
+        let none: Arc<str> = Arc::from("");
+        let today_n = day_number(OffsetDateTime::now_utc().date());
         let rec = |res: Option<&Arc<str>>, status, ms: u64| {
-            r.record(&Sample {
-                api: &api,
-                stage: &stage,
-                resource: res,
-                method: "GET",
+            series::route(&api, &stage, res.unwrap_or(&none)).report(&series::ReportSample {
+                day: today_n,
+                method: 0,
                 status,
-                latency: Duration::from_millis(ms),
-                integration: Some(Duration::from_millis(ms)),
+                latency: std::time::Duration::from_millis(ms),
+                integration: Some(std::time::Duration::from_millis(ms)),
             })
         };
         for i in 1..=100 {
@@ -584,7 +579,7 @@ mod tests {
         rec(None, 404, 1);
         rec(Some(&orders), 502, 1);
         let today = OffsetDateTime::now_utc().date();
-        let rep = r.report("a", "prod", today, today);
+        let rep = r.report("report-test", "prod", today, today);
         assert_eq!(rep.count, 1);
         let day = &rep.reports[0];
         assert_eq!(
@@ -615,21 +610,27 @@ mod tests {
                 ("/", "/", 1)
             ]
         );
-        assert!(r.report("a", "dev", today, today).reports.is_empty());
+        assert!(r
+            .report("report-test", "dev", today, today)
+            .reports
+            .is_empty());
         r.flush().unwrap();
         let db = r.db.clone();
         drop(r);
         let again = Reports::open(db.clone()).unwrap();
         assert_eq!(
-            again.report("a", "prod", today, today).reports[0].call_count,
+            again.report("report-test", "prod", today, today).reports[0].call_count,
             131
         );
         again.prune(day_number(today) + 1).unwrap();
-        assert!(again.report("a", "prod", today, today).reports.is_empty());
+        assert!(again
+            .report("report-test", "prod", today, today)
+            .reports
+            .is_empty());
         let reopened = Reports::open(db).unwrap();
         assert!(
             reopened
-                .report("a", "prod", today, today)
+                .report("report-test", "prod", today, today)
                 .reports
                 .is_empty(),
             "pruned on disk too"

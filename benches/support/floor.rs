@@ -1,0 +1,167 @@
+//! The floor: a minimal proxy built the way scp-gateway's data plane is built, with no
+//! logic. Bench-only code (never in the binary): the load bench runs itself with
+//! `--floor-proxy LISTEN BACKEND WORKERS` to start it as a separate process.
+//!
+//! Same runtime model (one `current_thread` runtime per worker thread, one `SO_REUSEPORT`
+//! socket each), same server (hyper-util's automatic HTTP/1.1 + h2c server, same settings),
+//! same client (`hyper::client::conn::http1` senders in a per-worker pool, given back when
+//! the answer's body ends). No routing, no policies, no header rules, no metrics, no
+//! watchdog, no retries: the gap between the gateway and this is the gateway's own work.
+
+use std::cell::RefCell;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+
+type Sender = http1::SendRequest<Incoming>;
+
+thread_local! {
+    static POOL: RefCell<Vec<Sender>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The backend's answer body; gives its connection back to the worker's pool at its end.
+struct Pooled {
+    inner: Incoming,
+    sender: Option<Sender>,
+}
+
+impl Pooled {
+    fn release(&mut self) {
+        if let Some(s) = self.sender.take() {
+            POOL.with_borrow_mut(|p| p.push(s));
+        }
+    }
+}
+
+impl Body for Pooled {
+    type Data = Bytes;
+    type Error = hyper::Error;
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_frame(cx);
+        match &r {
+            Poll::Ready(None) => this.release(),
+            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.release(),
+            Poll::Ready(Some(Err(_))) => this.sender = None,
+            _ => {}
+        }
+        r
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+async fn sender(backend: SocketAddr) -> Result<Sender, String> {
+    while let Some(mut s) = POOL.with_borrow_mut(Vec::pop) {
+        if s.ready().await.is_ok() {
+            return Ok(s);
+        }
+    }
+    let tcp = tokio::net::TcpStream::connect(backend)
+        .await
+        .map_err(|e| e.to_string())?;
+    let _ = tcp.set_nodelay(true);
+    let (s, conn) = http1::handshake(TokioIo::new(tcp))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    Ok(s)
+}
+
+async fn proxy(
+    mut req: Request<Incoming>,
+    backend: SocketAddr,
+    host: HeaderValue,
+) -> Response<http_body_util::Either<Pooled, http_body_util::Full<Bytes>>> {
+    let bad = || {
+        let mut r = Response::new(http_body_util::Either::Right(http_body_util::Full::new(
+            Bytes::from_static(b"bad gateway"),
+        )));
+        *r.status_mut() = http::StatusCode::BAD_GATEWAY;
+        r
+    };
+    if let Some(pq) = req.uri().path_and_query().cloned() {
+        *req.uri_mut() = http::Uri::from(pq);
+    }
+    req.headers_mut().insert(http::header::HOST, host);
+    *req.version_mut() = http::Version::HTTP_11;
+    let Ok(mut s) = sender(backend).await else {
+        return bad();
+    };
+    match s.send_request(req).await {
+        Ok(resp) => {
+            let (parts, body) = resp.into_parts();
+            let mut body = Pooled {
+                inner: body,
+                sender: Some(s),
+            };
+            if body.inner.is_end_stream() {
+                body.release();
+            }
+            Response::from_parts(parts, http_body_util::Either::Left(body))
+        }
+        Err(_) => bad(),
+    }
+}
+
+/// Runs the floor proxy until the process is killed. Prints `listening ADDR`.
+pub fn main(listen: SocketAddr, backend: SocketAddr, workers: usize) {
+    let socks = scp_gateway::server::bind::bind(listen, workers, "floor").expect("bind");
+    println!("listening {}", socks[0].local_addr().unwrap());
+    let host = HeaderValue::from_str(&backend.to_string()).unwrap();
+    let threads: Vec<_> = socks
+        .into_iter()
+        .map(|sock| {
+            let host = host.clone();
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async move {
+                    let mut b = auto::Builder::new(TokioExecutor::new());
+                    b.http1()
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(None)
+                        .keep_alive(true);
+                    let b = Arc::new(b);
+                    let listener = tokio::net::TcpListener::from_std(sock).unwrap();
+                    loop {
+                        let Ok((stream, _)) = listener.accept().await else {
+                            continue;
+                        };
+                        let _ = stream.set_nodelay(true);
+                        let (b, host) = (b.clone(), host.clone());
+                        tokio::spawn(async move {
+                            let svc = hyper::service::service_fn(move |req| {
+                                let host = host.clone();
+                                async move { Ok::<_, Infallible>(proxy(req, backend, host).await) }
+                            });
+                            let _ = b.serve_connection(TokioIo::new(stream), svc).await;
+                        });
+                    }
+                });
+            })
+        })
+        .collect();
+    for t in threads {
+        let _ = t.join();
+    }
+}
