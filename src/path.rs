@@ -19,30 +19,89 @@ pub enum PathError {
 }
 
 /// `/{stage}/{resource path}` after normalisation.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct NormalizedPath {
-    buf: String,
+    buf: Buf,
     /// End of the stage segment in `buf` (0 when the path is `/`).
     stage_end: usize,
 }
 
+/// A normalised path: built, or the request's own path when it was already normal (no
+/// copy: the URI's buffer is shared).
+#[derive(Debug, Clone)]
+enum Buf {
+    Owned(String),
+    Request(http::uri::PathAndQuery),
+}
+
+impl PartialEq for NormalizedPath {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str() && self.stage_end == other.stage_end
+    }
+}
+
+impl Eq for NormalizedPath {}
+
 impl NormalizedPath {
     /// The first segment, naming the stage.
     pub fn stage(&self) -> Option<&str> {
-        (self.stage_end > 1).then(|| &self.buf[1..self.stage_end])
+        (self.stage_end > 1).then(|| &self.as_str()[1..self.stage_end])
     }
 
     /// The resource path after the stage, `/` for the stage root.
     pub fn resource(&self) -> &str {
-        match &self.buf[self.stage_end.max(1)..] {
+        match &self.as_str()[self.stage_end.max(1)..] {
             "" => "/",
             r => r,
         }
     }
 
     pub fn as_str(&self) -> &str {
-        &self.buf
+        match &self.buf {
+            Buf::Owned(s) => s,
+            Buf::Request(pq) => pq.path(),
+        }
     }
+}
+
+/// True when normalising `p` would change nothing: no escape, no backslash, no byte that
+/// must be escaped, no empty, `.` or `..` segment, no trailing slash.
+fn already_normal(p: &[u8]) -> bool {
+    if p.first() != Some(&b'/') || (p.len() > 1 && p.last() == Some(&b'/')) {
+        return false;
+    }
+    let mut seg_start = 1;
+    for (i, &b) in p.iter().enumerate().skip(1) {
+        match b {
+            b'/' => {
+                let seg = &p[seg_start..i];
+                if matches!(seg, b"" | b"." | b"..") {
+                    return false;
+                }
+                seg_start = i + 1;
+            }
+            b'%' | b'\\' => return false,
+            b if b >= 0x7F || b <= 0x20 => return false,
+            _ => {}
+        }
+    }
+    !matches!(&p[seg_start..], b"." | b"..")
+}
+
+/// Normalises a request's path, sharing the request's buffer when it is already normal.
+pub fn normalize_uri(uri: &http::Uri) -> Result<NormalizedPath, PathError> {
+    if let Some(pq) = uri.path_and_query() {
+        let p = pq.path();
+        if already_normal(p.as_bytes()) {
+            let stage_end = p[1..].find('/').map_or(p.len(), |i| i + 1);
+            let stage_end = if p.len() > 1 { stage_end } else { 0 };
+            return Ok(NormalizedPath {
+                buf: Buf::Request(pq.clone()),
+                stage_end,
+            });
+        }
+    }
+    normalize(uri.path())
 }
 
 fn hex(b: u8) -> Option<u8> {
@@ -128,7 +187,10 @@ pub fn normalize(raw: &str) -> Result<NormalizedPath, PathError> {
     if buf.is_empty() {
         buf.push('/');
     }
-    Ok(NormalizedPath { buf, stage_end })
+    Ok(NormalizedPath {
+        buf: Buf::Owned(buf),
+        stage_end,
+    })
 }
 
 #[cfg(test)]
@@ -188,6 +250,35 @@ mod tests {
             Ok((Some("prod".into()), "/orders/a%20b".into()))
         );
         assert_eq!(n("/prod/x%3bY"), Ok((Some("prod".into()), "/x%3BY".into())));
+    }
+
+    #[test]
+    fn the_fast_path_agrees_with_the_full_one() {
+        for p in [
+            "/",
+            "/prod",
+            "/prod/orders",
+            "/prod/orders/42",
+            "/prod/v1.2/file.txt",
+            "/p/a.b/.c",
+            "/prod/",
+            "//prod",
+            "/prod//x",
+            "/prod/./x",
+            "/prod/x/..",
+            "/prod/..x",
+            "/prod/x%41",
+            "/prod/a b",
+            "/prod/.",
+            "/prod/...",
+            "/prod/a\\b",
+        ] {
+            let uri: http::Uri = match p.parse() {
+                Ok(u) => u,
+                Err(_) => continue,
+            };
+            assert_eq!(normalize_uri(&uri), normalize(p), "{p}");
+        }
     }
 
     /// Found by the `path` fuzz target: raw UTF-8 in a path was pushed byte by byte as

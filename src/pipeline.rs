@@ -80,7 +80,7 @@ pub struct RequestContext<'s> {
     pub path: Option<NormalizedPath>,
     pub params: Params,
     pub integration_elapsed: Option<Duration>,
-    /// The request's `Origin`, for CORS response headers.
+    /// The request's `Origin`, for CORS response headers (read on CORS stages only).
     pub origin: Option<HeaderValue>,
     /// The token verified at step 9.
     pub jwt: Option<Verified>,
@@ -103,9 +103,14 @@ impl<'s> RequestContext<'s> {
     fn new(app: &App, conn: &'s ConnInfo, req: &Request<Incoming>) -> Self {
         let headers = req.headers();
         // An incoming request id is kept only from a trusted proxy.
-        let request_id = match headers.get(&X_SCP_REQUEST_ID) {
-            Some(v) if conn.trusted_peer && !v.is_empty() && v.len() <= 128 => v.clone(),
-            _ => crate::request_id::next(),
+        let trusted = conn
+            .trusted_peer
+            .then(|| headers.get(&X_SCP_REQUEST_ID))
+            .flatten()
+            .filter(|v| !v.is_empty() && v.len() <= 128);
+        let request_id = match trusted {
+            Some(v) => v.clone(),
+            None => crate::request_id::next(),
         };
         // A PROXY v2 header names the client; otherwise the peer, or X-Forwarded-For
         // through trusted proxies.
@@ -129,7 +134,7 @@ impl<'s> RequestContext<'s> {
             path: None,
             params: Params::default(),
             integration_elapsed: None,
-            origin: headers.get(ORIGIN).cloned(),
+            origin: None,
             jwt: None,
             api_key: None,
             rate_limit: None,
@@ -198,13 +203,16 @@ async fn run<'s>(
 ) -> Result<Response<GatewayBody>, Rejection> {
     check_framing(&req, &app.config.limits)?;
     ctx.path = Some(
-        path::normalize(req.uri().path())
-            .map_err(|e| Rejection::BadRequest(BadRequest::Path(e)))?,
+        path::normalize_uri(req.uri()).map_err(|e| Rejection::BadRequest(BadRequest::Path(e)))?,
     );
     let api = select_api(state, &req)?;
     ctx.api = Some(api);
     let stage = select_stage(api, ctx)?;
     ctx.stage = Some(stage);
+    if stage.cors.is_some() {
+        // Only CORS stages put headers on responses for an `Origin`.
+        ctx.origin = req.headers().get(ORIGIN).cloned();
+    }
     check_private_endpoint(api, ctx, &req)?;
     check_ip(api, stage, ctx)?;
     route_resource(ctx, stage)?;
@@ -677,14 +685,16 @@ async fn integrate<'s>(
                 api_key_id: ctx.api_key.as_ref().map(|(_, k)| &**k),
                 jwt_claims: ctx.jwt.as_ref().map(|v| &*v.claims),
             };
-            crate::integration::function::invoke(
+            // Boxed: the function path (whole body read, JSON event) keeps its large future
+            // out of every request's.
+            Box::pin(crate::integration::function::invoke(
                 &app.upstream,
                 function,
                 &input,
                 body,
                 max_body,
                 timeout,
-            )
+            ))
             .await
         }
     };

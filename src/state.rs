@@ -11,10 +11,15 @@ use arc_swap::ArcSwap;
 
 use crate::snapshot::CompiledApi;
 
+/// Maps built here are read by every request and written only by the control plane from
+/// trusted snapshots, so a fast hash without flooding resistance is safe: a client can look
+/// keys up but never insert one.
+type FastMap<K, V> = HashMap<K, V, rustc_hash::FxBuildHasher>;
+
 #[derive(Default)]
 pub struct GatewayState {
-    apis: HashMap<Arc<str>, Arc<CompiledApi>>,
-    hosts: HashMap<Box<str>, Arc<CompiledApi>>,
+    apis: FastMap<Arc<str>, Arc<CompiledApi>>,
+    hosts: FastMap<Box<str>, Arc<CompiledApi>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

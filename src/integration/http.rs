@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response};
-use smallvec::SmallVec;
 
 use crate::body::ForwardBody;
 use crate::config::UpstreamConfig;
@@ -26,40 +25,55 @@ pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-fo
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 pub static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded in either direction.
-fn is_hop_by_hop(n: &HeaderName) -> bool {
-    *n == header::CONNECTION
-        || n == header::TE
-        || n == header::TRAILER
-        || n == header::TRANSFER_ENCODING
-        || n == header::UPGRADE
-        || n == KEEP_ALIVE
-        || n == PROXY_CONNECTION
+fn is_hop_by_hop(n: &str) -> bool {
+    matches!(
+        n,
+        "connection"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "keep-alive"
+            | "proxy-connection"
+    )
 }
 
 /// Removes every header whose name `drop` selects, plus those named by `Connection`: one
 /// pass over the names, then one removal per header actually present (a request carries a
-/// handful of headers; probing a dozen absent names would hash each of them).
-fn remove_headers(h: &mut HeaderMap, drop: impl Fn(&HeaderName) -> bool) {
-    let mut doomed: SmallVec<[HeaderName; 8]> = SmallVec::new();
+/// handful of headers; probing a dozen absent names would hash each of them). Nothing is
+/// allocated unless more than two names go.
+fn remove_headers(h: &mut HeaderMap, drop: impl Fn(&str) -> bool) {
+    let mut first: [Option<HeaderName>; 2] = [None, None];
+    let mut more: Vec<HeaderName> = Vec::new();
+    let mut connection = false;
     for name in h.keys() {
-        if drop(name) {
-            doomed.push(name.clone());
+        let s = name.as_str();
+        if drop(s) {
+            connection |= s == "connection";
+            match first.iter_mut().find(|f| f.is_none()) {
+                Some(slot) => *slot = Some(name.clone()),
+                None => more.push(name.clone()),
+            }
         }
     }
-    if doomed.contains(&header::CONNECTION) {
-        doomed.extend(
+    if connection {
+        // Header names listed in `Connection` go too; its usual options (`keep-alive`,
+        // already dropped, and `close`) name no header that could be left.
+        more.extend(
             h.get_all(header::CONNECTION)
                 .iter()
                 .filter_map(|v| v.to_str().ok())
                 .flat_map(|v| v.split(','))
-                .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok()),
+                .map(str::trim)
+                .filter(|n| {
+                    !n.eq_ignore_ascii_case("keep-alive") && !n.eq_ignore_ascii_case("close")
+                })
+                .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok()),
         );
     }
-    for n in doomed {
+    for n in first.into_iter().flatten().chain(more) {
         h.remove(n);
     }
 }
@@ -90,33 +104,26 @@ pub struct ForwardInfo<'a> {
 /// URL), the gateway's own `x-scp-*` (a client could forge them), names with `_` (dropped as
 /// nginx does, so that `x_scp_apikey`-style spellings can never be read as another header
 /// downstream), and forwarding headers unless the peer is a trusted proxy.
-fn dropped_on_forward(n: &HeaderName, trusted_peer: bool) -> bool {
-    if is_hop_by_hop(n) || n == header::HOST {
+fn dropped_on_forward(s: &str, trusted_peer: bool) -> bool {
+    if is_hop_by_hop(s) || s == "host" || s.as_bytes().contains(&b'_') {
         return true;
     }
-    let s = n.as_str();
-    if s.contains('_') {
-        return true;
+    if let Some(own) = s.strip_prefix("x-scp-") {
+        return match own {
+            "apikey" | "request-id" | "api-id" | "stage" | "api-key-id" | "jwt-sub" => true,
+            "privatelink-endpoint-id" => !trusted_peer,
+            _ => false,
+        };
     }
-    if s.starts_with("x-scp-") {
-        return [
-            &X_SCP_APIKEY,
-            &X_SCP_REQUEST_ID,
-            &X_SCP_API_ID,
-            &X_SCP_STAGE,
-            &X_SCP_API_KEY_ID,
-            &X_SCP_JWT_SUB,
-        ]
-        .contains(&n)
-            || (!trusted_peer && n == X_SCP_ENDPOINT_ID);
-    }
-    !trusted_peer && (n == X_FORWARDED_PROTO || n == X_FORWARDED_HOST)
+    !trusted_peer && matches!(s, "x-forwarded-proto" | "x-forwarded-host")
 }
 
 /// Applies the request header rules in place: drops what a client must not pass on (and
 /// anything it could forge), then adds the gateway's own headers.
 pub fn rewrite_request_headers(h: &mut HeaderMap, info: &ForwardInfo<'_>) {
     remove_headers(h, |n| dropped_on_forward(n, info.trusted_peer));
+    // Room for what is added below, so that the map grows (and rehashes) once at most.
+    h.reserve(8);
 
     join_cookie_crumbs(h);
     let ip = info.forwarded_for;
@@ -132,20 +139,22 @@ pub fn rewrite_request_headers(h: &mut HeaderMap, info: &ForwardInfo<'_>) {
         ip.clone()
     };
     h.insert(&X_FORWARDED_FOR, xff);
-    if !h.contains_key(&X_FORWARDED_PROTO) {
-        h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(info.proto));
+    // A trusted proxy's own values are kept; otherwise they were removed above.
+    if let header::Entry::Vacant(e) = h.entry(&X_FORWARDED_PROTO) {
+        e.insert(HeaderValue::from_static(info.proto));
     }
     if let Some(host) = info.host {
-        if !h.contains_key(&X_FORWARDED_HOST) {
-            h.insert(&X_FORWARDED_HOST, host.clone());
+        if let header::Entry::Vacant(e) = h.entry(&X_FORWARDED_HOST) {
+            e.insert(host.clone());
         }
     }
-    h.insert(&X_SCP_REQUEST_ID, info.request_id.clone());
+    // Client copies of these were removed above: appending is inserting.
+    h.append(&X_SCP_REQUEST_ID, info.request_id.clone());
     if let Some(v) = info.api_id {
-        h.insert(&X_SCP_API_ID, v.clone());
+        h.append(&X_SCP_API_ID, v.clone());
     }
     if let Some(v) = info.stage {
-        h.insert(&X_SCP_STAGE, v.clone());
+        h.append(&X_SCP_STAGE, v.clone());
     }
     if let Some(v) = info.api_key_id.and_then(|k| HeaderValue::from_str(k).ok()) {
         h.insert(&X_SCP_API_KEY_ID, v);
@@ -200,13 +209,14 @@ fn valid_traceparent(v: &[u8]) -> bool {
         && v[36..52].iter().any(|b| *b != b'0')
 }
 
+/// A new `traceparent` with random trace and span ids (the worker's fast generator; these
+/// ids need to be unique, not secret).
 fn new_traceparent() -> HeaderValue {
-    let trace: u128 = rand::random::<u128>() | 1;
-    let span: u64 = rand::random::<u64>() | 1;
+    let (trace, span) = crate::request_id::random_ids();
     let mut v = *b"00-00000000000000000000000000000000-0000000000000000-01";
-    crate::request_id::hex_into(&mut v[3..35], &trace.to_be_bytes());
-    crate::request_id::hex_into(&mut v[36..52], &span.to_be_bytes());
-    HeaderValue::from_bytes(&v).unwrap_or(HeaderValue::from_static(""))
+    crate::request_id::hex_into(&mut v[3..35], &(trace | 1).to_be_bytes());
+    crate::request_id::hex_into(&mut v[36..52], &(span | 1).to_be_bytes());
+    crate::request_id::header_value(&v)
 }
 
 /// The TLS settings for backends: webpki roots plus the optional extra CA file.

@@ -165,11 +165,23 @@ impl HeadScan {
 
     /// Scans `bytes`; true when the head ended with both headers present, or with
     /// `Content-Length` more than once (hyper keeps one of equal copies, silently).
+    ///
+    /// Only the first bytes of a line can match; once both names are ruled out the rest of
+    /// the line is skipped with `memchr`.
     pub fn feed(&mut self, bytes: &[u8]) -> bool {
-        for &b in bytes {
-            if self.done {
-                break;
+        let mut i = 0;
+        while i < bytes.len() && !self.done {
+            if self.line_len > 0 && !self.cl_match && !self.te_match {
+                match memchr::memchr(b'\n', &bytes[i..]) {
+                    Some(p) => i += p,
+                    None => {
+                        self.line_len += bytes.len() - i;
+                        return false;
+                    }
+                }
             }
+            let b = bytes[i];
+            i += 1;
             match b {
                 b'\n' => {
                     if self.line_len == 0 {
@@ -180,22 +192,22 @@ impl HeadScan {
                     self.cl_match = true;
                     self.te_match = true;
                 }
-                b'\r' => {}
+                b'\r' if self.line_len == 0 => {}
                 _ => {
-                    let i = self.line_len;
-                    if (self.cl_match || self.te_match) && i < TE_NAME.len() {
-                        let l = b.to_ascii_lowercase();
-                        if self.cl_match && i < CL_NAME.len() {
-                            self.cl_match = CL_NAME[i] == l;
-                            if self.cl_match && i + 1 == CL_NAME.len() {
-                                self.cl_lines = self.cl_lines.saturating_add(1);
-                            }
-                        } else {
+                    let at = self.line_len;
+                    let l = b.to_ascii_lowercase();
+                    if self.cl_match {
+                        self.cl_match = CL_NAME.get(at) == Some(&l);
+                        if self.cl_match && at + 1 == CL_NAME.len() {
+                            self.cl_lines = self.cl_lines.saturating_add(1);
                             self.cl_match = false;
                         }
-                        if self.te_match {
-                            self.te_match = TE_NAME[i] == l;
-                            self.saw_te |= self.te_match && i + 1 == TE_NAME.len();
+                    }
+                    if self.te_match {
+                        self.te_match = TE_NAME.get(at) == Some(&l);
+                        if self.te_match && at + 1 == TE_NAME.len() {
+                            self.saw_te = true;
+                            self.te_match = false;
                         }
                     }
                     self.line_len += 1;

@@ -150,7 +150,7 @@ pub struct CompiledApi {
     pub endpoint_type: EndpointType,
     /// Normalised host names (lowercase, no trailing dot).
     pub hosts: Vec<String>,
-    pub stages: HashMap<Box<str>, CompiledStage>,
+    pub stages: rustc_hash::FxHashMap<Box<str>, CompiledStage>,
     pub resource_policy: Option<CompiledPolicy>,
     /// PRIVATE APIs: the connected PrivateLink endpoints whose status is `Active`.
     pub active_endpoints: std::collections::HashSet<Box<str>>,
@@ -376,7 +376,7 @@ pub fn compile(s: Snapshot) -> Result<CompiledApi, Vec<Issue>> {
         .collect();
 
     let api_id: Arc<str> = Arc::from(s.api.id.as_str());
-    let mut stages = HashMap::new();
+    let mut stages = rustc_hash::FxHashMap::default();
     for (i, st) in s.stages.iter().enumerate() {
         let connected = |list: &[String]| split_list(list).any(|n| n == st.name);
         let acl = if st.ip_restriction_enabled {

@@ -47,23 +47,55 @@ fn idempotent(m: &Method) -> bool {
     )
 }
 
-/// A copy to send again if the first try on a reused connection fails after the request was
-/// written: only when the body is empty or whole in hand (never a streamed client body).
-fn copy_for_retry(req: &Request<ForwardBody>) -> Option<Request<ForwardBody>> {
-    let body = match req.body() {
-        ForwardBody::Full(b) => ForwardBody::Full(b.clone()),
-        ForwardBody::Stream(s) if s.is_end_stream() => ForwardBody::Full(None),
-        ForwardBody::Stream(_) => return None,
-    };
-    let mut copy = Request::new(body);
-    *copy.method_mut() = req.method().clone();
-    *copy.uri_mut() = req.uri().clone();
-    *copy.version_mut() = req.version();
-    *copy.headers_mut() = req.headers().clone();
-    Some(copy)
+/// What it takes to send a request again if the first try on a reused connection fails
+/// after it was written: only when the body is empty or whole in hand (never a streamed
+/// client body). The headers are kept as a list (one allocation, values shared, no hashing);
+/// the request is rebuilt only if it is needed.
+struct RetryCopy {
+    method: http::Method,
+    uri: http::Uri,
+    version: Version,
+    headers: Vec<(http::HeaderName, HeaderValue)>,
+    body: Option<Bytes>,
+}
+
+impl RetryCopy {
+    fn of(req: &Request<ForwardBody>) -> Option<RetryCopy> {
+        let body = match req.body() {
+            ForwardBody::Full(b) => b.clone(),
+            ForwardBody::Stream(s) if s.is_end_stream() => None,
+            ForwardBody::Stream(_) => return None,
+        };
+        let mut headers = Vec::with_capacity(req.headers().len());
+        headers.extend(req.headers().iter().map(|(n, v)| (n.clone(), v.clone())));
+        Some(RetryCopy {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            version: req.version(),
+            headers,
+            body,
+        })
+    }
+
+    fn request(self) -> Request<ForwardBody> {
+        let mut req = Request::new(ForwardBody::Full(self.body));
+        *req.method_mut() = self.method;
+        *req.uri_mut() = self.uri;
+        *req.version_mut() = self.version;
+        let h = req.headers_mut();
+        h.reserve(self.headers.len());
+        for (n, v) in self.headers {
+            h.append(n, v);
+        }
+        req
+    }
 }
 
 /// Sends `req` (origin-form URI) to `up` and waits for the answer's head until `deadline`.
+///
+/// One async function for the whole HTTP/1.1 path (pooled or new connection, retry): every
+/// nested async call would add its future, moved on each request, to the caller's. The
+/// HTTP/2 path and connecting are boxed for the same reason.
 pub async fn send(
     settings: &Settings,
     up: &Upstream,
@@ -73,7 +105,94 @@ pub async fn send(
     let mut req = req;
     let mut retried = false;
     loop {
-        match attempt(settings, up, req, deadline, retried).await {
+        let outcome = 'attempt: {
+            // A pooled connection (HTTP/2 if the backend offered it), unless retrying.
+            let mut conn = None;
+            if !retried {
+                if up.tls {
+                    if let Some((h2, received)) = pool::h2(up.id) {
+                        break 'attempt Box::pin(send_h2(up, h2, received, req, deadline, true))
+                            .await;
+                    }
+                }
+                while let Some(mut c) = pool::checkout(up.id) {
+                    // An idle connection becomes ready as soon as its driver has seen the
+                    // end of the previous answer; one that fails here was closed by its
+                    // backend and nothing was sent on it.
+                    match tokio::time::timeout_at(deadline, c.sender.ready()).await {
+                        Ok(Ok(())) => {
+                            conn = Some(c);
+                            break;
+                        }
+                        Ok(Err(_)) => continue,
+                        Err(_) => break 'attempt Outcome::Timeout,
+                    }
+                }
+            }
+            let reused = conn.is_some();
+            let mut conn = match conn {
+                Some(c) => c,
+                None => match Box::pin(connect::open(settings, up, deadline)).await {
+                    Err(ConnectError::Deadline) => break 'attempt Outcome::Timeout,
+                    Err(e) => break 'attempt Outcome::Failed(e.to_string()),
+                    Ok(fresh) => match fresh.handle {
+                        Handle::H1(mut sender) => {
+                            if tokio::time::timeout_at(deadline, sender.ready())
+                                .await
+                                .is_err()
+                            {
+                                break 'attempt Outcome::Timeout;
+                            }
+                            Pooled {
+                                sender,
+                                received: fresh.received,
+                            }
+                        }
+                        Handle::H2(sender) => {
+                            pool::set_h2(up.id, sender.clone(), fresh.received.clone());
+                            break 'attempt Box::pin(send_h2(
+                                up,
+                                sender,
+                                fresh.received,
+                                req,
+                                deadline,
+                                false,
+                            ))
+                            .await;
+                        }
+                    },
+                },
+            };
+            // HTTP/1.1 on `conn`.
+            *req.version_mut() = Version::HTTP_11;
+            req.headers_mut().insert(HOST, up.host_header.clone());
+            let copy = if reused && idempotent(req.method()) {
+                RetryCopy::of(&req)
+            } else {
+                None
+            };
+            let before = conn.received.load(Ordering::Relaxed);
+            let sent = conn.sender.try_send_request(req);
+            match tokio::time::timeout_at(deadline, sent).await {
+                Err(_) => Outcome::Timeout,
+                Ok(Ok(response)) => {
+                    let idle_for = reuse_for(&response, settings.idle_timeout);
+                    let (parts, body) = response.into_parts();
+                    let body = UpstreamBody::pooled(
+                        body,
+                        GiveBack {
+                            id: up.id,
+                            conn,
+                            idle_for,
+                            max_idle: settings.max_idle,
+                        },
+                    );
+                    Outcome::Answer(Response::from_parts(parts, body))
+                }
+                Ok(Err(mut e)) => failed(&mut e, reused, copy, &conn.received, before),
+            }
+        };
+        match outcome {
             Outcome::Answer(response) => return Ok(Sent { response, retried }),
             Outcome::Again(r) if !retried => {
                 tracing::debug!(backend = %up.host_header.to_str().unwrap_or(""), "reused backend connection failed before answering; sending once more on a new connection");
@@ -103,93 +222,6 @@ enum Outcome {
     ClientBody(Rejection),
 }
 
-/// One try: on a pooled connection unless `fresh_only`, else on a new one.
-async fn attempt(
-    settings: &Settings,
-    up: &Upstream,
-    req: Request<ForwardBody>,
-    deadline: Instant,
-    fresh_only: bool,
-) -> Outcome {
-    if !fresh_only {
-        if up.tls {
-            if let Some((h2, received)) = pool::h2(up.id) {
-                return send_h2(up, h2, received, req, deadline, true).await;
-            }
-        }
-        while let Some(mut conn) = pool::checkout(up.id) {
-            // An idle connection becomes ready as soon as its driver has seen the end of
-            // the previous answer; one that fails here was closed and nothing was sent.
-            match tokio::time::timeout_at(deadline, conn.sender.ready()).await {
-                Ok(Ok(())) => return send_h1(settings, up, conn, req, deadline, true).await,
-                Ok(Err(_)) => continue,
-                Err(_) => return Outcome::Timeout,
-            }
-        }
-    }
-    let fresh = match connect::open(settings, up, deadline).await {
-        Ok(f) => f,
-        Err(ConnectError::Deadline) => return Outcome::Timeout,
-        Err(e) => return Outcome::Failed(e.to_string()),
-    };
-    match fresh.handle {
-        Handle::H1(mut sender) => {
-            if tokio::time::timeout_at(deadline, sender.ready())
-                .await
-                .is_err()
-            {
-                return Outcome::Timeout;
-            }
-            let conn = Pooled {
-                sender,
-                received: fresh.received,
-            };
-            send_h1(settings, up, conn, req, deadline, false).await
-        }
-        Handle::H2(sender) => {
-            pool::set_h2(up.id, sender.clone(), fresh.received.clone());
-            send_h2(up, sender, fresh.received, req, deadline, false).await
-        }
-    }
-}
-
-async fn send_h1(
-    settings: &Settings,
-    up: &Upstream,
-    mut conn: Pooled,
-    mut req: Request<ForwardBody>,
-    deadline: Instant,
-    reused: bool,
-) -> Outcome {
-    *req.version_mut() = Version::HTTP_11;
-    req.headers_mut().insert(HOST, up.host_header.clone());
-    let copy = if reused && idempotent(req.method()) {
-        copy_for_retry(&req)
-    } else {
-        None
-    };
-    let before = conn.received.load(Ordering::Relaxed);
-    let sent = conn.sender.try_send_request(req);
-    match tokio::time::timeout_at(deadline, sent).await {
-        Err(_) => Outcome::Timeout,
-        Ok(Ok(response)) => {
-            let idle_for = reuse_for(&response, settings.idle_timeout);
-            let (parts, body) = response.into_parts();
-            let body = UpstreamBody::pooled(
-                body,
-                GiveBack {
-                    id: up.id,
-                    conn,
-                    idle_for,
-                    max_idle: settings.max_idle,
-                },
-            );
-            Outcome::Answer(Response::from_parts(parts, body))
-        }
-        Ok(Err(mut e)) => failed(&mut e, reused, copy, &conn.received, before),
-    }
-}
-
 async fn send_h2(
     up: &Upstream,
     mut sender: hyper::client::conn::http2::SendRequest<ForwardBody>,
@@ -215,7 +247,7 @@ async fn send_h2(
         Err(e) => return Outcome::Failed(format!("request URI: {e}")),
     }
     let copy = if reused && idempotent(req.method()) {
-        copy_for_retry(&req)
+        RetryCopy::of(&req)
     } else {
         None
     };
@@ -234,7 +266,7 @@ async fn send_h2(
 fn failed(
     e: &mut hyper::client::conn::TrySendError<Request<ForwardBody>>,
     reused: bool,
-    copy: Option<Request<ForwardBody>>,
+    copy: Option<RetryCopy>,
     received: &AtomicU64,
     before: u64,
 ) -> Outcome {
@@ -250,7 +282,7 @@ fn failed(
         // is in hand go again.
         if received.load(Ordering::Relaxed) == before {
             if let Some(copy) = copy {
-                return Outcome::Again(copy);
+                return Outcome::Again(copy.request());
             }
         }
     }
