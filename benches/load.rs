@@ -251,13 +251,14 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn wait_listening(addr: SocketAddr) {
-    for _ in 0..1500 {
+fn wait_listening(addr: SocketAddr) -> bool {
+    for _ in 0..500 {
         if std::net::TcpStream::connect(addr).is_ok() {
-            return;
+            return true;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    false
 }
 
 /// nginx as a reverse proxy with upstream keep-alive, access log off, the same worker count.
@@ -287,11 +288,18 @@ fn start_nginx(
             .arg(&path)
             .args(["-g", "daemon off;"])
             .stdout(Stdio::null())
-            .stderr(Stdio::null()),
+            .stderr(
+                std::fs::File::create(dir.join(format!("nginx-{name}.stderr")))
+                    .map_or(Stdio::null(), Stdio::from),
+            ),
     )
     .expect("start nginx");
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    wait_listening(addr);
+    if !wait_listening(addr) {
+        let err =
+            std::fs::read_to_string(dir.join(format!("nginx-{name}.stderr"))).unwrap_or_default();
+        panic!("nginx {name} did not listen on {addr}: {err}");
+    }
     (p, addr)
 }
 
@@ -305,7 +313,7 @@ fn start_haproxy(
 ) -> (Proc, SocketAddr) {
     let port = free_port();
     let conf = format!(
-        "global\n  nbthread {workers}\n  maxconn 50000\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  timeout http-keep-alive 60s\n  option http-keep-alive\n  http-reuse always\nfrontend f\n  bind 127.0.0.1:{port}\n  default_backend b\nbackend b\n  server s1 {backend}\n"
+        "global\n  nbthread {workers}\n  maxconn 8000\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  timeout http-keep-alive 60s\n  option http-keep-alive\n  http-reuse always\nfrontend f\n  bind 127.0.0.1:{port}\n  default_backend b\nbackend b\n  server s1 {backend}\n"
     );
     let path = dir.join(format!("haproxy-{name}.cfg"));
     std::fs::write(&path, conf).unwrap();
@@ -318,11 +326,15 @@ fn start_haproxy(
     )
     .expect("start haproxy");
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    wait_listening(addr);
+    assert!(
+        wait_listening(addr),
+        "haproxy {name} did not listen on {addr}"
+    );
     (p, addr)
 }
 
 fn wait_ready(addr: SocketAddr, host: &str, headers: &[String]) {
+    let mut last = String::new();
     for _ in 0..1500 {
         let mut cmd = Command::new("curl");
         cmd.args([
@@ -338,12 +350,14 @@ fn wait_ready(addr: SocketAddr, host: &str, headers: &[String]) {
             cmd.args(["-H", h]);
         }
         let out = cmd.arg(format!("http://{addr}/prod/ping")).output();
-        if out.is_ok_and(|o| o.stdout == b"200") {
-            return;
+        match out {
+            Ok(o) if o.stdout == b"200" => return,
+            Ok(o) => last = String::from_utf8_lossy(&o.stdout).into_owned(),
+            Err(e) => last = e.to_string(),
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    panic!("{host} on {addr} never answered 200");
+    panic!("{host} on {addr} never answered 200 (last: {last:?})");
 }
 
 /// `n` GET requests over one keep-alive connection, each answered in full before the next:
