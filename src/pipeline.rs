@@ -148,10 +148,39 @@ impl<'s> RequestContext<'s> {
 }
 
 /// Serves one request with the state current at its arrival, start to end.
+///
+/// The phases that can only refuse run as plain functions; this is the one async frame
+/// that holds the request (a request moved through nested async functions would be stored
+/// once per level, and the whole future is moved with every request and kept per
+/// connection by hyper).
 pub async fn handle(app: &App, conn: &ConnInfo, req: Request<Incoming>) -> Response<GatewayBody> {
     let state = app.state.load();
     let mut ctx = RequestContext::new(app, conn, &req);
-    let mut resp = match run(app, &state, &mut ctx, req).await {
+    let result = match admit(app, &state, &mut ctx, &req) {
+        Err(rejection) => Err(rejection),
+        Ok(Admitted::Answered(resp)) => Ok(resp),
+        Ok(Admitted::Forward(m)) => match admit_quota(app, &mut ctx).await {
+            Err(rejection) => Err(rejection),
+            Ok(()) => {
+                let outcome = match check_required(m, &req) {
+                    Err(rejection) => Err(rejection),
+                    Ok(()) => match integrate(app, &ctx, m, req) {
+                        Err(rejection) => Err(rejection),
+                        Ok(call) => Ok(call.await),
+                    },
+                };
+                match outcome {
+                    Err(rejection) => Err(rejection),
+                    Ok(outcome) => {
+                        ctx.integration_elapsed = Some(outcome.elapsed);
+                        ctx.retried = outcome.retried;
+                        outcome.result
+                    }
+                }
+            }
+        },
+    };
+    let mut resp = match result {
         Ok(resp) => resp,
         Err(rejection) => {
             ctx.error_code = Some(rejection.code_index());
@@ -161,6 +190,14 @@ pub async fn handle(app: &App, conn: &ConnInfo, req: Request<Incoming>) -> Respo
     finish(&ctx, resp.headers_mut());
     record(app, &ctx, &resp);
     resp
+}
+
+/// What the phases before the quota decided.
+enum Admitted<'s> {
+    /// The gateway answered itself (a CORS preflight).
+    Answered(Response<GatewayBody>),
+    /// On to the quota and the integration of this method.
+    Forward(&'s MethodRoute),
 }
 
 static RATELIMIT_LIMIT: http::HeaderName = http::HeaderName::from_static("ratelimit-limit");
@@ -195,17 +232,17 @@ fn finish(ctx: &RequestContext<'_>, h: &mut http::HeaderMap) {
 ///   rejected for any other reason is never counted;
 /// - 13, required parameters, the last check before the integration is called;
 /// - 14, the integration.
-async fn run<'s>(
+fn admit<'s>(
     app: &App,
     state: &'s GatewayState,
     ctx: &mut RequestContext<'s>,
-    req: Request<Incoming>,
-) -> Result<Response<GatewayBody>, Rejection> {
-    check_framing(&req, &app.config.limits)?;
+    req: &Request<Incoming>,
+) -> Result<Admitted<'s>, Rejection> {
+    check_framing(req, &app.config.limits)?;
     ctx.path = Some(
         path::normalize_uri(req.uri()).map_err(|e| Rejection::BadRequest(BadRequest::Path(e)))?,
     );
-    let api = select_api(state, &req)?;
+    let api = select_api(state, req)?;
     ctx.api = Some(api);
     let stage = select_stage(api, ctx)?;
     ctx.stage = Some(stage);
@@ -213,20 +250,18 @@ async fn run<'s>(
         // Only CORS stages put headers on responses for an `Origin`.
         ctx.origin = req.headers().get(ORIGIN).cloned();
     }
-    check_private_endpoint(api, ctx, &req)?;
+    check_private_endpoint(api, ctx, req)?;
     check_ip(api, stage, ctx)?;
     route_resource(ctx, stage)?;
-    if let Some(answer) = cors_preflight(stage, ctx, &req)? {
-        return Ok(answer);
+    if let Some(answer) = cors_preflight(stage, ctx, req)? {
+        return Ok(Admitted::Answered(answer));
     }
     let method_route = route_method(ctx)?;
-    verify_jwt(api, stage, ctx, &req)?;
+    verify_jwt(api, stage, ctx, req)?;
     check_resource_policy(api, stage, method_route, ctx)?;
-    check_api_key(stage, method_route, ctx, &req)?;
+    check_api_key(stage, method_route, ctx, req)?;
     throttle(app, api, stage, ctx)?;
-    admit_quota(app, ctx).await?;
-    check_required(method_route, &req)?;
-    integrate(app, ctx, method_route, req).await
+    Ok(Admitted::Forward(method_route))
 }
 
 /// Step 4: a PRIVATE API is served only through a connected, `Active` PrivateLink endpoint,
@@ -582,12 +617,13 @@ fn check_required(m: &MethodRoute, req: &Request<Incoming>) -> Result<(), Reject
 
 /// Step 14: the integration. The forwarding header rules apply to every type (to the
 /// function event's headers too).
-async fn integrate<'s>(
-    app: &App,
-    ctx: &mut RequestContext<'s>,
-    m: &'s MethodRoute,
+fn integrate<'a>(
+    app: &'a App,
+    ctx: &'a RequestContext<'a>,
+    m: &'a MethodRoute,
     req: Request<Incoming>,
-) -> Result<Response<GatewayBody>, Rejection> {
+) -> Result<impl std::future::Future<Output = crate::integration::Outcome> + Send + 'a, Rejection> {
+    use futures_util::future::{Either, FutureExt};
     if let Integration::PrivateLink { endpoint, .. } = &m.integration {
         if !endpoint.active {
             return Err(Rejection::EndpointUnavailable);
@@ -646,13 +682,15 @@ async fn integrate<'s>(
                 Rejection::IntegrationFailure
             })
     };
-    let outcome = match &m.integration {
+    Ok(match &m.integration {
         Integration::Http { url, upstream } | Integration::PrivateLink { url, upstream, .. } => {
             parts.uri = render(url, parts.uri.query())?;
             frame_body(&mut parts.headers);
             let req =
                 Request::from_parts(parts, ForwardBody::Stream(LimitedBody::new(body, max_body)));
-            forwarded(http_integration::forward(&app.upstream, upstream, req, timeout).await)
+            Either::Left(
+                http_integration::forward(&app.upstream, upstream, req, timeout).map(forwarded),
+            )
         }
         Integration::Function { function } => {
             let path_parameters = route
@@ -670,37 +708,41 @@ async fn integrate<'s>(
                 })
                 .collect();
             let request_id = ctx.request_id.to_str().unwrap_or("");
-            let input = crate::integration::function::EventInput {
-                request_id,
-                api_id: &api.id,
-                stage: &stage.name,
-                deployment_id: &deployment.id,
-                resource_path: &route.template,
-                path: path.resource(),
-                http_method: ctx.method.as_str(),
-                headers: &parts.headers,
-                query: parts.uri.query(),
-                path_parameters,
-                source_ip: ctx.client_ip,
-                api_key_id: ctx.api_key.as_ref().map(|(_, k)| &**k),
-                jwt_claims: ctx.jwt.as_ref().map(|v| &*v.claims),
-            };
+            let query = parts.uri.query().map(str::to_owned);
+            let client_ip = ctx.client_ip;
+            let api_key_id = ctx.api_key.as_ref().map(|(_, k)| k.clone());
+            let jwt_claims = ctx.jwt.as_ref().map(|v| v.claims.clone());
+            let method = ctx.method.as_str();
             // Boxed: the function path (whole body read, JSON event) keeps its large future
             // out of every request's.
-            Box::pin(crate::integration::function::invoke(
-                &app.upstream,
-                function,
-                &input,
-                body,
-                max_body,
-                timeout,
-            ))
-            .await
+            Either::Right(Box::pin(async move {
+                let input = crate::integration::function::EventInput {
+                    request_id,
+                    api_id: &api.id,
+                    stage: &stage.name,
+                    deployment_id: &deployment.id,
+                    resource_path: &route.template,
+                    path: path.resource(),
+                    http_method: method,
+                    headers: &parts.headers,
+                    query: query.as_deref(),
+                    path_parameters,
+                    source_ip: client_ip,
+                    api_key_id: api_key_id.as_deref(),
+                    jwt_claims: jwt_claims.as_deref(),
+                };
+                crate::integration::function::invoke(
+                    &app.upstream,
+                    function,
+                    &input,
+                    body,
+                    max_body,
+                    timeout,
+                )
+                .await
+            }))
         }
-    };
-    ctx.integration_elapsed = Some(outcome.elapsed);
-    ctx.retried = outcome.retried;
-    outcome.result
+    })
 }
 
 /// A streamed backend answer as the client's response.

@@ -270,15 +270,19 @@ pub struct NotForwarded {
 
 /// Sends the request (origin-form URI) to `upstream` and waits for the response head within
 /// `timeout`, which covers a retry too. Hop-by-hop headers of the answer are removed.
-pub async fn forward(
-    settings: &Settings,
-    upstream: &Upstream,
+///
+/// Not an async function on purpose: the future is `upstream::send`'s own, mapped, so the
+/// request is not stored a second time in an extra async frame.
+pub fn forward<'a>(
+    settings: &'a Settings,
+    upstream: &'a Upstream,
     req: Request<ForwardBody>,
     timeout: Duration,
-) -> Result<Forwarded, NotForwarded> {
+) -> impl std::future::Future<Output = Result<Forwarded, NotForwarded>> + Send + 'a {
+    use futures_util::FutureExt;
     let started = Instant::now();
     let deadline = tokio::time::Instant::from_std(started + timeout);
-    match crate::upstream::send(settings, upstream, req, deadline).await {
+    crate::upstream::send(settings, upstream, req, deadline).map(move |r| match r {
         Ok(mut sent) => {
             strip_hop_by_hop(sent.response.headers_mut());
             Ok(Forwarded {
@@ -312,7 +316,7 @@ pub async fn forward(
                 retried,
             })
         }
-    }
+    })
 }
 
 #[cfg(test)]

@@ -82,36 +82,41 @@ pub async fn accept_loop(
             proxy: None,
             forwarded_for: ip_header_value(peer_ip),
         };
-        let (app, builder, shutdown) = (app.clone(), builder.clone(), shutdown.clone());
+        let (app, builder) = (app.clone(), builder.clone());
         let kind = kind.clone();
         let guard = OpenGuard::new(&open);
-        tokio::spawn(async move {
+        let task = async move {
             let _slot = slot;
             let _guard = guard;
             let mut stream = stream;
             let deadline = app.config.limits.head_read_timeout;
             match kind {
-                ListenerKind::Plain => serve_connection(app, builder, stream, info, shutdown).await,
+                ListenerKind::Plain => serve_connection(app, builder, stream, Arc::new(info)).await,
+                // The other kinds are boxed: every connection's task is as large as its
+                // largest variant (a TLS stream, the handshake), and most are plain.
                 ListenerKind::ProxyProtocol => {
-                    match super::proxy_protocol::read(&mut stream, deadline).await {
-                        Ok(p) => {
-                            // This hop appends the address the PROXY header names.
-                            if let Some(source) = p.source {
-                                info.forwarded_for = ip_header_value(canonical_ip(source));
+                    Box::pin(async move {
+                        match super::proxy_protocol::read(&mut stream, deadline).await {
+                            Ok(p) => {
+                                // This hop appends the address the PROXY header names.
+                                if let Some(source) = p.source {
+                                    info.forwarded_for = ip_header_value(canonical_ip(source));
+                                }
+                                info.proxy = Some(p);
+                                serve_connection(app, builder, stream, Arc::new(info)).await
                             }
-                            info.proxy = Some(p);
-                            serve_connection(app, builder, stream, info, shutdown).await
+                            Err(e) => {
+                                tracing::debug!(peer = %peer, error = %e, "connection without a valid PROXY v2 header closed")
+                            }
                         }
-                        Err(e) => {
-                            tracing::debug!(peer = %peer, error = %e, "connection without a valid PROXY v2 header closed")
-                        }
-                    }
+                    })
+                    .await
                 }
                 ListenerKind::Tls(acceptor) => {
-                    match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
+                    match tokio::time::timeout(deadline, Box::pin(acceptor.accept(stream))).await {
                         Ok(Ok(tls)) => {
                             info.proto = "https";
-                            serve_connection(app, builder, tls, info, shutdown).await
+                            Box::pin(serve_connection(app, builder, tls, Arc::new(info))).await
                         }
                         Ok(Err(e)) => {
                             tracing::debug!(peer = %peer, error = %e, "TLS handshake failed")
@@ -122,7 +127,8 @@ pub async fn accept_loop(
                     }
                 }
             }
-        });
+        };
+        tokio::spawn(task);
     }
     tracing::debug!(listener = %local, "listener closed");
 }

@@ -1,14 +1,15 @@
-//! A client connection's byte stream as the listener sees it: what it tells the
-//! connection's watchdog ([`Activity`]), the raw-head scan for ambiguous framing
+//! A client connection's byte stream as the listener sees it: what it tells the worker's
+//! watchdog ([`Activity`], see `watchdog.rs`), the raw-head scan for ambiguous framing
 //! ([`HeadScan`]), and the lingering close.
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use futures_util::task::AtomicWaker;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// What a connection's watchdog needs to know, written by the connection's own task (its
@@ -29,6 +30,20 @@ pub struct Activity {
     requests: AtomicU64,
     /// The head being read carries both Content-Length and Transfer-Encoding.
     ambiguous_length: AtomicBool,
+    /// What the watchdog ordered ([`Order`] as a number), and the connection task to wake
+    /// for it.
+    order: AtomicU8,
+    waker: AtomicWaker,
+}
+
+/// What the watchdog tells a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Order {
+    None = 0,
+    /// Close gracefully (idle, or the gateway is draining).
+    Close = 1,
+    /// Drop the connection now (the head took too long, or the graceful close did).
+    Cut = 2,
 }
 
 /// Adds one with a plain load and store: every counter here has a single writer.
@@ -47,6 +62,8 @@ impl Activity {
             h2: AtomicBool::new(false),
             requests: AtomicU64::new(0),
             ambiguous_length: AtomicBool::new(false),
+            order: AtomicU8::new(0),
+            waker: AtomicWaker::new(),
         }
     }
 
@@ -84,6 +101,24 @@ impl Activity {
     /// A request is being served (its head was read; its answer is not done).
     pub fn busy(&self) -> bool {
         self.in_flight.load(Ordering::Relaxed) > 0
+    }
+
+    /// Orders the connection to close (never weakens an earlier order) and wakes its task.
+    pub fn order(&self, o: Order) {
+        if self.order.fetch_max(o as u8, Ordering::AcqRel) < o as u8 {
+            self.waker.wake();
+        }
+    }
+
+    /// The watchdog's order, after registering the connection task to be woken for the
+    /// next one.
+    pub fn ordered(&self, cx: &Context<'_>) -> Order {
+        self.waker.register(cx.waker());
+        match self.order.load(Ordering::Acquire) {
+            0 => Order::None,
+            1 => Order::Close,
+            _ => Order::Cut,
+        }
     }
 
     /// When the head now being read began, if one is.

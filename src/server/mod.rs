@@ -34,6 +34,7 @@ mod conn;
 mod io;
 pub mod proxy_protocol;
 pub mod tls;
+mod watchdog;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -119,7 +120,9 @@ fn run(i: usize, app: Arc<App>, socks: WorkerListeners, shutdown: watch::Receive
                 open.clone(),
             )));
         }
-        // Idle backend connections past their time are closed even without traffic.
+        // The connection watchdog (timeouts, drain), and idle backend connections past
+        // their time closed even without traffic.
+        let watchdog = tokio::spawn(watchdog::run(app.config.limits.clone(), shutdown.clone()));
         let sweeper = tokio::spawn(async {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
@@ -137,6 +140,7 @@ fn run(i: usize, app: Arc<App>, socks: WorkerListeners, shutdown: watch::Receive
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         sweeper.abort();
+        watchdog.abort();
         open.load(Ordering::Acquire)
     })
 }
