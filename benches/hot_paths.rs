@@ -184,14 +184,18 @@ fn quota_admission_local(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
+    let windows = quota::WindowCache::default();
     c.bench_function("quota_admission_local", |b| {
         b.to_async(&rt).iter(|| async {
+            let now = time::OffsetDateTime::now_utc().unix_timestamp();
+            let window = windows.get(scp_gateway::snapshot::model::QuotaRate::Month, now);
             let a = quota::admit(
                 &*store,
                 black_box("up1"),
                 black_box("k1"),
                 u64::MAX / 2,
-                scp_gateway::snapshot::model::QuotaRate::Month,
+                window,
+                now,
             )
             .await
             .unwrap();

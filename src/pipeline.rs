@@ -22,7 +22,7 @@ use crate::integration::http::{
     self as http_integration, ForwardInfo, X_SCP_ENDPOINT_ID, X_SCP_REQUEST_ID,
 };
 use crate::path::{self, NormalizedPath};
-use crate::policy::apikey::{CompiledPlan, KeyError};
+use crate::policy::apikey::{ApiKey, CompiledPlan, KeyError};
 use crate::policy::client_addr;
 use crate::policy::cors::{is_preflight, Preflight};
 use crate::policy::jwt::{JwtError, Verified};
@@ -85,7 +85,7 @@ pub struct RequestContext<'s> {
     /// The token verified at step 9.
     pub jwt: Option<Verified>,
     /// The usage plan and key id identified at step 10.
-    pub api_key: Option<(Arc<CompiledPlan>, Arc<str>)>,
+    pub api_key: Option<(Arc<CompiledPlan>, Arc<ApiKey>)>,
     /// The quota admission of step 12 (its `RateLimit-*` headers go on the response).
     pub rate_limit: Option<Admission>,
     /// The request was a CORS preflight the gateway answered.
@@ -158,7 +158,7 @@ pub async fn handle(app: &App, conn: &ConnInfo, req: Request<Incoming>) -> Respo
     let mut ctx = RequestContext::new(app, conn, &req);
     let result = match admit(app, &state, &mut ctx, &req) {
         Err(rejection) => Err(rejection),
-        Ok(Admitted::Answered(resp)) => Ok(resp),
+        Ok(Admitted::Answered(resp)) => Ok(*resp),
         Ok(Admitted::Forward(m)) => match admit_quota(app, &mut ctx).await {
             Err(rejection) => Err(rejection),
             Ok(()) => {
@@ -195,7 +195,7 @@ pub async fn handle(app: &App, conn: &ConnInfo, req: Request<Incoming>) -> Respo
 /// What the phases before the quota decided.
 enum Admitted<'s> {
     /// The gateway answered itself (a CORS preflight).
-    Answered(Response<GatewayBody>),
+    Answered(Box<Response<GatewayBody>>),
     /// On to the quota and the integration of this method.
     Forward(&'s MethodRoute),
 }
@@ -209,9 +209,19 @@ static RATELIMIT_RESET: http::HeaderName = http::HeaderName::from_static("rateli
 fn finish(ctx: &RequestContext<'_>, h: &mut http::HeaderMap) {
     h.insert(&X_SCP_REQUEST_ID, ctx.request_id.clone());
     if let Some(a) = ctx.rate_limit {
-        h.insert(&RATELIMIT_LIMIT, HeaderValue::from(a.limit));
-        h.insert(&RATELIMIT_REMAINING, HeaderValue::from(a.remaining));
-        h.insert(&RATELIMIT_RESET, HeaderValue::from(a.reset_secs));
+        let limit = match &ctx.api_key {
+            Some((plan, _)) if plan.limit == a.limit => plan.limit_header.clone(),
+            _ => crate::request_id::number_value(a.limit),
+        };
+        h.insert(&RATELIMIT_LIMIT, limit);
+        h.insert(
+            &RATELIMIT_REMAINING,
+            crate::request_id::number_value(a.remaining),
+        );
+        h.insert(
+            &RATELIMIT_RESET,
+            crate::request_id::number_value(a.reset_secs),
+        );
     }
     if let (Some(cors), false) = (ctx.stage.and_then(|s| s.cors.as_ref()), ctx.preflight) {
         cors.apply(ctx.origin.as_ref(), h);
@@ -254,7 +264,7 @@ fn admit<'s>(
     check_ip(api, stage, ctx)?;
     route_resource(ctx, stage)?;
     if let Some(answer) = cors_preflight(stage, ctx, req)? {
-        return Ok(Admitted::Answered(answer));
+        return Ok(Admitted::Answered(Box::new(answer)));
     }
     let method_route = route_method(ctx)?;
     verify_jwt(api, stage, ctx, req)?;
@@ -413,7 +423,7 @@ fn throttle(
     if let Some((plan, key)) = &ctx.api_key {
         if let Some(spec) = plan.throttle {
             app.throttles
-                .check_key(&plan.id, key, spec)
+                .check_key(&plan.id, &key.id, spec)
                 .map_err(throttled)?;
         }
     }
@@ -426,7 +436,11 @@ async fn admit_quota(app: &App, ctx: &mut RequestContext<'_>) -> Result<(), Reje
     let Some((plan, key)) = &ctx.api_key else {
         return Ok(());
     };
-    match quota::admit(&*app.quota, &plan.id, key, plan.limit, plan.rate).await {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let window = plan.window.get(plan.rate, now);
+    match quota::admit(&*app.quota, &plan.id, &key.id, plan.limit, window, now).await {
         Ok(a) => {
             ctx.rate_limit = Some(a);
             if a.admitted {
@@ -653,7 +667,7 @@ fn integrate<'a>(
             .authority()
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
     });
-    let jwt_sub = ctx.jwt.as_ref().and_then(Verified::sub);
+    let jwt_sub = ctx.jwt.as_ref().and_then(|v| v.sub_header.as_ref());
     http_integration::rewrite_request_headers(
         &mut parts.headers,
         &ForwardInfo {
@@ -663,7 +677,7 @@ fn integrate<'a>(
             request_id: &ctx.request_id,
             api_id: api.id_header.as_ref(),
             stage: stage.name_header.as_ref(),
-            api_key_id: ctx.api_key.as_ref().map(|(_, k)| &**k),
+            api_key_id: ctx.api_key.as_ref().and_then(|(_, k)| k.header.as_ref()),
             jwt_sub,
             trusted_peer: ctx.conn.trusted_peer,
         },
@@ -710,7 +724,7 @@ fn integrate<'a>(
             let request_id = ctx.request_id.to_str().unwrap_or("");
             let query = parts.uri.query().map(str::to_owned);
             let client_ip = ctx.client_ip;
-            let api_key_id = ctx.api_key.as_ref().map(|(_, k)| k.clone());
+            let api_key_id = ctx.api_key.as_ref().map(|(_, k)| k.id.clone());
             let jwt_claims = ctx.jwt.as_ref().map(|v| v.claims.clone());
             let method = ctx.method.as_str();
             // Boxed: the function path (whole body read, JSON event) keeps its large future

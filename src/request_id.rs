@@ -37,6 +37,13 @@ pub fn header_value(bytes: &[u8]) -> HeaderValue {
     HeaderValue::from_maybe_shared(cut).unwrap_or(HeaderValue::from_static("0"))
 }
 
+/// A decimal number as a header value, cut from the worker's buffer (no allocation of its
+/// own).
+pub fn number_value(n: u64) -> HeaderValue {
+    let mut buf = itoa::Buffer::new();
+    header_value(buf.format(n).as_bytes())
+}
+
 /// The next request id of this thread.
 pub fn next() -> HeaderValue {
     let prefix = *PREFIX.get_or_init(rand::random::<u64>);

@@ -15,6 +15,10 @@ use tokio::net::{TcpListener, TcpStream};
 
 const HOST: &str = "api.test";
 
+/// Backend pools are per worker: with one worker, every request of a test borrows from the
+/// same pool whichever client connection it comes on.
+const ONE_WORKER: &str = "[runtime]\nworkers = 1\n";
+
 /// How a raw backend treats its connections.
 #[derive(Clone, Copy)]
 enum Behaviour {
@@ -170,7 +174,7 @@ async fn a_dropped_reused_connection_is_retried_for_idempotent_requests_only() {
     write_json(&dir.path().join("snapshots/api1.json"), &api(&b));
     let gw = Gateway::start_with_args(
         dir,
-        &format!("[access_log]\nenabled = true\npath = {log:?}\n"),
+        &format!("{ONE_WORKER}[access_log]\nenabled = true\npath = {log:?}\n"),
         &[],
     );
     let c = client();
@@ -227,7 +231,7 @@ async fn a_dropped_reused_connection_is_retried_for_idempotent_requests_only() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_announced_keep_alive_timeout_is_honoured() {
     let b = RawBackend::start(Behaviour::Announces(1)).await;
-    let gw = Gateway::start(&[("api1.json", &api(&b))], "");
+    let gw = Gateway::start(&[("api1.json", &api(&b))], ONE_WORKER);
     let c = client();
     assert_eq!(gw.get(&c, HOST, "/prod/orders").await.status(), 200);
     assert_eq!(gw.get(&c, HOST, "/prod/orders").await.status(), 200);

@@ -94,8 +94,10 @@ pub struct ForwardInfo<'a> {
     /// `x-scp-api-id` and `x-scp-stage` values, built with the snapshot.
     pub api_id: Option<&'a HeaderValue>,
     pub stage: Option<&'a HeaderValue>,
-    pub api_key_id: Option<&'a str>,
-    pub jwt_sub: Option<&'a str>,
+    /// `x-scp-api-key-id` and `x-scp-jwt-sub` values, built with the snapshot and the
+    /// verified token.
+    pub api_key_id: Option<&'a HeaderValue>,
+    pub jwt_sub: Option<&'a HeaderValue>,
     /// The socket peer is a trusted proxy: its forwarding headers are kept.
     pub trusted_peer: bool,
 }
@@ -156,11 +158,11 @@ pub fn rewrite_request_headers(h: &mut HeaderMap, info: &ForwardInfo<'_>) {
     if let Some(v) = info.stage {
         h.append(&X_SCP_STAGE, v.clone());
     }
-    if let Some(v) = info.api_key_id.and_then(|k| HeaderValue::from_str(k).ok()) {
-        h.insert(&X_SCP_API_KEY_ID, v);
+    if let Some(v) = info.api_key_id {
+        h.append(&X_SCP_API_KEY_ID, v.clone());
     }
-    if let Some(v) = info.jwt_sub.and_then(|s| HeaderValue::from_str(s).ok()) {
-        h.insert(&X_SCP_JWT_SUB, v);
+    if let Some(v) = info.jwt_sub {
+        h.append(&X_SCP_JWT_SUB, v.clone());
     }
     if !h
         .get(&TRACEPARENT)
@@ -331,7 +333,7 @@ mod tests {
             request_id: rid,
             api_id: Some(Box::leak(Box::new(HeaderValue::from_static("api1")))),
             stage: Some(Box::leak(Box::new(HeaderValue::from_static("prod")))),
-            api_key_id: Some("k01"),
+            api_key_id: Some(Box::leak(Box::new(HeaderValue::from_static("k01")))),
             jwt_sub: None,
             trusted_peer: false,
         }

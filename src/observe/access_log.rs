@@ -4,6 +4,7 @@
 //! `apigw_access_log_dropped_total` rather than slowing traffic. Keys, tokens and headers
 //! are never logged.
 
+use std::fmt::Write as _;
 use std::io::Write;
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -36,9 +37,9 @@ pub struct Entry {
 
 #[derive(Serialize)]
 struct Line<'a> {
-    time: String,
+    time: &'a str,
     request_id: &'a str,
-    client_ip: String,
+    client_ip: &'a str,
     api_id: Option<&'a str>,
     stage: Option<&'a str>,
     resource: Option<&'a str>,
@@ -55,16 +56,68 @@ fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1_000_000.0).round() / 1000.0
 }
 
+/// The writer's formatting state: the current second's RFC 3339 prefix, formatted once per
+/// second rather than once per line.
+#[derive(Default)]
+struct Formatter {
+    second: i64,
+    prefix: String,
+    time: String,
+    ip: String,
+}
+
+impl Formatter {
+    /// `YYYY-MM-DDTHH:MM:SS.uuuuuuZ` of `t` (UTC, microseconds).
+    fn set_time(&mut self, t: time::OffsetDateTime) {
+        let t = t.to_offset(time::UtcOffset::UTC);
+        let second = t.unix_timestamp();
+        if second != self.second || self.prefix.is_empty() {
+            self.second = second;
+            self.prefix.clear();
+            let _ = write!(
+                self.prefix,
+                "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}",
+                t.year(),
+                u8::from(t.month()),
+                t.day(),
+                t.hour(),
+                t.minute(),
+                t.second()
+            );
+        }
+        self.time.clear();
+        self.time.push_str(&self.prefix);
+        let _ = write!(self.time, ".{:06}Z", t.microsecond());
+    }
+
+    fn set_ip(&mut self, ip: IpAddr) {
+        self.ip.clear();
+        match ip {
+            IpAddr::V4(v4) => {
+                let mut b = itoa::Buffer::new();
+                for (i, o) in v4.octets().iter().enumerate() {
+                    if i > 0 {
+                        self.ip.push('.');
+                    }
+                    self.ip.push_str(b.format(*o));
+                }
+            }
+            IpAddr::V6(v6) => {
+                let _ = write!(self.ip, "{v6}");
+            }
+        }
+    }
+}
+
 impl Entry {
     /// Appends the entry's JSON line to `out`.
-    fn write_json(&self, out: &mut Vec<u8>) {
+    fn write_json(&self, out: &mut Vec<u8>, f: &mut Formatter) {
+        f.set_time(self.time);
+        f.set_ip(self.client_ip);
         let line = Line {
-            time: self
-                .time
-                .format(&time::format_description::well_known::Rfc3339)
-                .unwrap_or_default(),
+            time: &f.time,
             request_id: self.request_id.to_str().unwrap_or(""),
-            client_ip: self.client_ip.to_string(),
+            client_ip: &f.ip,
             api_id: self.api_id.as_deref(),
             stage: self.stage.as_deref(),
             resource: self.resource.as_deref(),
@@ -120,6 +173,7 @@ impl AccessLog {
             .name("scp-access-log".into())
             .spawn(move || {
                 let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
+                let mut fmt = Formatter::default();
                 let mut write = |buf: &mut Vec<u8>| {
                     if !buf.is_empty() && out.write_all(buf).and_then(|_| out.flush()).is_err() {
                         let _ = writeln!(
@@ -138,7 +192,7 @@ impl AccessLog {
                     loop {
                         match rx.try_recv() {
                             Ok(e) => {
-                                e.write_json(&mut buf);
+                                e.write_json(&mut buf, &mut fmt);
                                 if buf.len() >= 60 * 1024 {
                                     write(&mut buf);
                                 }

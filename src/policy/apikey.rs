@@ -7,6 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::HeaderValue;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
@@ -46,8 +47,20 @@ pub struct CompiledPlan {
     pub limit: u64,
     pub rate: QuotaRate,
     pub throttle: Option<ThrottleSpec>,
-    /// SHA-256 digest → key id.
-    keys: HashMap<[u8; 32], Arc<str>>,
+    /// `limit` as a `RateLimit-Limit` value.
+    pub limit_header: HeaderValue,
+    /// The quota window in force (computed once per window, not per request).
+    pub window: crate::policy::quota::WindowCache,
+    /// SHA-256 digest → key.
+    keys: HashMap<[u8; 32], Arc<ApiKey>>,
+}
+
+/// A key of a usage plan, as requests that present it need it.
+#[derive(Debug)]
+pub struct ApiKey {
+    pub id: Arc<str>,
+    /// `id` as the `x-scp-api-key-id` value forwarded to backends.
+    pub header: Option<HeaderValue>,
 }
 
 fn hex32(s: &str) -> Option<[u8; 32]> {
@@ -72,7 +85,13 @@ impl CompiledPlan {
                     (None, Some(h)) => hex32(h)?,
                     (None, None) => return None,
                 };
-                Some((digest, Arc::from(k.id.as_str())))
+                Some((
+                    digest,
+                    Arc::new(ApiKey {
+                        id: Arc::from(k.id.as_str()),
+                        header: HeaderValue::from_str(&k.id).ok(),
+                    }),
+                ))
             })
             .collect();
         Self {
@@ -80,12 +99,14 @@ impl CompiledPlan {
             limit: p.limit,
             rate: p.rate,
             throttle: p.throttle.as_ref().map(ThrottleSpec::from_model),
+            limit_header: HeaderValue::from(p.limit),
+            window: Default::default(),
             keys,
         }
     }
 
-    /// The id of the key whose value is `presented`.
-    pub fn find(&self, presented: &[u8]) -> Option<&Arc<str>> {
+    /// The key whose value is `presented`.
+    pub fn find(&self, presented: &[u8]) -> Option<&Arc<ApiKey>> {
         let digest: [u8; 32] = Sha256::digest(presented).into();
         let (stored, id) = self.keys.get_key_value(&digest)?;
         bool::from(stored.ct_eq(&digest)).then_some(id)
@@ -100,20 +121,20 @@ pub struct StageKeys {
 }
 
 impl StageKeys {
-    /// The key id of the request's `x-scp-apikey`.
+    /// The key of the request's `x-scp-apikey`, with its plan.
     pub fn check(
         &self,
         headers: &http::HeaderMap,
-    ) -> Result<(Arc<CompiledPlan>, Arc<str>), KeyError> {
+    ) -> Result<(Arc<CompiledPlan>, Arc<ApiKey>), KeyError> {
         let presented = headers.get(&HEADER).ok_or(KeyError::Missing)?;
         let plan = self.plan.as_ref().ok_or(KeyError::Invalid)?;
-        let id = plan.find(presented.as_bytes()).ok_or(KeyError::Invalid)?;
+        let key = plan.find(presented.as_bytes()).ok_or(KeyError::Invalid)?;
         if let Some(allowed) = &self.allowed {
-            if !allowed.contains(id) {
+            if !allowed.contains(&key.id) {
                 return Err(KeyError::Invalid);
             }
         }
-        Ok((plan.clone(), id.clone()))
+        Ok((plan.clone(), key.clone()))
     }
 }
 
@@ -145,8 +166,11 @@ mod tests {
             plan: Some(plan()),
             allowed: None,
         };
-        assert_eq!(&*all.check(&hdr("mobile-app-key-0001")).unwrap().1, "k01");
-        assert_eq!(&*all.check(&hdr("plain-key-value")).unwrap().1, "k02");
+        assert_eq!(
+            &*all.check(&hdr("mobile-app-key-0001")).unwrap().1.id,
+            "k01"
+        );
+        assert_eq!(&*all.check(&hdr("plain-key-value")).unwrap().1.id, "k02");
         assert_eq!(all.check(&hdr("nope")).unwrap_err(), KeyError::Invalid);
         assert_eq!(
             all.check(&http::HeaderMap::new()).unwrap_err(),

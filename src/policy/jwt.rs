@@ -14,6 +14,8 @@
 
 use std::sync::Arc;
 
+use http::HeaderValue;
+
 use base64::Engine as _;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::{Map, Value};
@@ -192,8 +194,9 @@ impl CompiledAuth {
     }
 }
 
-/// A verified token's claims and the last second (Unix) it may be accepted without a check.
-type CachedToken = (Arc<Map<String, Value>>, i64);
+/// A verified token's claims, its `sub` as the `x-scp-jwt-sub` value, and the last second
+/// (Unix) it may be accepted without a check.
+type CachedToken = (Arc<Map<String, Value>>, Option<HeaderValue>, i64);
 
 /// Verified tokens kept per stage at most.
 pub const CACHE_TOKENS: usize = 4096;
@@ -224,6 +227,18 @@ impl std::fmt::Debug for StageJwt {
 #[derive(Debug, Clone)]
 pub struct Verified {
     pub claims: Arc<Map<String, Value>>,
+    /// `sub` as the `x-scp-jwt-sub` header value (built once per verified token).
+    pub sub_header: Option<HeaderValue>,
+}
+
+impl Verified {
+    fn new(claims: Arc<Map<String, Value>>) -> Self {
+        let sub_header = claims
+            .get("sub")
+            .and_then(Value::as_str)
+            .and_then(|s| HeaderValue::from_str(s).ok());
+        Self { claims, sub_header }
+    }
 }
 
 impl Verified {
@@ -255,9 +270,9 @@ impl StageJwt {
     pub fn verify(&self, headers: &http::HeaderMap) -> Result<Verified, JwtError> {
         let token = bearer(headers).ok_or(JwtError::Missing)?;
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
-        if let Some((claims, valid_until)) = self.cache.get(token) {
+        if let Some((claims, sub_header, valid_until)) = self.cache.get(token) {
             if now <= valid_until {
-                return Ok(Verified { claims });
+                return Ok(Verified { claims, sub_header });
             }
             self.cache.remove(token);
         }
@@ -279,11 +294,14 @@ impl StageJwt {
                     continue;
                 }
                 if let Some(claims) = auth.try_key(token, key, now) {
-                    let claims = Arc::new(claims);
-                    if let Some(until) = auth.valid_until(&claims) {
-                        self.cache.insert(token.into(), (claims.clone(), until));
+                    let verified = Verified::new(Arc::new(claims));
+                    if let Some(until) = auth.valid_until(&verified.claims) {
+                        self.cache.insert(
+                            token.into(),
+                            (verified.claims.clone(), verified.sub_header.clone(), until),
+                        );
                     }
-                    return Ok(Verified { claims });
+                    return Ok(verified);
                 }
             }
         }
@@ -434,16 +452,17 @@ mod tests {
             Arc::ptr_eq(&first.claims, &second.claims),
             "second check is a hit"
         );
-        assert_eq!(v.cache.get(token.as_str()).unwrap().1, exp + 60);
+        assert_eq!(v.cache.get(token.as_str()).unwrap().2, exp + 60);
 
         // A hit is only as good as its deadline: an entry past it is not used (this token
         // does not verify, so only a cache hit could accept it).
         let forged = format!("{token}x");
         let claims = first.claims.clone();
         v.cache
-            .insert(forged.as_str().into(), (claims.clone(), now() + 100));
+            .insert(forged.as_str().into(), (claims.clone(), None, now() + 100));
         assert!(v.verify(&headers(&forged)).is_ok());
-        v.cache.insert(forged.as_str().into(), (claims, now() - 1));
+        v.cache
+            .insert(forged.as_str().into(), (claims, None, now() - 1));
         assert_eq!(v.verify(&headers(&forged)).unwrap_err(), JwtError::Invalid);
         assert!(
             v.cache.get(forged.as_str()).is_none(),

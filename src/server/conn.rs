@@ -9,13 +9,13 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::Poll;
 
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use super::io::{Activity, InFlight, Order, Stream, TrackedIo};
 use crate::app::App;
 use crate::config::Limits;
 use crate::pipeline::{self, ConnInfo};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
 
 /// The HTTP server settings shared by every connection of a worker.
 pub fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {

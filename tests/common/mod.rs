@@ -254,7 +254,12 @@ impl Gateway {
     pub fn start_with_args(dir: tempfile::TempDir, extra_toml: &str, args: &[&str]) -> Gateway {
         // Addresses and directories go in as command-line overrides (which they test), so that
         // `extra_toml` may hold any table.
-        let config = format!("[runtime]\nworkers = 2\n{extra_toml}\n");
+        // Two workers unless the test says otherwise.
+        let config = if extra_toml.contains("[runtime]") {
+            format!("{extra_toml}\n")
+        } else {
+            format!("[runtime]\nworkers = 2\n{extra_toml}\n")
+        };
         let config_path = dir.path().join("gateway.toml");
         std::fs::write(&config_path, config).unwrap();
         let mut overrides: Vec<String> = Vec::new();

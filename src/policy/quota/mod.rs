@@ -4,7 +4,7 @@
 //! memory and persists them in an embedded redb database under `state.dir`;
 //! [`RedisQuotaStore`] shares them with the other instances of a fleet.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 
 use dashmap::DashMap;
@@ -92,6 +92,19 @@ pub trait QuotaStore: Send + Sync + 'static {
         window: Window,
     ) -> BoxFuture<'a, Result<(u64, bool), QuotaError>>;
 
+    /// The same admission without waiting, for stores that can answer at once (the local
+    /// one); `None` means "use [`QuotaStore::admit`]".
+    fn admit_now(
+        &self,
+        _plan_id: &str,
+        _key_id: &str,
+        _limit: u64,
+        _window: Window,
+        _now: i64,
+    ) -> Option<Result<(u64, bool), QuotaError>> {
+        None
+    }
+
     /// Requests admitted per key and UTC hour for `plan_id`, hours in `[from, to)` (Unix
     /// seconds of hour starts).
     fn usage<'a>(
@@ -111,22 +124,55 @@ pub trait QuotaStore: Send + Sync + 'static {
     fn backend(&self) -> &'static str;
 }
 
-/// Admits one request and builds the answer the pipeline needs.
+/// A plan's current window, kept so that a request needs no calendar arithmetic: shared by
+/// the workers, written once per window.
+#[derive(Debug, Default)]
+pub struct WindowCache {
+    start: AtomicI64,
+    /// 0 until the first window is known.
+    end: AtomicI64,
+}
+
+impl WindowCache {
+    /// The window of `rate` containing `now` (Unix seconds).
+    pub fn get(&self, rate: QuotaRate, now: i64) -> Window {
+        // `end` is written last (Release) and read first (Acquire): a reader that sees a new
+        // end sees its start; a stale pair never contains `now` wrongly (see below).
+        let end = self.end.load(Ordering::Acquire);
+        let start = self.start.load(Ordering::Relaxed);
+        if start <= now && now < end {
+            return Window { start, end };
+        }
+        let at = OffsetDateTime::from_unix_timestamp(now).unwrap_or(OffsetDateTime::UNIX_EPOCH);
+        let w = Window::containing(rate, at);
+        // Never shrink a newer window back (a late writer with an older `now`).
+        if w.end >= end {
+            self.end.store(0, Ordering::Release);
+            self.start.store(w.start, Ordering::Relaxed);
+            self.end.store(w.end, Ordering::Release);
+        }
+        w
+    }
+}
+
+/// Admits one request of `key_id` under `plan_id` and builds the answer the pipeline needs.
 pub async fn admit(
     store: &dyn QuotaStore,
     plan_id: &str,
     key_id: &str,
     limit: u64,
-    rate: QuotaRate,
+    window: Window,
+    now: i64,
 ) -> Result<Admission, QuotaError> {
-    let now = OffsetDateTime::now_utc();
-    let window = Window::containing(rate, now);
-    let (count, admitted) = store.admit(plan_id, key_id, limit, window).await?;
+    let (count, admitted) = match store.admit_now(plan_id, key_id, limit, window, now) {
+        Some(r) => r?,
+        None => store.admit(plan_id, key_id, limit, window).await?,
+    };
     Ok(Admission {
         admitted,
         limit,
         remaining: limit.saturating_sub(count),
-        reset_secs: window.reset_secs(now),
+        reset_secs: (window.end - now).max(1) as u64,
     })
 }
 
@@ -138,15 +184,25 @@ pub struct UsageRow {
     pub count: u64,
 }
 
-/// (plan, key, UTC hour start).
-type UsageKey = (Arc<str>, Arc<str>, i64);
-/// (admitted requests, changed since the last flush).
-type UsageCount = (u64, bool);
-
+/// The counter of one (plan, key): its window, and the admissions of each UTC hour (for
+/// the usage API), newest last.
 struct Counter {
     window_start: i64,
     count: u64,
     dirty: bool,
+    /// (hour start, admitted, changed since the last flush).
+    hours: Vec<(i64, u64, bool)>,
+}
+
+impl Counter {
+    fn new(window_start: i64) -> Self {
+        Self {
+            window_start,
+            count: 0,
+            dirty: false,
+            hours: Vec::new(),
+        }
+    }
 }
 
 const COUNTERS: TableDefinition<&str, (i64, u64)> = TableDefinition::new("quota_counters");
@@ -154,27 +210,36 @@ const COUNTERS: TableDefinition<&str, (i64, u64)> = TableDefinition::new("quota_
 const USAGE: TableDefinition<(&str, &str, i64), u64> = TableDefinition::new("usage_hours");
 
 /// In-memory counters (one lock per key, so admission is exact under any concurrency),
-/// persisted to redb at least every second and on shutdown.
+/// persisted to redb at least every second and on shutdown. One map entry per (plan, key)
+/// holds its window count and its hourly usage, so an admission is one lookup and no
+/// allocation.
 pub struct LocalQuotaStore {
-    counters: DashMap<String, Counter>,
-    usage: DashMap<UsageKey, UsageCount>,
+    counters: DashMap<Box<str>, Counter, rustc_hash::FxBuildHasher>,
     db: Arc<Database>,
     any_dirty: AtomicBool,
 }
 
-fn counter_key(plan_id: &str, key_id: &str) -> String {
-    let mut k = String::with_capacity(plan_id.len() + key_id.len() + 1);
-    k.push_str(plan_id);
-    k.push('\u{1f}');
-    k.push_str(key_id);
-    k
+/// The map key of (plan, key): both ids joined by a separator no id holds.
+const SEP: char = '\u{1f}';
+
+fn split_key(k: &str) -> (&str, &str) {
+    k.split_once(SEP).unwrap_or((k, ""))
+}
+
+/// Runs `f` with `plan␟key` as a `&str`, built on the stack when it is short.
+fn with_key<R>(plan_id: &str, key_id: &str, f: impl FnOnce(&str) -> R) -> R {
+    let mut buf: smallvec::SmallVec<[u8; 96]> = smallvec::SmallVec::new();
+    buf.extend_from_slice(plan_id.as_bytes());
+    let mut sep = [0u8; 4];
+    buf.extend_from_slice(SEP.encode_utf8(&mut sep).as_bytes());
+    buf.extend_from_slice(key_id.as_bytes());
+    f(std::str::from_utf8(&buf).unwrap_or(""))
 }
 
 impl LocalQuotaStore {
     /// Loads the counters kept in the state database.
     pub fn open(db: Arc<Database>) -> Result<Arc<Self>, String> {
-        let counters = DashMap::new();
-        let usage = DashMap::new();
+        let counters: DashMap<Box<str>, Counter, rustc_hash::FxBuildHasher> = DashMap::default();
         {
             let tx = db.begin_read().map_err(|e| e.to_string())?;
             match tx.open_table(COUNTERS) {
@@ -182,14 +247,9 @@ impl LocalQuotaStore {
                     for row in table.iter().map_err(|e| e.to_string())? {
                         let (k, v) = row.map_err(|e| e.to_string())?;
                         let (window_start, count) = v.value();
-                        counters.insert(
-                            k.value().to_owned(),
-                            Counter {
-                                window_start,
-                                count,
-                                dirty: false,
-                            },
-                        );
+                        let mut c = Counter::new(window_start);
+                        c.count = count;
+                        counters.insert(k.value().into(), c);
                     }
                 }
                 Err(redb::TableError::TableDoesNotExist(_)) => {}
@@ -200,19 +260,48 @@ impl LocalQuotaStore {
                     for row in table.iter().map_err(|e| e.to_string())? {
                         let (k, v) = row.map_err(|e| e.to_string())?;
                         let (plan, key, hour) = k.value();
-                        usage.insert((Arc::from(plan), Arc::from(key), hour), (v.value(), false));
+                        let joined = format!("{plan}{SEP}{key}");
+                        let mut c = counters
+                            .entry(joined.into_boxed_str())
+                            .or_insert_with(|| Counter::new(i64::MIN));
+                        c.hours.push((hour, v.value(), false));
                     }
                 }
                 Err(redb::TableError::TableDoesNotExist(_)) => {}
                 Err(e) => return Err(e.to_string()),
             }
         }
+        for mut c in counters.iter_mut() {
+            c.hours.sort_unstable_by_key(|h| h.0);
+        }
         Ok(Arc::new(Self {
             counters,
-            usage,
             db,
             any_dirty: AtomicBool::new(false),
         }))
+    }
+
+    /// Admits on the counter of `key` (an existing entry: no allocation).
+    fn admit_on(c: &mut Counter, limit: u64, window: Window, now: i64) -> (u64, bool) {
+        if c.window_start != window.start {
+            // A new window: the quota is restored.
+            c.window_start = window.start;
+            c.count = 0;
+        }
+        let admitted = c.count < limit;
+        if admitted {
+            c.count += 1;
+            c.dirty = true;
+            let hour = now.div_euclid(3600) * 3600;
+            match c.hours.last_mut() {
+                Some(h) if h.0 == hour => {
+                    h.1 += 1;
+                    h.2 = true;
+                }
+                _ => c.hours.push((hour, 1, true)),
+            }
+        }
+        (c.count, admitted)
     }
 }
 
@@ -224,37 +313,39 @@ impl QuotaStore for LocalQuotaStore {
         limit: u64,
         window: Window,
     ) -> BoxFuture<'a, Result<(u64, bool), QuotaError>> {
-        let mut c = self
-            .counters
-            .entry(counter_key(plan_id, key_id))
-            .or_insert(Counter {
-                window_start: window.start,
-                count: 0,
-                dirty: false,
-            });
-        if c.window_start != window.start {
-            // A new window: the quota is restored.
-            c.window_start = window.start;
-            c.count = 0;
-        }
-        let admitted = c.count < limit;
-        if admitted {
-            c.count += 1;
-            c.dirty = true;
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let r = self.admit_now(plan_id, key_id, limit, window, now);
+        Box::pin(std::future::ready(r.unwrap_or(Ok((0, false)))))
+    }
+
+    fn admit_now(
+        &self,
+        plan_id: &str,
+        key_id: &str,
+        limit: u64,
+        window: Window,
+        now: i64,
+    ) -> Option<Result<(u64, bool), QuotaError>> {
+        let r = with_key(plan_id, key_id, |k| {
+            self.counters
+                .get_mut(k)
+                .map(|mut c| Self::admit_on(&mut c, limit, window, now))
+        });
+        let r = match r {
+            Some(r) => r,
+            None => {
+                let joined = format!("{plan_id}{SEP}{key_id}").into_boxed_str();
+                let mut c = self
+                    .counters
+                    .entry(joined)
+                    .or_insert_with(|| Counter::new(window.start));
+                Self::admit_on(&mut c, limit, window, now)
+            }
+        };
+        if r.1 {
             self.any_dirty.store(true, Ordering::Relaxed);
         }
-        let count = c.count;
-        drop(c);
-        if admitted {
-            let hour = OffsetDateTime::now_utc().unix_timestamp().div_euclid(3600) * 3600;
-            let mut u = self
-                .usage
-                .entry((Arc::from(plan_id), Arc::from(key_id), hour))
-                .or_insert((0, false));
-            u.0 += 1;
-            u.1 = true;
-        }
-        Box::pin(std::future::ready(Ok((count, admitted))))
+        Some(Ok(r))
     }
 
     fn usage<'a>(
@@ -263,16 +354,23 @@ impl QuotaStore for LocalQuotaStore {
         from: i64,
         to: i64,
     ) -> BoxFuture<'a, Result<Vec<UsageRow>, QuotaError>> {
-        let rows = self
-            .usage
-            .iter()
-            .filter(|e| &*e.key().0 == plan_id && (from..to).contains(&e.key().2))
-            .map(|e| UsageRow {
-                key_id: e.key().1.to_string(),
-                hour_start: e.key().2,
-                count: e.value().0,
-            })
-            .collect();
+        let mut rows = Vec::new();
+        for c in self.counters.iter() {
+            let (plan, key) = split_key(c.key());
+            if plan != plan_id {
+                continue;
+            }
+            rows.extend(
+                c.hours
+                    .iter()
+                    .filter(|h| (from..to).contains(&h.0))
+                    .map(|h| UsageRow {
+                        key_id: key.to_owned(),
+                        hour_start: h.0,
+                        count: h.1,
+                    }),
+            );
+        }
         Box::pin(std::future::ready(Ok(rows)))
     }
 
@@ -282,30 +380,28 @@ impl QuotaStore for LocalQuotaStore {
         }
         let err = |e: &dyn std::fmt::Display| QuotaError::Unavailable(e.to_string());
         let mut rows = Vec::new();
+        let mut usage_rows = Vec::new();
         for mut c in self.counters.iter_mut() {
+            let key = c.key().clone();
             if c.dirty {
                 c.dirty = false;
-                rows.push((c.key().clone(), (c.window_start, c.count)));
+                rows.push((key.clone(), (c.window_start, c.count)));
             }
-        }
-        let mut usage_rows = Vec::new();
-        for mut u in self.usage.iter_mut() {
-            if u.1 {
-                u.1 = false;
-                usage_rows.push((u.key().clone(), u.0));
+            for h in c.hours.iter_mut().filter(|h| h.2) {
+                h.2 = false;
+                usage_rows.push((key.clone(), h.0, h.1));
             }
         }
         let tx = self.db.begin_write().map_err(|e| err(&e))?;
         {
             let mut table = tx.open_table(COUNTERS).map_err(|e| err(&e))?;
             for (k, v) in &rows {
-                table.insert(k.as_str(), v).map_err(|e| err(&e))?;
+                table.insert(&**k, v).map_err(|e| err(&e))?;
             }
             let mut table = tx.open_table(USAGE).map_err(|e| err(&e))?;
-            for ((plan, key, hour), n) in &usage_rows {
-                table
-                    .insert((&**plan, &**key, *hour), n)
-                    .map_err(|e| err(&e))?;
+            for (k, hour, n) in &usage_rows {
+                let (plan, key) = split_key(k);
+                table.insert((plan, key, *hour), n).map_err(|e| err(&e))?;
             }
         }
         tx.commit().map_err(|e| err(&e))?;
@@ -314,9 +410,16 @@ impl QuotaStore for LocalQuotaStore {
 
     fn prune(&self, before: i64) -> Result<(), QuotaError> {
         let err = |e: &dyn std::fmt::Display| QuotaError::Unavailable(e.to_string());
-        self.usage.retain(|k, _| k.2 >= before);
-        // A counter whose window started before `before` (at least 32 days ago) has ended.
-        self.counters.retain(|_, c| c.window_start >= before);
+        // Hours older than `before` go; a counter whose window started before `before` (at
+        // least 32 days ago) has ended, and goes with its usage once that is empty too.
+        self.counters.retain(|_, c| {
+            c.hours.retain(|h| h.0 >= before);
+            if c.window_start < before {
+                c.window_start = i64::MIN;
+                c.count = 0;
+            }
+            c.window_start != i64::MIN || !c.hours.is_empty()
+        });
         let tx = self.db.begin_write().map_err(|e| err(&e))?;
         {
             let mut usage = tx.open_table(USAGE).map_err(|e| err(&e))?;
