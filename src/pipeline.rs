@@ -154,7 +154,7 @@ impl<'s> RequestContext<'s> {
 /// once per level, and the whole future is moved with every request and kept per
 /// connection by hyper).
 pub async fn handle(app: &App, conn: &ConnInfo, req: Request<Incoming>) -> Response<GatewayBody> {
-    let state = app.state.load();
+    let state = app.state.load_for_request();
     let mut ctx = RequestContext::new(app, conn, &req);
     let result = match admit(app, &state, &mut ctx, &req) {
         Err(rejection) => Err(rejection),

@@ -4,7 +4,9 @@
 //! and publish it with one pointer store; readers never block.
 
 use std::borrow::Cow;
+use std::cell::RefCell;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
@@ -111,6 +113,9 @@ impl GatewayState {
 
 pub struct StateHandle {
     current: ArcSwap<GatewayState>,
+    /// Bumped after every swap: lets each worker keep its own handle on the current state
+    /// and notice a swap with one read of a line that is only written by reloads.
+    generation: AtomicU64,
     writer: Mutex<()>,
 }
 
@@ -118,22 +123,51 @@ impl Default for StateHandle {
     fn default() -> Self {
         Self {
             current: ArcSwap::from_pointee(GatewayState::default()),
+            generation: AtomicU64::new(1),
             writer: Mutex::new(()),
         }
     }
 }
 
+/// A worker's own handle on a state: requests of that worker clone this (their own
+/// reference count), not the shared state's.
+pub type WorkerState = Arc<Arc<GatewayState>>;
+
+thread_local! {
+    static WORKER_STATE: RefCell<(u64, Option<WorkerState>)> = const { RefCell::new((0, None)) };
+}
+
 impl StateHandle {
-    /// The state a request is served with, start to end.
+    /// The state a request is served with, start to end (control-plane readers).
     pub fn load(&self) -> Arc<GatewayState> {
         self.current.load_full()
+    }
+
+    /// The state for a request of the current thread: the thread's own handle, refreshed
+    /// when a reload swapped the state. Cloning it touches no memory another worker writes.
+    pub fn load_for_request(&self) -> WorkerState {
+        let generation = self.generation.load(Ordering::Acquire);
+        WORKER_STATE.with_borrow_mut(|(seen, handle)| match handle {
+            Some(h) if *seen == generation => h.clone(),
+            _ => {
+                let h = Arc::new(self.current.load_full());
+                *seen = generation;
+                *handle = Some(h.clone());
+                h
+            }
+        })
+    }
+
+    fn publish(&self, next: GatewayState) {
+        self.current.store(Arc::new(next));
+        self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Publishes `api`; the old state stays on any error.
     pub fn install(&self, api: Arc<CompiledApi>) -> Result<(), LoadError> {
         let _w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let next = self.current.load().with_api(api)?;
-        self.current.store(Arc::new(next));
+        self.publish(next);
         Ok(())
     }
 
@@ -145,7 +179,8 @@ impl StateHandle {
             return false;
         }
         let next = cur.without(id);
-        self.current.store(Arc::new(next));
+        drop(cur);
+        self.publish(next);
         true
     }
 }

@@ -14,7 +14,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::HeaderValue;
-use serde::Serialize;
 
 /// What one line says.
 pub struct Entry {
@@ -33,23 +32,6 @@ pub struct Entry {
     pub error_code: Option<&'static str>,
     /// The integration request was sent a second time on a new connection.
     pub retried: bool,
-}
-
-#[derive(Serialize)]
-struct Line<'a> {
-    time: &'a str,
-    request_id: &'a str,
-    client_ip: &'a str,
-    api_id: Option<&'a str>,
-    stage: Option<&'a str>,
-    resource: Option<&'a str>,
-    method: &'a str,
-    status: u16,
-    bytes: Option<u64>,
-    latency_ms: f64,
-    integration_latency_ms: Option<f64>,
-    error_code: Option<&'a str>,
-    retried: bool,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -111,26 +93,56 @@ impl Formatter {
 
 impl Entry {
     /// Appends the entry's JSON line to `out`.
+    /// The line's fields, in this order: `time`, `request_id`, `client_ip`, `api_id`,
+    /// `stage`, `resource`, `method`, `status`, `bytes`, `latency_ms`,
+    /// `integration_latency_ms`, `error_code`, `retried`. Keys are written as they are (they
+    /// need no escaping); every value goes through serde_json.
     fn write_json(&self, out: &mut Vec<u8>, f: &mut Formatter) {
         f.set_time(self.time);
         f.set_ip(self.client_ip);
-        let line = Line {
-            time: &f.time,
-            request_id: self.request_id.to_str().unwrap_or(""),
-            client_ip: &f.ip,
-            api_id: self.api_id.as_deref(),
-            stage: self.stage.as_deref(),
-            resource: self.resource.as_deref(),
-            method: self.method,
-            status: self.status,
-            bytes: self.bytes,
-            latency_ms: ms(self.latency),
-            integration_latency_ms: self.integration_latency.map(ms),
-            error_code: self.error_code,
-            retried: self.retried,
+        let start = out.len();
+        let mut ok = true;
+        let mut field = |out: &mut Vec<u8>, key: &str, value: &dyn erased::Value| {
+            out.push(if out.len() == start { b'{' } else { b',' });
+            out.push(b'"');
+            out.extend_from_slice(key.as_bytes());
+            out.extend_from_slice(b"\":");
+            ok &= value.write(out);
         };
-        if serde_json::to_writer(&mut *out, &line).is_ok() {
-            out.push(b'\n');
+        field(out, "time", &f.time.as_str());
+        field(out, "request_id", &self.request_id.to_str().unwrap_or(""));
+        field(out, "client_ip", &f.ip.as_str());
+        field(out, "api_id", &self.api_id.as_deref());
+        field(out, "stage", &self.stage.as_deref());
+        field(out, "resource", &self.resource.as_deref());
+        field(out, "method", &self.method);
+        field(out, "status", &self.status);
+        field(out, "bytes", &self.bytes);
+        field(out, "latency_ms", &ms(self.latency));
+        field(
+            out,
+            "integration_latency_ms",
+            &self.integration_latency.map(ms),
+        );
+        field(out, "error_code", &self.error_code);
+        field(out, "retried", &self.retried);
+        if ok {
+            out.extend_from_slice(b"}\n");
+        } else {
+            out.truncate(start);
+        }
+    }
+}
+
+/// One JSON value written by serde_json, whatever its type.
+mod erased {
+    pub trait Value {
+        fn write(&self, out: &mut Vec<u8>) -> bool;
+    }
+
+    impl<T: serde::Serialize> Value for T {
+        fn write(&self, out: &mut Vec<u8>) -> bool {
+            serde_json::to_writer(out, self).is_ok()
         }
     }
 }
@@ -143,7 +155,9 @@ pub enum Target {
 }
 
 pub struct AccessLog {
-    tx: SyncSender<Entry>,
+    /// One queue per worker (and one for other threads): a request writes only its own
+    /// worker's queue. Lines of different workers interleave in the file by batch.
+    txs: Box<[SyncSender<Entry>]>,
     dropped: prometheus::IntCounter,
     closing: Arc<AtomicBool>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -166,7 +180,10 @@ impl AccessLog {
                     .open(p)?,
             ),
         };
-        let (tx, rx) = sync_channel::<Entry>(QUEUE);
+        let shards = crate::worker::shards();
+        let (txs, rxs): (Vec<_>, Vec<_>) = (0..shards)
+            .map(|_| sync_channel::<Entry>((QUEUE / shards).max(1024)))
+            .unzip();
         let closing = Arc::new(AtomicBool::new(false));
         let closed = closing.clone();
         let writer = std::thread::Builder::new()
@@ -189,29 +206,32 @@ impl AccessLog {
                 // costs one wake per interval whatever the request rate.
                 loop {
                     std::thread::sleep(DRAIN_INTERVAL);
-                    loop {
-                        match rx.try_recv() {
-                            Ok(e) => {
-                                e.write_json(&mut buf, &mut fmt);
-                                if buf.len() >= 60 * 1024 {
-                                    write(&mut buf);
+                    let mut open = 0;
+                    for rx in &rxs {
+                        loop {
+                            match rx.try_recv() {
+                                Ok(e) => {
+                                    e.write_json(&mut buf, &mut fmt);
+                                    if buf.len() >= 60 * 1024 {
+                                        write(&mut buf);
+                                    }
                                 }
-                            }
-                            Err(TryRecvError::Empty) => break,
-                            Err(TryRecvError::Disconnected) => {
-                                write(&mut buf);
-                                return;
+                                Err(TryRecvError::Empty) => {
+                                    open += 1;
+                                    break;
+                                }
+                                Err(TryRecvError::Disconnected) => break,
                             }
                         }
                     }
                     write(&mut buf);
-                    if closed.load(Ordering::Acquire) {
+                    if open == 0 || closed.load(Ordering::Acquire) {
                         return;
                     }
                 }
             })?;
         Ok(Self {
-            tx,
+            txs: txs.into_boxed_slice(),
             dropped,
             closing,
             writer: Mutex::new(Some(writer)),
@@ -230,7 +250,8 @@ impl AccessLog {
 
     /// Hands an entry to the writer; never blocks.
     pub fn log(&self, e: Entry) {
-        match self.tx.try_send(e) {
+        let tx = &self.txs[crate::worker::index().min(self.txs.len() - 1)];
+        match tx.try_send(e) {
             Ok(()) => {}
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => self.dropped.inc(),
         }

@@ -151,8 +151,14 @@ impl CorsPolicy {
     /// Applies the actual-response headers: backend CORS headers are removed, and an
     /// allowed origin gets the stage's.
     pub fn apply(&self, origin: Option<&HeaderValue>, resp: &mut HeaderMap) {
-        for h in &CORS_RESPONSE_HEADERS {
-            resp.remove(h);
+        // One pass over the (few) response headers instead of a probe per CORS name.
+        if resp
+            .keys()
+            .any(|k| k.as_str().starts_with("access-control-"))
+        {
+            for h in &CORS_RESPONSE_HEADERS {
+                resp.remove(h);
+            }
         }
         let Some(allow) = origin.and_then(|o| self.allow_origin(o)) else {
             return;

@@ -201,11 +201,15 @@ type CachedToken = (Arc<Map<String, Value>>, Option<HeaderValue>, i64);
 /// Verified tokens kept per stage at most.
 pub const CACHE_TOKENS: usize = 4096;
 
+type TokenCache = quick_cache::sync::Cache<Box<str>, CachedToken>;
+
 /// The auths connected to one stage.
 pub struct StageJwt {
     auths: Vec<Arc<CompiledAuth>>,
-    /// Verified tokens → their claims and the last second they may be accepted.
-    cache: quick_cache::sync::Cache<Box<str>, CachedToken>,
+    /// Verified tokens → their claims and the last second they may be accepted, one cache
+    /// per worker (a lookup writes the cache's lock and hit marks: shared between workers,
+    /// that would be a contended line per request). A token is verified once per worker.
+    caches: Box<[TokenCache]>,
 }
 
 impl Default for StageJwt {
@@ -218,7 +222,10 @@ impl std::fmt::Debug for StageJwt {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StageJwt")
             .field("auths", &self.auths)
-            .field("cached_tokens", &self.cache.len())
+            .field(
+                "cached_tokens",
+                &self.caches.iter().map(TokenCache::len).sum::<usize>(),
+            )
             .finish()
     }
 }
@@ -259,10 +266,16 @@ pub fn bearer(headers: &http::HeaderMap) -> Option<&str> {
 
 impl StageJwt {
     pub fn new(auths: Vec<Arc<CompiledAuth>>) -> Self {
-        Self {
-            auths,
-            cache: quick_cache::sync::Cache::new(CACHE_TOKENS),
-        }
+        // Allocated lazily by quick_cache: a worker that never sees a token costs nothing.
+        let caches = (0..crate::worker::shards())
+            .map(|_| TokenCache::new(CACHE_TOKENS))
+            .collect();
+        Self { auths, caches }
+    }
+
+    /// The current worker's cache.
+    fn cache(&self) -> &TokenCache {
+        &self.caches[crate::worker::index().min(self.caches.len() - 1)]
     }
 
     /// Verifies the request's token against the stage's auths. With a `kid`, only the auth
@@ -270,11 +283,11 @@ impl StageJwt {
     pub fn verify(&self, headers: &http::HeaderMap) -> Result<Verified, JwtError> {
         let token = bearer(headers).ok_or(JwtError::Missing)?;
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
-        if let Some((claims, sub_header, valid_until)) = self.cache.get(token) {
+        if let Some((claims, sub_header, valid_until)) = self.cache().get(token) {
             if now <= valid_until {
                 return Ok(Verified { claims, sub_header });
             }
-            self.cache.remove(token);
+            self.cache().remove(token);
         }
         self.verify_token(token, now)
     }
@@ -296,7 +309,7 @@ impl StageJwt {
                 if let Some(claims) = auth.try_key(token, key, now) {
                     let verified = Verified::new(Arc::new(claims));
                     if let Some(until) = auth.valid_until(&verified.claims) {
-                        self.cache.insert(
+                        self.cache().insert(
                             token.into(),
                             (verified.claims.clone(), verified.sub_header.clone(), until),
                         );
@@ -452,20 +465,20 @@ mod tests {
             Arc::ptr_eq(&first.claims, &second.claims),
             "second check is a hit"
         );
-        assert_eq!(v.cache.get(token.as_str()).unwrap().2, exp + 60);
+        assert_eq!(v.cache().get(token.as_str()).unwrap().2, exp + 60);
 
         // A hit is only as good as its deadline: an entry past it is not used (this token
         // does not verify, so only a cache hit could accept it).
         let forged = format!("{token}x");
         let claims = first.claims.clone();
-        v.cache
+        v.cache()
             .insert(forged.as_str().into(), (claims.clone(), None, now() + 100));
         assert!(v.verify(&headers(&forged)).is_ok());
-        v.cache
+        v.cache()
             .insert(forged.as_str().into(), (claims, None, now() - 1));
         assert_eq!(v.verify(&headers(&forged)).unwrap_err(), JwtError::Invalid);
         assert!(
-            v.cache.get(forged.as_str()).is_none(),
+            v.cache().get(forged.as_str()).is_none(),
             "stale entry dropped"
         );
     }

@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::Poll;
 
-use super::io::{Activity, InFlight, Order, Stream, TrackedIo};
+use super::io::{Activity, Order, Stream, TrackedIo};
 use crate::app::App;
 use crate::config::Limits;
 use crate::pipeline::{self, ConnInfo};
@@ -37,6 +37,32 @@ pub fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     b
 }
 
+/// What a connection's requests share: one reference-counted allocation per connection,
+/// cloned once per request (never the process-wide `App`, whose count every worker would
+/// write).
+struct Conn {
+    app: Arc<App>,
+    info: Arc<ConnInfo>,
+    activity: Arc<Activity>,
+}
+
+/// A request of a connection, from its head to its answer (or until it is dropped).
+struct InFlight(Arc<Conn>);
+
+impl InFlight {
+    /// Returns the request and whether its head was ambiguous.
+    fn start(conn: &Arc<Conn>) -> (Self, bool) {
+        let ambiguous = conn.activity.request_started();
+        (InFlight(conn.clone()), ambiguous)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.activity.request_ended();
+    }
+}
+
 /// Serves one connection until it ends, or until the watchdog cuts it.
 pub async fn serve_connection<S: Stream>(
     app: Arc<App>,
@@ -55,19 +81,21 @@ pub async fn serve_connection<S: Stream>(
     let activity = Arc::new(Activity::new());
     super::watchdog::register(&activity);
     let io = TokioIo::new(TrackedIo::new(stream, activity.clone()));
-    let svc_app = app.clone();
-    let svc_activity = activity.clone();
+    let shared = Arc::new(Conn {
+        app: app.clone(),
+        info,
+        activity: activity.clone(),
+    });
     let svc = service_fn(move |req| {
-        let app = svc_app.clone();
-        let info = info.clone();
-        let (guard, ambiguous) = InFlight::start(&svc_activity);
+        let (request, ambiguous) = InFlight::start(&shared);
         let mut req = req;
         if ambiguous {
             req.extensions_mut().insert(pipeline::AmbiguousLength);
         }
         async move {
-            let resp = pipeline::handle(&app, &info, req).await;
-            drop(guard);
+            let c = &request.0;
+            let resp = pipeline::handle(&c.app, &c.info, req).await;
+            drop(request);
             Ok::<_, Infallible>(resp)
         }
     });

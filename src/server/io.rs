@@ -136,31 +136,26 @@ impl Default for Activity {
     }
 }
 
-/// Marks a request in flight for the watchdog; the head is complete once the service runs.
-pub struct InFlight(Arc<Activity>);
-
-impl InFlight {
-    /// Called when a request head is complete; returns whether that head was ambiguous.
-    pub fn start(a: &Arc<Activity>) -> (Self, bool) {
-        let n = a.in_flight.load(Ordering::Relaxed);
-        a.in_flight.store(n + 1, Ordering::Relaxed);
-        a.head_started.store(0, Ordering::Relaxed);
-        bump(&a.requests);
-        let ambiguous = a.ambiguous_length.load(Ordering::Relaxed);
+impl Activity {
+    /// A request's head is complete (its service runs); returns whether that head was
+    /// ambiguous. Pair with [`Activity::request_ended`].
+    pub fn request_started(&self) -> bool {
+        let n = self.in_flight.load(Ordering::Relaxed);
+        self.in_flight.store(n + 1, Ordering::Relaxed);
+        self.head_started.store(0, Ordering::Relaxed);
+        bump(&self.requests);
+        let ambiguous = self.ambiguous_length.load(Ordering::Relaxed);
         if ambiguous {
-            a.ambiguous_length.store(false, Ordering::Relaxed);
+            self.ambiguous_length.store(false, Ordering::Relaxed);
         }
-        (InFlight(a.clone()), ambiguous)
+        ambiguous
     }
-}
 
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        let n = self.0.in_flight.load(Ordering::Relaxed);
-        self.0
-            .in_flight
-            .store(n.saturating_sub(1), Ordering::Relaxed);
-        bump(&self.0.events);
+    /// A request's answer is done, or the request was dropped.
+    pub fn request_ended(&self) {
+        let n = self.in_flight.load(Ordering::Relaxed);
+        self.in_flight.store(n.saturating_sub(1), Ordering::Relaxed);
+        bump(&self.events);
     }
 }
 
