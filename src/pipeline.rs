@@ -661,19 +661,14 @@ fn integrate<'a>(
     let chunked_get = matches!(parts.method, Method::GET | Method::HEAD)
         && !http_body::Body::is_end_stream(&body)
         && http_body::Body::size_hint(&body).exact().is_none();
-    let host = parts.headers.get(HOST).cloned().or_else(|| {
-        parts
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    });
+    let authority = parts.uri.authority().map(|a| a.as_str().to_owned());
     let jwt_sub = ctx.jwt.as_ref().and_then(|v| v.sub_header.as_ref());
     http_integration::rewrite_request_headers(
         &mut parts.headers,
         &ForwardInfo {
             forwarded_for: &ctx.conn.forwarded_for,
             proto: ctx.conn.proto,
-            host: host.as_ref(),
+            authority: authority.as_deref(),
             request_id: &ctx.request_id,
             api_id: api.id_header.as_ref(),
             stage: stage.name_header.as_ref(),

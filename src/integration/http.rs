@@ -89,7 +89,9 @@ pub struct ForwardInfo<'a> {
     /// source), never the client address derived from the list through trusted proxies.
     pub forwarded_for: &'a HeaderValue,
     pub proto: &'static str,
-    pub host: Option<&'a HeaderValue>,
+    /// The request target's authority (absolute form, or HTTP/2 `:authority`): the
+    /// `X-Forwarded-Host` when the request has no `Host` header.
+    pub authority: Option<&'a str>,
     pub request_id: &'a HeaderValue,
     /// `x-scp-api-id` and `x-scp-stage` values, built with the snapshot.
     pub api_id: Option<&'a HeaderValue>,
@@ -123,31 +125,87 @@ fn dropped_on_forward(s: &str, trusted_peer: bool) -> bool {
 /// Applies the request header rules in place: drops what a client must not pass on (and
 /// anything it could forge), then adds the gateway's own headers.
 pub fn rewrite_request_headers(h: &mut HeaderMap, info: &ForwardInfo<'_>) {
-    remove_headers(h, |n| dropped_on_forward(n, info.trusted_peer));
+    // One pass over the client's headers finds what goes and what is already there, so
+    // that each header below costs one map operation (a request's headers are few; a
+    // probe per name would hash each name again).
+    let mut doomed: [Option<HeaderName>; 2] = [None, None];
+    let mut more: Vec<HeaderName> = Vec::new();
+    let (mut connection, mut xff, mut xfp, mut xfh, mut cookies) = (false, false, false, false, 0);
+    let mut host: Option<HeaderValue> = None;
+    let mut traceparent_ok = false;
+    let mut traceparent = false;
+    for (name, value) in h.iter() {
+        let s = name.as_str();
+        match s {
+            "host" => host = Some(value.clone()),
+            "x-forwarded-for" => xff = true,
+            "x-forwarded-proto" => xfp = true,
+            "x-forwarded-host" => xfh = true,
+            "cookie" => cookies += 1,
+            "traceparent" => {
+                traceparent = true;
+                traceparent_ok = valid_traceparent(value.as_bytes());
+            }
+            _ => {}
+        }
+        if dropped_on_forward(s, info.trusted_peer) {
+            connection |= s == "connection";
+            match doomed
+                .iter_mut()
+                .find(|d| d.as_ref().is_none_or(|d| d == name))
+            {
+                Some(slot) => *slot = Some(name.clone()),
+                None if !more.contains(name) => more.push(name.clone()),
+                None => {}
+            }
+        }
+    }
+    if connection {
+        more.extend(
+            h.get_all(header::CONNECTION)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .map(str::trim)
+                .filter(|n| {
+                    !n.eq_ignore_ascii_case("keep-alive") && !n.eq_ignore_ascii_case("close")
+                })
+                .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok()),
+        );
+    }
+    for n in doomed.into_iter().flatten().chain(more) {
+        h.remove(n);
+    }
+    // Forwarding headers of an untrusted peer were just removed.
+    let (xfp, xfh) = (xfp && info.trusted_peer, xfh && info.trusted_peer);
     // Room for what is added below, so that the map grows (and rehashes) once at most.
     h.reserve(8);
-
-    join_cookie_crumbs(h);
+    if cookies > 1 {
+        join_cookie_crumbs(h);
+    }
     let ip = info.forwarded_for;
-    let xff = if h.contains_key(&X_FORWARDED_FOR) {
+    if xff {
         let mut s: Vec<u8> = Vec::with_capacity(64);
         for v in h.get_all(&X_FORWARDED_FOR) {
             s.extend_from_slice(v.as_bytes());
             s.extend_from_slice(b", ");
         }
         s.extend_from_slice(ip.as_bytes());
-        HeaderValue::from_bytes(&s).unwrap_or_else(|_| ip.clone())
+        h.insert(
+            &X_FORWARDED_FOR,
+            HeaderValue::from_bytes(&s).unwrap_or_else(|_| ip.clone()),
+        );
     } else {
-        ip.clone()
-    };
-    h.insert(&X_FORWARDED_FOR, xff);
-    // A trusted proxy's own values are kept; otherwise they were removed above.
-    if let header::Entry::Vacant(e) = h.entry(&X_FORWARDED_PROTO) {
-        e.insert(HeaderValue::from_static(info.proto));
+        h.append(&X_FORWARDED_FOR, ip.clone());
     }
-    if let Some(host) = info.host {
-        if let header::Entry::Vacant(e) = h.entry(&X_FORWARDED_HOST) {
-            e.insert(host.clone());
+    // A trusted proxy's own values are kept; otherwise they were removed above.
+    if !xfp {
+        h.append(&X_FORWARDED_PROTO, HeaderValue::from_static(info.proto));
+    }
+    if !xfh {
+        let host = host.or_else(|| info.authority.and_then(|a| HeaderValue::from_str(a).ok()));
+        if let Some(host) = host {
+            h.append(&X_FORWARDED_HOST, host);
         }
     }
     // Client copies of these were removed above: appending is inserting.
@@ -164,11 +222,14 @@ pub fn rewrite_request_headers(h: &mut HeaderMap, info: &ForwardInfo<'_>) {
     if let Some(v) = info.jwt_sub {
         h.append(&X_SCP_JWT_SUB, v.clone());
     }
-    if !h
-        .get(&TRACEPARENT)
-        .is_some_and(|v| valid_traceparent(v.as_bytes()))
-    {
-        h.insert(&TRACEPARENT, new_traceparent());
+    match (traceparent, traceparent_ok) {
+        (true, true) => {}
+        (true, false) => {
+            h.insert(&TRACEPARENT, new_traceparent());
+        }
+        (false, _) => {
+            h.append(&TRACEPARENT, new_traceparent());
+        }
     }
 }
 
@@ -329,7 +390,7 @@ mod tests {
         ForwardInfo {
             forwarded_for: Box::leak(Box::new(HeaderValue::from_static("203.0.113.9"))),
             proto: "http",
-            host: Some(host),
+            authority: Some(host.to_str().unwrap()),
             request_id: rid,
             api_id: Some(Box::leak(Box::new(HeaderValue::from_static("api1")))),
             stage: Some(Box::leak(Box::new(HeaderValue::from_static("prod")))),
