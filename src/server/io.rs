@@ -7,7 +7,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_util::task::AtomicWaker;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -17,11 +17,12 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// same worker thread. Each field has one writer at a time, so updates are plain loads and
 /// stores: nothing here costs a locked instruction, a timer or a wake-up per request.
 pub struct Activity {
-    base: Instant,
     /// Bumped by every read or write that moved bytes and by every request's end: the
     /// watchdog compares it between its ticks to tell an idle connection from a busy one.
     events: AtomicU64,
-    /// When the head being read began (ms since `base`, +1), 0 when no head is being read.
+    /// A request head is being read (its first byte arrived, its service has not started);
+    /// the number of the request it belongs to, +1, or 0. The watchdog times the head from
+    /// the tick that first sees it, so a read costs no clock.
     head_started: AtomicU64,
     in_flight: AtomicU32,
     saw_first_read: AtomicBool,
@@ -54,7 +55,6 @@ fn bump(c: &AtomicU64) {
 impl Activity {
     pub fn new() -> Self {
         Self {
-            base: Instant::now(),
             events: AtomicU64::new(0),
             head_started: AtomicU64::new(0),
             in_flight: AtomicU32::new(0),
@@ -67,10 +67,6 @@ impl Activity {
         }
     }
 
-    fn now_ms(&self) -> u64 {
-        self.base.elapsed().as_millis() as u64 + 1
-    }
-
     fn on_read(&self, bytes: &[u8]) {
         bump(&self.events);
         if !self.saw_first_read.load(Ordering::Relaxed) {
@@ -79,13 +75,15 @@ impl Activity {
                 self.h2.store(true, Ordering::Relaxed);
             }
         }
-        // The first byte of a new HTTP/1 head: the head deadline runs from here. (One clock
-        // read per request; HTTP/2 connections have no per-request head to time.)
+        // The first byte of a new HTTP/1 head (HTTP/2 connections have no per-request head
+        // to time).
         if self.head_started.load(Ordering::Relaxed) == 0
             && self.in_flight.load(Ordering::Relaxed) == 0
             && !self.h2.load(Ordering::Relaxed)
         {
-            self.head_started.store(self.now_ms(), Ordering::Relaxed);
+            let n = self.requests.load(Ordering::Relaxed);
+            self.head_started
+                .store(n.wrapping_add(1).max(1), Ordering::Relaxed);
         }
     }
 
@@ -121,11 +119,11 @@ impl Activity {
         }
     }
 
-    /// When the head now being read began, if one is.
-    pub fn head_started(&self) -> Option<Instant> {
+    /// The head being read, if one is: a number that changes with each request's head.
+    pub fn head_pending(&self) -> Option<u64> {
         match self.head_started.load(Ordering::Relaxed) {
             0 => None,
-            t => Some(self.base + Duration::from_millis(t - 1)),
+            n => Some(n),
         }
     }
 }

@@ -7,8 +7,9 @@
 //! its requests with plain stores, and this watchdog reads them: no timer, no wake-up and
 //! no extra future per connection or per request. Every tick (a quarter of the shorter of
 //! `limits.head_read_timeout` and `limits.idle_timeout`):
-//! - a head being read longer than the head timeout is cut (between the timeout and the
-//!   timeout plus one tick after its first byte);
+//! - a head being read longer than the head timeout is cut (timed from the tick that first
+//!   sees it: between the timeout and the timeout plus two ticks after its first byte, so
+//!   that a read never needs the clock);
 //! - a connection with no request in flight and no byte moved since `limits.idle_timeout`
 //!   is closed gracefully (between the idle timeout and the idle timeout plus one tick
 //!   after its last byte, never before);
@@ -47,6 +48,8 @@ struct Watched {
     seen: u64,
     /// The tick that last saw activity.
     idle_since: Instant,
+    /// The head being read when a tick first saw it, and that tick.
+    head: Option<(u64, Instant)>,
     /// A graceful close was ordered.
     closing: bool,
     /// When to force that close (none while draining: the drain deadline does).
@@ -75,6 +78,7 @@ pub async fn run(limits: Limits, mut shutdown: watch::Receiver<bool>) {
                 activity,
                 seen: 0,
                 idle_since: now,
+                head: None,
                 closing: false,
                 force_at: None,
             }))
@@ -101,12 +105,16 @@ fn check(w: &mut Watched, a: &Activity, limits: &Limits, now: Instant, draining:
         w.seen = events;
         w.idle_since = now;
     }
-    if let Some(started) = a.head_started() {
-        if now >= started + limits.head_read_timeout {
-            tracing::debug!("request head not received in time; closing");
-            a.order(Order::Cut);
-            return;
+    match (a.head_pending(), w.head) {
+        (Some(n), Some((seen, since))) if n == seen => {
+            if now >= since + limits.head_read_timeout {
+                tracing::debug!("request head not received in time; closing");
+                a.order(Order::Cut);
+                return;
+            }
         }
+        (Some(n), _) => w.head = Some((n, now)),
+        (None, _) => w.head = None,
     }
     let idle = !a.busy() && now >= w.idle_since + limits.idle_timeout;
     if draining || idle {
