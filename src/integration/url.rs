@@ -42,6 +42,9 @@ pub struct UrlTemplate {
     query: Option<Box<str>>,
     /// Length of the literal parts, to size the output buffer.
     literal_len: usize,
+    /// The whole target when it has no placeholder, for requests without a query (built
+    /// once; a clone shares its buffer).
+    fixed: Option<http::Uri>,
 }
 
 impl UrlTemplate {
@@ -80,10 +83,21 @@ impl UrlTemplate {
                 Part::Param { .. } => 0,
             })
             .sum();
+        let fixed = match parts.as_slice() {
+            [Part::Literal(l)] => {
+                let target = match &query {
+                    Some(q) => format!("{l}?{q}"),
+                    None => l.to_string(),
+                };
+                http::Uri::try_from(target).ok()
+            }
+            _ => None,
+        };
         Ok(Self {
             parts,
             query,
             literal_len,
+            fixed,
         })
     }
 
@@ -95,6 +109,9 @@ impl UrlTemplate {
         params: &Params,
         client_query: Option<&str>,
     ) -> Result<http::Uri, http::uri::InvalidUri> {
+        if let (Some(fixed), None | Some("")) = (&self.fixed, client_query) {
+            return Ok(fixed.clone());
+        }
         let mut out = String::with_capacity(
             self.literal_len + path.len() + client_query.map_or(0, str::len) + 8,
         );
