@@ -272,6 +272,7 @@ impl Control {
         std::thread::Builder::new()
             .name("scp-control".into())
             .spawn(move || {
+                crate::worker::lower_priority(5);
                 for job in rx {
                     job();
                 }

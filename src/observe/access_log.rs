@@ -189,6 +189,7 @@ impl AccessLog {
         let writer = std::thread::Builder::new()
             .name("scp-access-log".into())
             .spawn(move || {
+                crate::worker::lower_priority(10);
                 let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
                 let mut fmt = Formatter::default();
                 let mut write = |buf: &mut Vec<u8>| {
