@@ -78,6 +78,11 @@ impl App {
                 )
             }
         };
+        // The error counter of the store in use exists from the start (at 0), so that a
+        // dashboard or an alert sees a series before the first failure.
+        metrics
+            .quota_store_errors
+            .with_label_values(&[quota.backend()]);
         let reports = Reports::open(db)?;
         let access_log = if config.access_log.enabled {
             let target = match &config.access_log.path {

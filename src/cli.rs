@@ -32,16 +32,41 @@ struct Cli {
 enum Command {
     /// Serve traffic (the default when no subcommand is given).
     Run(RunArgs),
-    /// Check snapshot files: one line per problem (JSON path + reason); exit 1 if any is invalid.
+    /// Check snapshot files: one line per problem (JSON path + reason) and per warning (a
+    /// setting that can never admit a caller); exit 1 if any file is invalid.
     Validate {
+        /// Also exit 1 when a file has warnings.
+        #[arg(long)]
+        strict: bool,
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// Print the `key_sha256` of an API key (usage_plans[].api_keys[]).
+    ///
+    /// The key is the argument, or standard input without its final line break (so that
+    /// `echo KEY | scp-gateway key-hash` gives the digest of KEY, not of KEY and a newline).
+    KeyHash {
+        /// The key value; read from standard input when absent.
+        key: Option<String>,
+    },
+    /// Print the `secret_base64` of an HMAC secret (auths[].verification, HS256/384/512).
+    ///
+    /// The secret is the argument, or standard input without its final line break; its
+    /// bytes are encoded as they are (standard base64, with padding).
+    SecretBase64 {
+        /// The secret; read from standard input when absent.
+        secret: Option<String>,
+    },
     /// Serve traffic and a local echo backend, for trying the gateway out.
+    ///
+    /// Reads config/gateway.toml (from the working directory, or --config FILE) and the
+    /// snapshots of its snapshots.dir, which it copies into a temporary directory (named at
+    /// start): snapshots pushed through the admin API and the state are kept there, never
+    /// in the checkout.
     Demo {
         #[command(flatten)]
         run: RunArgs,
-        /// Where the echo backend listens (the example snapshot points at 127.0.0.1:9000).
+        /// Where the echo backend listens (the example snapshots point at 127.0.0.1:9000).
         #[arg(long, default_value = "127.0.0.1:9000")]
         backend_listen: SocketAddr,
     },
@@ -49,7 +74,9 @@ enum Command {
 
 #[derive(Args, Debug, Default, Clone)]
 struct RunArgs {
-    /// Gateway config (TOML). Without it, built-in defaults are used.
+    /// Gateway config (TOML); relative paths in it are relative to its directory. Without
+    /// it, the built-in defaults (those of config/gateway.toml) relative to the working
+    /// directory.
     #[arg(long, short = 'c')]
     config: Option<PathBuf>,
     /// Data-plane listen address (repeatable; replaces server.listen).
@@ -72,22 +99,58 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
     match cli.command {
-        Some(Command::Validate { files }) => validate(&files),
+        Some(Command::Validate { files, strict }) => validate(&files, strict),
+        Some(Command::KeyHash { key }) => {
+            print_derived(key, |k| hex(&crate::snapshot::model::sha256(k)))
+        }
+        Some(Command::SecretBase64 { secret }) => print_derived(secret, |s| {
+            use base64::Engine as _;
+            base64::engine::general_purpose::STANDARD.encode(s)
+        }),
         Some(Command::Run(args)) => run(args, None),
         Some(Command::Demo {
             run: args,
             backend_listen,
-        }) => {
-            let args = RunArgs {
-                config: args
-                    .config
-                    .or_else(|| Some(PathBuf::from("config/gateway.toml"))),
-                ..args
-            };
-            run(args, Some(backend_listen))
-        }
+        }) => run(args, Some(backend_listen)),
         None => run(cli.run, None),
     }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    let mut out = vec![0u8; bytes.len() * 2];
+    crate::request_id::hex_into(&mut out, bytes);
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// `key-hash` and `secret-base64`: the argument, or standard input without its final line
+/// break (`\n` or `\r\n`), turned into what the snapshot wants.
+fn print_derived(arg: Option<String>, derive: impl Fn(&[u8]) -> String) -> ExitCode {
+    let input = match arg {
+        Some(a) => a.into_bytes(),
+        None => {
+            let mut buf = Vec::new();
+            if let Err(e) = std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf) {
+                return usage_error(format!("cannot read standard input: {e}"));
+            }
+            if buf.ends_with(b"\n") {
+                buf.pop();
+                if buf.ends_with(b"\r") {
+                    buf.pop();
+                }
+            }
+            buf
+        }
+    };
+    if input.is_empty() {
+        return usage_error("the value is empty");
+    }
+    let _ = writeln!(std::io::stdout().lock(), "{}", derive(&input));
+    ExitCode::SUCCESS
+}
+
+fn usage_error(msg: impl std::fmt::Display) -> ExitCode {
+    let _ = writeln!(std::io::stderr().lock(), "scp-gateway: error: {msg}");
+    ExitCode::from(EXIT_CONFIG)
 }
 
 fn init_logging() {
@@ -101,18 +164,26 @@ fn init_logging() {
         .try_init();
 }
 
-fn validate(files: &[PathBuf]) -> ExitCode {
+fn validate(files: &[PathBuf], strict: bool) -> ExitCode {
     let mut invalid = false;
     let mut out = std::io::stdout().lock();
     for f in files {
-        match crate::snapshot::build_file(f) {
-            Ok(api) => {
+        match crate::snapshot::check_file(f) {
+            Ok((api, warnings)) => {
+                for w in &warnings {
+                    let _ = writeln!(out, "{}: {}: warning: {}", f.display(), w.path, w.message);
+                }
+                invalid |= strict && !warnings.is_empty();
                 let _ = writeln!(
                     out,
-                    "{}: ok (api {}, revision {})",
+                    "{}: ok (api {}, revision {}{})",
                     f.display(),
                     api.id,
-                    api.revision
+                    api.revision,
+                    match warnings.len() {
+                        0 => String::new(),
+                        n => format!(", {n} warning(s)"),
+                    }
                 );
             }
             Err(issues) => {
@@ -139,7 +210,20 @@ fn config_error(msg: impl std::fmt::Display) -> ExitCode {
 }
 
 fn run(args: RunArgs, demo_backend: Option<SocketAddr>) -> ExitCode {
-    let mut config = match &args.config {
+    let demo = demo_backend.is_some();
+    let config_path = match (&args.config, demo) {
+        (Some(p), _) => Some(p.clone()),
+        // The demo reads the checkout's example configuration.
+        (None, true) => Some(PathBuf::from("config/gateway.toml")),
+        (None, false) => None,
+    };
+    let mut config = match &config_path {
+        Some(path) if demo && !path.is_file() => {
+            return config_error(format!(
+                "the demo reads {} (run it from the checkout, or give --config FILE)",
+                path.display()
+            ))
+        }
         Some(path) => match Config::load(path) {
             Ok(c) => c,
             Err(e) => return config_error(e),
@@ -150,9 +234,18 @@ fn run(args: RunArgs, demo_backend: Option<SocketAddr>) -> ExitCode {
         listen: args.listen,
         admin_listen: args.admin_listen,
         snapshot_dir: args.snapshot_dir,
-        state_dir: args.state_dir,
+        state_dir: args.state_dir.clone(),
     }) {
         return config_error(e);
+    }
+    if demo {
+        match demo_runtime_dir(&mut config, args.state_dir.is_none()) {
+            Ok(dir) => tracing::info!(
+                dir = %dir.display(),
+                "demo: snapshots copied there; pushed snapshots and state are kept there"
+            ),
+            Err(e) => return config_error(e),
+        }
     }
     if config.admin.is_open() {
         tracing::warn!(
@@ -185,6 +278,37 @@ fn run(args: RunArgs, demo_backend: Option<SocketAddr>) -> ExitCode {
         Err(e) => return config_error(format!("cannot start the runtime: {e}")),
     };
     rt.block_on(serve(config, demo_backend))
+}
+
+/// The demo's runtime directory (under the system's temporary directory): the snapshots
+/// of the configured directory are copied there, and it becomes the snapshot (and, unless
+/// given, the state) directory, so that the demo never writes into the checkout.
+fn demo_runtime_dir(config: &mut Config, own_state: bool) -> Result<PathBuf, String> {
+    let dir = std::env::temp_dir().join("scp-gateway-demo");
+    let snapshots = dir.join("snapshots");
+    let e = |e: std::io::Error| format!("demo directory {}: {e}", dir.display());
+    std::fs::create_dir_all(&snapshots).map_err(e)?;
+    // A fresh copy each start: snapshots pushed during an earlier demo do not linger.
+    for old in crate::snapshot::snapshot_files(&snapshots).map_err(e)? {
+        std::fs::remove_file(old).map_err(e)?;
+    }
+    let source = &config.snapshots.dir;
+    let files = crate::snapshot::snapshot_files(source).map_err(|err| {
+        format!(
+            "config key `snapshots.dir`: cannot read {}: {err}",
+            source.display()
+        )
+    })?;
+    for f in files {
+        if let Some(name) = f.file_name() {
+            std::fs::copy(&f, snapshots.join(name)).map_err(e)?;
+        }
+    }
+    config.snapshots.dir = snapshots;
+    if own_state {
+        config.state.dir = dir.join("state");
+    }
+    Ok(dir)
 }
 
 async fn bind(addr: SocketAddr, key: &str) -> Result<TcpListener, String> {
@@ -268,6 +392,13 @@ async fn serve(config: Config, demo_backend: Option<SocketAddr>) -> ExitCode {
         Ok(l) => l,
         Err(e) => return config_error(e),
     };
+    if !config.snapshots.dir.is_dir() {
+        return config_error(format!(
+            "config key `snapshots.dir`: {} is not a directory (create it, or point the key \
+             or --snapshot-dir at the directory of your snapshot files)",
+            config.snapshots.dir.display()
+        ));
+    }
     let snapshot_dir = config.snapshots.dir.clone();
     let app = match App::new(config) {
         Ok(a) => a,

@@ -73,7 +73,7 @@ pub struct ServerConfig {
     #[serde(default)]
     pub tls: Vec<TlsListenerConfig>,
     /// How long in-flight requests may run after SIGTERM/SIGINT before connections are cut.
-    #[serde(default = "default_drain", with = "humantime_serde")]
+    #[serde(default = "default_drain", with = "duration")]
     pub drain_timeout: Duration,
 }
 
@@ -167,7 +167,7 @@ pub struct QuotaConfig {
     #[serde(default = "default_failure_mode")]
     pub failure_mode: FailureMode,
     /// Per-call timeout of the shared quota store.
-    #[serde(default = "default_quota_timeout", with = "humantime_serde")]
+    #[serde(default = "default_quota_timeout", with = "duration")]
     pub timeout: Duration,
 }
 
@@ -188,10 +188,10 @@ pub struct Limits {
     #[serde(default = "default_max_body")]
     pub max_body_bytes: u64,
     /// Time to receive a request head; the connection is closed after it.
-    #[serde(default = "default_head_timeout", with = "humantime_serde")]
+    #[serde(default = "default_head_timeout", with = "duration")]
     pub head_read_timeout: Duration,
     /// An idle keep-alive connection is closed after this long.
-    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    #[serde(default = "default_idle_timeout", with = "duration")]
     pub idle_timeout: Duration,
     /// Concurrent HTTP/2 streams per client connection.
     #[serde(default = "default_h2_streams")]
@@ -208,10 +208,10 @@ pub struct UpstreamConfig {
     /// Extra PEM CA bundle trusted for `https` backends, on top of the webpki roots.
     #[serde(default)]
     pub extra_ca_file: Option<PathBuf>,
-    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    #[serde(default = "default_connect_timeout", with = "duration")]
     pub connect_timeout: Duration,
     /// How long an idle pooled backend connection is kept.
-    #[serde(default = "default_pool_idle", with = "humantime_serde")]
+    #[serde(default = "default_pool_idle", with = "duration")]
     pub pool_idle_timeout: Duration,
     #[serde(default = "default_pool_max_idle")]
     pub pool_max_idle_per_host: usize,
@@ -245,7 +245,7 @@ fn default_drain() -> Duration {
     Duration::from_secs(30)
 }
 fn default_snapshot_dir() -> PathBuf {
-    PathBuf::from("config/snapshots")
+    PathBuf::from("snapshots")
 }
 fn default_state_dir() -> PathBuf {
     PathBuf::from("var")
@@ -367,6 +367,23 @@ impl Default for UpstreamConfig {
         }
     }
 }
+/// Durations in the configuration: `"10s"`, `"500ms"`, `"2m"`, `"1h 30m"`. A wrong value
+/// says which forms are accepted.
+mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(s.trim()).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "`{s}` is not a duration ({e}); write a number and a unit, for example \"10s\", \"500ms\", \"2m\" or \"1h 30m\""
+            ))
+        })
+    }
+}
+
 /// Parses an address or a CIDR; a plain address is a single-host network.
 pub fn parse_net(s: &str) -> Result<IpNet, String> {
     let s = s.trim();
@@ -404,12 +421,44 @@ impl Config {
         Ok(cfg)
     }
 
+    /// Reads a configuration file. Relative paths in it (snapshot and state directories,
+    /// access-log file, CA and certificate files) are relative to the file's directory, not
+    /// to the working directory: the same file works wherever the gateway is started from.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
-        Self::from_toml(path, &text)
+        let mut cfg = Self::from_toml(path, &text)?;
+        let base = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        cfg.resolve_paths(base);
+        Ok(cfg)
+    }
+
+    /// Makes every relative path of the file relative to `base`.
+    fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() && !p.as_os_str().is_empty() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.snapshots.dir);
+        fix(&mut self.state.dir);
+        if let Some(p) = &mut self.access_log.path {
+            fix(p);
+        }
+        if let Some(p) = &mut self.upstream.extra_ca_file {
+            fix(p);
+        }
+        for t in &mut self.server.tls {
+            for c in &mut t.certificates {
+                fix(&mut c.cert);
+                fix(&mut c.key);
+            }
+        }
     }
 
     pub fn apply(&mut self, o: Overrides) -> Result<(), ConfigError> {
@@ -549,6 +598,29 @@ mod tests {
             })
             .unwrap_err();
         assert!(e.to_string().contains("admin.token"), "{e}");
+    }
+
+    #[test]
+    fn a_bad_duration_says_what_is_accepted() {
+        let e = Config::from_toml(Path::new("x.toml"), "[limits]\nidle_timeout = \"abc\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("idle_timeout") && e.contains("\"500ms\""), "{e}");
+    }
+
+    #[test]
+    fn relative_paths_follow_the_config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gw.toml");
+        std::fs::write(
+            &path,
+            "[snapshots]\ndir = \"snaps\"\n[state]\ndir = \"/abs/state\"\n[access_log]\npath = \"logs/a.log\"\n",
+        )
+        .unwrap();
+        let c = Config::load(&path).unwrap();
+        assert_eq!(c.snapshots.dir, dir.path().join("snaps"));
+        assert_eq!(c.state.dir, PathBuf::from("/abs/state"));
+        assert_eq!(c.access_log.path, Some(dir.path().join("logs/a.log")));
     }
 
     #[test]

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::HeaderValue;
-use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::snapshot::model::{QuotaRate, UsagePlan};
@@ -63,37 +62,20 @@ pub struct ApiKey {
     pub header: Option<HeaderValue>,
 }
 
-fn hex32(s: &str) -> Option<[u8; 32]> {
-    let mut out = [0u8; 32];
-    if s.len() != 64 {
-        return None;
-    }
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(out)
-}
-
 impl CompiledPlan {
     pub fn compile(p: &UsagePlan) -> Self {
-        let keys = p
-            .api_keys
-            .iter()
-            .filter_map(|k| {
-                let digest = match (&k.key, &k.key_sha256) {
-                    (Some(v), _) => Sha256::digest(v.as_bytes()).into(),
-                    (None, Some(h)) => hex32(h)?,
-                    (None, None) => return None,
-                };
-                Some((
-                    digest,
-                    Arc::new(ApiKey {
-                        id: Arc::from(k.id.as_str()),
-                        header: HeaderValue::from_str(&k.id).ok(),
-                    }),
-                ))
-            })
-            .collect();
+        // Every secret of a key (primary and secondary) maps to the one key: both count as
+        // the same key id for quotas, throttling, usage and `x-scp-api-key-id`.
+        let mut keys = HashMap::new();
+        for k in &p.api_keys {
+            let key = Arc::new(ApiKey {
+                id: Arc::from(k.id.as_str()),
+                header: HeaderValue::from_str(&k.id).ok(),
+            });
+            for digest in k.digests().flatten() {
+                keys.insert(digest, key.clone());
+            }
+        }
         Self {
             id: Arc::from(p.id.as_str()),
             limit: p.limit,
@@ -107,7 +89,7 @@ impl CompiledPlan {
 
     /// The key whose value is `presented`.
     pub fn find(&self, presented: &[u8]) -> Option<&Arc<ApiKey>> {
-        let digest: [u8; 32] = Sha256::digest(presented).into();
+        let digest = crate::snapshot::model::sha256(presented);
         let (stored, id) = self.keys.get_key_value(&digest)?;
         bool::from(stored.ct_eq(&digest)).then_some(id)
     }

@@ -4,6 +4,7 @@
 pub mod compile;
 pub mod model;
 pub mod validate;
+pub mod warnings;
 
 use std::path::Path;
 
@@ -33,8 +34,21 @@ pub fn parse(bytes: &[u8]) -> Result<Snapshot, Issue> {
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
+        if inner.is_syntax() || inner.is_eof() {
+            // Not JSON: there is no field path, only a place in the text.
+            let text = inner.to_string();
+            let what = text.split(" at line ").next().unwrap_or(&text);
+            return Issue {
+                path: format!("line {}, column {}", inner.line(), inner.column()),
+                message: format!("invalid JSON: {what}"),
+            };
+        }
         Issue {
-            path: if path == "." { String::new() } else { path },
+            path: if path == "." || path == "?" {
+                String::new()
+            } else {
+                path
+            },
             message: inner.to_string(),
         }
     })
@@ -49,13 +63,26 @@ pub fn build(bytes: &[u8]) -> Result<CompiledApi, Vec<Issue>> {
 
 /// Reads and builds one snapshot file.
 pub fn build_file(path: &Path) -> Result<CompiledApi, Vec<Issue>> {
-    let bytes = std::fs::read(path).map_err(|e| {
+    build(&read(path)?)
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, Vec<Issue>> {
+    std::fs::read(path).map_err(|e| {
         vec![Issue {
             path: String::new(),
             message: format!("cannot read: {e}"),
         }]
-    })?;
-    build(&bytes)
+    })
+}
+
+/// Checks one snapshot file as `validate` does: the API it would load, and the warnings of
+/// its settings (never an error by themselves).
+pub fn check_file(path: &Path) -> Result<(CompiledApi, Vec<Issue>), Vec<Issue>> {
+    let bytes = read(path)?;
+    let snapshot = parse(&bytes).map_err(|e| vec![e])?;
+    validate::validate(&snapshot)?;
+    let warnings = warnings::warnings(&snapshot);
+    Ok((compile::compile(snapshot)?, warnings))
 }
 
 /// The snapshot files of a directory (`*.json`, sorted by name so load order is stable).

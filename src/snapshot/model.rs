@@ -324,6 +324,48 @@ pub struct ApiKey {
     /// Lowercase hex SHA-256 of the key value; never serialised back out.
     #[serde(default, skip_serializing)]
     pub key_sha256: Option<String>,
+    /// A second secret of the same key (rotation), as a plain value or a digest.
+    #[serde(default, skip_serializing)]
+    pub secondary_key: Option<String>,
+    #[serde(default, skip_serializing)]
+    pub secondary_key_sha256: Option<String>,
+}
+
+impl ApiKey {
+    /// The key's secrets as SHA-256 digests: the primary, then the secondary if any.
+    /// `None` for a secret that is not a valid digest (validation names it).
+    pub fn digests(&self) -> impl Iterator<Item = Option<[u8; 32]>> + '_ {
+        let one = |plain: &Option<String>, hex: &Option<String>| match (plain, hex) {
+            (Some(v), _) => Some(Some(sha256(v.as_bytes()))),
+            (None, Some(h)) => Some(hex32(h)),
+            (None, None) => None,
+        };
+        one(&self.key, &self.key_sha256)
+            .into_iter()
+            .chain(one(&self.secondary_key, &self.secondary_key_sha256))
+    }
+}
+
+/// SHA-256 of `bytes`.
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).into()
+}
+
+/// 64 lowercase hex digits as 32 bytes.
+pub fn hex32(s: &str) -> Option<[u8; 32]> {
+    if s.len() != 64
+        || !s
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

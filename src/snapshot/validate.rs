@@ -423,31 +423,71 @@ pub fn validate(s: &Snapshot) -> Result<(), Vec<Issue>> {
             check_throttle(&mut issues, &format!("{p}.throttle"), t);
         }
         let mut key_ids = HashSet::new();
+        // Every secret of the plan, to refuse one used twice (within a key or across keys:
+        // a request could not say which key it is).
+        let mut secrets: HashMap<[u8; 32], String> = HashMap::new();
         for (j, k) in u.api_keys.iter().enumerate() {
             let kp = format!("{p}.api_keys[{j}]");
             if !key_ids.insert(k.id.as_str()) {
                 issues.push(format!("{kp}.id"), format!("duplicate key id `{}`", k.id));
             }
-            match (&k.key, &k.key_sha256) {
-                (Some(_), Some(_)) => {
-                    issues.push(kp, "give either `key` or `key_sha256`, not both")
-                }
-                (None, None) => issues.push(kp, "needs `key` or `key_sha256`"),
-                (Some(v), None) if v.is_empty() => {
-                    issues.push(format!("{kp}.key"), "must not be empty")
-                }
-                (None, Some(h))
-                    if h.len() != 64
-                        || !h
-                            .bytes()
-                            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) =>
-                {
+            for (plain, hex, plain_name, hex_name, required) in [
+                (&k.key, &k.key_sha256, "key", "key_sha256", true),
+                (
+                    &k.secondary_key,
+                    &k.secondary_key_sha256,
+                    "secondary_key",
+                    "secondary_key_sha256",
+                    false,
+                ),
+            ] {
+                let digest = match (plain, hex) {
+                    (Some(_), Some(_)) => {
+                        issues.push(
+                            kp.clone(),
+                            format!("give either `{plain_name}` or `{hex_name}`, not both"),
+                        );
+                        None
+                    }
+                    (None, None) => {
+                        if required {
+                            issues.push(kp.clone(), "needs `key` or `key_sha256`");
+                        }
+                        None
+                    }
+                    (Some(v), None) if v.is_empty() => {
+                        issues.push(format!("{kp}.{plain_name}"), "must not be empty");
+                        None
+                    }
+                    (Some(v), None) => Some(crate::snapshot::model::sha256(v.as_bytes())),
+                    (None, Some(h)) => {
+                        let d = crate::snapshot::model::hex32(h);
+                        if d.is_none() {
+                            issues.push(
+                                format!("{kp}.{hex_name}"),
+                                "must be 64 lowercase hex digits (make one with `scp-gateway key-hash`)",
+                            );
+                        }
+                        d
+                    }
+                };
+                let Some(d) = digest else { continue };
+                let field = format!(
+                    "{kp}.{}",
+                    if plain.is_some() {
+                        plain_name
+                    } else {
+                        hex_name
+                    }
+                );
+                if let Some(first) = secrets.insert(d, field.clone()) {
                     issues.push(
-                        format!("{kp}.key_sha256"),
-                        "must be 64 lowercase hex digits",
-                    )
+                        field,
+                        format!(
+                            "the same secret as {first}: every secret of a usage plan must differ"
+                        ),
+                    );
                 }
-                _ => {}
             }
         }
     }
