@@ -241,6 +241,7 @@ fn metrics_recording(c: &mut Criterion) {
                 black_box(Duration::from_micros(850)),
                 Some((Duration::from_micros(600), 0)),
                 None,
+                None,
                 false,
             );
         })

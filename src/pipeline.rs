@@ -22,13 +22,13 @@ use crate::integration::http::{
     self as http_integration, ForwardInfo, X_SCP_ENDPOINT_ID, X_SCP_REQUEST_ID,
 };
 use crate::path::{self, NormalizedPath};
-use crate::policy::apikey::{ApiKey, CompiledPlan, KeyError};
+use crate::policy::apikey::{self, ApiKey, CompiledPlan};
 use crate::policy::client_addr;
 use crate::policy::cors::{is_preflight, Preflight};
-use crate::policy::jwt::{JwtError, Verified};
+use crate::policy::jwt::{bearer, Verified};
 use crate::policy::quota::{self, Admission};
 use crate::policy::resource_policy::Caller;
-use crate::rejection::{BadRequest, Rejection};
+use crate::rejection::{AuthFailure, BadRequest, Rejection};
 use crate::routing::{Params, Route};
 use crate::snapshot::model::EndpointType;
 use crate::snapshot::{CompiledApi, CompiledDeployment, CompiledStage, Integration, MethodRoute};
@@ -92,6 +92,8 @@ pub struct RequestContext<'s> {
     pub preflight: bool,
     /// The code of a gateway-made error response (index into [`crate::rejection::CODES`]).
     pub error_code: Option<usize>,
+    /// Why a token or key was refused.
+    pub auth_failure: Option<AuthFailure>,
     /// The matched route's id in the selected deployment, and whether that is the canary.
     pub route_id: usize,
     pub canary: bool,
@@ -140,6 +142,7 @@ impl<'s> RequestContext<'s> {
             rate_limit: None,
             preflight: false,
             error_code: None,
+            auth_failure: None,
             route_id: 0,
             canary: false,
             retried: false,
@@ -184,12 +187,46 @@ pub async fn handle(app: &App, conn: &ConnInfo, req: Request<Incoming>) -> Respo
         Ok(resp) => resp,
         Err(rejection) => {
             ctx.error_code = Some(rejection.code_index());
+            if let Some(reason) = rejection.auth_failure() {
+                ctx.auth_failure = Some(reason);
+                log_auth_failure(&ctx, reason);
+            }
             rejection.into_response(&ctx.request_id)
         }
     };
     finish(&ctx, resp.headers_mut());
     record(app, &ctx, &resp);
     resp
+}
+
+/// The log line of a refused token or key: at `info` at most once a second (a client
+/// retrying a bad token must not fill the log), every one at `debug`. It names the request
+/// (its id is in the answer and the access log), never the token or key.
+#[cold]
+fn log_auth_failure(ctx: &RequestContext<'_>, reason: AuthFailure) {
+    static INFO: crate::log_throttle::LogThrottle = crate::log_throttle::LogThrottle::new();
+    let request_id = ctx.request_id.to_str().unwrap_or("");
+    let api_id = ctx.api.map_or("", |a| &*a.id);
+    let stage = ctx.stage.map_or("", |s| &*s.name);
+    match INFO.allow() {
+        Some(held_back) => tracing::info!(
+            request_id,
+            api_id,
+            stage,
+            reason = reason.as_str(),
+            client_ip = %ctx.client_ip,
+            held_back,
+            "credentials refused"
+        ),
+        None => tracing::debug!(
+            request_id,
+            api_id,
+            stage,
+            reason = reason.as_str(),
+            client_ip = %ctx.client_ip,
+            "credentials refused"
+        ),
+    }
 }
 
 /// What the phases before the quota decided.
@@ -359,8 +396,9 @@ fn verify_jwt(
             ctx.jwt = Some(v);
             Ok(())
         }
-        Err(JwtError::Missing) => Err(Rejection::Unauthorized),
-        Err(JwtError::Invalid) => Err(Rejection::InvalidToken),
+        // No token is a challenge (`Bearer`); a token that does not verify is `invalid_token`.
+        Err(reason) if bearer(req.headers()).is_none() => Err(Rejection::Unauthorized(reason)),
+        Err(reason) => Err(Rejection::InvalidToken(reason)),
     }
 }
 
@@ -402,8 +440,10 @@ fn check_api_key(
             ctx.api_key = Some(found);
             Ok(())
         }
-        Err(KeyError::Missing) => Err(Rejection::MissingApiKey),
-        Err(KeyError::Invalid) => Err(Rejection::InvalidApiKey),
+        Err(reason) if !req.headers().contains_key(&apikey::HEADER) => {
+            Err(Rejection::MissingApiKey(reason))
+        }
+        Err(reason) => Err(Rejection::InvalidApiKey(reason)),
     }
 }
 
@@ -795,7 +835,13 @@ fn record(app: &App, ctx: &RequestContext<'_>, resp: &Response<GatewayBody>) {
         ),
     };
     route_series.count(method, status);
-    stage_series.record(latency, integration, ctx.error_code, ctx.retried);
+    stage_series.record(
+        latency,
+        integration,
+        ctx.error_code,
+        ctx.auth_failure,
+        ctx.retried,
+    );
     if ctx.stage.is_some() {
         route_series.report(&series::ReportSample {
             day: today(),
@@ -819,6 +865,7 @@ fn record(app: &App, ctx: &RequestContext<'_>, resp: &Response<GatewayBody>) {
             latency,
             integration_latency: ctx.integration_elapsed,
             error_code: ctx.error_code.map(|c| crate::rejection::CODES[c]),
+            reason: ctx.auth_failure.map(AuthFailure::as_str),
             retried: ctx.retried,
         });
     }

@@ -27,6 +27,115 @@ pub enum BadRequest {
     Body,
 }
 
+/// Why a token or an API key was refused: the access log's `reason`, the `reason` label of
+/// `apigw_auth_failures_total` and the log line of the refusal. None of them says anything
+/// about the secret itself; [`AuthFailure::description`] is the part a client may read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthFailure {
+    /// No `Authorization: Bearer` token.
+    MissingToken,
+    /// Not a JWT: not three base64url parts, or a header or payload that is not JSON.
+    Malformed,
+    /// The token's `alg` is not the algorithm of any candidate key.
+    Algorithm,
+    /// The token's `kid` names no connected auth and no JWKS key.
+    UnknownKid,
+    /// The signature does not verify with any candidate key.
+    Signature,
+    /// `exp` passed (beyond the leeway).
+    Expired,
+    /// `nbf` or `iat` in the future (beyond the leeway).
+    NotYetValid,
+    /// `exp`, or `iss` / `aud` where the auth checks them, absent.
+    MissingClaim,
+    Issuer,
+    Audience,
+    /// The token verifies with an auth that is past its `expired_at`.
+    AuthExpired,
+    /// The stage requires JWT but no auth is connected to it: no token can pass.
+    NoAuth,
+    /// No `x-scp-apikey`.
+    MissingKey,
+    /// No key of the stage's usage plan has the presented value.
+    UnknownKey,
+    /// A key of the plan that the stage's `usage_plan_api_keys` does not list.
+    KeyNotAllowed,
+    /// The method requires a key but the stage has no usage plan: no key can pass.
+    NoUsagePlan,
+}
+
+/// Every [`AuthFailure`] label, indexed by [`AuthFailure::index`].
+pub const AUTH_FAILURES: [&str; 16] = [
+    "missing_token",
+    "malformed",
+    "algorithm",
+    "unknown_kid",
+    "signature",
+    "expired",
+    "not_yet_valid",
+    "missing_claim",
+    "issuer",
+    "audience",
+    "auth_expired",
+    "no_auth",
+    "missing_key",
+    "unknown_key",
+    "key_not_allowed",
+    "no_usage_plan",
+];
+
+impl AuthFailure {
+    pub fn index(self) -> usize {
+        match self {
+            AuthFailure::MissingToken => 0,
+            AuthFailure::Malformed => 1,
+            AuthFailure::Algorithm => 2,
+            AuthFailure::UnknownKid => 3,
+            AuthFailure::Signature => 4,
+            AuthFailure::Expired => 5,
+            AuthFailure::NotYetValid => 6,
+            AuthFailure::MissingClaim => 7,
+            AuthFailure::Issuer => 8,
+            AuthFailure::Audience => 9,
+            AuthFailure::AuthExpired => 10,
+            AuthFailure::NoAuth => 11,
+            AuthFailure::MissingKey => 12,
+            AuthFailure::UnknownKey => 13,
+            AuthFailure::KeyNotAllowed => 14,
+            AuthFailure::NoUsagePlan => 15,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        AUTH_FAILURES[self.index()]
+    }
+
+    /// The RFC 6750 `error_description` of an `invalid_token` answer, for the reasons that
+    /// tell the client nothing it could not see in its own token and nothing about the
+    /// gateway's keys or configuration. A signature, issuer or audience mismatch stays
+    /// undescribed: naming it would help someone probing for what the gateway accepts.
+    pub fn description(self) -> Option<&'static str> {
+        match self {
+            AuthFailure::Expired => Some("token expired"),
+            AuthFailure::NotYetValid => Some("token not yet valid"),
+            AuthFailure::Malformed => Some("malformed token"),
+            AuthFailure::MissingToken
+            | AuthFailure::Algorithm
+            | AuthFailure::UnknownKid
+            | AuthFailure::Signature
+            | AuthFailure::MissingClaim
+            | AuthFailure::Issuer
+            | AuthFailure::Audience
+            | AuthFailure::AuthExpired
+            | AuthFailure::NoAuth
+            | AuthFailure::MissingKey
+            | AuthFailure::UnknownKey
+            | AuthFailure::KeyNotAllowed
+            | AuthFailure::NoUsagePlan => None,
+        }
+    }
+}
+
 /// Every error code of gateway-made responses, indexed by [`Rejection::code_index`].
 pub const CODES: [&str; 23] = [
     "BAD_REQUEST",
@@ -70,12 +179,12 @@ pub enum Rejection {
         allow: HeaderValue,
     },
     /// No token (401, `WWW-Authenticate: Bearer`).
-    Unauthorized,
+    Unauthorized(AuthFailure),
     /// A token that does not verify (401, `error="invalid_token"`).
-    InvalidToken,
+    InvalidToken(AuthFailure),
     AccessDenied,
-    MissingApiKey,
-    InvalidApiKey,
+    MissingApiKey(AuthFailure),
+    InvalidApiKey(AuthFailure),
     Throttled {
         retry_after_secs: u64,
     },
@@ -103,10 +212,10 @@ impl Rejection {
             | Rejection::IpNotAllowed
             | Rejection::CorsRejected
             | Rejection::AccessDenied
-            | Rejection::MissingApiKey
-            | Rejection::InvalidApiKey => StatusCode::FORBIDDEN,
+            | Rejection::MissingApiKey(_)
+            | Rejection::InvalidApiKey(_) => StatusCode::FORBIDDEN,
             Rejection::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
-            Rejection::Unauthorized | Rejection::InvalidToken => StatusCode::UNAUTHORIZED,
+            Rejection::Unauthorized(_) | Rejection::InvalidToken(_) => StatusCode::UNAUTHORIZED,
             Rejection::Throttled { .. } | Rejection::QuotaExceeded { .. } => {
                 StatusCode::TOO_MANY_REQUESTS
             }
@@ -125,6 +234,35 @@ impl Rejection {
     }
 
     /// The index of [`Rejection::code`] in [`CODES`].
+    /// Why a token or key was refused, for the refusals that are about one.
+    pub fn auth_failure(&self) -> Option<AuthFailure> {
+        match self {
+            Rejection::Unauthorized(r)
+            | Rejection::InvalidToken(r)
+            | Rejection::MissingApiKey(r)
+            | Rejection::InvalidApiKey(r) => Some(*r),
+            Rejection::BadRequest(_)
+            | Rejection::PayloadTooLarge
+            | Rejection::HeadersTooLarge
+            | Rejection::UriTooLong
+            | Rejection::ApiNotFound
+            | Rejection::StageNotFound
+            | Rejection::EndpointNotAllowed
+            | Rejection::IpNotAllowed
+            | Rejection::ResourceNotFound
+            | Rejection::CorsRejected
+            | Rejection::MethodNotAllowed { .. }
+            | Rejection::AccessDenied
+            | Rejection::Throttled { .. }
+            | Rejection::QuotaExceeded { .. }
+            | Rejection::IntegrationFailure
+            | Rejection::EndpointUnavailable
+            | Rejection::IntegrationTimeout
+            | Rejection::QuotaStoreUnavailable
+            | Rejection::Internal => None,
+        }
+    }
+
     pub fn code_index(&self) -> usize {
         match self {
             Rejection::BadRequest(_) => 0,
@@ -138,11 +276,11 @@ impl Rejection {
             Rejection::ResourceNotFound => 8,
             Rejection::CorsRejected => 9,
             Rejection::MethodNotAllowed { .. } => 10,
-            Rejection::Unauthorized => 11,
-            Rejection::InvalidToken => 12,
+            Rejection::Unauthorized(_) => 11,
+            Rejection::InvalidToken(_) => 12,
             Rejection::AccessDenied => 13,
-            Rejection::MissingApiKey => 14,
-            Rejection::InvalidApiKey => 15,
+            Rejection::MissingApiKey(_) => 14,
+            Rejection::InvalidApiKey(_) => 15,
             Rejection::Throttled { .. } => 16,
             Rejection::QuotaExceeded { .. } => 17,
             Rejection::IntegrationFailure => 18,
@@ -186,11 +324,11 @@ impl Rejection {
             Rejection::MethodNotAllowed { .. } => {
                 "the resource does not support this method".into()
             }
-            Rejection::Unauthorized => "a bearer token is required".into(),
-            Rejection::InvalidToken => "the bearer token is not valid".into(),
+            Rejection::Unauthorized(_) => "a bearer token is required".into(),
+            Rejection::InvalidToken(_) => "the bearer token is not valid".into(),
             Rejection::AccessDenied => "the resource policy denies this request".into(),
-            Rejection::MissingApiKey => "an API key is required (x-scp-apikey)".into(),
-            Rejection::InvalidApiKey => "the API key is not valid for this stage".into(),
+            Rejection::MissingApiKey(_) => "an API key is required (x-scp-apikey)".into(),
+            Rejection::InvalidApiKey(_) => "the API key is not valid for this stage".into(),
             Rejection::Throttled { .. } => "too many requests".into(),
             Rejection::QuotaExceeded { .. } => "the usage plan quota is exhausted".into(),
             Rejection::IntegrationFailure => "the integration failed".into(),
@@ -237,14 +375,18 @@ impl Rejection {
             Rejection::MethodNotAllowed { allow } => {
                 h.insert(ALLOW, allow.clone());
             }
-            Rejection::Unauthorized => {
+            Rejection::Unauthorized(_) => {
                 h.insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
-            Rejection::InvalidToken => {
-                h.insert(
-                    WWW_AUTHENTICATE,
-                    HeaderValue::from_static("Bearer error=\"invalid_token\""),
-                );
+            Rejection::InvalidToken(reason) => {
+                let challenge = match reason.description() {
+                    Some(d) => HeaderValue::try_from(format!(
+                        "Bearer error=\"invalid_token\", error_description=\"{d}\""
+                    ))
+                    .unwrap_or(HeaderValue::from_static("Bearer error=\"invalid_token\"")),
+                    None => HeaderValue::from_static("Bearer error=\"invalid_token\""),
+                };
+                h.insert(WWW_AUTHENTICATE, challenge);
             }
             Rejection::Throttled { retry_after_secs }
             | Rejection::QuotaExceeded { retry_after_secs } => {
@@ -261,8 +403,8 @@ impl Rejection {
             | Rejection::ResourceNotFound
             | Rejection::CorsRejected
             | Rejection::AccessDenied
-            | Rejection::MissingApiKey
-            | Rejection::InvalidApiKey
+            | Rejection::MissingApiKey(_)
+            | Rejection::InvalidApiKey(_)
             | Rejection::IntegrationFailure
             | Rejection::EndpointUnavailable
             | Rejection::IntegrationTimeout
@@ -287,10 +429,15 @@ mod tests {
         assert_eq!(r.status(), 405);
         assert_eq!(r.headers()[ALLOW], "GET");
         assert_eq!(r.headers()[CONTENT_TYPE], "application/json");
-        let r = Rejection::InvalidToken.into_response(&id);
+        let r = Rejection::InvalidToken(AuthFailure::Signature).into_response(&id);
         assert_eq!(
             r.headers()[WWW_AUTHENTICATE],
             "Bearer error=\"invalid_token\""
+        );
+        let r = Rejection::InvalidToken(AuthFailure::Expired).into_response(&id);
+        assert_eq!(
+            r.headers()[WWW_AUTHENTICATE],
+            "Bearer error=\"invalid_token\", error_description=\"token expired\""
         );
         let r = Rejection::QuotaExceeded {
             retry_after_secs: 7,

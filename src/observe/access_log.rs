@@ -30,6 +30,8 @@ pub struct Entry {
     pub latency: Duration,
     pub integration_latency: Option<Duration>,
     pub error_code: Option<&'static str>,
+    /// Why a token or key was refused (`rejection::AUTH_FAILURES`).
+    pub reason: Option<&'static str>,
     /// The integration request was sent a second time on a new connection.
     pub retried: bool,
 }
@@ -95,7 +97,7 @@ impl Entry {
     /// Appends the entry's JSON line to `out`.
     /// The line's fields, in this order: `time`, `request_id`, `client_ip`, `api_id`,
     /// `stage`, `resource`, `method`, `status`, `bytes`, `latency_ms`,
-    /// `integration_latency_ms`, `error_code`, `retried`. Keys are written as they are (they
+    /// `integration_latency_ms`, `error_code`, `reason`, `retried`. Keys are written as they are (they
     /// need no escaping); every value goes through serde_json.
     fn write_json(&self, out: &mut Vec<u8>, f: &mut Formatter) {
         f.set_time(self.time);
@@ -125,6 +127,7 @@ impl Entry {
             &self.integration_latency.map(ms),
         );
         field(out, "error_code", &self.error_code);
+        field(out, "reason", &self.reason);
         field(out, "retried", &self.retried);
         if ok {
             out.extend_from_slice(b"}\n");

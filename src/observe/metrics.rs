@@ -38,6 +38,7 @@ const REQUEST_DURATION: &str = "apigw_request_duration_seconds";
 const INTEGRATION_DURATION: &str = "apigw_integration_duration_seconds";
 const REJECTIONS: &str = "apigw_rejections_total";
 const RETRIES: &str = "apigw_integration_retries_total";
+const AUTH_FAILURES: &str = "apigw_auth_failures_total";
 
 /// Gathers the per-worker series when scraped.
 struct SeriesCollector {
@@ -82,6 +83,11 @@ impl SeriesCollector {
                     "Requests sent to the backend a second time, on a new connection, after a \
                      reused connection failed before answering",
                     &["api_id", "stage"],
+                ),
+                desc(
+                    AUTH_FAILURES,
+                    "Refused tokens and API keys, by reason",
+                    &["api_id", "stage", "reason"],
                 ),
             ],
         }
@@ -161,8 +167,8 @@ impl Collector for SeriesCollector {
                 ));
             }
         }
-        let (mut durations, mut integrations, mut rejections, mut retries) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut durations, mut integrations, mut rejections, mut retries, mut auth_failures) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for s in series::all_stages() {
             let t = s.totals();
             if t.duration.count() > 0 {
@@ -197,6 +203,14 @@ impl Collector for SeriesCollector {
                     t.retries,
                 ));
             }
+            for (reason, n) in crate::rejection::AUTH_FAILURES.iter().zip(&t.auth_failures) {
+                if *n > 0 {
+                    auth_failures.push(counter(
+                        &[("api_id", &t.api), ("reason", reason), ("stage", &t.stage)],
+                        *n,
+                    ));
+                }
+            }
         }
         let d = &self.descs;
         vec![
@@ -205,6 +219,7 @@ impl Collector for SeriesCollector {
             family(&d[2], MetricType::HISTOGRAM, integrations),
             family(&d[3], MetricType::COUNTER, rejections),
             family(&d[4], MetricType::COUNTER, retries),
+            family(&d[5], MetricType::COUNTER, auth_failures),
         ]
     }
 }
@@ -290,6 +305,7 @@ mod tests {
             Duration::from_millis(3),
             Some((Duration::from_millis(2), 0)),
             Some(4),
+            Some(crate::rejection::AuthFailure::Expired),
             false,
         );
         let text = String::from_utf8(m.render()).unwrap();
@@ -299,6 +315,9 @@ mod tests {
         assert!(text.contains(
             "apigw_rejections_total{api_id=\"metrics-test\",code=\"API_NOT_FOUND\",stage=\"prod\"} 1"
         ));
+        assert!(text.contains(
+            "apigw_auth_failures_total{api_id=\"metrics-test\",reason=\"expired\",stage=\"prod\"} 1"
+        ), "{text}");
         assert!(text.contains(
             "apigw_request_duration_seconds_bucket{api_id=\"metrics-test\",stage=\"prod\",le=\"0.005\"} 1"
         ), "{text}");

@@ -153,6 +153,7 @@ struct StageShard {
     duration: Histogram,
     integration: [Histogram; 3],
     rejections: [AtomicU64; crate::rejection::CODES.len()],
+    auth_failures: [AtomicU64; crate::rejection::AUTH_FAILURES.len()],
     retries: AtomicU64,
 }
 
@@ -171,16 +172,19 @@ pub struct StageTotals {
     pub duration: HistogramTotals,
     pub integration: [HistogramTotals; 3],
     pub rejections: [u64; crate::rejection::CODES.len()],
+    pub auth_failures: [u64; crate::rejection::AUTH_FAILURES.len()],
     pub retries: u64,
 }
 
 impl StageSeries {
-    /// Records a request's latency, integration latency, rejection code and retry.
+    /// Records a request's latency, integration latency, rejection code, refused
+    /// credentials and retry.
     pub fn record(
         &self,
         latency: Duration,
         integration: Option<(Duration, usize)>,
         rejection: Option<usize>,
+        auth_failure: Option<crate::rejection::AuthFailure>,
         retried: bool,
     ) {
         let (s, x) = shard(&self.shards);
@@ -192,6 +196,9 @@ impl StageSeries {
         }
         if let Some(code) = rejection.and_then(|c| s.rejections.get(c)) {
             add(code, 1, x);
+        }
+        if let Some(reason) = auth_failure.and_then(|r| s.auth_failures.get(r.index())) {
+            add(reason, 1, x);
         }
         if retried {
             add(&s.retries, 1, x);
@@ -205,6 +212,7 @@ impl StageSeries {
             duration: HistogramTotals::default(),
             integration: Default::default(),
             rejections: [0; crate::rejection::CODES.len()],
+            auth_failures: [0; crate::rejection::AUTH_FAILURES.len()],
             retries: 0,
         };
         for s in self.shards.iter() {
@@ -214,6 +222,9 @@ impl StageSeries {
             }
             for (tr, r) in t.rejections.iter_mut().zip(&s.rejections) {
                 *tr += r.load(Ordering::Relaxed);
+            }
+            for (ta, a) in t.auth_failures.iter_mut().zip(&s.auth_failures) {
+                *ta += a.load(Ordering::Relaxed);
             }
             t.retries += s.retries.load(Ordering::Relaxed);
         }
@@ -459,15 +470,17 @@ mod tests {
             Duration::from_micros(700),
             Some((Duration::from_micros(400), 0)),
             Some(3),
+            Some(crate::rejection::AuthFailure::Signature),
             true,
         );
-        st.record(Duration::from_secs(100), None, None, false);
+        st.record(Duration::from_secs(100), None, None, None, false);
         let t = st.totals();
         assert_eq!(t.duration.count(), 2);
         assert_eq!(t.duration.buckets[1], 1, "0.7 ms ≤ 1 ms");
         assert_eq!(t.duration.buckets[16], 1, "+Inf");
         assert_eq!(t.integration[0].buckets[0], 1);
         assert_eq!((t.rejections[3], t.retries), (1, 1));
+        assert_eq!(t.auth_failures[4], 1);
         assert!((t.duration.sum_seconds - 100.0007).abs() < 1e-9);
     }
 }

@@ -10,15 +10,10 @@ use std::time::Duration;
 use http::HeaderValue;
 use subtle::ConstantTimeEq;
 
+use crate::rejection::AuthFailure;
 use crate::snapshot::model::{QuotaRate, UsagePlan};
 
 pub static HEADER: http::HeaderName = http::HeaderName::from_static("x-scp-apikey");
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KeyError {
-    Missing,
-    Invalid,
-}
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ThrottleSpec {
@@ -103,17 +98,21 @@ pub struct StageKeys {
 }
 
 impl StageKeys {
-    /// The key of the request's `x-scp-apikey`, with its plan.
+    /// The key of the request's `x-scp-apikey`, with its plan. A stage without a plan says
+    /// `no_usage_plan` whether or not a key was sent: no key can pass there, and that is
+    /// what its operator needs to read.
     pub fn check(
         &self,
         headers: &http::HeaderMap,
-    ) -> Result<(Arc<CompiledPlan>, Arc<ApiKey>), KeyError> {
-        let presented = headers.get(&HEADER).ok_or(KeyError::Missing)?;
-        let plan = self.plan.as_ref().ok_or(KeyError::Invalid)?;
-        let key = plan.find(presented.as_bytes()).ok_or(KeyError::Invalid)?;
+    ) -> Result<(Arc<CompiledPlan>, Arc<ApiKey>), AuthFailure> {
+        let plan = self.plan.as_ref().ok_or(AuthFailure::NoUsagePlan)?;
+        let presented = headers.get(&HEADER).ok_or(AuthFailure::MissingKey)?;
+        let key = plan
+            .find(presented.as_bytes())
+            .ok_or(AuthFailure::UnknownKey)?;
         if let Some(allowed) = &self.allowed {
             if !allowed.contains(&key.id) {
-                return Err(KeyError::Invalid);
+                return Err(AuthFailure::KeyNotAllowed);
             }
         }
         Ok((plan.clone(), key.clone()))
@@ -153,10 +152,13 @@ mod tests {
             "k01"
         );
         assert_eq!(&*all.check(&hdr("plain-key-value")).unwrap().1.id, "k02");
-        assert_eq!(all.check(&hdr("nope")).unwrap_err(), KeyError::Invalid);
+        assert_eq!(
+            all.check(&hdr("nope")).unwrap_err(),
+            AuthFailure::UnknownKey
+        );
         assert_eq!(
             all.check(&http::HeaderMap::new()).unwrap_err(),
-            KeyError::Missing
+            AuthFailure::MissingKey
         );
         let only_k02 = StageKeys {
             plan: Some(plan()),
@@ -164,12 +166,16 @@ mod tests {
         };
         assert_eq!(
             only_k02.check(&hdr("mobile-app-key-0001")).unwrap_err(),
-            KeyError::Invalid
+            AuthFailure::KeyNotAllowed
         );
         let no_plan = StageKeys::default();
         assert_eq!(
             no_plan.check(&hdr("plain-key-value")).unwrap_err(),
-            KeyError::Invalid
+            AuthFailure::NoUsagePlan
+        );
+        assert_eq!(
+            no_plan.check(&http::HeaderMap::new()).unwrap_err(),
+            AuthFailure::NoUsagePlan
         );
     }
 }

@@ -20,16 +20,8 @@ use base64::Engine as _;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::{Map, Value};
 
+use crate::rejection::AuthFailure;
 use crate::snapshot::model::{Auth, JwtAlg, Verification};
-
-/// Why a request has no verified token.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum JwtError {
-    /// No `Authorization: Bearer` token.
-    Missing,
-    /// A token that does not verify against any candidate key.
-    Invalid,
-}
 
 struct Key {
     kid: Option<String>,
@@ -54,6 +46,70 @@ impl std::fmt::Debug for CompiledAuth {
             .field("id", &self.id)
             .field("keys", &self.keys.len())
             .finish()
+    }
+}
+
+/// What a jsonwebtoken error says about the token.
+fn failure(kind: &jsonwebtoken::errors::ErrorKind) -> AuthFailure {
+    use jsonwebtoken::errors::ErrorKind as K;
+    match kind {
+        K::ExpiredSignature => AuthFailure::Expired,
+        K::ImmatureSignature => AuthFailure::NotYetValid,
+        K::MissingRequiredClaim(_) => AuthFailure::MissingClaim,
+        K::InvalidIssuer => AuthFailure::Issuer,
+        K::InvalidAudience => AuthFailure::Audience,
+        K::InvalidAlgorithm | K::MissingAlgorithm | K::InvalidAlgorithmName => {
+            AuthFailure::Algorithm
+        }
+        K::InvalidToken | K::Base64(_) | K::Json(_) | K::Utf8(_) => AuthFailure::Malformed,
+        // The signature, or a key that cannot check it; jsonwebtoken's kinds are not
+        // exhaustive, and whatever it adds is a token that did not verify.
+        _ => AuthFailure::Signature,
+    }
+}
+
+/// Why a token's header could not be read: a well-formed header naming an algorithm
+/// jsonwebtoken does not have (`none` above all) is refused for its algorithm; anything
+/// else is malformed.
+fn unreadable_header(token: &str) -> AuthFailure {
+    let named_alg = token
+        .split('.')
+        .next()
+        .and_then(|h| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(h)
+                .ok()
+        })
+        .and_then(|json| serde_json::from_slice::<Map<String, Value>>(&json).ok())
+        .is_some_and(|header| header.get("alg").is_some_and(Value::is_string));
+    if named_alg && token.split('.').count() == 3 {
+        AuthFailure::Algorithm
+    } else {
+        AuthFailure::Malformed
+    }
+}
+
+/// How far a token got with one key: of several candidate keys, the refusal reported is the
+/// one of the key that got furthest (a token signed by auth B but expired says `expired`,
+/// not the `signature` failure of auth A tried first).
+fn progress(f: AuthFailure) -> u8 {
+    match f {
+        AuthFailure::UnknownKid => 0,
+        AuthFailure::Algorithm => 1,
+        AuthFailure::Signature => 2,
+        AuthFailure::Malformed => 3,
+        AuthFailure::Expired
+        | AuthFailure::NotYetValid
+        | AuthFailure::MissingClaim
+        | AuthFailure::Issuer
+        | AuthFailure::Audience => 4,
+        AuthFailure::AuthExpired => 5,
+        AuthFailure::MissingToken
+        | AuthFailure::NoAuth
+        | AuthFailure::MissingKey
+        | AuthFailure::UnknownKey
+        | AuthFailure::KeyNotAllowed
+        | AuthFailure::NoUsagePlan => 0,
     }
 }
 
@@ -166,20 +222,23 @@ impl CompiledAuth {
         })
     }
 
-    fn try_key(&self, token: &str, key: &Key, now: i64) -> Option<Map<String, Value>> {
-        if self.expired_at.is_some_and(|e| now > e) {
-            return None;
-        }
-        let data =
-            jsonwebtoken::decode::<Map<String, Value>>(token, &key.key, &key.validation).ok()?;
+    /// The token's claims when `key` verifies it and they pass, else why not. An auth past
+    /// its `expired_at` still checks the signature, so that `auth_expired` is said only of
+    /// tokens that auth would otherwise have accepted.
+    fn try_key(&self, token: &str, key: &Key, now: i64) -> Result<Map<String, Value>, AuthFailure> {
+        let data = jsonwebtoken::decode::<Map<String, Value>>(token, &key.key, &key.validation)
+            .map_err(|e| failure(e.kind()))?;
         // `iat` in the future (beyond the leeway) is invalid too.
         if let Some(iat) = data.claims.get("iat") {
-            let iat = iat.as_f64()?;
+            let iat = iat.as_f64().ok_or(AuthFailure::Malformed)?;
             if iat > (now + self.leeway as i64) as f64 {
-                return None;
+                return Err(AuthFailure::NotYetValid);
             }
         }
-        Some(data.claims)
+        if self.expired_at.is_some_and(|e| now > e) {
+            return Err(AuthFailure::AuthExpired);
+        }
+        Ok(data.claims)
     }
 
     /// The last second at which a token with these (verified) claims is still accepted:
@@ -280,8 +339,14 @@ impl StageJwt {
 
     /// Verifies the request's token against the stage's auths. With a `kid`, only the auth
     /// with that id (or the JWKS key with that kid) is tried; otherwise every candidate.
-    pub fn verify(&self, headers: &http::HeaderMap) -> Result<Verified, JwtError> {
-        let token = bearer(headers).ok_or(JwtError::Missing)?;
+    pub fn verify(&self, headers: &http::HeaderMap) -> Result<Verified, AuthFailure> {
+        let Some(token) = bearer(headers) else {
+            return Err(if self.auths.is_empty() {
+                AuthFailure::NoAuth
+            } else {
+                AuthFailure::MissingToken
+            });
+        };
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
         if let Some((claims, sub_header, valid_until)) = self.cache().get(token) {
             if now <= valid_until {
@@ -293,8 +358,16 @@ impl StageJwt {
     }
 
     /// Verifies `token` in full (signature, claims) and caches it when it verifies.
-    pub fn verify_token(&self, token: &str, now: i64) -> Result<Verified, JwtError> {
-        let header = jsonwebtoken::decode_header(token).map_err(|_| JwtError::Invalid)?;
+    pub fn verify_token(&self, token: &str, now: i64) -> Result<Verified, AuthFailure> {
+        if self.auths.is_empty() {
+            return Err(AuthFailure::NoAuth);
+        }
+        let header = jsonwebtoken::decode_header(token).map_err(|_| unreadable_header(token))?;
+        let mut refused = if header.kid.is_some() {
+            AuthFailure::UnknownKid
+        } else {
+            AuthFailure::Algorithm
+        };
         for auth in &self.auths {
             for key in &auth.keys {
                 let eligible = match (&header.kid, &key.kid) {
@@ -302,23 +375,32 @@ impl StageJwt {
                     (Some(kid), Some(k)) => kid == k,
                     (Some(kid), None) => **kid == *auth.id,
                 };
-                // The auth decides the algorithm; a token claiming another is not tried.
-                if !eligible || key.alg != header.alg {
+                if !eligible {
                     continue;
                 }
-                if let Some(claims) = auth.try_key(token, key, now) {
-                    let verified = Verified::new(Arc::new(claims));
-                    if let Some(until) = auth.valid_until(&verified.claims) {
-                        self.cache().insert(
-                            token.into(),
-                            (verified.claims.clone(), verified.sub_header.clone(), until),
-                        );
+                // The auth decides the algorithm; a token claiming another is not tried.
+                let outcome = if key.alg == header.alg {
+                    auth.try_key(token, key, now)
+                } else {
+                    Err(AuthFailure::Algorithm)
+                };
+                match outcome {
+                    Ok(claims) => {
+                        let verified = Verified::new(Arc::new(claims));
+                        if let Some(until) = auth.valid_until(&verified.claims) {
+                            self.cache().insert(
+                                token.into(),
+                                (verified.claims.clone(), verified.sub_header.clone(), until),
+                            );
+                        }
+                        return Ok(verified);
                     }
-                    return Ok(verified);
+                    Err(f) if progress(f) > progress(refused) => refused = f,
+                    Err(_) => {}
                 }
             }
         }
-        Err(JwtError::Invalid)
+        Err(refused)
     }
 }
 
@@ -369,42 +451,79 @@ mod tests {
         assert_eq!(ok.sub(), Some("alice"));
         let cases = [
             (
-                "expired beyond leeway",
                 json!({"exp": now() - 120, "aud": "orders", "iss": "idp"}),
+                AuthFailure::Expired,
             ),
-            ("no exp", json!({"aud": "orders", "iss": "idp"})),
             (
-                "future nbf",
+                json!({"aud": "orders", "iss": "idp"}),
+                AuthFailure::MissingClaim,
+            ),
+            (
                 json!({"exp": now() + 300, "nbf": now() + 600, "aud": "orders", "iss": "idp"}),
+                AuthFailure::NotYetValid,
             ),
             (
-                "future iat",
                 json!({"exp": now() + 300, "iat": now() + 600, "aud": "orders", "iss": "idp"}),
+                AuthFailure::NotYetValid,
             ),
             (
-                "wrong aud",
                 json!({"exp": now() + 300, "aud": "billing", "iss": "idp"}),
+                AuthFailure::Audience,
             ),
-            ("missing aud", json!({"exp": now() + 300, "iss": "idp"})),
             (
-                "wrong iss",
+                json!({"exp": now() + 300, "iss": "idp"}),
+                AuthFailure::MissingClaim,
+            ),
+            (
                 json!({"exp": now() + 300, "aud": "orders", "iss": "evil"}),
+                AuthFailure::Issuer,
+            ),
+            // An `exp` that is not a number is no `exp` (jsonwebtoken reads it so).
+            (
+                json!({"exp": "soon", "aud": "orders", "iss": "idp"}),
+                AuthFailure::MissingClaim,
             ),
         ];
-        for (what, claims) in cases {
+        for (claims, reason) in cases {
             assert_eq!(
-                v.verify(&headers(&hs(claims, Header::default())))
+                v.verify(&headers(&hs(claims.clone(), Header::default())))
                     .unwrap_err(),
-                JwtError::Invalid,
-                "{what}"
+                reason,
+                "{claims}"
             );
         }
+        // A wrong secret says `signature`, even for an expired token: the claims of a
+        // token that does not verify are not looked at.
+        let forged = encode(
+            &Header::default(),
+            &json!({"exp": now() - 120, "aud": "orders", "iss": "idp"}),
+            &EncodingKey::from_secret(b"another-secret"),
+        )
+        .unwrap();
+        assert_eq!(
+            v.verify(&headers(&forged)).unwrap_err(),
+            AuthFailure::Signature
+        );
+        assert_eq!(
+            v.verify(&headers("not.a-jwt")).unwrap_err(),
+            AuthFailure::Malformed
+        );
         // Within the leeway is fine.
         let recent = json!({"exp": now() - 30, "aud": "orders", "iss": "idp"});
         assert!(v.verify(&headers(&hs(recent, Header::default()))).is_ok());
         assert_eq!(
             v.verify(&http::HeaderMap::new()).unwrap_err(),
-            JwtError::Missing
+            AuthFailure::MissingToken
+        );
+        let none = StageJwt::default();
+        assert_eq!(
+            none.verify(&http::HeaderMap::new()).unwrap_err(),
+            AuthFailure::NoAuth
+        );
+        assert_eq!(
+            none.verify(&headers(&hs(good, Header::default())))
+                .unwrap_err(),
+            AuthFailure::NoAuth
         );
     }
 
@@ -419,10 +538,13 @@ mod tests {
             b64(r#"{"alg":"none","typ":"JWT"}"#),
             b64(&claims.to_string())
         );
-        assert_eq!(v.verify(&headers(&none)).unwrap_err(), JwtError::Invalid);
+        assert_eq!(
+            v.verify(&headers(&none)).unwrap_err(),
+            AuthFailure::Algorithm
+        );
         // HS512 with the same secret: the auth pins HS256.
         let t = hs(claims.clone(), Header::new(Algorithm::HS512));
-        assert_eq!(v.verify(&headers(&t)).unwrap_err(), JwtError::Invalid);
+        assert_eq!(v.verify(&headers(&t)).unwrap_err(), AuthFailure::Algorithm);
         // A kid naming another auth.
         let h = Header {
             kid: Some("other".into()),
@@ -430,7 +552,7 @@ mod tests {
         };
         assert_eq!(
             v.verify(&headers(&hs(claims.clone(), h))).unwrap_err(),
-            JwtError::Invalid
+            AuthFailure::UnknownKid
         );
         let h = Header {
             kid: Some("au01".into()),
@@ -448,7 +570,20 @@ mod tests {
             .unwrap();
         let v = StageJwt::new(vec![Arc::new(CompiledAuth::compile(&a).unwrap())]);
         let t = hs(json!({"exp": now() + 300}), Header::default());
-        assert_eq!(v.verify(&headers(&t)).unwrap_err(), JwtError::Invalid);
+        assert_eq!(
+            v.verify(&headers(&t)).unwrap_err(),
+            AuthFailure::AuthExpired
+        );
+        let other = encode(
+            &Header::default(),
+            &json!({"exp": now() + 300}),
+            &EncodingKey::from_secret(b"another-secret"),
+        )
+        .unwrap();
+        assert_eq!(
+            v.verify(&headers(&other)).unwrap_err(),
+            AuthFailure::Signature
+        );
     }
 
     #[test]
@@ -476,7 +611,10 @@ mod tests {
         assert!(v.verify(&headers(&forged)).is_ok());
         v.cache()
             .insert(forged.as_str().into(), (claims, None, now() - 1));
-        assert_eq!(v.verify(&headers(&forged)).unwrap_err(), JwtError::Invalid);
+        assert_eq!(
+            v.verify(&headers(&forged)).unwrap_err(),
+            AuthFailure::Signature
+        );
         assert!(
             v.cache().get(forged.as_str()).is_none(),
             "stale entry dropped"
