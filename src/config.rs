@@ -384,6 +384,28 @@ mod duration {
     }
 }
 
+/// One line for a TOML error: where (line and column), which key, and what is wrong.
+fn parse_message(text: &str, e: &serde_path_to_error::Error<toml::de::Error>) -> String {
+    let inner = e.inner();
+    let at = inner.span().map(|span| {
+        let before = &text[..span.start.min(text.len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+        format!("line {line}, column {column}: ")
+    });
+    let key = e.path().to_string();
+    let key = if key == "." || key.is_empty() {
+        String::new()
+    } else {
+        format!("`{key}`: ")
+    };
+    format!(
+        "{}{key}{}",
+        at.unwrap_or_default(),
+        inner.message().trim_end().replace('\n', "; ")
+    )
+}
+
 /// Parses an address or a CIDR; a plain address is a single-host network.
 pub fn parse_net(s: &str) -> Result<IpNet, String> {
     let s = s.trim();
@@ -413,10 +435,13 @@ pub struct Overrides {
 
 impl Config {
     pub fn from_toml(path: &Path, text: &str) -> Result<Self, ConfigError> {
-        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            message: e.to_string(),
-        })?;
+        let cfg: Config =
+            serde_path_to_error::deserialize(toml::Deserializer::new(text)).map_err(|e| {
+                ConfigError::Parse {
+                    path: path.to_owned(),
+                    message: parse_message(text, &e),
+                }
+            })?;
         cfg.check()?;
         Ok(cfg)
     }
@@ -606,6 +631,11 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("idle_timeout") && e.contains("\"500ms\""), "{e}");
+        // One line: where, which key, what.
+        assert!(
+            e.contains("line 2, column 16: `limits.idle_timeout`: ") && !e.contains('\n'),
+            "{e}"
+        );
     }
 
     #[test]

@@ -106,8 +106,9 @@ pub fn reconcile(app: &App) -> Report {
             continue;
         }
         st.files.insert(file.clone(), hash);
-        match snapshot::build(&bytes) {
-            Ok(api) => {
+        match snapshot::check(&bytes) {
+            Ok((api, warnings)) => {
+                snapshot::log_warnings(&file.display().to_string(), &warnings);
                 let (id, revision) = (api.id.clone(), api.revision);
                 match app.install(Arc::new(api)) {
                     Ok(()) => {
@@ -183,6 +184,7 @@ fn try_push(app: &App, path_id: &str, bytes: &[u8]) -> Result<u64, PushError> {
         });
     }
     snapshot::validate::validate(&parsed).map_err(PushError::Invalid)?;
+    let warnings = snapshot::warnings::warnings(&parsed);
     let api = Arc::new(snapshot::compile::compile(parsed).map_err(PushError::Invalid)?);
     let revision = api.revision;
     let sd = &app.snapshots;
@@ -203,6 +205,7 @@ fn try_push(app: &App, path_id: &str, bytes: &[u8]) -> Result<u64, PushError> {
     let id = api.id.clone();
     app.install(api).map_err(refused)?;
     tracing::info!(api_id = %id, revision, file = %target.display(), "snapshot pushed and loaded");
+    snapshot::log_warnings(&target.display().to_string(), &warnings);
     st.sources.insert(id, target);
     Ok(revision)
 }

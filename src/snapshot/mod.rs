@@ -75,14 +75,25 @@ fn read(path: &Path) -> Result<Vec<u8>, Vec<Issue>> {
     })
 }
 
-/// Checks one snapshot file as `validate` does: the API it would load, and the warnings of
-/// its settings (never an error by themselves).
-pub fn check_file(path: &Path) -> Result<(CompiledApi, Vec<Issue>), Vec<Issue>> {
-    let bytes = read(path)?;
-    let snapshot = parse(&bytes).map_err(|e| vec![e])?;
+/// Parses, validates and compiles one document, with the warnings of its settings (never
+/// an error by themselves).
+pub fn check(bytes: &[u8]) -> Result<(CompiledApi, Vec<Issue>), Vec<Issue>> {
+    let snapshot = parse(bytes).map_err(|e| vec![e])?;
     validate::validate(&snapshot)?;
     let warnings = warnings::warnings(&snapshot);
     Ok((compile::compile(snapshot)?, warnings))
+}
+
+/// Checks one snapshot file as `validate` does.
+pub fn check_file(path: &Path) -> Result<(CompiledApi, Vec<Issue>), Vec<Issue>> {
+    check(&read(path)?)
+}
+
+/// Logs the warnings of a snapshot being loaded (one line each, naming the file or API).
+pub fn log_warnings(source: &str, warnings: &[Issue]) {
+    for w in warnings {
+        tracing::warn!(source, path = %w.path, "snapshot warning: {}", w.message);
+    }
 }
 
 /// The snapshot files of a directory (`*.json`, sorted by name so load order is stable).
