@@ -71,7 +71,7 @@ impl App {
         let (quota, fleet): (Arc<dyn QuotaStore>, _) = match config.quota.backend {
             QuotaBackend::Local => (LocalQuotaStore::open(db.clone())?, None),
             QuotaBackend::Redis => {
-                let fleet = Fleet::start(&config.quota.redis_url, config.quota.timeout)?;
+                let fleet = Fleet::start(&config.quota)?;
                 (
                     RedisQuotaStore::new(fleet.clone(), RETENTION_DAYS * 86_400),
                     Some(fleet),

@@ -162,13 +162,56 @@ pub enum FailureMode {
 pub struct QuotaConfig {
     #[serde(default = "default_backend")]
     pub backend: QuotaBackend,
+    /// `redis://` or `rediss://` (TLS), with `user:password@` when the server wants them.
     #[serde(default = "default_redis_url")]
     pub redis_url: String,
+    /// PEM file of the CA that signed the Redis servers' certificates (a private CA);
+    /// without it, `rediss://` trusts the system's roots.
+    #[serde(default)]
+    pub redis_ca_file: Option<PathBuf>,
+    /// `true`: `redis_url` names one node of a Redis Cluster; a list of `host:port`:
+    /// more seed nodes, reached with `redis_url`'s scheme and credentials.
+    #[serde(default)]
+    pub redis_cluster: RedisCluster,
     #[serde(default = "default_failure_mode")]
     pub failure_mode: FailureMode,
     /// Per-call timeout of the shared quota store.
     #[serde(default = "default_quota_timeout", with = "duration")]
     pub timeout: Duration,
+}
+
+/// `quota.redis_cluster`: off, on (seeded by `redis_url`), or on with more seed nodes.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(
+    untagged,
+    expecting = "`true`, `false` or a list of \"host:port\" seed nodes"
+)]
+pub enum RedisCluster {
+    Enabled(bool),
+    Seeds(Vec<String>),
+}
+
+impl Default for RedisCluster {
+    fn default() -> Self {
+        Self::Enabled(false)
+    }
+}
+
+impl RedisCluster {
+    pub fn is_on(&self) -> bool {
+        match self {
+            Self::Enabled(on) => *on,
+            Self::Seeds(_) => true,
+        }
+    }
+
+    /// Seed nodes besides `redis_url`'s own.
+    pub fn extra_seeds(&self) -> &[String] {
+        match self {
+            Self::Enabled(_) => &[],
+            Self::Seeds(s) => s,
+        }
+    }
 }
 
 /// Request limits of `request-pipeline.md` ("Limits"). All configurable.
@@ -338,6 +381,8 @@ impl Default for QuotaConfig {
         Self {
             backend: default_backend(),
             redis_url: default_redis_url(),
+            redis_ca_file: None,
+            redis_cluster: RedisCluster::default(),
             failure_mode: default_failure_mode(),
             timeout: default_quota_timeout(),
         }
@@ -476,6 +521,9 @@ impl Config {
             fix(p);
         }
         if let Some(p) = &mut self.upstream.extra_ca_file {
+            fix(p);
+        }
+        if let Some(p) = &mut self.quota.redis_ca_file {
             fix(p);
         }
         for t in &mut self.server.tls {
@@ -636,6 +684,51 @@ mod tests {
             e.contains("line 2, column 16: `limits.idle_timeout`: ") && !e.contains('\n'),
             "{e}"
         );
+    }
+
+    /// Every TOML block of the README and of docs/operations.md is a configuration the
+    /// gateway accepts (the fleet examples included), so the docs cannot drift from the keys.
+    #[test]
+    fn the_documented_toml_examples_parse() {
+        for (name, text) in [
+            ("README.md", include_str!("../README.md")),
+            ("docs/operations.md", include_str!("../docs/operations.md")),
+        ] {
+            let blocks: Vec<&str> = text
+                .split("```toml\n")
+                .skip(1)
+                .map(|b| b.split("```").next().unwrap())
+                .collect();
+            for b in &blocks {
+                let cfg = Config::from_toml(Path::new(name), b)
+                    .unwrap_or_else(|e| panic!("{name}: {e}\n{b}"));
+                if b.contains("redis_cluster = true") {
+                    assert!(cfg.quota.redis_cluster.is_on());
+                    assert!(cfg.quota.redis_ca_file.is_some());
+                }
+            }
+            if name == "README.md" {
+                assert!(!blocks.is_empty(), "README has a TOML example");
+            }
+        }
+    }
+
+    #[test]
+    fn cluster_seeds_are_a_list_or_a_flag() {
+        let cfg = Config::from_toml(
+            Path::new("t.toml"),
+            "[quota]\nbackend = \"redis\"\nredis_cluster = [\"10.0.0.6:6379\"]\n",
+        )
+        .unwrap();
+        assert!(cfg.quota.redis_cluster.is_on());
+        assert_eq!(cfg.quota.redis_cluster.extra_seeds(), ["10.0.0.6:6379"]);
+        let cfg =
+            Config::from_toml(Path::new("t.toml"), "[quota]\nredis_cluster = false\n").unwrap();
+        assert!(!cfg.quota.redis_cluster.is_on());
+        let err = Config::from_toml(Path::new("t.toml"), "[quota]\nredis_cluster = 3\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("quota.redis_cluster"), "{err}");
     }
 
     #[test]

@@ -9,11 +9,17 @@
 //! it may carry a password.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::{ClusterClient, ClusterClientBuilder};
+use redis::cluster_async::ClusterConnection;
+use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo, TlsCertificates};
+
+use crate::config::QuotaConfig;
 
 /// Key prefix of everything the gateway keeps in Redis.
 pub const PREFIX: &str = "scpgw";
@@ -28,46 +34,240 @@ pub enum FleetError {
     Redis(#[from] redis::RedisError),
 }
 
+/// One connection to the fleet's store, whichever its kind. Both kinds multiplex: a clone
+/// shares the connection, and calls from every worker go out on it concurrently.
+// Not boxed: a call clones the connection out of its `Arc` (the crate's calls need `&mut`);
+// a box would add an allocation to every admission.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone)]
+pub enum FleetConn {
+    /// A standalone Redis (or a proxy in front of one); reconnects by itself.
+    Single(ConnectionManager),
+    /// A Redis Cluster: routes each call to the master of its key's slot, follows
+    /// `MOVED`/`ASK` and refreshes the slot map after a failover by itself.
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for FleetConn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Self::Single(c) => c.req_packed_command(cmd),
+            Self::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Self::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Self::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Single(c) => c.get_db(),
+            Self::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// What the background task connects with.
+enum Connector {
+    Single(redis::Client),
+    Cluster(ClusterClient),
+}
+
+impl Connector {
+    /// Reads `quota.redis_url`, `quota.redis_ca_file` and `quota.redis_cluster`. Errors name
+    /// the key and never echo the URL (it may hold a password).
+    fn new(cfg: &QuotaConfig) -> Result<Self, String> {
+        let bad_url = |e: redis::RedisError| {
+            format!("config key `quota.redis_url`: not a usable Redis URL: {e}")
+        };
+        let info = cfg
+            .redis_url
+            .as_str()
+            .into_connection_info()
+            .map_err(bad_url)?;
+        let certs = match &cfg.redis_ca_file {
+            None => None,
+            Some(path) => {
+                let pem = std::fs::read(path).map_err(|e| {
+                    format!("config key `quota.redis_ca_file`: {}: {e}", path.display())
+                })?;
+                let mut rd = pem.as_slice();
+                let n = rustls_pemfile::certs(&mut rd).filter(Result::is_ok).count();
+                if n == 0 {
+                    return Err(format!(
+                        "config key `quota.redis_ca_file`: {}: no PEM certificate in it",
+                        path.display()
+                    ));
+                }
+                if !matches!(info.addr, ConnectionAddr::TcpTls { .. }) {
+                    return Err("config key `quota.redis_ca_file`: set, but `quota.redis_url` is not a `rediss://` (TLS) URL".to_owned());
+                }
+                Some(TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem),
+                })
+            }
+        };
+        if !cfg.redis_cluster.is_on() {
+            let client = match certs {
+                Some(c) => redis::Client::build_with_tls(info, c),
+                None => redis::Client::open(info),
+            }
+            .map_err(bad_url)?;
+            return Ok(Self::Single(client));
+        }
+        if info.redis.db != 0 {
+            return Err("config key `quota.redis_url`: a Redis Cluster has only database 0; drop the `/N` from the URL".to_owned());
+        }
+        let mut seeds = vec![info.clone()];
+        for (i, s) in cfg.redis_cluster.extra_seeds().iter().enumerate() {
+            seeds.push(seed(&info, s).ok_or_else(|| {
+                format!(
+                    "config key `quota.redis_cluster[{i}]`: {s:?} is not a \"host:port\" address"
+                )
+            })?);
+        }
+        let mut b = ClusterClientBuilder::new(seeds)
+            .connection_timeout(cfg.timeout.max(Duration::from_millis(250)))
+            .response_timeout(cfg.timeout.max(Duration::from_millis(250)));
+        if let Some(c) = certs {
+            b = b.certs(c);
+        }
+        let client = b
+            .build()
+            .map_err(|e| format!("config key `quota.redis_cluster`: {e}"))?;
+        Ok(Self::Cluster(client))
+    }
+
+    async fn connect(&self, timeout: Duration) -> redis::RedisResult<FleetConn> {
+        match self {
+            Self::Single(client) => {
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(timeout.max(Duration::from_millis(250)))
+                    .set_response_timeout(timeout)
+                    .set_exponent_base(2)
+                    .set_factor(100)
+                    // One quick retry per (re)connection: a wrong password or an untrusted
+                    // certificate is warned about within a second, not after the crate's six
+                    // retries; our own loop (and the next request, after a drop) tries again.
+                    .set_number_of_retries(1)
+                    .set_max_delay(MAX_BACKOFF.as_millis() as u64);
+                Ok(FleetConn::Single(
+                    ConnectionManager::new_with_config(client.clone(), config).await?,
+                ))
+            }
+            Self::Cluster(client) => Ok(FleetConn::Cluster(client.get_async_connection().await?)),
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            Self::Single(_) => "Redis",
+            Self::Cluster(_) => "Redis Cluster",
+        }
+    }
+}
+
+/// A seed node `host:port` reached like `base` (same scheme, TLS settings and credentials).
+fn seed(base: &ConnectionInfo, hostport: &str) -> Option<ConnectionInfo> {
+    let (host, port) = hostport.rsplit_once(':')?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port: u16 = port.parse().ok()?;
+    if host.is_empty() || host.contains(['/', '@', ' ']) {
+        return None;
+    }
+    let mut info = base.clone();
+    info.addr = match &base.addr {
+        ConnectionAddr::TcpTls {
+            insecure,
+            tls_params,
+            ..
+        } => ConnectionAddr::TcpTls {
+            host: host.to_owned(),
+            port,
+            insecure: *insecure,
+            tls_params: tls_params.clone(),
+        },
+        ConnectionAddr::Tcp(..) | ConnectionAddr::Unix(_) => {
+            ConnectionAddr::Tcp(host.to_owned(), port)
+        }
+    };
+    Some(info)
+}
+
+/// The fleet's connections. Shared: one connection made at start by the control thread
+/// (it warns while Redis is unreachable and serves the admin API and report pushes).
+/// Per worker: each data-plane worker makes its own on its first call, on its own runtime,
+/// so that an admission's round trip wakes no other thread (a call on a connection driven
+/// by another thread costs two cross-thread wake-ups, measured as a third of a worker's
+/// throughput in fleet mode). Until a worker's own connection is up, the worker uses the
+/// shared one.
 pub struct Fleet {
-    conn: ArcSwapOption<ConnectionManager>,
+    connector: Arc<Connector>,
+    shared: ArcSwapOption<FleetConn>,
+    workers: Box<[Arc<WorkerConn>]>,
     timeout: Duration,
+    started: std::time::Instant,
+}
+
+/// One worker's own connection and whether it is being made.
+#[derive(Default)]
+struct WorkerConn {
+    conn: ArcSwapOption<FleetConn>,
+    connecting: AtomicBool,
+    /// Milliseconds since the fleet started before which no new attempt is made (after a
+    /// failed one).
+    retry_after_ms: AtomicU64,
 }
 
 /// Longest wait between two connection attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 impl Fleet {
-    /// Checks the URL (the error names `quota.redis_url` without echoing it) and starts
-    /// connecting in the background. Needs a tokio runtime.
-    pub fn start(url: &str, timeout: Duration) -> Result<Arc<Self>, String> {
-        let client = redis::Client::open(url)
-            .map_err(|e| format!("config key `quota.redis_url`: not a usable Redis URL: {e}"))?;
+    /// Checks the URL and its companions (errors name the key without echoing the URL) and
+    /// starts connecting in the background. Needs a tokio runtime; call it after the worker
+    /// count is set.
+    pub fn start(cfg: &QuotaConfig) -> Result<Arc<Self>, String> {
+        let connector = Arc::new(Connector::new(cfg)?);
+        let timeout = cfg.timeout;
         let fleet = Arc::new(Self {
-            conn: ArcSwapOption::empty(),
+            connector: connector.clone(),
+            shared: ArcSwapOption::empty(),
+            workers: (0..crate::worker::count())
+                .map(|_| Arc::default())
+                .collect(),
             timeout,
+            started: std::time::Instant::now(),
         });
         let weak = Arc::downgrade(&fleet);
         tokio::spawn(async move {
             let mut backoff = Duration::from_millis(100);
+            let kind = connector.kind();
             loop {
-                let config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(timeout.max(Duration::from_millis(250)))
-                    .set_response_timeout(timeout)
-                    .set_exponent_base(2)
-                    .set_factor(100)
-                    .set_max_delay(MAX_BACKOFF.as_millis() as u64);
-                match ConnectionManager::new_with_config(client.clone(), config).await {
+                match connector.connect(timeout).await {
                     Ok(conn) => {
                         let Some(fleet) = weak.upgrade() else { return };
-                        fleet.conn.store(Some(Arc::new(conn)));
-                        tracing::info!("connected to the fleet's Redis");
+                        fleet.shared.store(Some(Arc::new(conn)));
+                        tracing::info!(store = kind, "connected to the fleet's Redis");
                         return;
                     }
                     Err(e) => {
                         if weak.strong_count() == 0 {
                             return;
                         }
-                        tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot connect to the fleet's Redis; quota failure mode applies");
+                        tracing::warn!(store = kind, error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot connect to the fleet's Redis; quota failure mode applies");
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(MAX_BACKOFF);
                     }
@@ -81,13 +281,47 @@ impl Fleet {
         self.timeout
     }
 
-    /// Runs one call on the shared connection, bounded by the timeout.
+    /// The connection for the current thread: the worker's own when it is up, else the
+    /// shared one (and the worker's own is started in the background, once the shared one
+    /// proved Redis reachable).
+    fn conn(&self) -> Option<Arc<FleetConn>> {
+        let shared = self.shared.load_full()?;
+        let Some(w) = self.workers.get(crate::worker::index()) else {
+            return Some(shared);
+        };
+        if let Some(own) = w.conn.load_full() {
+            return Some(own);
+        }
+        let now_ms = self.started.elapsed().as_millis() as u64;
+        if now_ms >= w.retry_after_ms.load(Ordering::Relaxed)
+            && !w.connecting.swap(true, Ordering::AcqRel)
+        {
+            let (w, connector, timeout) = (w.clone(), self.connector.clone(), self.timeout);
+            let started = self.started;
+            tokio::spawn(async move {
+                match connector.connect(timeout).await {
+                    Ok(conn) => w.conn.store(Some(Arc::new(conn))),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "a worker's own Redis connection failed; it uses the shared one meanwhile");
+                        let retry = started.elapsed() + MAX_BACKOFF;
+                        w.retry_after_ms
+                            .store(retry.as_millis() as u64, Ordering::Relaxed);
+                    }
+                }
+                w.connecting.store(false, Ordering::Release);
+            });
+        }
+        Some(shared)
+    }
+
+    /// Runs one call, bounded by the timeout. In a cluster, every key of one call must hash
+    /// to one slot (the key layout sees to it).
     pub async fn call<T, F, Fut>(&self, f: F) -> Result<T, FleetError>
     where
-        F: FnOnce(ConnectionManager) -> Fut,
+        F: FnOnce(FleetConn) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
-        let conn = self.conn.load_full().ok_or(FleetError::NotConnected)?;
+        let conn = self.conn().ok_or(FleetError::NotConnected)?;
         match tokio::time::timeout(self.timeout, f((*conn).clone())).await {
             Ok(r) => Ok(r?),
             Err(_) => Err(FleetError::Timeout(self.timeout)),
@@ -96,10 +330,16 @@ impl Fleet {
 }
 
 /// A Redis key part from an id: `%` and `:` percent-encoded, so that ids containing the
-/// separator cannot make two different (plan, key) pairs share a key.
+/// separator cannot make two different (plan, key) pairs share a key, and `{` `}` too, so
+/// that an id cannot move a key's hash tag (the part of the name that picks its cluster
+/// slot).
 pub fn key_part(id: &str) -> std::borrow::Cow<'_, str> {
-    if id.contains([':', '%']) {
-        id.replace('%', "%25").replace(':', "%3A").into()
+    if id.contains([':', '%', '{', '}']) {
+        id.replace('%', "%25")
+            .replace(':', "%3A")
+            .replace('{', "%7B")
+            .replace('}', "%7D")
+            .into()
     } else {
         id.into()
     }
@@ -107,11 +347,40 @@ pub fn key_part(id: &str) -> std::borrow::Cow<'_, str> {
 
 #[cfg(test)]
 mod tests {
+    use redis::{ConnectionAddr, IntoConnectionInfo};
+
+    #[test]
+    fn seeds_take_the_scheme_and_credentials_of_the_url() {
+        let base = "rediss://gw:pw@10.0.0.5:6380"
+            .into_connection_info()
+            .unwrap();
+        let s = super::seed(&base, "10.0.0.6:6381").unwrap();
+        assert!(
+            matches!(&s.addr, ConnectionAddr::TcpTls { host, port: 6381, .. } if host == "10.0.0.6")
+        );
+        assert_eq!(s.redis.username.as_deref(), Some("gw"));
+        assert_eq!(s.redis.password.as_deref(), Some("pw"));
+        let plain = "redis://10.0.0.5:6379".into_connection_info().unwrap();
+        let s = super::seed(&plain, "[::1]:7000").unwrap();
+        assert!(matches!(&s.addr, ConnectionAddr::Tcp(host, 7000) if host == "::1"));
+        for bad in [
+            "nowhere",
+            "host:",
+            ":7000",
+            "host:99999",
+            "u@host:1",
+            "redis://h:1",
+        ] {
+            assert!(super::seed(&plain, bad).is_none(), "{bad}");
+        }
+    }
+
     #[test]
     fn key_parts_are_unambiguous() {
         assert_eq!(super::key_part("up-1"), "up-1");
         assert_eq!(super::key_part("a:b"), "a%3Ab");
         assert_eq!(super::key_part("a%3Ab"), "a%253Ab");
         assert_ne!(super::key_part("a:b"), super::key_part("a%3Ab"));
+        assert_eq!(super::key_part("{a}"), "%7Ba%7D");
     }
 }

@@ -377,7 +377,8 @@ impl Reports {
     }
 
     /// Fleet mode: writes this instance's changed aggregates to Redis, one hash per (API,
-    /// stage, day) with a field per (instance, resource, method). Each instance writes only
+    /// stage, day) with a field per (instance, resource, method); the (API, stage) is the
+    /// hash tag, so the days of one stage share a cluster slot and stages spread. Each instance writes only
     /// its own cumulative aggregates, so a reader merges them without double counting.
     pub async fn push(&self, fleet: &Fleet) -> Result<(), FleetError> {
         self.merge_deltas();
@@ -397,15 +398,21 @@ impl Reports {
         if rows.is_empty() {
             return Ok(());
         }
-        let mut pipe = redis::pipe();
+        // One pipeline per (API, stage): its days share a hash tag, so in a Redis Cluster
+        // each pipeline goes to one master (a pipeline may not cross slots), and the
+        // pipelines of different stages run concurrently.
+        let mut groups: HashMap<(&str, &str), redis::Pipeline> = HashMap::new();
         for (key, field, value, k) in &rows {
+            let pipe = groups.entry((&k.api, &k.stage)).or_insert_with(redis::pipe);
             pipe.hset(key, field, value.as_slice()).ignore();
             let expire_at = (i64::from(k.day) + 1 + FLEET_RETENTION_DAYS) * 86_400;
             pipe.expire_at(key, expire_at).ignore();
         }
-        let r = fleet
-            .call(|mut conn| async move { pipe.query_async::<()>(&mut conn).await })
-            .await;
+        let results = futures_util::future::join_all(groups.into_values().map(|pipe| {
+            fleet.call(|mut conn| async move { pipe.query_async::<()>(&mut conn).await })
+        }))
+        .await;
+        let r = results.into_iter().find(Result::is_err).unwrap_or(Ok(()));
         if r.is_err() {
             // Written again on the next push.
             for (_, _, _, k) in &rows {
@@ -460,7 +467,7 @@ const FLEET_RETENTION_DAYS: i64 = 62;
 
 fn fleet_key(api: &str, stage: &str, day: i32) -> String {
     format!(
-        "{}:reports:{}:{}:{day}",
+        "{}:reports:{{{}:{}}}:{day}",
         crate::fleet::PREFIX,
         crate::fleet::key_part(api),
         crate::fleet::key_part(stage)
@@ -537,6 +544,23 @@ impl ReportBuilder {
 mod tests {
     use super::*;
     use time::OffsetDateTime;
+
+    #[test]
+    fn a_stage_keeps_its_days_in_one_slot_and_stages_spread() {
+        use redis::cluster_routing::get_slot;
+        assert_eq!(
+            fleet_key("api:1", "prod", 20_000),
+            "scpgw:reports:{api%3A1:prod}:20000"
+        );
+        let mut thirds = [0; 3];
+        for i in 0..100 {
+            let api = format!("api-{i}");
+            let slot = get_slot(fleet_key(&api, "prod", 20_000).as_bytes());
+            assert_eq!(slot, get_slot(fleet_key(&api, "prod", 20_061).as_bytes()));
+            thirds[usize::from(slot) * 3 / 16384] += 1;
+        }
+        assert!(thirds.iter().all(|n| *n >= 20), "{thirds:?}");
+    }
 
     fn reports() -> (tempfile::TempDir, Arc<Reports>) {
         let dir = tempfile::tempdir().unwrap();

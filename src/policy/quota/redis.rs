@@ -5,7 +5,10 @@
 //! increments it only when under the limit, and counts the admission in the key's usage hour
 //! in the same atomic step. Keys are named from stable ids (usage plan, key, window start)
 //! and expire an hour after their window ends; usage hours expire after the retention
-//! period. Redis failures and timeouts surface as [`QuotaError::Unavailable`]; the pipeline
+//! period. Both keys of an admission carry the plan as their hash tag
+//! (`scpgw:quota:{plan}:key:window`, `scpgw:usage:{plan}:hour`): in a Redis Cluster they live
+//! in one slot, so the script stays one atomic step on one master, and different plans spread
+//! over the masters. Redis failures and timeouts surface as [`QuotaError::Unavailable`]; the pipeline
 //! applies `quota.failure_mode` and counts `apigw_quota_store_errors_total`.
 
 use std::collections::HashMap;
@@ -53,7 +56,7 @@ impl RedisQuotaStore {
 
 fn counter_key(plan_id: &str, key_id: &str, window: Window) -> String {
     format!(
-        "{PREFIX}:quota:{}:{}:{}",
+        "{PREFIX}:quota:{{{}}}:{}:{}",
         key_part(plan_id),
         key_part(key_id),
         window.start
@@ -61,7 +64,7 @@ fn counter_key(plan_id: &str, key_id: &str, window: Window) -> String {
 }
 
 fn usage_key(plan_id: &str, hour: i64) -> String {
-    format!("{PREFIX}:usage:{}:{hour}", key_part(plan_id))
+    format!("{PREFIX}:usage:{{{}}}:{hour}", key_part(plan_id))
 }
 
 fn unavailable(e: FleetError) -> QuotaError {
@@ -159,11 +162,36 @@ mod tests {
         };
         assert_eq!(
             counter_key("up-1", "k:1", w),
-            "scpgw:quota:up-1:k%3A1:1790000000"
+            "scpgw:quota:{up-1}:k%3A1:1790000000"
         );
         assert_eq!(
             usage_key("up-1", 1_790_000_000),
-            "scpgw:usage:up-1:1790000000"
+            "scpgw:usage:{up-1}:1790000000"
         );
+    }
+
+    #[test]
+    fn an_admission_stays_in_one_slot_and_plans_spread_over_the_masters() {
+        use redis::cluster_routing::get_slot;
+        let w = Window {
+            start: 1_790_000_000,
+            end: 1_790_003_600,
+        };
+        let mut thirds = [0; 3];
+        for i in 0..100 {
+            let plan = format!("plan-{i}");
+            let counter = get_slot(counter_key(&plan, "k:{1}", w).as_bytes());
+            assert_eq!(
+                counter,
+                get_slot(usage_key(&plan, 1_790_000_000).as_bytes())
+            );
+            assert_eq!(
+                counter,
+                get_slot(usage_key(&plan, 1_790_003_600).as_bytes())
+            );
+            // How `redis-cli --cluster create` splits the slots over 3 masters.
+            thirds[usize::from(counter) * 3 / 16384] += 1;
+        }
+        assert!(thirds.iter().all(|n| *n >= 20), "{thirds:?}");
     }
 }
