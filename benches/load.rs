@@ -6,11 +6,13 @@
 //! request (callgrind) for the floor, the gateway and nginx.
 //!
 //! Run: `cargo bench --bench load` (needs `wrk`, `taskset`, `curl`; the reference rows need
-//! `nginx` and `haproxy`, row 6 `oha`, the instruction counts `valgrind`, the fleet row
-//! `redis-server`; a missing tool skips its rows with a message).
+//! `nginx` and `haproxy`, row 6 `oha`, the instruction counts `valgrind`, the fleet rows
+//! `redis-server` (the Redis Cluster row also `redis-cli`); a missing tool skips its rows
+//! with a message).
 //! Environment: `LOAD_SECONDS` (per round and row, default 5), `LOAD_ROUNDS` (default 3),
 //! `LOAD_CONNECTIONS` (default 64), `LOAD_APIS` (default 1000), `LOAD_CALLGRIND=0`,
-//! `LOAD_IDLE` (idle connections, default 10000).
+//! `LOAD_IDLE` (idle connections, default 10000), `LOAD_ROWS` (comma-separated parts of row
+//! names: only those rows are measured, e.g. `LOAD_ROWS=fleet,full chain (1w)`).
 //!
 //! Pinning on 2 cores: this process (the backend) and the load generator share CPU 1; the
 //! proxy under test runs on CPU 0 with 1 worker, and on CPUs 0-1 with 2 workers. Every
@@ -241,6 +243,66 @@ fn start_floor(prefix: &[&str], workers: u64, backend: SocketAddr) -> (Proc, Soc
         .and_then(|a| a.parse().ok())
         .unwrap_or_else(|| panic!("floor did not start: {line:?}"));
     (p, addr)
+}
+
+/// A Redis Cluster of `masters` masters on CPU 1, made by `redis-cli --cluster create`;
+/// returns the processes and one node's `host:port`.
+fn start_redis_cluster(dir: &Path, masters: usize) -> (Vec<Proc>, String) {
+    let mut nodes = Vec::new();
+    let mut addrs = Vec::new();
+    for i in 0..masters {
+        let (port, bus) = (free_port(), free_port());
+        let d = dir.join(format!("redis-cluster-{i}"));
+        std::fs::create_dir_all(&d).unwrap();
+        nodes.push(
+            Proc::spawn(
+                Command::new("taskset")
+                    .args(["-c", "1", "redis-server", "--port", &port.to_string()])
+                    .args([
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-port",
+                        &bus.to_string(),
+                    ])
+                    .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                    .arg("--dir")
+                    .arg(&d)
+                    .stdout(Stdio::null()),
+            )
+            .expect("start redis-server"),
+        );
+        addrs.push(format!("127.0.0.1:{port}"));
+    }
+    for a in &addrs {
+        let port = a.rsplit(':').next().unwrap();
+        while Command::new("redis-cli")
+            .args(["-p", port, "ping"])
+            .output()
+            .map_or(true, |o| {
+                !String::from_utf8_lossy(&o.stdout).contains("PONG")
+            })
+        {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let ok = Command::new("redis-cli")
+        .arg("--cluster")
+        .arg("create")
+        .args(&addrs)
+        .arg("--cluster-yes")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "redis-cli --cluster create failed");
+    let port = addrs[0].rsplit(':').next().unwrap().to_owned();
+    while !Command::new("redis-cli")
+        .args(["-p", &port, "cluster", "info"])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("cluster_state:ok"))
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    (nodes, addrs[0].clone())
 }
 
 fn free_port() -> u16 {
@@ -670,7 +732,8 @@ fn main() {
     for (tool, what) in [
         ("nginx", "the nginx rows"),
         ("haproxy", "the HAProxy rows"),
-        ("redis-server", "the fleet row"),
+        ("redis-server", "the fleet rows"),
+        ("redis-cli", "the Redis Cluster fleet row"),
         ("oha", "row 6 (open loop; cargo install oha)"),
         ("valgrind", "the instruction counts"),
     ] {
@@ -735,7 +798,14 @@ fn main() {
 
     // Every proxy, started once.
     let mut rows: Vec<Row> = Vec::new();
+    // `LOAD_ROWS=fleet,full chain (1w)`: measure only rows whose name contains one of these.
+    let only: Vec<String> = std::env::var("LOAD_ROWS")
+        .map(|v| v.split(',').map(str::to_owned).collect())
+        .unwrap_or_default();
     let mut add = |name: String, (p, addr): (Proc, SocketAddr), host: &str, headers: &[String]| {
+        if !only.is_empty() && !only.iter().any(|o| name.contains(o.as_str())) {
+            return;
+        }
         wait_ready(addr, host, headers);
         rows.push(Row {
             name,
@@ -788,6 +858,14 @@ fn main() {
         add("gateway, full chain, fleet/Redis (1w)".into(), p, "full.test", &full_headers);
         redis
     });
+    // The same against a Redis Cluster of 3 masters (pinned with the backend).
+    let _cluster = (has("redis-server") && has("redis-cli")).then(|| {
+        let (nodes, seed) = start_redis_cluster(tmp.path(), 3);
+        let cfg = format!("[quota]\nbackend = \"redis\"\nredis_url = \"redis://{seed}\"\nredis_cluster = true\nfailure_mode = \"closed\"\n");
+        let p = start_gateway(&single, "fleet-cluster", &["taskset", "-c", "0"], 1, true, &cfg);
+        add("gateway, full chain, fleet/Redis Cluster (1w)".into(), p, "full.test", &full_headers);
+        nodes
+    });
     let started = std::time::Instant::now();
     let host = format!("api{:04}.test", apis / 2);
     let p = start_gateway(&many, "many", &["taskset", "-c", "0"], 1, false, "");
@@ -835,11 +913,11 @@ fn main() {
     println!();
     println!("load benchmark: wrk -t1 -c{conns}, {rounds} interleaved rounds × {seconds}s per row, medians (range); keep-alive; backend + wrk on CPU 1, proxy on CPU 0 (1w) or 0-1 (2w)");
     println!(
-        "{:<42} {:>9} {:>17} {:>8} {:>8} {:>8} {:>8} {:>9}",
+        "{:<46} {:>9} {:>17} {:>8} {:>8} {:>8} {:>8} {:>9}",
         "row", "req/s", "range", "p50 ms", "p99 ms", "/nginx", "/floor", "conn/1k"
     );
     println!(
-        "{:<42} {:>9.0} {:>17} {:>8.3} {:>8.3} {:>8} {:>8} {:>9}",
+        "{:<46} {:>9.0} {:>17} {:>8.3} {:>8.3} {:>8} {:>8} {:>9}",
         "direct to the backend",
         direct_rps,
         "",
@@ -859,7 +937,7 @@ fn main() {
             |base: Option<f64>| base.map_or("-".to_owned(), |b| format!("{:.2}×", r.rps() / b));
         let (lo, hi) = r.range();
         println!(
-            "{:<42} {:>9.0} {:>17} {:>8.3} {:>8.3} {:>8} {:>8} {:>9.2}",
+            "{:<46} {:>9.0} {:>17} {:>8.3} {:>8.3} {:>8} {:>8} {:>9.2}",
             r.name,
             r.rps(),
             format!("{lo:.0}–{hi:.0}"),
@@ -893,6 +971,15 @@ fn main() {
         println!(
             "fleet mode: full chain with the Redis quota store {:.2}× the local store (1w)",
             redis / local
+        );
+    }
+    if let (Some(local), Some(cluster)) = (
+        find("gateway, full chain (1w)"),
+        find("gateway, full chain, fleet/Redis Cluster"),
+    ) {
+        println!(
+            "fleet mode: full chain with a 3-master Redis Cluster {:.2}× the local store (1w)",
+            cluster / local
         );
     }
     if let (Some(bare), Some(m)) = (
@@ -930,13 +1017,13 @@ fn main() {
         println!();
         println!("row 6, open loop: oha -q {rate} (half nginx's 1w maximum) -c{conns} -z{seconds}s --latency-correction, oha on CPU 1");
         println!(
-            "{:<42} {:>9} {:>8} {:>8} {:>9} {:>13}",
+            "{:<46} {:>9} {:>8} {:>8} {:>9} {:>13}",
             "row", "req/s", "p50 ms", "p99 ms", "p99.9 ms", "added p99 ms"
         );
         if let Some(d) = fixed.first().cloned() {
             for f in &fixed {
                 println!(
-                    "{:<42} {:>9.0} {:>8.3} {:>8.3} {:>9.3} {:>13.3}",
+                    "{:<46} {:>9.0} {:>8.3} {:>8.3} {:>9.3} {:>13.3}",
                     f.name,
                     f.achieved,
                     f.p50_ms,
@@ -964,6 +1051,7 @@ fn main() {
     // The load rows are done: stop their proxies before callgrind runs.
     drop(rows);
     drop(_redis);
+    drop(_cluster);
 
     // Instructions per proxied request (1 worker, one keep-alive connection).
     if has("valgrind") && std::env::var("LOAD_CALLGRIND").as_deref() != Ok("0") {
