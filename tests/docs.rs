@@ -124,7 +124,8 @@ fn the_tutorial_runs_as_written() {
     impl Drop for Group {
         fn drop(&mut self) {
             let _ = Command::new("kill")
-                .args(["-TERM", &format!("-{}", self.0)])
+                // `--`: procps-ng's kill reads `-TERM -N` as `kill(-1)`, every process.
+                .args(["-s", "TERM", "--", &format!("-{}", self.0)])
                 .status();
         }
     }
