@@ -40,6 +40,8 @@ pub struct App {
     pub reports: Arc<Reports>,
     /// The access log, when enabled.
     pub access_log: Option<AccessLog>,
+    /// OpenTelemetry traces (`[tracing] otlp_endpoint`); `None`: off, nothing per request.
+    pub tracing: Option<crate::observe::trace::Tracing>,
     /// Throttle buckets, keyed by stable ids.
     pub throttles: Throttles,
     ready: AtomicBool,
@@ -96,6 +98,10 @@ impl App {
         } else {
             None
         };
+        let tracing = crate::observe::trace::Tracing::start(
+            &config.tracing,
+            metrics.trace_spans_dropped.clone(),
+        );
         let config_max_connections = config.limits.max_connections;
         let control =
             Control::spawn().map_err(|e| format!("cannot start the control thread: {e}"))?;
@@ -110,6 +116,7 @@ impl App {
             fleet,
             reports,
             access_log,
+            tracing,
             throttles: Throttles::default(),
             ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),

@@ -483,6 +483,17 @@ async fn serve(config: Config, demo_backend: Option<SocketAddr>) -> ExitCode {
     if let Some(log) = &app.access_log {
         log.close();
     }
+    if app.tracing.is_some() {
+        // Waits until the export thread has sent what is queued (bounded by the export
+        // timeout), on a blocking thread: the runtime keeps serving the admin API.
+        let app = app.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Some(t) = &app.tracing {
+                t.flush();
+            }
+        })
+        .await;
+    }
     tracing::info!("stopped");
     ExitCode::SUCCESS
 }

@@ -47,6 +47,65 @@ pub struct Config {
     pub runtime: RuntimeConfig,
     #[serde(default)]
     pub access_log: AccessLogConfig,
+    #[serde(default)]
+    pub tracing: TracingConfig,
+}
+
+/// OpenTelemetry traces, exported over OTLP/HTTP (protobuf). Off without an endpoint.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TracingConfig {
+    /// The collector's OTLP/HTTP endpoint, e.g. `http://collector:4318` (`/v1/traces` is
+    /// appended when the URL has no path).
+    #[serde(default)]
+    pub otlp_endpoint: Option<String>,
+    /// Share of new traces that are sampled (0 to 1); a request whose incoming
+    /// `traceparent` is sampled is always followed.
+    #[serde(default = "default_sample_ratio")]
+    pub sample_ratio: f64,
+    #[serde(default = "default_service_name")]
+    pub service_name: String,
+    /// More resource attributes (`deployment.environment = "prod"`, ...).
+    #[serde(default)]
+    pub resource_attributes: std::collections::BTreeMap<String, String>,
+    /// Put the JWT `sub` claim on the server span (`enduser.id`); off by default (it may be
+    /// personal data).
+    #[serde(default)]
+    pub record_jwt_sub: bool,
+    /// Finished spans waiting for export; a span that finds the queue full is dropped and
+    /// counted (`apigw_trace_spans_dropped_total`), never waited for.
+    #[serde(default = "default_trace_queue")]
+    pub queue_size: usize,
+    /// Bound of one export call.
+    #[serde(default = "default_export_timeout", with = "duration")]
+    pub export_timeout: Duration,
+}
+
+fn default_sample_ratio() -> f64 {
+    0.01
+}
+fn default_service_name() -> String {
+    "scp-gateway".to_owned()
+}
+fn default_trace_queue() -> usize {
+    4096
+}
+fn default_export_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+impl Default for TracingConfig {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: None,
+            sample_ratio: default_sample_ratio(),
+            service_name: default_service_name(),
+            resource_attributes: Default::default(),
+            record_jwt_sub: false,
+            queue_size: default_trace_queue(),
+            export_timeout: default_export_timeout(),
+        }
+    }
 }
 
 /// One JSON line per request.
@@ -595,6 +654,22 @@ impl Config {
                 return Err(invalid(
                     "runtime.workers",
                     &format!("must be between 1 and {}", crate::worker::MAX_WORKERS),
+                ));
+            }
+        }
+        if !(0.0..=1.0).contains(&self.tracing.sample_ratio) {
+            return Err(invalid("tracing.sample_ratio", "must be between 0 and 1"));
+        }
+        if self.tracing.queue_size == 0 {
+            return Err(invalid("tracing.queue_size", "must be at least 1"));
+        }
+        if let Some(e) = &self.tracing.otlp_endpoint {
+            // Plain HTTP only: the collector is expected beside the gateway (an agent or a
+            // sidecar); TLS to a remote collector is the agent's job.
+            if !e.starts_with("http://") || e.parse::<http::Uri>().is_err() {
+                return Err(invalid(
+                    "tracing.otlp_endpoint",
+                    "must be an http:// URL, e.g. \"http://127.0.0.1:4318\" (a collector or agent beside the gateway)",
                 ));
             }
         }

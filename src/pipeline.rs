@@ -99,6 +99,8 @@ pub struct RequestContext<'s> {
     pub canary: bool,
     /// The integration request was sent a second time (a reused backend connection failed).
     pub retried: bool,
+    /// The request's server span, with tracing on (boxed: 8 bytes when off).
+    pub trace: Option<Box<crate::observe::trace::RequestTrace>>,
 }
 
 impl<'s> RequestContext<'s> {
@@ -146,6 +148,10 @@ impl<'s> RequestContext<'s> {
             route_id: 0,
             canary: false,
             retried: false,
+            trace: app
+                .tracing
+                .as_ref()
+                .map(|t| Box::new(t.start_request(headers))),
         }
     }
 }
@@ -703,6 +709,33 @@ fn integrate<'a>(
         && http_body::Body::size_hint(&body).exact().is_none();
     let authority = parts.uri.authority().map(|a| a.as_str().to_owned());
     let jwt_sub = ctx.jwt.as_ref().and_then(|v| v.sub_header.as_ref());
+    let render = |url: &crate::integration::url::UrlTemplate, query: Option<&str>| {
+        url.render(path.resource(), &ctx.params, query)
+            .map_err(|e| {
+                tracing::error!(error = %e, "backend URL could not be built");
+                Rejection::IntegrationFailure
+            })
+    };
+    // The backend URL is rendered before the headers are rewritten: with tracing on, the
+    // client span (which names the backend) gives the `traceparent` the backend gets.
+    let backend_uri = match &m.integration {
+        Integration::Http { url, .. } | Integration::PrivateLink { url, .. } => {
+            Some(render(url, parts.uri.query())?)
+        }
+        Integration::Function { .. } => None,
+    };
+    let client_span = match (&app.tracing, &ctx.trace) {
+        (Some(t), Some(request)) => {
+            let backend = match &m.integration {
+                Integration::Http { upstream, .. } | Integration::PrivateLink { upstream, .. } => {
+                    Some((&*upstream.host, upstream.port))
+                }
+                Integration::Function { .. } => None,
+            };
+            Some(t.start_client(request, ctx.method.as_str(), backend))
+        }
+        _ => None,
+    };
     http_integration::rewrite_request_headers(
         &mut parts.headers,
         &ForwardInfo {
@@ -715,8 +748,10 @@ fn integrate<'a>(
             api_key_id: ctx.api_key.as_ref().and_then(|(_, k)| k.header.as_ref()),
             jwt_sub,
             trusted_peer: ctx.conn.trusted_peer,
+            traceparent: client_span.as_ref().map(|(_, tp)| tp),
         },
     );
+    let client_span = client_span.map(|(span, _)| span);
     let frame_body = |h: &mut http::HeaderMap| {
         if chunked_get {
             h.insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
@@ -724,16 +759,12 @@ fn integrate<'a>(
     };
     let timeout = stage.integration_timeout;
     let max_body = app.config.limits.max_body_bytes;
-    let render = |url: &crate::integration::url::UrlTemplate, query: Option<&str>| {
-        url.render(path.resource(), &ctx.params, query)
-            .map_err(|e| {
-                tracing::error!(error = %e, "backend URL could not be built");
-                Rejection::IntegrationFailure
-            })
-    };
-    Ok(match &m.integration {
-        Integration::Http { url, upstream } | Integration::PrivateLink { url, upstream, .. } => {
-            parts.uri = render(url, parts.uri.query())?;
+    let call = match &m.integration {
+        Integration::Http { upstream, .. } | Integration::PrivateLink { upstream, .. } => {
+            let Some(uri) = backend_uri else {
+                return Err(Rejection::Internal);
+            };
+            parts.uri = uri;
             frame_body(&mut parts.headers);
             let req =
                 Request::from_parts(parts, ForwardBody::Stream(LimitedBody::new(body, max_body)));
@@ -791,7 +822,28 @@ fn integrate<'a>(
                 .await
             }))
         }
+    };
+    Ok(match (client_span, &app.tracing) {
+        (Some(span), Some(t)) => Either::Left(call.map(move |outcome| {
+            t.end_client(span, &client_summary(&outcome));
+            outcome
+        })),
+        _ => Either::Right(call),
     })
+}
+
+/// What the client span of an integration call records of its outcome.
+#[cold]
+fn client_summary(o: &crate::integration::Outcome) -> crate::observe::trace::ClientSummary {
+    crate::observe::trace::ClientSummary {
+        status: o.result.as_ref().ok().map(|r| r.status().as_u16()),
+        error_code: o
+            .result
+            .as_ref()
+            .err()
+            .map(|e| crate::rejection::CODES[e.code_index()]),
+        retried: o.retried,
+    }
 }
 
 /// A streamed backend answer as the client's response.
@@ -851,6 +903,9 @@ fn record(app: &App, ctx: &RequestContext<'_>, resp: &Response<GatewayBody>) {
             integration: ctx.integration_elapsed,
         });
     }
+    if let (Some(t), Some(request)) = (&app.tracing, &ctx.trace) {
+        end_server_span(t, request, ctx, status);
+    }
     if let Some(log) = &app.access_log {
         log.log(crate::observe::access_log::Entry {
             time: time::OffsetDateTime::now_utc(),
@@ -869,6 +924,35 @@ fn record(app: &App, ctx: &RequestContext<'_>, resp: &Response<GatewayBody>) {
             retried: ctx.retried,
         });
     }
+}
+
+#[cold]
+fn end_server_span(
+    t: &crate::observe::trace::Tracing,
+    request: &crate::observe::trace::RequestTrace,
+    ctx: &RequestContext<'_>,
+    status: u16,
+) {
+    t.end_request(
+        request,
+        &crate::observe::trace::ServerSummary {
+            method: ctx.method.as_str(),
+            route: ctx.route.map(|r| &*r.template),
+            status,
+            client_ip: ctx.client_ip,
+            scheme: ctx.conn.proto,
+            api_id: ctx.api.map(|a| &*a.id),
+            stage: ctx.stage.map(|s| &*s.name),
+            api_key_id: ctx.api_key.as_ref().map(|(_, k)| &*k.id),
+            jwt_sub: ctx
+                .jwt
+                .as_ref()
+                .and_then(|v| v.sub_header.as_ref())
+                .and_then(|h| h.to_str().ok()),
+            request_id: &ctx.request_id,
+            error_code: ctx.error_code.map(|c| crate::rejection::CODES[c]),
+        },
+    );
 }
 
 /// Days since 1970-01-01 (UTC), the report day of a request answered now.

@@ -102,6 +102,9 @@ pub struct ForwardInfo<'a> {
     pub jwt_sub: Option<&'a HeaderValue>,
     /// The socket peer is a trusted proxy: its forwarding headers are kept.
     pub trusted_peer: bool,
+    /// With tracing on: the `traceparent` naming the integration call's client span,
+    /// replacing the client's.
+    pub traceparent: Option<&'a HeaderValue>,
 }
 
 /// Headers a client must not pass on: hop-by-hop, `Host` (the backend's is set from its
@@ -221,6 +224,10 @@ pub fn rewrite_request_headers(h: &mut HeaderMap, info: &ForwardInfo<'_>) {
     }
     if let Some(v) = info.jwt_sub {
         h.append(&X_SCP_JWT_SUB, v.clone());
+    }
+    if let Some(tp) = info.traceparent {
+        h.insert(&TRACEPARENT, tp.clone());
+        return;
     }
     match (traceparent, traceparent_ok) {
         (true, true) => {}
@@ -397,6 +404,7 @@ mod tests {
             api_key_id: Some(Box::leak(Box::new(HeaderValue::from_static("k01")))),
             jwt_sub: None,
             trusted_peer: false,
+            traceparent: None,
         }
     }
 

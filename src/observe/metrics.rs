@@ -21,6 +21,7 @@ pub struct Metrics {
     pub snapshot_reloads: IntCounterVec,
     pub snapshot_revision: IntGaugeVec,
     pub access_log_dropped: prometheus::IntCounter,
+    pub trace_spans_dropped: IntCounterVec,
 }
 
 /// `status_class` label of a status code.
@@ -197,7 +198,9 @@ impl Collector for SeriesCollector {
                     ));
                 }
             }
-            if t.retries > 0 {
+            // From a stage's first answer on, at 0 until a retry: a ratio or an alert on
+            // retries has a series to work with.
+            if t.retries > 0 || t.duration.count() > 0 {
                 retries.push(counter(
                     &[("api_id", &t.api), ("stage", &t.stage)],
                     t.retries,
@@ -256,8 +259,22 @@ impl Metrics {
             "Access log lines dropped because the writer fell behind",
         )
         .expect("metric definition");
+        let trace_spans_dropped = IntCounterVec::new(
+            Opts::new(
+                "apigw_trace_spans_dropped_total",
+                "Finished spans not exported: the export queue was full, or the export failed",
+            ),
+            &["reason"],
+        )
+        .expect("metric definition");
+        // Both reasons exist (at 0) from the start, so that a dashboard and an alert see
+        // a series before the first drop.
+        for reason in ["queue_full", "export_failed"] {
+            trace_spans_dropped.with_label_values(&[reason]);
+        }
         for c in [
             Box::new(access_log_dropped.clone()) as Box<dyn Collector>,
+            Box::new(trace_spans_dropped.clone()),
             Box::new(SeriesCollector::new()),
             Box::new(quota_store_errors.clone()),
             Box::new(snapshot_reloads.clone()),
@@ -271,6 +288,7 @@ impl Metrics {
             snapshot_reloads,
             snapshot_revision,
             access_log_dropped,
+            trace_spans_dropped,
         }
     }
 

@@ -1,0 +1,432 @@
+//! OpenTelemetry traces (`[tracing]`), exported over OTLP/HTTP (protobuf) by the
+//! `opentelemetry-otlp` exporter.
+//!
+//! Per request one server span (from arrival to the response head: API, stage, resource
+//! template — never the raw path —, method, status, client address, key id, and the JWT
+//! `sub` only when configured) and, when the request is forwarded, one client span for the
+//! integration call (backend address, retry count), whose id is the parent id of the
+//! `traceparent` the backend receives. Sampling is parent-based: an incoming sampled
+//! `traceparent` is always followed, an unsampled one never; new traces are sampled at
+//! `sample_ratio`.
+//!
+//! What is shared and why: the workers hand finished spans to one bounded queue
+//! (`try_send`: a full queue drops the span and counts it, a request never waits); one
+//! export thread, at a lower priority, batches them and calls the exporter on a runtime of
+//! its own, so encoding and sending never run on a worker's runtime. Unsampled requests
+//! create no span data at all: the SDK's non-recording spans only carry ids.
+
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::time::{Duration, Instant};
+
+use http::{HeaderMap, HeaderValue};
+use opentelemetry::propagation::TextMapPropagator;
+use opentelemetry::trace::{
+    Span as _, SpanKind, Status, TraceContextExt, Tracer as _, TracerProvider as _,
+};
+use opentelemetry::{Context, KeyValue};
+use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{
+    Sampler, SdkTracer, SdkTracerProvider, Span as SdkSpan, SpanData, SpanExporter as _,
+    SpanProcessor,
+};
+use opentelemetry_sdk::Resource;
+use prometheus::IntCounterVec;
+
+use crate::config::TracingConfig;
+
+/// Spans per export call at most.
+const MAX_BATCH: usize = 512;
+/// A batch is sent at the latest this long after its first span.
+const EXPORT_INTERVAL: Duration = Duration::from_millis(500);
+
+pub struct Tracing {
+    tracer: SdkTracer,
+    provider: SdkTracerProvider,
+    propagator: TraceContextPropagator,
+    record_jwt_sub: bool,
+}
+
+/// The trace of one request: the server span, inside the context its children start from.
+pub struct RequestTrace {
+    cx: Context,
+}
+
+/// The client span of one integration call.
+pub struct ClientSpan {
+    span: SdkSpan,
+}
+
+/// What the server span says of a request when it ends.
+pub struct ServerSummary<'a> {
+    pub method: &'a str,
+    pub route: Option<&'a str>,
+    pub status: u16,
+    pub client_ip: std::net::IpAddr,
+    pub scheme: &'static str,
+    pub api_id: Option<&'a str>,
+    pub stage: Option<&'a str>,
+    pub api_key_id: Option<&'a str>,
+    pub jwt_sub: Option<&'a str>,
+    pub request_id: &'a HeaderValue,
+    pub error_code: Option<&'static str>,
+}
+
+/// What the client span says of an integration call when it ends.
+pub struct ClientSummary {
+    pub status: Option<u16>,
+    pub error_code: Option<&'static str>,
+    pub retried: bool,
+}
+
+impl Tracing {
+    /// Starts the export thread; `None` when no endpoint is configured (tracing off).
+    pub fn start(cfg: &TracingConfig, dropped: IntCounterVec) -> Option<Self> {
+        let endpoint = endpoint_url(cfg.otlp_endpoint.as_deref()?);
+        let resource = Resource::builder()
+            .with_service_name(cfg.service_name.clone())
+            .with_attributes(
+                cfg.resource_attributes
+                    .iter()
+                    .map(|(k, v)| KeyValue::new(k.clone(), v.clone())),
+            )
+            .build();
+        let (tx, rx) = std::sync::mpsc::sync_channel(cfg.queue_size);
+        let export_timeout = cfg.export_timeout;
+        let export_resource = resource.clone();
+        let export_dropped = dropped.clone();
+        let spawned = std::thread::Builder::new()
+            .name("scp-trace-export".into())
+            .spawn(move || {
+                crate::worker::lower_priority(10);
+                export_loop(
+                    rx,
+                    &endpoint,
+                    export_timeout,
+                    &export_resource,
+                    &export_dropped,
+                );
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the trace export thread; tracing is off");
+            return None;
+        }
+        let provider = SdkTracerProvider::builder()
+            .with_span_processor(QueueProcessor {
+                tx,
+                dropped: dropped.with_label_values(&["queue_full"]),
+            })
+            .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+                cfg.sample_ratio,
+            ))))
+            .with_resource(resource)
+            .build();
+        tracing::info!(
+            sample_ratio = cfg.sample_ratio,
+            service_name = %cfg.service_name,
+            "exporting traces over OTLP/HTTP"
+        );
+        Some(Self {
+            tracer: provider.tracer("scp-gateway"),
+            provider,
+            propagator: TraceContextPropagator::new(),
+            record_jwt_sub: cfg.record_jwt_sub,
+        })
+    }
+
+    /// The server span of a request that just arrived, child of its `traceparent` if any.
+    pub fn start_request(&self, headers: &HeaderMap) -> RequestTrace {
+        let parent = self
+            .propagator
+            .extract(&opentelemetry_http::HeaderExtractor(headers));
+        let span = self
+            .tracer
+            .span_builder("HTTP")
+            .with_kind(SpanKind::Server)
+            .start_with_context(&self.tracer, &parent);
+        RequestTrace {
+            cx: parent.with_span(span),
+        }
+    }
+
+    /// The client span of an integration call, and the `traceparent` the backend gets
+    /// (naming that span).
+    pub fn start_client(
+        &self,
+        request: &RequestTrace,
+        method: &str,
+        backend: Option<(&str, u16)>,
+    ) -> (Box<ClientSpan>, HeaderValue) {
+        let mut attributes = Vec::with_capacity(3);
+        attributes.push(KeyValue::new("http.request.method", method.to_owned()));
+        if let Some((host, port)) = backend {
+            attributes.push(KeyValue::new("server.address", host.to_owned()));
+            attributes.push(KeyValue::new("server.port", i64::from(port)));
+        }
+        let span = self
+            .tracer
+            .span_builder(method.to_owned())
+            .with_kind(SpanKind::Client)
+            .with_attributes(attributes)
+            .start_with_context(&self.tracer, &request.cx);
+        let sc = span.span_context();
+        let traceparent = format!(
+            "00-{}-{}-{:02x}",
+            sc.trace_id(),
+            sc.span_id(),
+            sc.trace_flags().to_u8()
+        );
+        let value = HeaderValue::from_str(&traceparent).unwrap_or(HeaderValue::from_static(""));
+        (Box::new(ClientSpan { span }), value)
+    }
+
+    /// Ends a client span with the call's result.
+    pub fn end_client(&self, mut client: Box<ClientSpan>, s: &ClientSummary) {
+        let span = &mut client.span;
+        if !span.is_recording() {
+            return;
+        }
+        if let Some(status) = s.status {
+            span.set_attribute(KeyValue::new(
+                "http.response.status_code",
+                i64::from(status),
+            ));
+            if status >= 500 {
+                span.set_status(Status::error(""));
+                span.set_attribute(KeyValue::new("error.type", status.to_string()));
+            }
+        } else {
+            span.set_status(Status::error(""));
+            if let Some(code) = s.error_code {
+                span.set_attribute(KeyValue::new("error.type", code));
+            }
+        }
+        if s.retried {
+            span.set_attribute(KeyValue::new("http.request.resend_count", 1i64));
+        }
+        span.end();
+    }
+
+    /// Ends a request's server span when its response head is ready.
+    pub fn end_request(&self, request: &RequestTrace, s: &ServerSummary<'_>) {
+        let span = request.cx.span();
+        if !span.is_recording() {
+            return;
+        }
+        span.update_name(match s.route {
+            Some(route) => format!("{} {route}", s.method),
+            None => s.method.to_owned(),
+        });
+        let mut a = Vec::with_capacity(12);
+        a.push(KeyValue::new("http.request.method", s.method.to_owned()));
+        a.push(KeyValue::new(
+            "http.response.status_code",
+            i64::from(s.status),
+        ));
+        a.push(KeyValue::new("url.scheme", s.scheme));
+        a.push(KeyValue::new("client.address", s.client_ip.to_string()));
+        if let Ok(v) = s.request_id.to_str() {
+            a.push(KeyValue::new("scp.request_id", v.to_owned()));
+        }
+        if let Some(r) = s.route {
+            a.push(KeyValue::new("http.route", r.to_owned()));
+        }
+        if let Some(v) = s.api_id {
+            a.push(KeyValue::new("scp.api_id", v.to_owned()));
+        }
+        if let Some(v) = s.stage {
+            a.push(KeyValue::new("scp.stage", v.to_owned()));
+        }
+        if let Some(v) = s.api_key_id {
+            a.push(KeyValue::new("scp.api_key_id", v.to_owned()));
+        }
+        if let (true, Some(v)) = (self.record_jwt_sub, s.jwt_sub) {
+            a.push(KeyValue::new("enduser.id", v.to_owned()));
+        }
+        if let Some(code) = s.error_code {
+            a.push(KeyValue::new("scp.error_code", code));
+        }
+        span.set_attributes(a);
+        // A server span is an error for 5xx only (a 4xx is the client's).
+        if s.status >= 500 {
+            span.set_attribute(KeyValue::new("error.type", s.status.to_string()));
+            span.set_status(Status::error(""));
+        }
+        span.end();
+    }
+
+    /// Sends what is queued (on a graceful stop).
+    pub fn flush(&self) {
+        if let Err(e) = self.provider.force_flush() {
+            tracing::warn!(error = %e, "traces not flushed");
+        }
+    }
+}
+
+/// `http://host:port` gets the OTLP/HTTP traces path; a URL with a path is used as is.
+fn endpoint_url(e: &str) -> String {
+    let after_scheme = e.split_once("://").map_or(e, |(_, rest)| rest);
+    match after_scheme.find('/') {
+        Some(i) if after_scheme.len() > i + 1 => e.to_owned(),
+        _ => format!("{}/v1/traces", e.trim_end_matches('/')),
+    }
+}
+
+enum Msg {
+    Span(Box<SpanData>),
+    Flush(std::sync::mpsc::Sender<()>),
+}
+
+/// Hands finished (sampled) spans to the export thread without ever waiting.
+#[derive(Debug)]
+struct QueueProcessor {
+    tx: SyncSender<Msg>,
+    dropped: prometheus::IntCounter,
+}
+
+impl SpanProcessor for QueueProcessor {
+    fn on_start(&self, _span: &mut SdkSpan, _cx: &Context) {}
+
+    fn on_end(&self, span: SpanData) {
+        match self.tx.try_send(Msg::Span(Box::new(span))) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => self.dropped.inc(),
+        }
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        self.tx
+            .send(Msg::Flush(done_tx))
+            .map_err(|_| OTelSdkError::AlreadyShutdown)?;
+        done_rx
+            .recv_timeout(Duration::from_secs(15))
+            .map_err(|_| OTelSdkError::Timeout(Duration::from_secs(15)))
+    }
+
+    fn shutdown_with_timeout(&self, _timeout: Duration) -> OTelSdkResult {
+        self.force_flush()
+    }
+}
+
+fn export_loop(
+    rx: Receiver<Msg>,
+    endpoint: &str,
+    timeout: Duration,
+    resource: &Resource,
+    dropped: &IntCounterVec,
+) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "trace export runtime; spans are dropped");
+            return;
+        }
+    };
+    let exporter = {
+        let _guard = rt.enter();
+        use opentelemetry_otlp::WithExportConfig;
+        opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+            .with_endpoint(endpoint)
+            .with_timeout(timeout)
+            .build()
+    };
+    let mut exporter = match exporter {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot build the OTLP exporter; spans are dropped");
+            return;
+        }
+    };
+    exporter.set_resource(resource);
+    let failed = dropped.with_label_values(&["export_failed"]);
+    let mut last_warning: Option<Instant> = None;
+    let mut batch: Vec<SpanData> = Vec::with_capacity(MAX_BATCH);
+    let mut first_at: Option<Instant> = None;
+    let mut export = |batch: &mut Vec<SpanData>| {
+        if batch.is_empty() {
+            return;
+        }
+        let n = batch.len() as u64;
+        let spans = std::mem::replace(batch, Vec::with_capacity(MAX_BATCH));
+        let r = rt.block_on(async {
+            tokio::time::timeout(timeout, exporter.export(spans))
+                .await
+                .unwrap_or(Err(OTelSdkError::Timeout(timeout)))
+        });
+        if let Err(e) = r {
+            failed.inc_by(n);
+            // One warning a minute at most: a collector that is down must not fill the log.
+            if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                last_warning = Some(Instant::now());
+                tracing::warn!(error = %e, spans = n, "trace export failed; spans dropped (apigw_trace_spans_dropped_total)");
+            }
+        }
+    };
+    loop {
+        let wait = first_at.map_or(Duration::from_secs(3600), |t| {
+            EXPORT_INTERVAL.saturating_sub(t.elapsed())
+        });
+        match rx.recv_timeout(wait) {
+            Ok(Msg::Span(s)) => {
+                batch.push(*s);
+                first_at.get_or_insert_with(Instant::now);
+                if batch.len() >= MAX_BATCH {
+                    export(&mut batch);
+                    first_at = None;
+                }
+            }
+            Ok(Msg::Flush(done)) => {
+                let mut waiting = vec![done];
+                while let Ok(m) = rx.try_recv() {
+                    match m {
+                        Msg::Span(s) => {
+                            batch.push(*s);
+                            if batch.len() >= MAX_BATCH {
+                                export(&mut batch);
+                            }
+                        }
+                        Msg::Flush(done) => waiting.push(done),
+                    }
+                }
+                export(&mut batch);
+                first_at = None;
+                for done in waiting {
+                    let _ = done.send(());
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                export(&mut batch);
+                first_at = None;
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                export(&mut batch);
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_base_endpoint_gets_the_traces_path() {
+        assert_eq!(
+            super::endpoint_url("http://c:4318"),
+            "http://c:4318/v1/traces"
+        );
+        assert_eq!(
+            super::endpoint_url("http://c:4318/"),
+            "http://c:4318/v1/traces"
+        );
+        assert_eq!(
+            super::endpoint_url("http://c:4318/custom/traces"),
+            "http://c:4318/custom/traces"
+        );
+    }
+}

@@ -1,0 +1,285 @@
+//! Issue 17: OpenTelemetry traces over OTLP/HTTP. A real OTLP receiver (Python, decoding with
+//! the official protobuf definitions of `opentelemetry-proto`) collects what the gateway
+//! exports: per request a server span and a client span, linked, with the attributes the
+//! docs promise, and the backend gets the client span's id in `traceparent`.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+
+const HOST: &str = "api.test";
+const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const PARENT: &str = "00f067aa0ba902b7";
+
+/// The OTLP/HTTP receiver of `tests/scripts/otlp_receiver.py`; killed on drop.
+struct Receiver {
+    child: Child,
+    port: u16,
+    spans: Arc<Mutex<Vec<Value>>>,
+}
+
+impl Receiver {
+    fn start() -> Receiver {
+        let check = Command::new("python3")
+            .args([
+                "-c",
+                "import opentelemetry.proto.collector.trace.v1.trace_service_pb2",
+            ])
+            .output()
+            .expect("python3");
+        assert!(
+            check.status.success(),
+            "this test needs the OTLP protobuf definitions: python3 -m pip install opentelemetry-proto (.ci/run installs them): {}",
+            String::from_utf8_lossy(&check.stderr)
+        );
+        let script = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/scripts/otlp_receiver.py"
+        );
+        let mut child = Command::new("python3")
+            .arg(script)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let first = lines.next().unwrap().unwrap();
+        let port = first.strip_prefix("listening ").unwrap().parse().unwrap();
+        let spans: Arc<Mutex<Vec<Value>>> = Arc::default();
+        let sink = spans.clone();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                sink.lock()
+                    .unwrap()
+                    .push(serde_json::from_str(&line).unwrap());
+            }
+        });
+        Receiver { child, port, spans }
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Waits until `n` spans arrived (or the deadline), and returns all of them.
+    async fn wait_for(&self, n: usize) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let spans = self.spans.lock().unwrap().clone();
+            if spans.len() >= n || Instant::now() > deadline {
+                return spans;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn keyed_api(b: &Backend) -> Value {
+    let mut doc = SnapshotBuilder::new("api1", &[HOST])
+        .resource("/orders", &[])
+        .resource(
+            "/orders/{order-id}",
+            &[("GET", &b.url("/v1/orders/{order-id}"))],
+        )
+        .build();
+    doc["deployments"][0]["resources"][2]["methods"][0]["api_key_required"] = json!(true);
+    doc["stages"][0]["usage_plan_id"] = json!("up1");
+    doc["usage_plans"] = json!([{"id": "up1", "name": "p", "limit": 1000, "rate": "day",
+        "api_keys": [{"id": "key-7", "name": "k", "key": "trace-test-key-000001"}]}]);
+    doc
+}
+
+fn tracing_toml(endpoint: &str, ratio: &str) -> String {
+    format!("[tracing]\notlp_endpoint = \"{endpoint}\"\nsample_ratio = {ratio}\nservice_name = \"gw-under-test\"\nresource_attributes = {{ \"deployment.environment\" = \"test\" }}\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_exports_a_server_and_a_client_span_and_the_backend_gets_the_client_span() {
+    let receiver = Receiver::start();
+    let b = Backend::start("b").await;
+    let gw = Gateway::start(
+        &[("api1.json", &keyed_api(&b))],
+        &tracing_toml(&receiver.endpoint(), "0.0"),
+    );
+    let c = client();
+    // Sampling ratio 0, but the incoming traceparent is sampled: parent-based, followed.
+    let r = gw
+        .req(&c, reqwest::Method::GET, HOST, "/prod/orders/42")
+        .header("x-scp-apikey", "trace-test-key-000001")
+        .header("traceparent", format!("00-{TRACE}-{PARENT}-01"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", gw.log());
+    let request_id = r.headers()["x-scp-request-id"].to_str().unwrap().to_owned();
+    let spans = receiver.wait_for(2).await;
+    assert_eq!(spans.len(), 2, "{spans:#?}");
+    let server = spans
+        .iter()
+        .find(|s| s["kind"] == 2)
+        .expect("a SERVER span");
+    let client = spans
+        .iter()
+        .find(|s| s["kind"] == 3)
+        .expect("a CLIENT span");
+
+    assert_eq!(server["path"], "/v1/traces");
+    assert_eq!(server["content_type"], "application/x-protobuf");
+    assert_eq!(server["trace_id"], TRACE);
+    assert_eq!(
+        server["parent_span_id"], PARENT,
+        "child of the incoming traceparent"
+    );
+    assert_eq!(client["trace_id"], TRACE);
+    assert_eq!(
+        client["parent_span_id"], server["span_id"],
+        "the client span is the server span's child"
+    );
+    assert_eq!(server["name"], "GET /orders/{order-id}");
+    assert_eq!(server["resource"]["service.name"], "gw-under-test");
+    assert_eq!(server["resource"]["deployment.environment"], "test");
+    let a = &server["attributes"];
+    assert_eq!(a["http.request.method"], "GET");
+    assert_eq!(a["http.route"], "/orders/{order-id}");
+    assert_eq!(a["http.response.status_code"], 200);
+    assert_eq!(a["client.address"], "127.0.0.1");
+    assert_eq!(a["scp.api_id"], "api1");
+    assert_eq!(a["scp.stage"], "prod");
+    assert_eq!(a["scp.api_key_id"], "key-7");
+    assert_eq!(a["scp.request_id"], request_id.as_str());
+    assert!(
+        a.get("enduser.id").is_none(),
+        "no JWT sub unless configured"
+    );
+    let everything = serde_json::to_string(&spans).unwrap();
+    assert!(
+        !everything.contains("/orders/42"),
+        "never the raw path: {everything}"
+    );
+    assert!(
+        !everything.contains("trace-test-key-000001"),
+        "never the key"
+    );
+    let ca = &client["attributes"];
+    assert_eq!(client["name"], "GET");
+    assert_eq!(ca["server.address"], "127.0.0.1", "{client:#}");
+    assert_eq!(ca["server.port"], b.addr.port());
+    assert_eq!(ca["http.response.status_code"], 200);
+
+    // The backend got the client span's id in traceparent.
+    let seen = b.last();
+    assert_eq!(
+        seen.headers["traceparent"].to_str().unwrap(),
+        format!("00-{TRACE}-{}-01", client["span_id"].as_str().unwrap())
+    );
+
+    // Not sampled (flags 00, ratio 0): nothing is exported, the trace id still goes on with
+    // the client span's id, unsampled.
+    let r = gw
+        .req(&c, reqwest::Method::GET, HOST, "/prod/orders/43")
+        .header("x-scp-apikey", "trace-test-key-000001")
+        .header("traceparent", format!("00-{TRACE}-{PARENT}-00"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let tp = b.last().headers["traceparent"].to_str().unwrap().to_owned();
+    assert!(
+        tp.starts_with(&format!("00-{TRACE}-")) && tp.ends_with("-00"),
+        "{tp}"
+    );
+    assert_ne!(&tp[36..52], PARENT, "a new span id: {tp}");
+    for _ in 0..20 {
+        gw.req(&c, reqwest::Method::GET, HOST, "/prod/orders/44")
+            .header("x-scp-apikey", "trace-test-key-000001")
+            .send()
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        receiver.spans.lock().unwrap().len(),
+        2,
+        "sampling off sends nothing"
+    );
+    let m = gw.metrics().await;
+    assert!(
+        !m.contains("apigw_trace_spans_dropped_total{reason=\"queue_full\"} 1"),
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_request_is_traced_at_ratio_one_and_a_rejection_has_its_code() {
+    let receiver = Receiver::start();
+    let b = Backend::start("b").await;
+    let gw = Gateway::start(
+        &[("api1.json", &keyed_api(&b))],
+        &tracing_toml(&receiver.endpoint(), "1.0"),
+    );
+    let c = client();
+    // Refused (no key): a server span only, no client span; its code is on it.
+    let r = gw
+        .req(&c, reqwest::Method::GET, HOST, "/prod/orders/42")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let spans = receiver.wait_for(1).await;
+    assert_eq!(spans.len(), 1, "{spans:#?}");
+    assert_eq!(spans[0]["kind"], 2);
+    assert_eq!(spans[0]["attributes"]["scp.error_code"], "MISSING_API_KEY");
+    assert_eq!(spans[0]["attributes"]["http.response.status_code"], 403);
+    assert_eq!(spans[0]["status_code"], 0, "a 4xx is not a server error");
+    assert_eq!(spans[0]["parent_span_id"], "", "a new trace: a root span");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collector_that_is_down_costs_no_request_and_is_counted() {
+    let b = Backend::start("b").await;
+    let endpoint = format!("http://127.0.0.1:{}", closed_port());
+    let gw = Gateway::start(
+        &[("api1.json", &keyed_api(&b))],
+        &tracing_toml(&endpoint, "1.0"),
+    );
+    let c = client();
+    for _ in 0..10 {
+        let r = gw
+            .req(&c, reqwest::Method::GET, HOST, "/prod/orders/1")
+            .header("x-scp-apikey", "trace-test-key-000001")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let m = gw.metrics().await;
+        let failed: f64 = m
+            .lines()
+            .find(|l| l.starts_with("apigw_trace_spans_dropped_total{reason=\"export_failed\"}"))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0.0);
+        if failed >= 20.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "export failures not counted: {m}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(gw.log().contains("trace export failed"), "{}", gw.log());
+}
