@@ -182,8 +182,11 @@ fn shipped_snapshots(scratch: &Path) -> Vec<PathBuf> {
     while let Some(dir) = dirs.pop() {
         for e in std::fs::read_dir(&dir).unwrap() {
             let p = e.unwrap().path();
-            if p.is_dir() {
+            // config/grafana holds a dashboard, not snapshots.
+            if p.is_dir() && !p.ends_with("grafana") {
                 dirs.push(p);
+            } else if p.is_dir() {
+                continue;
             } else if p.extension().is_some_and(|x| x == "json") {
                 files.push(p);
             }
