@@ -843,6 +843,26 @@ fn main() {
             &full_headers,
         );
     }
+    // Tracing on the bare route: the OTLP exporter sends to the backend (it answers 200 to
+    // anything), which shares CPU 1 with the load generator, as a local collector would.
+    for ratio in ["0.01", "1.0"] {
+        let cfg =
+            format!("[tracing]\notlp_endpoint = \"http://{backend}\"\nsample_ratio = {ratio}\n");
+        let p = start_gateway(
+            &single,
+            &format!("trace-{ratio}"),
+            &["taskset", "-c", "0"],
+            1,
+            false,
+            &cfg,
+        );
+        add(
+            format!("gateway, bare route, tracing {ratio} (1w)"),
+            p,
+            "bare.test",
+            &[],
+        );
+    }
     // Fleet mode: the full chain with quotas in Redis (redis-server pinned with the backend).
     let _redis = has("redis-server").then(|| {
         let port = free_port();
@@ -973,6 +993,16 @@ fn main() {
             redis / local
         );
     }
+    if let Some(bare) = find("gateway, bare route (1w)") {
+        for ratio in ["0.01", "1.0"] {
+            if let Some(t) = find(&format!("gateway, bare route, tracing {ratio} (1w)")) {
+                println!(
+                    "tracing: bare route with sample_ratio {ratio} {:.3}× tracing off (1w)",
+                    t / bare
+                );
+            }
+        }
+    }
     if let (Some(local), Some(cluster)) = (
         find("gateway, full chain (1w)"),
         find("gateway, full chain, fleet/Redis Cluster"),
@@ -1067,6 +1097,20 @@ fn main() {
             callgrind_per_request(dir, "full", "full.test", &full_headers, &|prefix, name| {
                 start_gateway(&single, name, prefix, 1, true, "")
             });
+        // Tracing on, every request unsampled (ratio 0) and every request sampled (ratio
+        // 1, the export thread's work included): the exporter sends to the backend.
+        let traced = ["0", "1"].map(|ratio| {
+            let cfg = format!(
+                "[tracing]\notlp_endpoint = \"http://{backend}\"\nsample_ratio = {ratio}\n"
+            );
+            callgrind_per_request(
+                dir,
+                &format!("bare-trace-{ratio}"),
+                "bare.test",
+                &[],
+                &|prefix, name| start_gateway(&single, name, prefix, 1, false, &cfg),
+            )
+        });
         let ng = has("nginx")
             .then(|| {
                 callgrind_per_request(dir, "nginx", "bare.test", &[], &|prefix, name| {
@@ -1083,6 +1127,17 @@ fn main() {
         println!("  floor {}", show(fl));
         println!("  gateway, bare route {}{}", show(bare), vs(bare));
         println!("  gateway, full chain {}{}", show(full), vs(full));
+        for (ratio, v) in ["0 (unsampled)", "1 (every request)"].iter().zip(traced) {
+            let to_bare = match (v, bare) {
+                (Some(v), Some(b)) => format!(", {:.3}× the bare route", v / b),
+                _ => String::new(),
+            };
+            println!(
+                "  gateway, bare route, tracing sample_ratio {ratio} {}{}{to_bare}",
+                show(v),
+                vs(v)
+            );
+        }
         println!("  nginx {}{}", show(ng), vs(ng));
     }
 }

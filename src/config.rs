@@ -88,7 +88,7 @@ fn default_service_name() -> String {
     "scp-gateway".to_owned()
 }
 fn default_trace_queue() -> usize {
-    4096
+    16384
 }
 fn default_export_timeout() -> Duration {
     Duration::from_secs(10)

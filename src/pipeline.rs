@@ -728,11 +728,15 @@ fn integrate<'a>(
         (Some(t), Some(request)) => {
             let backend = match &m.integration {
                 Integration::Http { upstream, .. } | Integration::PrivateLink { upstream, .. } => {
-                    Some((&*upstream.host, upstream.port))
+                    Some((&upstream.host, upstream.port))
                 }
                 Integration::Function { .. } => None,
             };
-            Some(t.start_client(request, ctx.method.as_str(), backend))
+            Some(t.start_client(
+                request,
+                crate::observe::metrics::method_label(&ctx.method),
+                backend,
+            ))
         }
         _ => None,
     };
@@ -751,7 +755,7 @@ fn integrate<'a>(
             traceparent: client_span.as_ref().map(|(_, tp)| tp),
         },
     );
-    let client_span = client_span.map(|(span, _)| span);
+    let client_span = client_span.and_then(|(span, _)| span);
     let frame_body = |h: &mut http::HeaderMap| {
         if chunked_get {
             h.insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
@@ -936,14 +940,14 @@ fn end_server_span(
     t.end_request(
         request,
         &crate::observe::trace::ServerSummary {
-            method: ctx.method.as_str(),
-            route: ctx.route.map(|r| &*r.template),
+            method: crate::observe::metrics::method_label(&ctx.method),
+            route: ctx.route.map(|r| &r.template),
             status,
             client_ip: ctx.client_ip,
             scheme: ctx.conn.proto,
-            api_id: ctx.api.map(|a| &*a.id),
-            stage: ctx.stage.map(|s| &*s.name),
-            api_key_id: ctx.api_key.as_ref().map(|(_, k)| &*k.id),
+            api_id: ctx.api.map(|a| &a.id),
+            stage: ctx.stage.map(|s| &s.name),
+            api_key_id: ctx.api_key.as_ref().map(|(_, k)| &k.id),
             jwt_sub: ctx
                 .jwt
                 .as_ref()

@@ -15,20 +15,22 @@
 //! its own, so encoding and sending never run on a worker's runtime. Unsampled requests
 //! create no span data at all: the SDK's non-recording spans only carry ids.
 
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::{HeaderMap, HeaderValue};
 use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::{
-    Span as _, SpanKind, Status, TraceContextExt, Tracer as _, TracerProvider as _,
+    Span as _, SpanContext, SpanId, SpanKind, Status, TraceContextExt, Tracer as _,
+    TracerProvider as _,
 };
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{
-    Sampler, SdkTracer, SdkTracerProvider, Span as SdkSpan, SpanData, SpanExporter as _,
-    SpanProcessor,
+    IdGenerator as _, RandomIdGenerator, Sampler, SdkTracer, SdkTracerProvider, Span as SdkSpan,
+    SpanData, SpanExporter as _, SpanProcessor,
 };
 use opentelemetry_sdk::Resource;
 use prometheus::IntCounterVec;
@@ -39,6 +41,8 @@ use crate::config::TracingConfig;
 const MAX_BATCH: usize = 512;
 /// A batch is sent at the latest this long after its first span.
 const EXPORT_INTERVAL: Duration = Duration::from_millis(500);
+/// How often the export thread drains the queue.
+const DRAIN_TICK: Duration = Duration::from_millis(20);
 
 pub struct Tracing {
     tracer: SdkTracer,
@@ -47,26 +51,31 @@ pub struct Tracing {
     record_jwt_sub: bool,
 }
 
-/// The trace of one request: the server span, inside the context its children start from.
-pub struct RequestTrace {
-    cx: Context,
+/// The trace of one request.
+pub enum RequestTrace {
+    /// Sampled: the server span, inside the context its children start from.
+    Recording(Context),
+    /// Not sampled: only the ids go on (no span data, no context): the trace id and flags
+    /// of the request's span, for the `traceparent` the backend gets.
+    NotRecording(SpanContext),
 }
 
-/// The client span of one integration call.
+/// The client span of one integration call (sampled requests only).
 pub struct ClientSpan {
     span: SdkSpan,
 }
 
-/// What the server span says of a request when it ends.
+/// What the server span says of a request when it ends. Names are the snapshot's shared
+/// strings: an attribute costs a reference count, not a copy.
 pub struct ServerSummary<'a> {
-    pub method: &'a str,
-    pub route: Option<&'a str>,
+    pub method: &'static str,
+    pub route: Option<&'a Arc<str>>,
     pub status: u16,
     pub client_ip: std::net::IpAddr,
     pub scheme: &'static str,
-    pub api_id: Option<&'a str>,
-    pub stage: Option<&'a str>,
-    pub api_key_id: Option<&'a str>,
+    pub api_id: Option<&'a Arc<str>>,
+    pub stage: Option<&'a Arc<str>>,
+    pub api_key_id: Option<&'a Arc<str>>,
     pub jwt_sub: Option<&'a str>,
     pub request_id: &'a HeaderValue,
     pub error_code: Option<&'static str>,
@@ -135,57 +144,62 @@ impl Tracing {
     }
 
     /// The server span of a request that just arrived, child of its `traceparent` if any.
+    /// The sampler decides here; an unsampled request keeps only the span's ids.
     pub fn start_request(&self, headers: &HeaderMap) -> RequestTrace {
-        let parent = self
-            .propagator
-            .extract(&opentelemetry_http::HeaderExtractor(headers));
+        let parent = if headers.contains_key(&TRACEPARENT) {
+            self.propagator
+                .extract(&opentelemetry_http::HeaderExtractor(headers))
+        } else {
+            Context::new()
+        };
         let span = self
             .tracer
             .span_builder("HTTP")
             .with_kind(SpanKind::Server)
             .start_with_context(&self.tracer, &parent);
-        RequestTrace {
-            cx: parent.with_span(span),
+        if span.is_recording() {
+            RequestTrace::Recording(parent.with_span(span))
+        } else {
+            RequestTrace::NotRecording(span.span_context().clone())
         }
     }
 
-    /// The client span of an integration call, and the `traceparent` the backend gets
-    /// (naming that span).
+    /// The client span of an integration call (sampled requests), and the `traceparent`
+    /// the backend gets: it names the client span, or, unsampled, a new span id of the
+    /// same trace.
     pub fn start_client(
         &self,
         request: &RequestTrace,
-        method: &str,
-        backend: Option<(&str, u16)>,
-    ) -> (Box<ClientSpan>, HeaderValue) {
-        let mut attributes = Vec::with_capacity(3);
-        attributes.push(KeyValue::new("http.request.method", method.to_owned()));
-        if let Some((host, port)) = backend {
-            attributes.push(KeyValue::new("server.address", host.to_owned()));
-            attributes.push(KeyValue::new("server.port", i64::from(port)));
+        method: &'static str,
+        backend: Option<(&Arc<str>, u16)>,
+    ) -> (Option<Box<ClientSpan>>, HeaderValue) {
+        match request {
+            RequestTrace::NotRecording(sc) => {
+                let span_id = ID_GENERATOR.with(|g| g.new_span_id());
+                (None, traceparent(sc, span_id))
+            }
+            RequestTrace::Recording(cx) => {
+                let mut attributes = Vec::with_capacity(3);
+                attributes.push(KeyValue::new("http.request.method", method));
+                if let Some((host, port)) = backend {
+                    attributes.push(KeyValue::new("server.address", host.clone()));
+                    attributes.push(KeyValue::new("server.port", i64::from(port)));
+                }
+                let span = self
+                    .tracer
+                    .span_builder(method)
+                    .with_kind(SpanKind::Client)
+                    .with_attributes(attributes)
+                    .start_with_context(&self.tracer, cx);
+                let value = traceparent(span.span_context(), span.span_context().span_id());
+                (Some(Box::new(ClientSpan { span })), value)
+            }
         }
-        let span = self
-            .tracer
-            .span_builder(method.to_owned())
-            .with_kind(SpanKind::Client)
-            .with_attributes(attributes)
-            .start_with_context(&self.tracer, &request.cx);
-        let sc = span.span_context();
-        let traceparent = format!(
-            "00-{}-{}-{:02x}",
-            sc.trace_id(),
-            sc.span_id(),
-            sc.trace_flags().to_u8()
-        );
-        let value = HeaderValue::from_str(&traceparent).unwrap_or(HeaderValue::from_static(""));
-        (Box::new(ClientSpan { span }), value)
     }
 
     /// Ends a client span with the call's result.
     pub fn end_client(&self, mut client: Box<ClientSpan>, s: &ClientSummary) {
         let span = &mut client.span;
-        if !span.is_recording() {
-            return;
-        }
         if let Some(status) = s.status {
             span.set_attribute(KeyValue::new(
                 "http.response.status_code",
@@ -209,16 +223,16 @@ impl Tracing {
 
     /// Ends a request's server span when its response head is ready.
     pub fn end_request(&self, request: &RequestTrace, s: &ServerSummary<'_>) {
-        let span = request.cx.span();
-        if !span.is_recording() {
+        let RequestTrace::Recording(cx) = request else {
             return;
-        }
+        };
+        let span = cx.span();
         span.update_name(match s.route {
             Some(route) => format!("{} {route}", s.method),
             None => s.method.to_owned(),
         });
         let mut a = Vec::with_capacity(12);
-        a.push(KeyValue::new("http.request.method", s.method.to_owned()));
+        a.push(KeyValue::new("http.request.method", s.method));
         a.push(KeyValue::new(
             "http.response.status_code",
             i64::from(s.status),
@@ -228,17 +242,16 @@ impl Tracing {
         if let Ok(v) = s.request_id.to_str() {
             a.push(KeyValue::new("scp.request_id", v.to_owned()));
         }
-        if let Some(r) = s.route {
-            a.push(KeyValue::new("http.route", r.to_owned()));
-        }
-        if let Some(v) = s.api_id {
-            a.push(KeyValue::new("scp.api_id", v.to_owned()));
-        }
-        if let Some(v) = s.stage {
-            a.push(KeyValue::new("scp.stage", v.to_owned()));
-        }
-        if let Some(v) = s.api_key_id {
-            a.push(KeyValue::new("scp.api_key_id", v.to_owned()));
+        let shared = [
+            ("http.route", s.route),
+            ("scp.api_id", s.api_id),
+            ("scp.stage", s.stage),
+            ("scp.api_key_id", s.api_key_id),
+        ];
+        for (key, value) in shared {
+            if let Some(v) = value {
+                a.push(KeyValue::new(key, v.clone()));
+            }
         }
         if let (true, Some(v)) = (self.record_jwt_sub, s.jwt_sub) {
             a.push(KeyValue::new("enduser.id", v.to_owned()));
@@ -246,12 +259,12 @@ impl Tracing {
         if let Some(code) = s.error_code {
             a.push(KeyValue::new("scp.error_code", code));
         }
-        span.set_attributes(a);
         // A server span is an error for 5xx only (a 4xx is the client's).
         if s.status >= 500 {
-            span.set_attribute(KeyValue::new("error.type", s.status.to_string()));
+            a.push(KeyValue::new("error.type", s.status.to_string()));
             span.set_status(Status::error(""));
         }
+        span.set_attributes(a);
         span.end();
     }
 
@@ -261,6 +274,23 @@ impl Tracing {
             tracing::warn!(error = %e, "traces not flushed");
         }
     }
+}
+
+static TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
+
+thread_local! {
+    /// Span ids of unsampled client calls (the SDK's generator, per thread: no lock).
+    static ID_GENERATOR: RandomIdGenerator = RandomIdGenerator::default();
+}
+
+/// `00-<trace id>-<span id>-<flags>` (W3C Trace Context), hex-encoded by hand: it is
+/// built for every forwarded request while tracing is on, and `fmt` costs several times more.
+fn traceparent(sc: &SpanContext, span_id: SpanId) -> HeaderValue {
+    let mut v = *b"00-00000000000000000000000000000000-0000000000000000-00";
+    crate::request_id::hex_into(&mut v[3..35], &sc.trace_id().to_bytes());
+    crate::request_id::hex_into(&mut v[36..52], &span_id.to_bytes());
+    crate::request_id::hex_into(&mut v[53..55], &[sc.trace_flags().to_u8()]);
+    crate::request_id::header_value(&v)
 }
 
 /// `http://host:port` gets the OTLP/HTTP traces path; a URL with a path is used as is.
@@ -368,52 +398,66 @@ fn export_loop(
             }
         }
     };
+    // The thread sleeps on a tick and drains the queue, rather than blocking in `recv`: a
+    // worker's `try_send` then never has a sleeping receiver to wake (a futex call and a
+    // context switch on the worker's core per span, the access log's lesson).
     loop {
-        let wait = first_at.map_or(Duration::from_secs(3600), |t| {
-            EXPORT_INTERVAL.saturating_sub(t.elapsed())
-        });
-        match rx.recv_timeout(wait) {
-            Ok(Msg::Span(s)) => {
-                batch.push(*s);
-                first_at.get_or_insert_with(Instant::now);
-                if batch.len() >= MAX_BATCH {
-                    export(&mut batch);
-                    first_at = None;
-                }
-            }
-            Ok(Msg::Flush(done)) => {
-                let mut waiting = vec![done];
-                while let Ok(m) = rx.try_recv() {
-                    match m {
-                        Msg::Span(s) => {
-                            batch.push(*s);
-                            if batch.len() >= MAX_BATCH {
-                                export(&mut batch);
-                            }
-                        }
-                        Msg::Flush(done) => waiting.push(done),
+        std::thread::sleep(DRAIN_TICK);
+        let mut waiting = Vec::new();
+        let mut disconnected = false;
+        loop {
+            match rx.try_recv() {
+                Ok(Msg::Span(s)) => {
+                    batch.push(*s);
+                    first_at.get_or_insert_with(Instant::now);
+                    if batch.len() >= MAX_BATCH {
+                        export(&mut batch);
+                        first_at = None;
                     }
                 }
-                export(&mut batch);
-                first_at = None;
-                for done in waiting {
-                    let _ = done.send(());
+                Ok(Msg::Flush(done)) => waiting.push(done),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    disconnected = true;
+                    break;
                 }
             }
-            Err(RecvTimeoutError::Timeout) => {
-                export(&mut batch);
-                first_at = None;
-            }
-            Err(RecvTimeoutError::Disconnected) => {
-                export(&mut batch);
-                return;
-            }
+        }
+        if !waiting.is_empty()
+            || disconnected
+            || first_at.is_some_and(|t| t.elapsed() >= EXPORT_INTERVAL)
+        {
+            export(&mut batch);
+            first_at = None;
+        }
+        for done in waiting {
+            let _ = done.send(());
+        }
+        if disconnected {
+            return;
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn traceparent_is_w3c() {
+        use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
+        let sc = SpanContext::new(
+            TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap(),
+            SpanId::from_hex("00f067aa0ba902b7").unwrap(),
+            TraceFlags::SAMPLED,
+            true,
+            TraceState::default(),
+        );
+        let id = SpanId::from_hex("a1b2c3d4e5f60718").unwrap();
+        assert_eq!(
+            super::traceparent(&sc, id),
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-a1b2c3d4e5f60718-01"
+        );
+    }
+
     #[test]
     fn a_base_endpoint_gets_the_traces_path() {
         assert_eq!(

@@ -44,7 +44,7 @@ pub struct Upstream {
     pub id: usize,
     pub tls: bool,
     /// Host to connect to: a DNS name or an IP address (no brackets).
-    pub host: Box<str>,
+    pub host: Arc<str>,
     pub port: u16,
     /// TLS server name (SNI and certificate check) for `https` backends.
     pub server_name: Option<ServerName<'static>>,
