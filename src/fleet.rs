@@ -1,12 +1,14 @@
-//! Fleet mode's shared store (`operations.md`, "State and fleet mode"): one Redis that every
-//! gateway instance of a fleet points at, for quota counters, usage counts and report
+//! Fleet mode's shared store (`operations.md`, "State and fleet mode"): one Redis — a
+//! standalone server or a Redis Cluster, plain or TLS, with or without an ACL user — that
+//! every gateway instance of a fleet points at, for quota counters, usage counts and report
 //! aggregates.
 //!
-//! The connection is made in the background: a gateway starts whether Redis is up or not
+//! Connections are made in the background: a gateway starts whether Redis is up or not
 //! (requests meet the configured failure mode meanwhile), retries with exponential backoff,
-//! and once connected, the redis crate's `ConnectionManager` reconnects by itself after a
-//! dropped connection. Every call is bounded by `quota.timeout`. The URL is never logged:
-//! it may carry a password.
+//! and once connected, the redis crate reconnects by itself after a dropped connection
+//! (`ConnectionManager`) or follows a cluster's new topology (`ClusterConnection`). Each
+//! worker drives a connection of its own ([`Fleet`]). Every call is bounded by
+//! `quota.timeout`. The URL is never logged: it may carry a password.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -5,65 +5,31 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::redis::RedisNode;
 use common::*;
 use serde_json::{json, Value};
 
 const HOST: &str = "api.test";
 const KEY: &str = "fleet-key-value-0001";
 
-/// A `redis-server` of the test's own, without persistence; killed on drop.
-struct Redis {
-    child: Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
+/// A `redis-server` of the test's own (`common::redis`), without persistence; killed on drop.
+struct Redis;
 
 impl Redis {
-    fn start() -> Redis {
+    fn start() -> RedisNode {
         Self::start_on(closed_port())
     }
 
-    fn start_on(port: u16) -> Redis {
-        let dir = tempfile::tempdir().unwrap();
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server (installed by .ci/run)");
-        let r = Redis {
-            child,
-            port,
-            _dir: dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        r
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    fn start_on(port: u16) -> RedisNode {
+        RedisNode::start(port, &[])
     }
 }
 
-impl Drop for Redis {
-    fn drop(&mut self) {
-        self.kill();
-    }
+fn url(redis: &RedisNode) -> String {
+    format!("redis://127.0.0.1:{}/0", redis.port)
 }
 
 /// Fleet-mode configuration with the default 50 ms store timeout.
@@ -111,7 +77,7 @@ async fn two_instances_share_one_quota_and_one_report() {
     let doc = keyed_api(&b, 100);
     // A generous timeout here: this test is about exactness under 1,000 concurrent requests
     // on a busy 2-core CI machine (debug builds), not about the failure mode (tested below).
-    let toml = fleet_toml_with_timeout(&redis.url(), "closed", "2s");
+    let toml = fleet_toml_with_timeout(&url(&redis), "closed", "2s");
     let gws = [
         Gateway::start(&[("api1.json", &doc)], &toml),
         Gateway::start(&[("api1.json", &doc)], &toml),
@@ -187,8 +153,8 @@ async fn redis_down_applies_the_failure_mode_and_counting_resumes() {
     let port = redis.port;
     let b = Backend::start("b").await;
     let doc = keyed_api(&b, 1_000_000);
-    let closed = Gateway::start(&[("api1.json", &doc)], &fleet_toml(&redis.url(), "closed"));
-    let open = Gateway::start(&[("api1.json", &doc)], &fleet_toml(&redis.url(), "open"));
+    let closed = Gateway::start(&[("api1.json", &doc)], &fleet_toml(&url(&redis), "closed"));
+    let open = Gateway::start(&[("api1.json", &doc)], &fleet_toml(&url(&redis), "open"));
     let c = client();
     for gw in [&closed, &open] {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -203,7 +169,7 @@ async fn redis_down_applies_the_failure_mode_and_counting_resumes() {
     // Redis hangs (SIGSTOP): no request waits longer than the 50 ms timeout.
     let signal = |sig: &str| {
         Command::new("kill")
-            .args([sig, &redis.child.id().to_string()])
+            .args([sig, &redis.pid().expect("running").to_string()])
             .status()
             .unwrap();
     };
