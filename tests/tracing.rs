@@ -283,3 +283,50 @@ async fn a_collector_that_is_down_costs_no_request_and_is_counted() {
     }
     assert!(gw.log().contains("trace export failed"), "{}", gw.log());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_export_queue_drops_spans_and_counts_them_without_slowing_requests() {
+    let receiver = Receiver::start();
+    let b = Backend::start("b").await;
+    // One queue slot: the export thread drains every 20 ms, a request ends two spans within
+    // microseconds, so the second of them finds the queue full.
+    let toml = format!(
+        "{}queue_size = 1\n",
+        tracing_toml(&receiver.endpoint(), "1.0")
+    );
+    let gw = Gateway::start(&[("api1.json", &keyed_api(&b))], &toml);
+    let c = client();
+    for i in 0..20 {
+        let r = gw
+            .req(&c, reqwest::Method::GET, HOST, &format!("/prod/orders/{i}"))
+            .header("x-scp-apikey", "trace-test-key-000001")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let dropped = loop {
+        let m = gw.metrics().await;
+        let dropped: f64 = m
+            .lines()
+            .find(|l| l.starts_with("apigw_trace_spans_dropped_total{reason=\"queue_full\"}"))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0.0);
+        let exported = receiver.spans.lock().unwrap().len() as f64;
+        if dropped >= 1.0 && dropped + exported >= 40.0 {
+            assert_eq!(
+                dropped + exported,
+                40.0,
+                "every span exported or counted, once"
+            );
+            break dropped;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "40 spans neither exported nor counted as dropped: {dropped} dropped, {exported} exported"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(dropped < 40.0, "some spans got through");
+}
