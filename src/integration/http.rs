@@ -40,6 +40,18 @@ fn is_hop_by_hop(n: &str) -> bool {
     )
 }
 
+/// Header names listed in `Connection` (they go too); its usual options (`keep-alive`,
+/// dropped anyway, and `close`) name no header that could be left.
+fn connection_listed(h: &HeaderMap) -> impl Iterator<Item = HeaderName> + '_ {
+    h.get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|n| !n.eq_ignore_ascii_case("keep-alive") && !n.eq_ignore_ascii_case("close"))
+        .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
+}
+
 /// Removes every header whose name `drop` selects, plus those named by `Connection`: one
 /// pass over the names, then one removal per header actually present (a request carries a
 /// handful of headers; probing a dozen absent names would hash each of them). Nothing is
@@ -59,19 +71,7 @@ fn remove_headers(h: &mut HeaderMap, drop: impl Fn(&str) -> bool) {
         }
     }
     if connection {
-        // Header names listed in `Connection` go too; its usual options (`keep-alive`,
-        // already dropped, and `close`) name no header that could be left.
-        more.extend(
-            h.get_all(header::CONNECTION)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(','))
-                .map(str::trim)
-                .filter(|n| {
-                    !n.eq_ignore_ascii_case("keep-alive") && !n.eq_ignore_ascii_case("close")
-                })
-                .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok()),
-        );
+        more.extend(connection_listed(h));
     }
     for n in first.into_iter().flatten().chain(more) {
         h.remove(n);
@@ -164,17 +164,7 @@ pub fn rewrite_request_headers(h: &mut HeaderMap, info: &ForwardInfo<'_>) {
         }
     }
     if connection {
-        more.extend(
-            h.get_all(header::CONNECTION)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(','))
-                .map(str::trim)
-                .filter(|n| {
-                    !n.eq_ignore_ascii_case("keep-alive") && !n.eq_ignore_ascii_case("close")
-                })
-                .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok()),
-        );
+        more.extend(connection_listed(h));
     }
     for n in doomed.into_iter().flatten().chain(more) {
         h.remove(n);
