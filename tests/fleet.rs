@@ -4,16 +4,13 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::fleet::*;
 use common::redis::RedisNode;
 use common::*;
-use serde_json::{json, Value};
-
-const HOST: &str = "api.test";
-const KEY: &str = "fleet-key-value-0001";
+use serde_json::Value;
 
 /// A `redis-server` of the test's own (`common::redis`), without persistence; killed on drop.
 struct Redis;
@@ -41,35 +38,6 @@ fn fleet_toml_with_timeout(url: &str, failure_mode: &str, timeout: &str) -> Stri
     format!("[quota]\nbackend = \"redis\"\nredis_url = \"{url}\"\nfailure_mode = \"{failure_mode}\"\ntimeout = \"{timeout}\"\n")
 }
 
-fn keyed_api(b: &Backend, limit: u64) -> Value {
-    let mut doc = SnapshotBuilder::new("api1", &[HOST])
-        .resource("/orders", &[("GET", &b.url("/orders"))])
-        .build();
-    doc["deployments"][0]["resources"][1]["methods"][0]["api_key_required"] = json!(true);
-    doc["stages"][0]["usage_plan_id"] = json!("up1");
-    doc["usage_plans"] = json!([{"id": "up1", "name": "fleet", "limit": limit, "rate": "day",
-        "api_keys": [{"id": "k1", "name": "one", "key": KEY}]}]);
-    doc
-}
-
-async fn keyed_get(c: &reqwest::Client, gw: &Gateway) -> reqwest::Response {
-    gw.req(c, reqwest::Method::GET, HOST, "/prod/orders")
-        .header("x-scp-apikey", KEY)
-        .send()
-        .await
-        .unwrap()
-}
-
-async fn admin_json(c: &reqwest::Client, admin: SocketAddr, path: &str) -> (u16, Value) {
-    let r = c.get(format!("http://{admin}{path}")).send().await.unwrap();
-    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
-}
-
-fn today() -> String {
-    let d = time::OffsetDateTime::now_utc().date();
-    format!("{:04}-{:02}-{:02}", d.year(), u8::from(d.month()), d.day())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_share_one_quota_and_one_report() {
     let redis = Redis::start();
@@ -82,69 +50,11 @@ async fn two_instances_share_one_quota_and_one_report() {
         Gateway::start(&[("api1.json", &doc)], &toml),
         Gateway::start(&[("api1.json", &doc)], &toml),
     ];
-    let c = reqwest::Client::builder()
-        .pool_max_idle_per_host(1000)
-        .build()
-        .unwrap();
     // Both instances connect in the background (a 503 before that: failure mode closed).
     for gw in &gws {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !gw.log().contains("connected to the fleet's Redis") {
-            assert!(Instant::now() < deadline, "never connected: {}", gw.log());
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_connected(gw).await;
     }
-
-    let mut tasks = Vec::new();
-    for i in 0..1000 {
-        let (c, url) = (c.clone(), gws[i % 2].url("/prod/orders"));
-        tasks.push(tokio::spawn(async move {
-            let r = c
-                .get(url)
-                .header("host", HOST)
-                .header("x-scp-apikey", KEY)
-                .send()
-                .await
-                .unwrap();
-            (i % 2, r.status().as_u16())
-        }));
-    }
-    let mut ok = [0; 2];
-    let mut limited = [0; 2];
-    for t in tasks {
-        match t.await.unwrap() {
-            (g, 200) => ok[g] += 1,
-            (g, 429) => limited[g] += 1,
-            (_, s) => panic!("unexpected status {s}"),
-        }
-    }
-    assert_eq!(
-        ok[0] + ok[1],
-        100,
-        "exactly 100 admitted across the fleet: {ok:?}"
-    );
-    assert_eq!(limited[0] + limited[1], 900);
-    assert!(
-        ok[0] > 0 && ok[1] > 0,
-        "both instances admitted some: {ok:?}"
-    );
-    assert_eq!(b.seen().len(), 100, "exactly 100 reached the backend");
-
-    // Reports and usage: any instance answers for the fleet (within 2 s of the responses).
-    tokio::time::sleep(Duration::from_millis(2100)).await;
-    let day = today();
-    let reports = format!("/v1/apis/api1/reports?stage_name=prod&start_date={day}&end_date={day}");
-    let usage = format!("/v1/apis/api1/usage-plans/up1/usage?start_date={day}&end_date={day}");
-    let (s0, r0) = admin_json(&c, gws[0].admin, &reports).await;
-    let (s1, r1) = admin_json(&c, gws[1].admin, &reports).await;
-    assert_eq!((s0, s1), (200, 200), "{r0} {r1}");
-    assert_eq!(r0["reports"][0]["call_count"], 100, "{r0}");
-    assert_eq!(r0["reports"][0]["error_4xx_count"], 900, "{r0}");
-    assert_eq!(r0, r1, "both instances report the same");
-    let (_, u0) = admin_json(&c, gws[0].admin, &usage).await;
-    let (_, u1) = admin_json(&c, gws[1].admin, &usage).await;
-    assert_eq!(u0["items"]["k1"][0], json!([100, 0]), "{u0}");
-    assert_eq!(u0, u1);
+    one_exact_quota_for_two_instances(&gws, &b).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

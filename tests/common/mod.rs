@@ -18,6 +18,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use serde_json::{json, Value};
 
+pub mod fleet;
 pub mod redis;
 
 /// What a backend saw of one request.
