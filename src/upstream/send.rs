@@ -117,8 +117,13 @@ pub async fn send(
                 }
                 while let Some(mut c) = pool::checkout(up.id) {
                     // An idle connection becomes ready as soon as its driver has seen the
-                    // end of the previous answer; one that fails here was closed by its
-                    // backend and nothing was sent on it.
+                    // end of the previous answer (usually before it is checked out: then
+                    // no timer is armed); one that fails here was closed by its backend
+                    // and nothing was sent on it.
+                    if c.sender.is_ready() {
+                        conn = Some(c);
+                        break;
+                    }
                     match tokio::time::timeout_at(deadline, c.sender.ready()).await {
                         Ok(Ok(())) => {
                             conn = Some(c);
@@ -293,10 +298,9 @@ fn failed(
 /// when the backend announced `Keep-Alive: timeout=N` (minus a margin, so that the gateway
 /// stops reusing it before the backend closes it). Zero when it must not be reused.
 fn reuse_for(response: &Response<Incoming>, pool_idle: Duration) -> Duration {
-    let Some(ka) = response
-        .headers()
-        .get(http::header::HeaderName::from_static("keep-alive"))
-    else {
+    static KEEP_ALIVE: http::header::HeaderName =
+        http::header::HeaderName::from_static("keep-alive");
+    let Some(ka) = response.headers().get(&KEEP_ALIVE) else {
         return pool_idle;
     };
     match keep_alive_timeout(ka) {
