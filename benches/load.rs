@@ -473,10 +473,12 @@ fn fixed_requests(
 /// Starts a proxy under a command prefix (valgrind) with a name for its files.
 type Starter<'a> = dyn Fn(&[&str], &str) -> (Proc, SocketAddr) + 'a;
 
-/// Instructions per proxied request under callgrind: two runs of 500 and 3,000 requests
-/// over one keep-alive connection, the difference divided by 2,500 (start-up, the first
-/// connection and shutdown cancel out; the state's persistence, which depends on time and
-/// on the state's size, is left out).
+/// Instructions per proxied request under callgrind, counted between two points of one
+/// run: 200 requests first (the backend connection, caches, the state directory), then the
+/// counters are zeroed (`callgrind_control -z`), 2,500 requests over one keep-alive
+/// connection, and the counters are dumped (`callgrind_control -d`). Start-up and shutdown
+/// are outside the count; the gateway's state flush (once a second on the control thread,
+/// a matter of time, not of requests) is taken out.
 fn callgrind_per_request(
     dir: &Path,
     label: &str,
@@ -484,58 +486,61 @@ fn callgrind_per_request(
     headers: &[String],
     start: &Starter<'_>,
 ) -> Option<f64> {
-    let (small, large) = (500usize, 3_000usize);
+    const COUNTED: usize = 2_500;
     let wanted = std::env::var("LOAD_CALLGRIND").unwrap_or_default();
     if !wanted.is_empty() && !wanted.split(',').any(|w| label.starts_with(w)) {
         return None;
     }
-    let keep = std::env::var_os("LOAD_KEEP").map(std::path::PathBuf::from);
-    // One run outside callgrind first: both counted runs then open an existing state
-    // directory, as a restarted gateway does.
-    let (p, addr) = start(&["taskset", "-c", "0"], &format!("cg-{label}"));
-    let _ = fixed_requests(addr, host, headers, 1);
+    let out = dir.join(format!("callgrind-{label}.out"));
+    let out_arg = format!("--callgrind-out-file={}", out.display());
+    let (p, addr) = start(
+        &["valgrind", "--tool=callgrind", &out_arg],
+        &format!("cg-{label}"),
+    );
+    let control = |what: &str| {
+        Command::new("callgrind_control")
+            .args([what, &p.pid().to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let counted = fixed_requests(addr, host, headers, 200)
+        .map_err(|e| e.to_string())
+        .and_then(|()| {
+            control("-z")
+                .then_some(())
+                .ok_or("callgrind_control -z failed".into())
+        })
+        .and_then(|()| fixed_requests(addr, host, headers, COUNTED).map_err(|e| e.to_string()))
+        .and_then(|()| {
+            control("-d")
+                .then_some(())
+                .ok_or("callgrind_control -d failed".into())
+        });
     p.stop();
-    let mut totals = Vec::new();
-    for n in [small, large] {
-        let out = dir.join(format!("callgrind-{label}-{n}.out"));
-        let out_arg = format!("--callgrind-out-file={}", out.display());
-        let (p, addr) = start(
-            &["valgrind", "--tool=callgrind", &out_arg],
-            &format!("cg-{label}"),
-        );
-        let run = fixed_requests(addr, host, headers, 1)
-            .and_then(|_| fixed_requests(addr, host, headers, n));
-        p.stop();
-        if let Err(e) = run {
-            eprintln!("warning: callgrind run of {label} failed: {e}");
-            return None;
-        }
-        if let Some(keep) = &keep {
-            let _ = std::fs::create_dir_all(keep);
-            let _ = std::fs::copy(&out, keep.join(format!("cg-{label}-{n}.out")));
-        }
-        let text = std::fs::read_to_string(&out).ok()?;
-        let total: f64 = text
-            .lines()
-            .find_map(|l| l.strip_prefix("summary:").or(l.strip_prefix("totals:")))?
-            .trim()
-            .parse()
-            .ok()?;
-        totals.push(total - not_per_request(&out));
+    if let Err(e) = counted {
+        eprintln!("warning: callgrind run of {label} failed: {e}");
+        return None;
     }
-    Some((totals[1] - totals[0]) / (large - small) as f64)
+    let dump = dir.join(format!("callgrind-{label}.out.1"));
+    if let Some(keep) = std::env::var_os("LOAD_KEEP").map(std::path::PathBuf::from) {
+        let _ = std::fs::create_dir_all(&keep);
+        let _ = std::fs::copy(&dump, keep.join(format!("cg-{label}.out")));
+    }
+    let text = std::fs::read_to_string(&dump).ok()?;
+    let total: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("summary:").or(l.strip_prefix("totals:")))?
+        .trim()
+        .parse()
+        .ok()?;
+    Some((total - state_flush(&dump)) / COUNTED as f64)
 }
 
-/// Instructions of a callgrind profile that depend on the run's length and the state's
-/// size, not on its requests: the gateway's state persistence (loading it at start-up, the
-/// control thread's flush once a second, closing the database). Inclusive counts from
-/// `callgrind_annotate`; 0 for the floor and nginx.
-fn not_per_request(profile: &Path) -> f64 {
-    const LEFT_OUT: [&str; 3] = [
-        "scp_gateway::app::App::new",
-        "scp_gateway::app::App::flush_state",
-        "<redb::db::Database as core::ops::drop::Drop>::drop",
-    ];
+/// Instructions of the gateway's state flush in a callgrind profile (inclusive, from
+/// `callgrind_annotate`; 0 for the floor and nginx).
+fn state_flush(profile: &Path) -> f64 {
     let Ok(out) = Command::new("callgrind_annotate")
         .args(["--inclusive=yes", "--auto=no", "--threshold=100"])
         .arg(profile)
@@ -543,19 +548,13 @@ fn not_per_request(profile: &Path) -> f64 {
     else {
         return 0.0;
     };
-    let text = String::from_utf8_lossy(&out.stdout);
     // A function appears once per source file its inlined code came from; its own entry,
     // the largest, includes the others.
-    LEFT_OUT
-        .iter()
-        .map(|f| {
-            let tag = format!(":{f} [");
-            text.lines()
-                .filter(|l| l.contains(&tag))
-                .filter_map(|l| l.split_whitespace().next()?.replace(',', "").parse().ok())
-                .fold(0.0, f64::max)
-        })
-        .sum()
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(":scp_gateway::app::App::flush_state ["))
+        .filter_map(|l| l.split_whitespace().next()?.replace(',', "").parse().ok())
+        .fold(0.0, f64::max)
 }
 
 /// Resident memory of a process, in KiB.
@@ -1168,7 +1167,7 @@ fn main() {
             })
             .flatten();
         println!();
-        println!("instructions per proxied request (callgrind, 1 worker, one keep-alive connection, 3,000 − 500 requests):");
+        println!("instructions per proxied request (callgrind, 1 worker, 2,500 requests on one keep-alive connection after 200 uncounted):");
         let vs = |v: Option<f64>| match (v, fl) {
             (Some(v), Some(f)) => format!(" ({:.2}× the floor)", v / f),
             _ => String::new(),

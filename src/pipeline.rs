@@ -156,53 +156,80 @@ impl<'s> RequestContext<'s> {
     }
 }
 
-/// Serves one request with the state current at its arrival, start to end.
+/// What a request is served with: the process and the connection it came on. The
+/// listener holds them, and learns when the request is done by the value's drop.
+pub trait Serving: Send + Sync + 'static {
+    fn app(&self) -> &App;
+    fn conn(&self) -> &ConnInfo;
+}
+
+/// Serves one request with the state current at its arrival, start to end; `serving` is
+/// dropped as soon as the answer's head is ready.
 ///
 /// The phases that can only refuse run as plain functions; this is the one async frame
 /// that holds the request (a request moved through nested async functions would be stored
 /// once per level, and the whole future is moved with every request and kept per
-/// connection by hyper).
-pub async fn handle(app: &App, conn: &ConnInfo, req: Request<Incoming>) -> Response<GatewayBody> {
-    let state = app.state.load_for_request();
-    let mut ctx = RequestContext::new(app, conn, &req);
-    let result = match admit(app, &state, &mut ctx, &req) {
-        Err(rejection) => Err(rejection),
-        Ok(Admitted::Answered(resp)) => Ok(*resp),
-        Ok(Admitted::Forward(m)) => match admit_quota(app, &mut ctx).await {
+/// connection by hyper). An async block rather than an async function: a function's
+/// arguments are stored twice in its future (as arguments and as locals).
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn stores its arguments twice in its future"
+)]
+pub fn handle(
+    serving: impl Serving,
+    req: Request<Incoming>,
+) -> impl std::future::Future<Output = Response<GatewayBody>> + Send {
+    async move {
+        let (app, conn) = (serving.app(), serving.conn());
+        let state = app.state.load_for_request();
+        let mut ctx = RequestContext::new(app, conn, &req);
+        let result = match admit(app, &state, &mut ctx, &req) {
             Err(rejection) => Err(rejection),
-            Ok(()) => {
-                let outcome = match check_required(m, &req) {
-                    Err(rejection) => Err(rejection),
-                    Ok(()) => match integrate(app, &ctx, m, req) {
+            Ok(Admitted::Answered(resp)) => Ok(*resp),
+            Ok(Admitted::Forward(m)) => match admit_quota(app, &mut ctx).await {
+                Err(rejection) => Err(rejection),
+                Ok(()) => {
+                    // Awaited as one expression: awaited inside a `match` on it, the call
+                    // would be stored twice in this future (the matched value stays in it).
+                    let call = check_required(m, &req).and_then(|()| integrate(app, &ctx, m, req));
+                    match either_call(call).await {
                         Err(rejection) => Err(rejection),
-                        Ok(call) => Ok(call.await),
-                    },
-                };
-                match outcome {
-                    Err(rejection) => Err(rejection),
-                    Ok(outcome) => {
-                        ctx.integration_elapsed = Some(outcome.elapsed);
-                        ctx.retried = outcome.retried;
-                        outcome.result
+                        Ok(outcome) => {
+                            ctx.integration_elapsed = Some(outcome.elapsed);
+                            ctx.retried = outcome.retried;
+                            outcome.result
+                        }
                     }
                 }
+            },
+        };
+        let mut resp = match result {
+            Ok(resp) => resp,
+            Err(rejection) => {
+                ctx.error_code = Some(rejection.code_index());
+                if let Some(reason) = rejection.auth_failure() {
+                    ctx.auth_failure = Some(reason);
+                    log_auth_failure(&ctx, reason);
+                }
+                rejection.into_response(&ctx.request_id)
             }
-        },
-    };
-    let mut resp = match result {
-        Ok(resp) => resp,
-        Err(rejection) => {
-            ctx.error_code = Some(rejection.code_index());
-            if let Some(reason) = rejection.auth_failure() {
-                ctx.auth_failure = Some(reason);
-                log_auth_failure(&ctx, reason);
-            }
-            rejection.into_response(&ctx.request_id)
-        }
-    };
-    finish(&ctx, resp.headers_mut());
-    record(app, &ctx, &resp);
-    resp
+        };
+        finish(&ctx, resp.headers_mut());
+        record(app, &ctx, &resp);
+        drop(serving);
+        resp
+    }
+}
+
+/// The integration call, or why there is none, as one future.
+fn either_call<F: std::future::Future<Output = crate::integration::Outcome>>(
+    call: Result<F, Rejection>,
+) -> impl std::future::Future<Output = Result<crate::integration::Outcome, Rejection>> {
+    use futures_util::future::{ready, Either, FutureExt};
+    match call {
+        Ok(call) => Either::Left(call.map(Ok)),
+        Err(rejection) => Either::Right(ready(Err(rejection))),
+    }
 }
 
 /// The log line of a refused token or key: at `info` at most once a second (a client
@@ -944,6 +971,9 @@ fn end_server_span(
             route: ctx.route.map(|r| &r.template),
             status,
             client_ip: ctx.client_ip,
+            client_ip_text: (ctx.client_ip == hop_ip(ctx.conn))
+                .then(|| ctx.conn.forwarded_for.to_str().ok())
+                .flatten(),
             scheme: ctx.conn.proto,
             api_id: ctx.api.map(|a| &a.id),
             stage: ctx.stage.map(|s| &s.name),
@@ -957,6 +987,16 @@ fn end_server_span(
             error_code: ctx.error_code.map(|c| crate::rejection::CODES[c]),
         },
     );
+}
+
+/// The address this hop appends to `X-Forwarded-For` (`ConnInfo::forwarded_for`).
+fn hop_ip(conn: &ConnInfo) -> IpAddr {
+    crate::app::canonical_ip(
+        conn.proxy
+            .as_ref()
+            .and_then(|p| p.source)
+            .unwrap_or(conn.peer.ip()),
+    )
 }
 
 /// Days since 1970-01-01 (UTC), the report day of a request answered now.

@@ -75,6 +75,10 @@ pub struct ServerSummary<'a> {
     pub route: Option<&'a Arc<str>>,
     pub status: u16,
     pub client_ip: std::net::IpAddr,
+    /// `client_ip` as text when the connection already has it (the client is the hop's
+    /// own address, nearly always): formatting an address costs more than the rest of the
+    /// span's attributes.
+    pub client_ip_text: Option<&'a str>,
     pub scheme: &'static str,
     pub api_id: Option<&'a Arc<str>>,
     pub stage: Option<&'a Arc<str>>,
@@ -241,7 +245,14 @@ impl Tracing {
         };
         let span = cx.span();
         span.update_name(match s.route {
-            Some(route) => format!("{} {route}", s.method),
+            Some(route) => {
+                // `format!` costs several times this.
+                let mut name = String::with_capacity(s.method.len() + 1 + route.len());
+                name.push_str(s.method);
+                name.push(' ');
+                name.push_str(route);
+                name
+            }
             None => s.method.to_owned(),
         });
         let kv = |key: &'static str, v: Option<&Arc<str>>| v.map(|v| KeyValue::new(key, v.clone()));
@@ -257,7 +268,11 @@ impl Tracing {
                 i64::from(s.status),
             )),
             Some(KeyValue::new("url.scheme", s.scheme)),
-            Some(KeyValue::new("client.address", s.client_ip.to_string())),
+            Some(KeyValue::new(
+                "client.address",
+                s.client_ip_text
+                    .map_or_else(|| s.client_ip.to_string(), str::to_owned),
+            )),
             s.request_id
                 .to_str()
                 .ok()

@@ -93,126 +93,135 @@ impl RetryCopy {
 
 /// Sends `req` (origin-form URI) to `up` and waits for the answer's head until `deadline`.
 ///
-/// One async function for the whole HTTP/1.1 path (pooled or new connection, retry): every
+/// One future for the whole HTTP/1.1 path (pooled or new connection, retry): every
 /// nested async call would add its future, moved on each request, to the caller's. The
 /// HTTP/2 path and connecting are boxed for the same reason.
-pub async fn send(
-    settings: &Settings,
-    up: &Upstream,
-    req: Request<ForwardBody>,
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn stores its arguments twice in its future"
+)]
+pub fn send<'a>(
+    settings: &'a Settings,
+    up: &'a Upstream,
+    mut req: Request<ForwardBody>,
     deadline: Instant,
-) -> Result<Sent, SendError> {
-    let mut req = req;
-    let mut retried = false;
-    loop {
-        let outcome = 'attempt: {
-            // A pooled connection (HTTP/2 if the backend offered it), unless retrying.
-            let mut conn = None;
-            if !retried {
-                if up.tls {
-                    if let Some((h2, received)) = pool::h2(up.id) {
-                        break 'attempt Box::pin(send_h2(up, h2, received, req, deadline, true))
-                            .await;
-                    }
-                }
-                while let Some(mut c) = pool::checkout(up.id) {
-                    // An idle connection becomes ready as soon as its driver has seen the
-                    // end of the previous answer (usually before it is checked out: then
-                    // no timer is armed); one that fails here was closed by its backend
-                    // and nothing was sent on it.
-                    if c.sender.is_ready() {
-                        conn = Some(c);
-                        break;
-                    }
-                    match tokio::time::timeout_at(deadline, c.sender.ready()).await {
-                        Ok(Ok(())) => {
-                            conn = Some(c);
-                            break;
-                        }
-                        Ok(Err(_)) => continue,
-                        Err(_) => break 'attempt Outcome::Timeout,
-                    }
-                }
-            }
-            let reused = conn.is_some();
-            let mut conn = match conn {
-                Some(c) => c,
-                None => match Box::pin(connect::open(settings, up, deadline)).await {
-                    Err(ConnectError::Deadline) => break 'attempt Outcome::Timeout,
-                    Err(e) => break 'attempt Outcome::Failed(e.to_string()),
-                    Ok(fresh) => match fresh.handle {
-                        Handle::H1(mut sender) => {
-                            if tokio::time::timeout_at(deadline, sender.ready())
-                                .await
-                                .is_err()
-                            {
-                                break 'attempt Outcome::Timeout;
-                            }
-                            Pooled {
-                                sender,
-                                received: fresh.received,
-                            }
-                        }
-                        Handle::H2(sender) => {
-                            pool::set_h2(up.id, sender.clone(), fresh.received.clone());
+) -> impl std::future::Future<Output = Result<Sent, SendError>> + Send + 'a {
+    // An async block, not an async function: a function's arguments are stored twice in
+    // its future (as arguments and as locals), and this future is part of every request's.
+    async move {
+        let mut retried = false;
+        loop {
+            let outcome = 'attempt: {
+                // A pooled connection (HTTP/2 if the backend offered it), unless retrying.
+                let mut conn = None;
+                if !retried {
+                    if up.tls {
+                        if let Some((h2, received)) = pool::h2(up.id) {
                             break 'attempt Box::pin(send_h2(
-                                up,
-                                sender,
-                                fresh.received,
-                                req,
-                                deadline,
-                                false,
+                                up, h2, received, req, deadline, true,
                             ))
                             .await;
                         }
-                    },
-                },
-            };
-            // HTTP/1.1 on `conn`.
-            *req.version_mut() = Version::HTTP_11;
-            req.headers_mut().insert(HOST, up.host_header.clone());
-            let copy = if reused && idempotent(req.method()) {
-                RetryCopy::of(&req)
-            } else {
-                None
-            };
-            let before = conn.received.load(Ordering::Relaxed);
-            let sent = conn.sender.try_send_request(req);
-            match tokio::time::timeout_at(deadline, sent).await {
-                Err(_) => Outcome::Timeout,
-                Ok(Ok(response)) => {
-                    let idle_for = reuse_for(&response, settings.idle_timeout);
-                    let (parts, body) = response.into_parts();
-                    let body = UpstreamBody::pooled(
-                        body,
-                        GiveBack {
-                            id: up.id,
-                            conn,
-                            idle_for,
-                            max_idle: settings.max_idle,
-                        },
-                    );
-                    Outcome::Answer(Response::from_parts(parts, body))
+                    }
+                    while let Some(mut c) = pool::checkout(up.id) {
+                        // An idle connection becomes ready as soon as its driver has seen the
+                        // end of the previous answer (usually before it is checked out: then
+                        // no timer is armed); one that fails here was closed by its backend
+                        // and nothing was sent on it.
+                        if c.sender.is_ready() {
+                            conn = Some(c);
+                            break;
+                        }
+                        match tokio::time::timeout_at(deadline, c.sender.ready()).await {
+                            Ok(Ok(())) => {
+                                conn = Some(c);
+                                break;
+                            }
+                            Ok(Err(_)) => continue,
+                            Err(_) => break 'attempt Outcome::Timeout,
+                        }
+                    }
                 }
-                Ok(Err(mut e)) => failed(&mut e, reused, copy, &conn.received, before),
+                let reused = conn.is_some();
+                let mut conn = match conn {
+                    Some(c) => c,
+                    None => match Box::pin(connect::open(settings, up, deadline)).await {
+                        Err(ConnectError::Deadline) => break 'attempt Outcome::Timeout,
+                        Err(e) => break 'attempt Outcome::Failed(e.to_string()),
+                        Ok(fresh) => match fresh.handle {
+                            Handle::H1(mut sender) => {
+                                if tokio::time::timeout_at(deadline, sender.ready())
+                                    .await
+                                    .is_err()
+                                {
+                                    break 'attempt Outcome::Timeout;
+                                }
+                                Pooled {
+                                    sender,
+                                    received: fresh.received,
+                                }
+                            }
+                            Handle::H2(sender) => {
+                                pool::set_h2(up.id, sender.clone(), fresh.received.clone());
+                                break 'attempt Box::pin(send_h2(
+                                    up,
+                                    sender,
+                                    fresh.received,
+                                    req,
+                                    deadline,
+                                    false,
+                                ))
+                                .await;
+                            }
+                        },
+                    },
+                };
+                // HTTP/1.1 on `conn`.
+                *req.version_mut() = Version::HTTP_11;
+                req.headers_mut().insert(HOST, up.host_header.clone());
+                let copy = if reused && idempotent(req.method()) {
+                    RetryCopy::of(&req)
+                } else {
+                    None
+                };
+                let before = conn.received.load(Ordering::Relaxed);
+                let sent = conn.sender.try_send_request(req);
+                match tokio::time::timeout_at(deadline, sent).await {
+                    Err(_) => Outcome::Timeout,
+                    Ok(Ok(response)) => {
+                        let idle_for = reuse_for(&response, settings.idle_timeout);
+                        let (parts, body) = response.into_parts();
+                        let body = UpstreamBody::pooled(
+                            body,
+                            GiveBack {
+                                id: up.id,
+                                conn,
+                                idle_for,
+                                max_idle: settings.max_idle,
+                            },
+                        );
+                        Outcome::Answer(Response::from_parts(parts, body))
+                    }
+                    Ok(Err(mut e)) => failed(&mut e, reused, copy, &conn.received, before),
+                }
+            };
+            match outcome {
+                Outcome::Answer(response) => return Ok(Sent { response, retried }),
+                Outcome::Again(r) if !retried => {
+                    tracing::debug!(backend = %up.host_header.to_str().unwrap_or(""), "reused backend connection failed before answering; sending once more on a new connection");
+                    req = r;
+                    retried = true;
+                }
+                Outcome::Again(_) => {
+                    return Err(SendError::Failed {
+                        reason: "the backend closed the connection before answering".into(),
+                        retried,
+                    })
+                }
+                Outcome::Timeout => return Err(SendError::Timeout { retried }),
+                Outcome::Failed(reason) => return Err(SendError::Failed { reason, retried }),
+                Outcome::ClientBody(r) => return Err(SendError::ClientBody(r)),
             }
-        };
-        match outcome {
-            Outcome::Answer(response) => return Ok(Sent { response, retried }),
-            Outcome::Again(r) if !retried => {
-                tracing::debug!(backend = %up.host_header.to_str().unwrap_or(""), "reused backend connection failed before answering; sending once more on a new connection");
-                req = r;
-                retried = true;
-            }
-            Outcome::Again(_) => {
-                return Err(SendError::Failed {
-                    reason: "the backend closed the connection before answering".into(),
-                    retried,
-                })
-            }
-            Outcome::Timeout => return Err(SendError::Timeout { retried }),
-            Outcome::Failed(reason) => return Err(SendError::Failed { reason, retried }),
-            Outcome::ClientBody(r) => return Err(SendError::ClientBody(r)),
         }
     }
 }
