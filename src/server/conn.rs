@@ -3,7 +3,6 @@
 //! watchdog (`watchdog.rs`), which reads the connection's [`Activity`] and orders it to
 //! close; the connection task only obeys.
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -13,7 +12,6 @@ use super::io::{Activity, Order, Stream, TrackedIo};
 use crate::app::App;
 use crate::config::Limits;
 use crate::pipeline::{self, ConnInfo};
-use futures_util::FutureExt;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -102,11 +100,7 @@ pub async fn serve_connection<S: Stream>(
         if ambiguous {
             req.extensions_mut().insert(pipeline::AmbiguousLength);
         }
-        // Boxed: hyper keeps room for one service future per connection, idle or not
-        // (about 2 KiB for the pipeline's); a box is 8 bytes, and an allocation per request
-        // costs less than moving the whole future into that room. The pipeline's future
-        // is its own, with no async block around it (that would store the request twice).
-        Box::pin(pipeline::handle(request, req).map(Ok::<_, Infallible>))
+        pipeline::handle(request, req)
     });
     let conn = builder.serve_connection(io, svc);
     tokio::pin!(conn);
