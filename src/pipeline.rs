@@ -170,13 +170,13 @@ pub trait Serving: Send + Sync + 'static {
 ///
 /// The phases that can only refuse run as plain functions; this is the one async frame
 /// that holds the request (a request moved through nested async functions would be stored
-/// once per level, and the whole future is moved with every request and kept per
-/// connection by hyper). An async block rather than an async function: a function's
-/// arguments are stored twice in its future (as arguments and as locals).
+/// once per level). An async block rather than an async function: a function's arguments
+/// are stored twice in its future (as arguments and as locals).
 ///
-/// Boxed where it is made: hyper keeps room for one service future per connection, idle or
-/// not (this one is about 1.9 KB; a box is 8 bytes), and a future built in place is not
-/// copied from one wrapper to the next. Never an error: every failure is an answer.
+/// Boxed: hyper keeps room for one service future per connection, idle or not; this one is
+/// about 1.9 KB, a box 8 bytes (measured: one allocation per request, about 400
+/// instructions, against 2.2 KiB less per idle connection). Never an error: every failure
+/// is an answer.
 pub fn handle(
     serving: impl Serving,
     req: Request<Incoming>,
