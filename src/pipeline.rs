@@ -550,37 +550,38 @@ fn check_framing(req: &Request<Incoming>, limits: &Limits) -> Result<(), Rejecti
     if uri_len > limits.max_uri_bytes {
         return Err(Rejection::UriTooLong);
     }
-    let head: usize = req.method().as_str().len()
-        + uri_len
-        + 12
-        + req
-            .headers()
-            .iter()
-            .map(|(n, v)| n.as_str().len() + v.len() + 4)
-            .sum::<usize>();
+    // One pass over the headers measures the head and finds the framing headers (a
+    // lookup by name would hash each name again).
+    let mut head = req.method().as_str().len() + uri_len + 12;
+    let (mut te, mut te_count, mut cl) = (None, 0usize, None);
+    for (n, v) in req.headers() {
+        head += n.as_str().len() + v.len() + 4;
+        if n == TRANSFER_ENCODING {
+            te_count += 1;
+            te = te.or(Some(v));
+        } else if n == CONTENT_LENGTH {
+            cl = cl.or(Some(v));
+        }
+    }
     if head > limits.max_head_bytes {
         return Err(Rejection::HeadersTooLarge);
     }
-    let h = req.headers();
-    let has_te = h.contains_key(TRANSFER_ENCODING);
     // `AmbiguousLength` also marks a repeated Content-Length, even with equal values (hyper
     // keeps one copy silently; nginx refuses them): the listener saw it in the raw head.
-    if (has_te && h.contains_key(CONTENT_LENGTH))
-        || req.extensions().get::<AmbiguousLength>().is_some()
-    {
+    if (te.is_some() && cl.is_some()) || req.extensions().get::<AmbiguousLength>().is_some() {
         return Err(Rejection::BadRequest(BadRequest::AmbiguousLength));
     }
-    if has_te {
-        let mut codings = h.get_all(TRANSFER_ENCODING).iter();
-        let only_chunked = codings
-            .next()
-            .is_some_and(|v| v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked"))
-            && codings.next().is_none();
+    if let Some(coding) = te {
+        let only_chunked = te_count == 1
+            && coding
+                .as_bytes()
+                .trim_ascii()
+                .eq_ignore_ascii_case(b"chunked");
         if !only_chunked {
             return Err(Rejection::BadRequest(BadRequest::TransferCoding));
         }
     }
-    if let Some(len) = h.get(CONTENT_LENGTH) {
+    if let Some(len) = cl {
         let len: u64 = len
             .to_str()
             .ok()
@@ -801,9 +802,13 @@ fn integrate<'a>(
             frame_body(&mut parts.headers);
             let req =
                 Request::from_parts(parts, ForwardBody::Stream(LimitedBody::new(body, max_body)));
-            Either::Left(
-                http_integration::forward(&app.upstream, upstream, req, timeout).map(forwarded),
-            )
+            Either::Left(http_integration::forward(
+                &app.upstream,
+                upstream,
+                req,
+                timeout,
+                forwarded,
+            ))
         }
         Integration::Function { function } => {
             let path_parameters = route

@@ -244,7 +244,15 @@ pub async fn invoke(
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     let started = Instant::now();
     let deadline = tokio::time::Instant::now() + timeout;
-    let forwarded = match forward(settings, &function.upstream, req, timeout).await {
+    let forwarded = match forward(
+        settings,
+        &function.upstream,
+        req,
+        timeout,
+        std::convert::identity,
+    )
+    .await
+    {
         Ok(f) => f,
         Err(e) => return failed(e.rejection, e.elapsed, e.retried),
     };

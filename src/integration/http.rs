@@ -331,18 +331,20 @@ pub struct NotForwarded {
 /// Sends the request (origin-form URI) to `upstream` and waits for the response head within
 /// `timeout`, which covers a retry too. Hop-by-hop headers of the answer are removed.
 ///
-/// Not an async function on purpose: the future is `upstream::send`'s own, mapped, so the
-/// request is not stored a second time in an extra async frame.
-pub fn forward<'a>(
+/// Not an async function on purpose: the future is `upstream::send`'s own, mapped once
+/// through `then` (the caller's conversion of the result), so that neither the request nor
+/// the answer is stored or moved by an extra layer.
+pub fn forward<'a, T>(
     settings: &'a Settings,
     upstream: &'a Upstream,
     req: Request<ForwardBody>,
     timeout: Duration,
-) -> impl std::future::Future<Output = Result<Forwarded, NotForwarded>> + Send + 'a {
+    then: impl FnOnce(Result<Forwarded, NotForwarded>) -> T + Send + 'a,
+) -> impl std::future::Future<Output = T> + Send + 'a {
     use futures_util::FutureExt;
     let started = Instant::now();
     let deadline = tokio::time::Instant::from_std(started + timeout);
-    crate::upstream::send(settings, upstream, req, deadline).map(move |r| match r {
+    crate::upstream::send(settings, upstream, req, deadline).map(move |r| then(match r {
         Ok(mut sent) => {
             strip_hop_by_hop(sent.response.headers_mut());
             Ok(Forwarded {
@@ -376,7 +378,7 @@ pub fn forward<'a>(
                 retried,
             })
         }
-    })
+    }))
 }
 
 #[cfg(test)]
