@@ -315,7 +315,11 @@ impl Verified {
 
 /// The bearer token of a request, if any.
 pub fn bearer(headers: &http::HeaderMap) -> Option<&str> {
-    let v = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
+    // What `HeaderValue::to_str` accepts (a header value holds no control byte but tab, so
+    // visible ASCII is ASCII), checked a word at a time: a token is a few hundred bytes and
+    // `to_str` looks at them one by one.
+    let v = headers.get(http::header::AUTHORIZATION)?.as_bytes();
+    let v = std::str::from_utf8(v).ok().filter(|s| s.is_ascii())?;
     let (scheme, token) = v.split_once(' ')?;
     scheme
         .eq_ignore_ascii_case("bearer")
@@ -429,6 +433,25 @@ mod tests {
 
     fn now() -> i64 {
         time::OffsetDateTime::now_utc().unix_timestamp()
+    }
+
+    #[test]
+    fn bearer_reads_what_to_str_reads() {
+        let with = |raw: &[u8]| {
+            let mut h = http::HeaderMap::new();
+            h.insert("authorization", http::HeaderValue::from_bytes(raw).unwrap());
+            h
+        };
+        assert_eq!(bearer(&with(b"Bearer abc.def.ghi")), Some("abc.def.ghi"));
+        assert_eq!(bearer(&with(b"bearer \tabc ")), Some("abc"));
+        assert_eq!(bearer(&with(b"Basic abc")), None);
+        assert_eq!(bearer(&with(b"Bearer ")), None);
+        // Bytes beyond ASCII, valid UTF-8 or not, make no token (as `to_str` refuses them).
+        assert_eq!(bearer(&with("Bearer t\u{e9}st".as_bytes())), None);
+        assert_eq!(bearer(&with(b"Bearer t\xffst")), None);
+        assert!(with(b"Bearer t\xffst")[http::header::AUTHORIZATION]
+            .to_str()
+            .is_err());
     }
 
     fn headers(token: &str) -> http::HeaderMap {
