@@ -258,16 +258,10 @@ fn every_snapshot_in_config_and_docs_loads() {
         .enable_all()
         .build()
         .unwrap();
-    let apis: Value = rt.block_on(async {
-        common::client()
-            .get(format!("http://{}/admin/apis", gw.admin))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
-    });
+    let apis = rt.block_on(common::get_json(
+        &common::client(),
+        &format!("http://{}/admin/apis", gw.admin),
+    ));
     let mut loaded: Vec<&str> = apis["apis"]
         .as_array()
         .unwrap()

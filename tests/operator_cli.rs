@@ -340,14 +340,7 @@ async fn the_demo_serves_the_shipped_snapshots_and_writes_outside_the_checkout()
         panic!("the demo did not start: {line:?}");
     };
     let c = client();
-    let apis: Value = c
-        .get(format!("http://{admin}/admin/apis"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let apis = get_json(&c, &format!("http://{admin}/admin/apis")).await;
     let mut ids: Vec<&str> = apis["apis"]
         .as_array()
         .unwrap()

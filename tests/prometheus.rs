@@ -130,15 +130,12 @@ impl Prometheus {
     }
 
     async fn query(&self, c: &reqwest::Client, q: &str) -> Vec<Value> {
-        let r: Value = c
-            .get(format!("http://127.0.0.1:{}/api/v1/query", self.port))
-            .query(&[("query", q)])
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let url = reqwest::Url::parse_with_params(
+            &format!("http://127.0.0.1:{}/api/v1/query", self.port),
+            [("query", q)],
+        )
+        .unwrap();
+        let r = get_json(c, url.as_str()).await;
         assert_eq!(r["status"], "success", "{q}: {r}");
         r["data"]["result"].as_array().cloned().unwrap_or_default()
     }
@@ -323,14 +320,7 @@ async fn a_real_prometheus_scrapes_the_gateway_and_every_dashboard_query_has_dat
     load.await.unwrap();
 
     // The shipped alert rules load and evaluate against the real series.
-    let rules: Value = c
-        .get(format!("http://127.0.0.1:{}/api/v1/rules", prom.port))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let rules = get_json(&c, &format!("http://127.0.0.1:{}/api/v1/rules", prom.port)).await;
     let rules = rules["data"]["groups"][0]["rules"]
         .as_array()
         .cloned()

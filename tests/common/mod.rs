@@ -439,6 +439,12 @@ pub fn client() -> reqwest::Client {
         .unwrap()
 }
 
+/// GETs `url` and reads its JSON body (panics on a transport error or a body that is not
+/// JSON: the test needs the document).
+pub async fn get_json(c: &reqwest::Client, url: &str) -> Value {
+    c.get(url).send().await.unwrap().json().await.unwrap()
+}
+
 /// Sends raw bytes and reads the whole answer (the gateway closes, or 2 s pass).
 pub fn raw(addr: SocketAddr, request: &[u8]) -> String {
     let mut s = TcpStream::connect(addr).unwrap();
