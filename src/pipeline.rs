@@ -946,7 +946,7 @@ fn record(app: &App, ctx: &RequestContext<'_>, resp: &Response<GatewayBody>) {
     }
     if let Some(log) = &app.access_log {
         log.log(crate::observe::access_log::Entry {
-            time: time::OffsetDateTime::now_utc(),
+            time: std::time::SystemTime::now(),
             request_id: ctx.request_id.clone(),
             client_ip: ctx.client_ip,
             api_id: ctx.api.map(|a| a.id.clone()),

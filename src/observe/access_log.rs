@@ -11,13 +11,14 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use http::HeaderValue;
 
 /// What one line says.
 pub struct Entry {
-    pub time: time::OffsetDateTime,
+    /// Read with `SystemTime::now()` (a clock read); the writer turns it into a date.
+    pub time: SystemTime,
     pub request_id: HeaderValue,
     pub client_ip: IpAddr,
     pub api_id: Option<Arc<str>>,
@@ -36,31 +37,56 @@ pub struct Entry {
     pub retried: bool,
 }
 
-fn ms(d: Duration) -> f64 {
-    (d.as_secs_f64() * 1_000_000.0).round() / 1000.0
+/// A duration in milliseconds rounded to the microsecond, as a JSON number: `0.312`,
+/// `12.0`, `1500.25`. The text is what serde_json writes for the `f64` of that many
+/// milliseconds (the shortest decimal that reads back as it: trailing zeros dropped, `.0`
+/// when whole), written from the integer microseconds with `itoa` instead: formatting a
+/// float costs several times more, on every line.
+fn write_ms(out: &mut Vec<u8>, d: Duration) {
+    // In u64 (`as_nanos` is a u128: its division is a library call).
+    let micros = d
+        .as_secs()
+        .saturating_mul(1_000_000)
+        .saturating_add(u64::from((d.subsec_nanos() + 500) / 1000));
+    let (whole, frac) = (micros / 1000, (micros % 1000) as u16);
+    out.extend_from_slice(itoa::Buffer::new().format(whole).as_bytes());
+    out.push(b'.');
+    if frac == 0 {
+        out.push(b'0');
+        return;
+    }
+    let digits = [frac / 100, frac / 10 % 10, frac % 10].map(|d| b'0' + d as u8);
+    let keep = 3 - digits.iter().rev().take_while(|d| **d == b'0').count();
+    out.extend_from_slice(&digits[..keep]);
 }
 
 /// The writer's formatting state: the current second's RFC 3339 prefix, formatted once per
 /// second rather than once per line.
 #[derive(Default)]
 struct Formatter {
-    second: i64,
+    second: Option<u64>,
     prefix: String,
-    time: String,
     ip: String,
 }
 
 impl Formatter {
-    /// `YYYY-MM-DDTHH:MM:SS.uuuuuuZ` of `t` (UTC, microseconds).
-    fn set_time(&mut self, t: time::OffsetDateTime) {
-        let t = t.to_offset(time::UtcOffset::UTC);
-        let second = t.unix_timestamp();
-        if second != self.second || self.prefix.is_empty() {
-            self.second = second;
+    /// `"YYYY-MM-DDTHH:MM:SS.uuuuuuZ"` of `t` (UTC, microseconds; quoted: it needs no
+    /// escaping). Only the microseconds are formatted per line.
+    fn write_time(&mut self, out: &mut Vec<u8>, t: SystemTime) {
+        let since = t
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or(Duration::ZERO);
+        let second = since.as_secs();
+        if self.second != Some(second) {
+            self.second = Some(second);
             self.prefix.clear();
+            let t = i64::try_from(second)
+                .ok()
+                .and_then(|s| time::OffsetDateTime::from_unix_timestamp(s).ok())
+                .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
             let _ = write!(
                 self.prefix,
-                "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}",
+                "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.",
                 t.year(),
                 u8::from(t.month()),
                 t.day(),
@@ -69,27 +95,38 @@ impl Formatter {
                 t.second()
             );
         }
-        self.time.clear();
-        self.time.push_str(&self.prefix);
-        let _ = write!(self.time, ".{:06}Z", t.microsecond());
+        out.push(b'"');
+        out.extend_from_slice(self.prefix.as_bytes());
+        let mut micros = since.subsec_micros();
+        let mut digits = [b'0'; 6];
+        for d in digits.iter_mut().rev() {
+            *d = b'0' + (micros % 10) as u8;
+            micros /= 10;
+        }
+        out.extend_from_slice(&digits);
+        out.extend_from_slice(b"Z\"");
     }
 
-    fn set_ip(&mut self, ip: IpAddr) {
-        self.ip.clear();
+    /// The address, quoted (digits, dots, colons and hex letters: no escaping).
+    fn write_ip(&mut self, out: &mut Vec<u8>, ip: IpAddr) {
+        out.push(b'"');
         match ip {
             IpAddr::V4(v4) => {
                 let mut b = itoa::Buffer::new();
                 for (i, o) in v4.octets().iter().enumerate() {
                     if i > 0 {
-                        self.ip.push('.');
+                        out.push(b'.');
                     }
-                    self.ip.push_str(b.format(*o));
+                    out.extend_from_slice(b.format(*o).as_bytes());
                 }
             }
             IpAddr::V6(v6) => {
+                self.ip.clear();
                 let _ = write!(self.ip, "{v6}");
+                out.extend_from_slice(self.ip.as_bytes());
             }
         }
+        out.push(b'"');
     }
 }
 
@@ -97,35 +134,41 @@ impl Entry {
     /// Appends the entry's JSON line to `out`.
     /// The line's fields, in this order: `time`, `request_id`, `client_ip`, `api_id`,
     /// `stage`, `resource`, `method`, `status`, `bytes`, `latency_ms`,
-    /// `integration_latency_ms`, `error_code`, `reason`, `retried`. Keys are written as they are (they
-    /// need no escaping); every value goes through serde_json.
+    /// `integration_latency_ms`, `error_code`, `reason`, `retried`. Keys are written as they
+    /// are (they need no escaping); so are the values the gateway makes itself (the time,
+    /// the address, the two latencies); every other value goes through serde_json (a
+    /// request id from a trusted proxy, ids from the snapshot).
     fn write_json(&self, out: &mut Vec<u8>, f: &mut Formatter) {
-        f.set_time(self.time);
-        f.set_ip(self.client_ip);
         let start = out.len();
         let mut ok = true;
-        let mut field = |out: &mut Vec<u8>, key: &str, value: &dyn erased::Value| {
+        let key = |out: &mut Vec<u8>, key: &str| {
             out.push(if out.len() == start { b'{' } else { b',' });
             out.push(b'"');
             out.extend_from_slice(key.as_bytes());
             out.extend_from_slice(b"\":");
+        };
+        let mut field = |out: &mut Vec<u8>, k: &str, value: &dyn erased::Value| {
+            key(out, k);
             ok &= value.write(out);
         };
-        field(out, "time", &f.time.as_str());
+        key(out, "time");
+        f.write_time(out, self.time);
         field(out, "request_id", &self.request_id.to_str().unwrap_or(""));
-        field(out, "client_ip", &f.ip.as_str());
+        key(out, "client_ip");
+        f.write_ip(out, self.client_ip);
         field(out, "api_id", &self.api_id.as_deref());
         field(out, "stage", &self.stage.as_deref());
         field(out, "resource", &self.resource.as_deref());
         field(out, "method", &self.method);
         field(out, "status", &self.status);
         field(out, "bytes", &self.bytes);
-        field(out, "latency_ms", &ms(self.latency));
-        field(
-            out,
-            "integration_latency_ms",
-            &self.integration_latency.map(ms),
-        );
+        key(out, "latency_ms");
+        write_ms(out, self.latency);
+        key(out, "integration_latency_ms");
+        match self.integration_latency {
+            Some(d) => write_ms(out, d),
+            None => out.extend_from_slice(b"null"),
+        }
         field(out, "error_code", &self.error_code);
         field(out, "reason", &self.reason);
         field(out, "retried", &self.retried);
@@ -259,5 +302,75 @@ impl AccessLog {
             Ok(()) => {}
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => self.dropped.inc(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn milliseconds_read_as_serde_json_writes_them() {
+        // What the line said when the writer formatted the float itself.
+        let as_float = |d: Duration| {
+            let ms = (d.as_secs_f64() * 1_000_000.0).round() / 1000.0;
+            serde_json::to_string(&ms).unwrap()
+        };
+        let mut cases: Vec<Duration> = (0..5_000).map(Duration::from_micros).collect();
+        cases.extend((0..2_000).map(|i| Duration::from_nanos(i * 7_919 + 499)));
+        cases.extend([
+            Duration::from_nanos(1_500),
+            Duration::from_millis(12),
+            Duration::from_secs(3_600),
+            Duration::from_micros(29_000_001),
+        ]);
+        for d in cases {
+            let mut out = Vec::new();
+            write_ms(&mut out, d);
+            assert_eq!(String::from_utf8(out).unwrap(), as_float(d), "{d:?}");
+        }
+    }
+
+    #[test]
+    fn a_line_is_json_with_every_field() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_micros(1_795_947_633_000_042);
+        let entry = |ip: IpAddr, request_id: &'static str| Entry {
+            time: t,
+            request_id: HeaderValue::from_static(request_id),
+            client_ip: ip,
+            api_id: Some("api-\"1\"".into()),
+            stage: Some("prod".into()),
+            resource: None,
+            method: "GET",
+            status: 200,
+            bytes: Some(2),
+            latency: Duration::from_micros(312),
+            integration_latency: None,
+            error_code: None,
+            reason: Some("expired"),
+            retried: false,
+        };
+        let mut f = Formatter::default();
+        let mut out = Vec::new();
+        entry("203.0.113.9".parse().unwrap(), "a\\b").write_json(&mut out, &mut f);
+        entry("2001:db8::1".parse().unwrap(), "0f3c").write_json(&mut out, &mut f);
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2);
+        let l = &lines[0];
+        assert_eq!(l["time"], "2026-11-29T10:20:33.000042Z");
+        assert_eq!(l["request_id"], "a\\b");
+        assert_eq!(l["client_ip"], "203.0.113.9");
+        assert_eq!(l["api_id"], "api-\"1\"");
+        assert_eq!(l["resource"], serde_json::Value::Null);
+        assert_eq!(l["latency_ms"], 0.312);
+        assert_eq!(l["integration_latency_ms"], serde_json::Value::Null);
+        assert_eq!(l["reason"], "expired");
+        assert_eq!(l.as_object().unwrap().len(), 14);
+        assert_eq!(lines[1]["client_ip"], "2001:db8::1");
+        assert_eq!(lines[1]["time"], l["time"]);
     }
 }
