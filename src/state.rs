@@ -35,16 +35,25 @@ pub enum LoadError {
 /// The lookup key of a `Host` / `:authority` value: lowercase, without port or trailing
 /// dot. Borrows when the value is already in that form (the common case).
 pub fn host_key(raw: &str) -> Cow<'_, str> {
+    // One pass over the bytes: the last colon, whether there are several (a bare IPv6
+    // address has no port to cut), and whether anything needs lowering.
+    let (mut last_colon, mut colons, mut upper) = (0, 0, false);
+    for (i, b) in raw.bytes().enumerate() {
+        if b == b':' {
+            last_colon = i;
+            colons += 1;
+        }
+        upper |= b.is_ascii_uppercase();
+    }
     let h = if let Some(rest) = raw.strip_prefix('[') {
         rest.split(']').next().unwrap_or(rest)
+    } else if colons == 1 {
+        &raw[..last_colon]
     } else {
-        match raw.rfind(':') {
-            Some(i) if !raw[..i].contains(':') => &raw[..i],
-            _ => raw,
-        }
+        raw
     };
     let h = h.strip_suffix('.').unwrap_or(h);
-    if h.bytes().any(|b| b.is_ascii_uppercase()) {
+    if upper && h.bytes().any(|b| b.is_ascii_uppercase()) {
         Cow::Owned(h.to_ascii_lowercase())
     } else {
         Cow::Borrowed(h)
@@ -196,7 +205,11 @@ mod tests {
         assert_eq!(host_key("api.example.com.:80"), "api.example.com");
         assert_eq!(host_key("[::1]:8080"), "::1");
         assert_eq!(host_key("127.0.0.1:8080"), "127.0.0.1");
+        assert_eq!(host_key("2001:DB8::1"), "2001:db8::1");
+        assert_eq!(host_key("[2001:DB8::1]"), "2001:db8::1");
+        assert_eq!(host_key("a.b:8080X"), "a.b");
         assert!(matches!(host_key("a.b"), Cow::Borrowed(_)));
+        assert!(matches!(host_key("a.b:80"), Cow::Borrowed(_)));
     }
 }
 
