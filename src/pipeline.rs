@@ -511,9 +511,7 @@ async fn admit_quota(app: &App, ctx: &mut RequestContext<'_>) -> Result<(), Reje
     let Some((plan, key)) = &ctx.api_key else {
         return Ok(());
     };
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
+    let now = crate::clock::unix_secs();
     let window = plan.window.get(plan.rate, now);
     match quota::admit(&*app.quota, &plan.id, &key.id, plan.limit, window, now).await {
         Ok(a) => {
@@ -934,7 +932,7 @@ fn record(app: &App, ctx: &RequestContext<'_>, resp: &Response<GatewayBody>) {
     );
     if ctx.stage.is_some() {
         route_series.report(&series::ReportSample {
-            day: today(),
+            day: crate::clock::unix_day(),
             method,
             status,
             latency,
@@ -1004,12 +1002,4 @@ fn hop_ip(conn: &ConnInfo) -> IpAddr {
             .and_then(|p| p.source)
             .unwrap_or(conn.peer.ip()),
     )
-}
-
-/// Days since 1970-01-01 (UTC), the report day of a request answered now.
-fn today() -> i32 {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    (secs / 86_400) as i32
 }

@@ -21,6 +21,8 @@ const CHUNK: usize = 4096;
 
 thread_local! {
     static COUNTER: Cell<u64> = const { Cell::new(0) };
+    /// The first half of this thread's ids in hex, and the worker index it was made for.
+    static HEAD: Cell<(Option<u64>, [u8; 16])> = const { Cell::new((None, [0; 16])) };
     static CHUNK_BUF: RefCell<BytesMut> = RefCell::new(BytesMut::new());
     static RNG: RefCell<SmallRng> = RefCell::new(SmallRng::from_entropy());
 }
@@ -46,19 +48,27 @@ pub fn number_value(n: u64) -> HeaderValue {
 
 /// The next request id of this thread.
 pub fn next() -> HeaderValue {
-    let prefix = *PREFIX.get_or_init(rand::random::<u64>);
     let n = COUNTER.with(|c| {
         let n = c.get();
         c.set(n.wrapping_add(1));
         n
     });
     let worker = crate::worker::index() as u64;
-    let mut bytes = [0u8; 16];
-    // 48 random bits, 16 bits of worker index, 64 bits of counter.
-    bytes[..8].copy_from_slice(&((prefix & !0xFFFF) | (worker & 0xFFFF)).to_be_bytes());
-    bytes[8..].copy_from_slice(&n.to_be_bytes());
     let mut buf = [0u8; 32];
-    hex_into(&mut buf, &bytes);
+    // 48 random bits and 16 bits of worker index (hex made once per thread), then 64 bits
+    // of counter.
+    let head = HEAD.get();
+    if head.0 == Some(worker) {
+        buf[..16].copy_from_slice(&head.1);
+    } else {
+        let prefix = *PREFIX.get_or_init(rand::random::<u64>);
+        hex_into(
+            &mut buf[..16],
+            &((prefix & !0xFFFF) | (worker & 0xFFFF)).to_be_bytes(),
+        );
+        HEAD.set((Some(worker), buf[..16].try_into().unwrap_or_default()));
+    }
+    hex_into(&mut buf[16..], &n.to_be_bytes());
     header_value(&buf)
 }
 
@@ -71,13 +81,24 @@ pub fn random_ids() -> (u128, u64) {
 }
 
 /// Lower-case hex of `bytes` into `out` (two digits per byte; `out` at least twice as long).
+/// A byte's two digits come from one table entry: ids are hex-encoded on every request.
 pub fn hex_into(out: &mut [u8], bytes: &[u8]) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
     for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
-        pair[0] = HEX[(b >> 4) as usize];
-        pair[1] = HEX[(b & 15) as usize];
+        pair.copy_from_slice(&HEX_PAIRS[*b as usize]);
     }
 }
+
+/// The two lower-case hex digits of every byte value.
+static HEX_PAIRS: [[u8; 2]; 256] = {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut t = [[0u8; 2]; 256];
+    let mut i = 0;
+    while i < 256 {
+        t[i] = [HEX[i >> 4], HEX[i & 15]];
+        i += 1;
+    }
+    t
+};
 
 #[cfg(test)]
 mod tests {
@@ -94,5 +115,22 @@ mod tests {
             10_000,
             "ids cut from shared buffers stay distinct"
         );
+        // One process prefix, this thread's worker index, then the counter.
+        let (a, b) = (a.to_str().unwrap(), b.to_str().unwrap());
+        assert_eq!(a[..16], b[..16]);
+        let (x, y) = (
+            u64::from_str_radix(&a[16..], 16).unwrap(),
+            u64::from_str_radix(&b[16..], 16).unwrap(),
+        );
+        assert_eq!(y, x + 1);
+    }
+
+    #[test]
+    fn hex_of_every_byte() {
+        let bytes: Vec<u8> = (0..=255).collect();
+        let mut out = vec![0; 512];
+        super::hex_into(&mut out, &bytes);
+        let want: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(String::from_utf8(out).unwrap(), want);
     }
 }
