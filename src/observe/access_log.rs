@@ -135,60 +135,65 @@ impl Entry {
     /// The line's fields, in this order: `time`, `request_id`, `client_ip`, `api_id`,
     /// `stage`, `resource`, `method`, `status`, `bytes`, `latency_ms`,
     /// `integration_latency_ms`, `error_code`, `reason`, `retried`. Keys are written as they
-    /// are (they need no escaping); so are the values the gateway makes itself (the time,
-    /// the address, the two latencies); every other value goes through serde_json (a
-    /// request id from a trusted proxy, ids from the snapshot).
+    /// are, with their separators (they need no escaping); so are the values the gateway
+    /// makes itself (time, address, numbers, and the method, code and reason names, which
+    /// are the gateway's own constants: a unit test checks that they need no escaping). The
+    /// values that come from elsewhere go through serde_json: a request id from a trusted
+    /// proxy, ids and templates from the snapshot.
     fn write_json(&self, out: &mut Vec<u8>, f: &mut Formatter) {
         let start = out.len();
         let mut ok = true;
-        let key = |out: &mut Vec<u8>, key: &str| {
-            out.push(if out.len() == start { b'{' } else { b',' });
-            out.push(b'"');
-            out.extend_from_slice(key.as_bytes());
-            out.extend_from_slice(b"\":");
+        let mut text = |out: &mut Vec<u8>, value: Option<&str>| {
+            ok &= serde_json::to_writer(&mut *out, &value).is_ok();
         };
-        let mut field = |out: &mut Vec<u8>, k: &str, value: &dyn erased::Value| {
-            key(out, k);
-            ok &= value.write(out);
+        let word = |out: &mut Vec<u8>, value: Option<&str>| match value {
+            Some(v) => {
+                out.push(b'"');
+                out.extend_from_slice(v.as_bytes());
+                out.push(b'"');
+            }
+            None => out.extend_from_slice(b"null"),
         };
-        key(out, "time");
+        let mut n = itoa::Buffer::new();
+        out.extend_from_slice(b"{\"time\":");
         f.write_time(out, self.time);
-        field(out, "request_id", &self.request_id.to_str().unwrap_or(""));
-        key(out, "client_ip");
+        out.extend_from_slice(b",\"request_id\":");
+        text(out, Some(self.request_id.to_str().unwrap_or("")));
+        out.extend_from_slice(b",\"client_ip\":");
         f.write_ip(out, self.client_ip);
-        field(out, "api_id", &self.api_id.as_deref());
-        field(out, "stage", &self.stage.as_deref());
-        field(out, "resource", &self.resource.as_deref());
-        field(out, "method", &self.method);
-        field(out, "status", &self.status);
-        field(out, "bytes", &self.bytes);
-        key(out, "latency_ms");
+        out.extend_from_slice(b",\"api_id\":");
+        text(out, self.api_id.as_deref());
+        out.extend_from_slice(b",\"stage\":");
+        text(out, self.stage.as_deref());
+        out.extend_from_slice(b",\"resource\":");
+        text(out, self.resource.as_deref());
+        out.extend_from_slice(b",\"method\":");
+        word(out, Some(self.method));
+        out.extend_from_slice(b",\"status\":");
+        out.extend_from_slice(n.format(self.status).as_bytes());
+        out.extend_from_slice(b",\"bytes\":");
+        match self.bytes {
+            Some(b) => out.extend_from_slice(n.format(b).as_bytes()),
+            None => out.extend_from_slice(b"null"),
+        }
+        out.extend_from_slice(b",\"latency_ms\":");
         write_ms(out, self.latency);
-        key(out, "integration_latency_ms");
+        out.extend_from_slice(b",\"integration_latency_ms\":");
         match self.integration_latency {
             Some(d) => write_ms(out, d),
             None => out.extend_from_slice(b"null"),
         }
-        field(out, "error_code", &self.error_code);
-        field(out, "reason", &self.reason);
-        field(out, "retried", &self.retried);
-        if ok {
-            out.extend_from_slice(b"}\n");
+        out.extend_from_slice(b",\"error_code\":");
+        word(out, self.error_code);
+        out.extend_from_slice(b",\"reason\":");
+        word(out, self.reason);
+        out.extend_from_slice(if self.retried {
+            b",\"retried\":true}\n"
         } else {
+            b",\"retried\":false}\n"
+        });
+        if !ok {
             out.truncate(start);
-        }
-    }
-}
-
-/// One JSON value written by serde_json, whatever its type.
-mod erased {
-    pub trait Value {
-        fn write(&self, out: &mut Vec<u8>) -> bool;
-    }
-
-    impl<T: serde::Serialize> Value for T {
-        fn write(&self, out: &mut Vec<u8>) -> bool {
-            serde_json::to_writer(out, self).is_ok()
         }
     }
 }
@@ -332,6 +337,17 @@ mod tests {
     }
 
     #[test]
+    fn names_written_unescaped_need_no_escaping() {
+        let names = crate::observe::series::METHODS
+            .iter()
+            .chain(&crate::rejection::CODES)
+            .chain(&crate::rejection::AUTH_FAILURES);
+        for name in names {
+            assert_eq!(serde_json::to_string(name).unwrap(), format!("\"{name}\""));
+        }
+    }
+
+    #[test]
     fn a_line_is_json_with_every_field() {
         let t = SystemTime::UNIX_EPOCH + Duration::from_micros(1_795_947_633_000_042);
         let entry = |ip: IpAddr, request_id: &'static str| Entry {
@@ -353,7 +369,11 @@ mod tests {
         let mut f = Formatter::default();
         let mut out = Vec::new();
         entry("203.0.113.9".parse().unwrap(), "a\\b").write_json(&mut out, &mut f);
-        entry("2001:db8::1".parse().unwrap(), "0f3c").write_json(&mut out, &mut f);
+        let mut second = entry("2001:db8::1".parse().unwrap(), "0f3c");
+        (second.bytes, second.retried) = (None, true);
+        (second.error_code, second.reason) = (Some("INTEGRATION_TIMEOUT"), None);
+        second.integration_latency = Some(Duration::from_millis(29_000));
+        second.write_json(&mut out, &mut f);
         let text = String::from_utf8(out).unwrap();
         let lines: Vec<serde_json::Value> = text
             .lines()
@@ -370,7 +390,18 @@ mod tests {
         assert_eq!(l["integration_latency_ms"], serde_json::Value::Null);
         assert_eq!(l["reason"], "expired");
         assert_eq!(l.as_object().unwrap().len(), 14);
-        assert_eq!(lines[1]["client_ip"], "2001:db8::1");
+        assert_eq!(l["status"], 200);
+        assert_eq!(l["bytes"], 2);
+        assert_eq!(l["method"], "GET");
+        assert_eq!(l["error_code"], serde_json::Value::Null);
+        assert_eq!(l["retried"], false);
+        let s = &lines[1];
+        assert_eq!(s["client_ip"], "2001:db8::1");
+        assert_eq!(s["bytes"], serde_json::Value::Null);
+        assert_eq!(s["retried"], true);
+        assert_eq!(s["error_code"], "INTEGRATION_TIMEOUT");
+        assert_eq!(s["reason"], serde_json::Value::Null);
+        assert_eq!(s["integration_latency_ms"], 29000.0);
         assert_eq!(lines[1]["time"], l["time"]);
     }
 }
