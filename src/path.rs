@@ -64,37 +64,44 @@ impl NormalizedPath {
     }
 }
 
-/// True when normalising `p` would change nothing: no escape, no backslash, no byte that
-/// must be escaped, no empty, `.` or `..` segment, no trailing slash.
-fn already_normal(p: &[u8]) -> bool {
+/// When normalising `p` would change nothing (no escape, no backslash, no byte that must
+/// be escaped, no empty, `.` or `..` segment, no trailing slash): where its first segment
+/// (the stage) ends, found in the same pass.
+fn already_normal(p: &[u8]) -> Option<usize> {
     if p.first() != Some(&b'/') || (p.len() > 1 && p.last() == Some(&b'/')) {
-        return false;
+        return None;
     }
     let mut seg_start = 1;
+    let mut stage_end = None;
     for (i, &b) in p.iter().enumerate().skip(1) {
         match b {
             b'/' => {
                 let seg = &p[seg_start..i];
                 if matches!(seg, b"" | b"." | b"..") {
-                    return false;
+                    return None;
                 }
+                stage_end.get_or_insert(i);
                 seg_start = i + 1;
             }
-            b'%' | b'\\' => return false,
-            b if b >= 0x7F || b <= 0x20 => return false,
+            b'%' | b'\\' => return None,
+            b if b >= 0x7F || b <= 0x20 => return None,
             _ => {}
         }
     }
-    !matches!(&p[seg_start..], b"." | b"..")
+    if matches!(&p[seg_start..], b"." | b"..") {
+        return None;
+    }
+    Some(if p.len() > 1 {
+        stage_end.unwrap_or(p.len())
+    } else {
+        0
+    })
 }
 
 /// Normalises a request's path, sharing the request's buffer when it is already normal.
 pub fn normalize_uri(uri: &http::Uri) -> Result<NormalizedPath, PathError> {
     if let Some(pq) = uri.path_and_query() {
-        let p = pq.path();
-        if already_normal(p.as_bytes()) {
-            let stage_end = p[1..].find('/').map_or(p.len(), |i| i + 1);
-            let stage_end = if p.len() > 1 { stage_end } else { 0 };
+        if let Some(stage_end) = already_normal(pq.path().as_bytes()) {
             return Ok(NormalizedPath {
                 buf: Buf::Request(pq.clone()),
                 stage_end,
