@@ -780,6 +780,7 @@ fn integrate<'a>(
             api_key_id: ctx.api_key.as_ref().and_then(|(_, k)| k.header.as_ref()),
             jwt_sub,
             trusted_peer: ctx.conn.trusted_peer,
+            host_overwritten: backend_uri.is_some(),
             traceparent: client_span.as_ref().map(|(_, tp)| tp),
         },
     );

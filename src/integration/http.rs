@@ -102,6 +102,10 @@ pub struct ForwardInfo<'a> {
     pub jwt_sub: Option<&'a HeaderValue>,
     /// The socket peer is a trusted proxy: its forwarding headers are kept.
     pub trusted_peer: bool,
+    /// The request goes to an HTTP backend through [`forward`], which sets `Host` to the
+    /// backend's: the client's is left for it to overwrite (one map operation instead of a
+    /// removal and an insertion). Otherwise (a function's event) the client's is removed.
+    pub host_overwritten: bool,
     /// With tracing on: the `traceparent` naming the integration call's client span,
     /// replacing the client's.
     pub traceparent: Option<&'a HeaderValue>,
@@ -151,7 +155,7 @@ pub fn rewrite_request_headers(h: &mut HeaderMap, info: &ForwardInfo<'_>) {
             }
             _ => {}
         }
-        if dropped_on_forward(s, info.trusted_peer) {
+        if dropped_on_forward(s, info.trusted_peer) && !(info.host_overwritten && s == "host") {
             connection |= s == "connection";
             match doomed
                 .iter_mut()
@@ -396,6 +400,7 @@ mod tests {
             api_key_id: Some(Box::leak(Box::new(HeaderValue::from_static("k01")))),
             jwt_sub: None,
             trusted_peer: false,
+            host_overwritten: false,
             traceparent: None,
         }
     }
@@ -447,6 +452,21 @@ mod tests {
         assert_eq!(h["x-scp-stage"], "prod");
         assert_eq!(h["x-scp-request-id"], "rid");
         assert!(valid_traceparent(h["traceparent"].as_bytes()));
+    }
+
+    #[test]
+    fn host_is_left_for_the_backend_call_to_overwrite() {
+        let rid = HeaderValue::from_static("rid");
+        let host = HeaderValue::from_static("api.example.com");
+        let mut h = HeaderMap::new();
+        h.insert("host", host.clone());
+        let mut forwarded = info(&rid, &host);
+        forwarded.host_overwritten = true;
+        rewrite_request_headers(&mut h, &forwarded);
+        assert_eq!(h["host"], "api.example.com");
+        assert_eq!(h["x-forwarded-host"], "api.example.com");
+        rewrite_request_headers(&mut h, &info(&rid, &host));
+        assert!(!h.contains_key("host"));
     }
 
     #[test]
