@@ -317,12 +317,15 @@ impl Verified {
 pub fn bearer(headers: &http::HeaderMap) -> Option<&str> {
     // What `HeaderValue::to_str` accepts (a header value holds no control byte but tab, so
     // visible ASCII is ASCII), checked a word at a time: a token is a few hundred bytes and
-    // `to_str` looks at them one by one. The scheme is split off as bytes (a `str` search
-    // costs more than the few bytes it looks at).
+    // `to_str` looks at them one by one. The scheme is compared as bytes, in place (a
+    // search for the space costs more than the seven bytes it looks at).
     let v = headers.get(http::header::AUTHORIZATION)?.as_bytes();
-    let space = v.iter().position(|b| *b == b' ')?;
-    let (scheme, token) = (&v[..space], v[space + 1..].trim_ascii());
-    if !scheme.eq_ignore_ascii_case(b"bearer") || token.is_empty() || !token.is_ascii() {
+    let (scheme, token) = v.split_at_checked(7)?;
+    if !scheme.eq_ignore_ascii_case(b"bearer ") {
+        return None;
+    }
+    let token = token.trim_ascii();
+    if token.is_empty() || !token.is_ascii() {
         return None;
     }
     std::str::from_utf8(token).ok()
@@ -447,6 +450,10 @@ mod tests {
         assert_eq!(bearer(&with(b"bearer \tabc ")), Some("abc"));
         assert_eq!(bearer(&with(b"Basic abc")), None);
         assert_eq!(bearer(&with(b"Bearer ")), None);
+        assert_eq!(bearer(&with(b"Bearer")), None);
+        assert_eq!(bearer(&with(b"Bearer  two-spaces")), Some("two-spaces"));
+        assert_eq!(bearer(&with(b"Bearerx abc")), None);
+        assert_eq!(bearer(&with(b"Bearer\tabc")), None);
         // Bytes beyond ASCII, valid UTF-8 or not, make no token (as `to_str` refuses them).
         assert_eq!(bearer(&with("Bearer t\u{e9}st".as_bytes())), None);
         assert_eq!(bearer(&with(b"Bearer t\xffst")), None);
