@@ -941,7 +941,10 @@ fn record(app: &App, ctx: &RequestContext<'_>, resp: &Response<GatewayBody>) {
         });
     }
     if let (Some(t), Some(request)) = (&app.tracing, &ctx.trace) {
-        end_server_span(t, request, ctx, status);
+        // An unsampled request has no span to end (its summary is not even built).
+        if request.is_recording() {
+            end_server_span(t, request, ctx, status);
+        }
     }
     if let Some(log) = &app.access_log {
         log.log(crate::observe::access_log::Entry {

@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 use http::{HeaderMap, HeaderValue};
 use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::{
-    Span as _, SpanContext, SpanId, SpanKind, Status, TraceContextExt, Tracer as _,
-    TracerProvider as _,
+    Span as _, SpanContext, SpanId, SpanKind, Status, TraceContextExt, TraceFlags, TraceId,
+    TraceState, Tracer as _, TracerProvider as _,
 };
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
@@ -61,6 +61,13 @@ pub enum RequestTrace {
     /// Not sampled: only the ids go on (no span data, no context): the trace id and flags
     /// of the request's span, for the `traceparent` the backend gets.
     NotRecording(SpanContext),
+}
+
+impl RequestTrace {
+    /// Sampled: there is a span to end.
+    pub fn is_recording(&self) -> bool {
+        matches!(self, Self::Recording(_))
+    }
 }
 
 /// The client span of one integration call (sampled requests only).
@@ -132,9 +139,9 @@ impl Tracing {
                 tx,
                 dropped: dropped.with_label_values(&["queue_full"]),
             })
-            .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
-                cfg.sample_ratio,
-            ))))
+            // The decision is made in `start_request` (parent-based, then the ratio):
+            // the SDK is only asked for spans that are sampled.
+            .with_sampler(Sampler::AlwaysOn)
             .with_resource(resource)
             .build();
         tracing::info!(
@@ -152,31 +159,55 @@ impl Tracing {
     }
 
     /// The server span of a request that just arrived, child of its `traceparent` if any.
-    /// The sampler decides here; an unsampled request keeps only the span's ids.
+    ///
+    /// The sampling decision is made here, before the SDK is involved: a valid incoming
+    /// `traceparent` is followed (sampled or not), a new trace is sampled at `sample_ratio`
+    /// by the rule of OpenTelemetry's `TraceIdRatioBased` sampler applied to its new trace
+    /// id. An unsampled request never reaches the SDK (whose span builder, id generator and
+    /// sampler cost more than the rest of an unsampled request's tracing): it keeps only
+    /// ids — the parent's trace id or a new one, and a new span id.
     pub fn start_request(&self, headers: &HeaderMap) -> RequestTrace {
-        let parent = if headers.contains_key(&TRACEPARENT) {
+        // No context at all for a request without a `traceparent` (the common case).
+        let parent = headers.contains_key(&TRACEPARENT).then(|| {
             self.propagator
                 .extract(&opentelemetry_http::HeaderExtractor(headers))
-        } else {
-            Context::new()
+        });
+        let remote = parent
+            .as_ref()
+            .map(|p| p.span().span_context().clone())
+            .filter(SpanContext::is_valid);
+        let (trace_id, span_id) = {
+            let (t, s) = crate::request_id::random_ids();
+            (TraceId::from(t.max(1)), SpanId::from(s.max(1)))
         };
-        // A span that is likely sampled gets room for every attribute it gets when it ends
-        // (its list is then never grown); one that is likely not is not given an allocation
-        // it would drop unused. Only a guess: the sampler decides below.
-        let parent_sc = parent.span().span_context().clone();
-        let likely_sampled = if parent_sc.is_valid() {
-            parent_sc.is_sampled()
-        } else {
-            self.sample_ratio >= 0.5
+        let sampled = match &remote {
+            Some(r) => r.is_sampled(),
+            None => ratio_admits(self.sample_ratio, trace_id),
         };
-        let mut builder = self.tracer.span_builder("HTTP").with_kind(SpanKind::Server);
-        if likely_sampled {
-            builder = builder.with_attributes(Vec::with_capacity(SERVER_ATTRIBUTES));
+        if !sampled {
+            let (trace_id, state) = match remote {
+                Some(r) => (r.trace_id(), r.trace_state().clone()),
+                None => (trace_id, TraceState::default()),
+            };
+            return RequestTrace::NotRecording(SpanContext::new(
+                trace_id,
+                span_id,
+                TraceFlags::default(),
+                false,
+                state,
+            ));
         }
-        let span = builder.start_with_context(&self.tracer, &parent);
+        let parent = parent.unwrap_or_default();
+        let span = self
+            .tracer
+            .span_builder("HTTP")
+            .with_kind(SpanKind::Server)
+            .with_attributes(Vec::with_capacity(SERVER_ATTRIBUTES))
+            .start_with_context(&self.tracer, &parent);
         if span.is_recording() {
             RequestTrace::Recording(parent.with_span(span))
         } else {
+            // Only after a shutdown of the provider.
             RequestTrace::NotRecording(span.span_context().clone())
         }
     }
@@ -300,6 +331,15 @@ impl Tracing {
 }
 
 static TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
+
+/// Whether a new trace with this id is sampled at `ratio`: the rule of OpenTelemetry's
+/// `TraceIdRatioBased` sampler (the id's lower 64 bits, shifted right by one, below
+/// `ratio × 2⁶³`), so that the decision reads the same from the id everywhere.
+fn ratio_admits(ratio: f64, trace_id: TraceId) -> bool {
+    let bound = (ratio.max(0.0) * (1u64 << 63) as f64) as u64;
+    let low = u64::from_be_bytes(trace_id.to_bytes()[8..].try_into().unwrap_or([0; 8]));
+    (low >> 1) < bound
+}
 
 thread_local! {
     /// Span ids of unsampled client calls (the SDK's generator, per thread: no lock).
@@ -468,6 +508,34 @@ fn export_loop(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_ratio_decides_as_the_sdk_sampler_does() {
+        use super::{Sampler, SpanKind, TraceId};
+        use opentelemetry_sdk::trace::{SamplingDecision, ShouldSample};
+        for ratio in [0.0, 0.01, 0.25, 0.5, 0.999, 1.0] {
+            let sdk = Sampler::TraceIdRatioBased(ratio);
+            let mut sampled = 0;
+            for _ in 0..4_000 {
+                let id = TraceId::from(crate::request_id::random_ids().0.max(1));
+                let decision = sdk
+                    .should_sample(None, id, "HTTP", &SpanKind::Server, &[], &[])
+                    .decision;
+                let ours = super::ratio_admits(ratio, id);
+                assert_eq!(
+                    ours,
+                    decision == SamplingDecision::RecordAndSample,
+                    "{ratio} {id}"
+                );
+                sampled += usize::from(ours);
+            }
+            let expected = 4_000.0 * ratio;
+            assert!(
+                (sampled as f64 - expected).abs() <= 4_000.0 * 0.05,
+                "{ratio}: {sampled}"
+            );
+        }
+    }
+
     #[test]
     fn traceparent_is_w3c() {
         use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
