@@ -13,7 +13,8 @@
 //! (`try_send`: a full queue drops the span and counts it, a request never waits); one
 //! export thread, at a lower priority, batches them and calls the exporter on a runtime of
 //! its own, so encoding and sending never run on a worker's runtime. Unsampled requests
-//! create no span data at all: the SDK's non-recording spans only carry ids.
+//! never reach the SDK: the decision is made first (`start_request`) and they carry only
+//! ids.
 
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::Arc;
