@@ -56,6 +56,8 @@ pub struct ConnInfo {
     /// socket peer, or on PROXY protocol listeners the header's source address. Never the
     /// client address derived through trusted proxies (that one is already in the list).
     pub forwarded_for: HeaderValue,
+    /// The address `forwarded_for` holds.
+    pub hop_ip: IpAddr,
 }
 
 /// What a PROXY protocol v2 header said about the client (listeners configured for it).
@@ -980,7 +982,7 @@ fn end_server_span(
             route: ctx.route.map(|r| &r.template),
             status,
             client_ip: ctx.client_ip,
-            client_ip_text: (ctx.client_ip == hop_ip(ctx.conn))
+            client_ip_text: (ctx.client_ip == ctx.conn.hop_ip)
                 .then(|| ctx.conn.forwarded_for.to_str().ok())
                 .flatten(),
             scheme: ctx.conn.proto,
@@ -996,14 +998,4 @@ fn end_server_span(
             error_code: ctx.error_code.map(|c| crate::rejection::CODES[c]),
         },
     );
-}
-
-/// The address this hop appends to `X-Forwarded-For` (`ConnInfo::forwarded_for`).
-fn hop_ip(conn: &ConnInfo) -> IpAddr {
-    crate::app::canonical_ip(
-        conn.proxy
-            .as_ref()
-            .and_then(|p| p.source)
-            .unwrap_or(conn.peer.ip()),
-    )
 }

@@ -112,12 +112,17 @@ pub struct ForwardInfo<'a> {
 }
 
 /// Headers a client must not pass on: hop-by-hop, `Host` (the backend's is set from its
-/// URL), the gateway's own `x-scp-*` (a client could forge them), names with `_` (dropped as
-/// nginx does, so that `x_scp_apikey`-style spellings can never be read as another header
-/// downstream), and forwarding headers unless the peer is a trusted proxy.
-fn dropped_on_forward(s: &str, trusted_peer: bool) -> bool {
-    if is_hop_by_hop(s) || s == "host" || s.as_bytes().contains(&b'_') {
+/// URL; left in place when the backend call overwrites it), the gateway's own `x-scp-*` (a
+/// client could forge them), names with `_` (dropped as nginx does, so that
+/// `x_scp_apikey`-style spellings can never be read as another header downstream), and
+/// forwarding headers unless the peer is a trusted proxy.
+fn dropped_on_forward(s: &str, info: &ForwardInfo<'_>) -> bool {
+    let trusted_peer = info.trusted_peer;
+    if is_hop_by_hop(s) || s.as_bytes().contains(&b'_') {
         return true;
+    }
+    if s == "host" {
+        return !info.host_overwritten;
     }
     if let Some(own) = s.strip_prefix("x-scp-") {
         return match own {
@@ -155,7 +160,7 @@ pub fn rewrite_request_headers(h: &mut HeaderMap, info: &ForwardInfo<'_>) {
             }
             _ => {}
         }
-        if dropped_on_forward(s, info.trusted_peer) && !(info.host_overwritten && s == "host") {
+        if dropped_on_forward(s, info) {
             connection |= s == "connection";
             match doomed
                 .iter_mut()

@@ -81,6 +81,7 @@ pub async fn accept_loop(
             trusted_peer: app.is_trusted_proxy(peer.ip()),
             proxy: None,
             forwarded_for: ip_header_value(peer_ip),
+            hop_ip: peer_ip,
         };
         let (app, builder) = (app.clone(), builder.clone());
         let kind = kind.clone();
@@ -100,7 +101,8 @@ pub async fn accept_loop(
                             Ok(p) => {
                                 // This hop appends the address the PROXY header names.
                                 if let Some(source) = p.source {
-                                    info.forwarded_for = ip_header_value(canonical_ip(source));
+                                    info.hop_ip = canonical_ip(source);
+                                    info.forwarded_for = ip_header_value(info.hop_ip);
                                 }
                                 info.proxy = Some(p);
                                 serve_connection(app, builder, stream, Arc::new(info)).await
