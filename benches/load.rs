@@ -128,11 +128,12 @@ fn full_chain(backend: SocketAddr) -> Value {
 
 /// A process this bench started, in its own process group: stopped with its children
 /// (nginx's workers, valgrind's client) when dropped, so that nothing is left running.
-struct Proc(Child);
+/// A child process group, and the admin listener when it is a gateway.
+struct Proc(Child, Option<SocketAddr>);
 
 impl Proc {
     fn spawn(cmd: &mut Command) -> std::io::Result<Proc> {
-        cmd.process_group(0).spawn().map(Proc)
+        cmd.process_group(0).spawn().map(|c| Proc(c, None))
     }
 
     fn pid(&self) -> u32 {
@@ -220,6 +221,10 @@ fn start_gateway(
         .find_map(|f| f.strip_prefix("data="))
         .and_then(|a| a.split(',').next()?.parse().ok())
         .unwrap_or_else(|| panic!("gateway {name} did not start: {line:?}"));
+    p.1 = line
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("admin="))
+        .and_then(|a| a.parse().ok());
     (p, addr)
 }
 
@@ -395,6 +400,42 @@ fn start_haproxy(
         "haproxy {name} did not listen on {addr}"
     );
     (p, addr)
+}
+
+/// Spans dropped (any reason) and requests answered so far, from a gateway's `/metrics`.
+fn span_counts(admin: SocketAddr) -> Option<(f64, f64)> {
+    let out = Command::new("curl")
+        .args(["-s", &format!("http://{admin}/metrics")])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let sum = |name: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    Some((
+        sum("apigw_trace_spans_dropped_total{"),
+        sum("apigw_requests_total{"),
+    ))
+}
+
+/// "N % of spans dropped" between two [`span_counts`] readings of a tracing row (its name
+/// says its sample ratio; a sampled, forwarded request makes two spans: server and client).
+fn dropped_share(row: &str, before: (f64, f64), after: (f64, f64)) -> String {
+    let ratio: f64 = row
+        .split_once("tracing ")
+        .and_then(|(_, r)| r.split(' ').next()?.parse().ok())
+        .unwrap_or(1.0);
+    let (dropped, requests) = (after.0 - before.0, after.1 - before.1);
+    if requests * ratio <= 0.0 {
+        return "no spans".into();
+    }
+    format!(
+        "{:.1} % of spans dropped",
+        100.0 * dropped / (2.0 * requests * ratio)
+    )
 }
 
 fn wait_ready(addr: SocketAddr, host: &str, headers: &[String]) {
@@ -1043,9 +1084,20 @@ fn main() {
     }
     if let Some(bare) = find("gateway, bare route (1w)") {
         for ratio in ["0.01", "1.0"] {
-            if let Some(t) = find(&format!("gateway, bare route, tracing {ratio} (1w)")) {
+            let name = format!("gateway, bare route, tracing {ratio} (1w)");
+            if let Some(t) = find(&name) {
+                // Spans dropped over the closed-loop rounds (a saturated core: the export
+                // thread gets what the worker leaves, see `tracing.export_priority`).
+                let dropped = rows
+                    .iter()
+                    .find(|r| r.name == name)
+                    .and_then(|r| r._proc.as_ref()?.1)
+                    .and_then(span_counts)
+                    .map_or(String::new(), |after| {
+                        format!("; {}", dropped_share(&name, (0.0, 0.0), after))
+                    });
                 println!(
-                    "tracing: bare route with sample_ratio {ratio} {:.3}× tracing off (1w)",
+                    "tracing: bare route with sample_ratio {ratio} {:.3}× tracing off (1w){dropped}",
                     t / bare
                 );
             }
@@ -1075,6 +1127,7 @@ fn main() {
     let rate = (find("nginx (1w)").or(find("floor (1w)")).unwrap_or(0.0) / 2.0).round() as u64;
     if has("oha") && rate > 0 {
         let mut fixed = Vec::new();
+        let mut spans_dropped = Vec::new();
         fixed.extend(oha_fixed(
             "direct to the backend",
             &direct,
@@ -1088,9 +1141,17 @@ fn main() {
             r.name.ends_with("(1w)") && !r.name.contains("fleet") && !r.name.contains("APIs")
         }) {
             let url = format!("http://{}/prod/ping", r.addr);
+            let admin = r._proc.as_ref().and_then(|p| p.1);
+            let before = admin
+                .filter(|_| r.name.contains("tracing"))
+                .and_then(span_counts);
             fixed.extend(oha_fixed(
                 &r.name, &url, &r.host, &r.headers, rate, seconds, conns,
             ));
+            if let (Some(before), Some(after)) = (before, admin.and_then(span_counts)) {
+                let share = dropped_share(&r.name, before, after);
+                spans_dropped.push(format!("{}: {share}", r.name));
+            }
         }
         println!();
         println!("row 6, open loop: oha -q {rate} (half nginx's 1w maximum) -c{conns} -z{seconds}s --latency-correction, oha on CPU 1");
@@ -1110,6 +1171,9 @@ fn main() {
                     f.p99_ms - d.p99_ms
                 );
             }
+        }
+        for line in spans_dropped {
+            println!("open loop, {line}");
         }
     }
 

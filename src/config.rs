@@ -79,6 +79,23 @@ pub struct TracingConfig {
     /// Bound of one export call.
     #[serde(default = "default_export_timeout", with = "duration")]
     pub export_timeout: Duration,
+    /// How the export thread competes with the workers for a core.
+    #[serde(default)]
+    pub export_priority: ExportPriority,
+}
+
+/// The export thread's scheduling class: what gives when a core is saturated, requests or
+/// spans.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExportPriority {
+    /// Linux `SCHED_IDLE`: the thread runs only on CPU time no worker wants, so tracing
+    /// never slows requests; on a saturated core most spans are dropped (and counted).
+    #[default]
+    Idle,
+    /// `nice 10`: about a tenth of a contended core, so more spans are exported at
+    /// saturation, at the cost of requests per second.
+    Background,
 }
 
 fn default_sample_ratio() -> f64 {
@@ -104,6 +121,7 @@ impl Default for TracingConfig {
             record_jwt_sub: false,
             queue_size: default_trace_queue(),
             export_timeout: default_export_timeout(),
+            export_priority: ExportPriority::default(),
         }
     }
 }
@@ -702,6 +720,22 @@ mod tests {
         assert_eq!(c.limits.max_body_bytes, 10 * 1024 * 1024);
         assert_eq!(c.limits.idle_timeout, Duration::from_secs(60));
         assert_eq!(c.quota.backend, QuotaBackend::Local);
+    }
+
+    #[test]
+    fn export_priority_is_idle_unless_asked() {
+        let load = |t: &str| Config::from_toml(Path::new("x.toml"), t);
+        let c = load("[tracing]\notlp_endpoint = \"http://127.0.0.1:4318\"\n").unwrap();
+        assert_eq!(c.tracing.export_priority, ExportPriority::Idle);
+        let c = load("[tracing]\nexport_priority = \"background\"\n").unwrap();
+        assert_eq!(c.tracing.export_priority, ExportPriority::Background);
+        let e = load("[tracing]\nexport_priority = \"high\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("tracing.export_priority") && e.contains("high"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -63,3 +63,14 @@ pub fn lower_priority(nice: i32) {
         let _ = libc::setpriority(libc::PRIO_PROCESS, tid, nice);
     }
 }
+
+/// Puts the current thread in Linux's `SCHED_IDLE` class: it runs only on a core that no
+/// normal thread wants, and a worker that wakes up preempts it at once.
+pub fn idle_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: `param` lives across the call; a failure only leaves the priority.
+    unsafe {
+        let param = libc::sched_param { sched_priority: 0 };
+        let _ = libc::sched_setscheduler(0, libc::SCHED_IDLE, &param);
+    }
+}

@@ -287,38 +287,129 @@ async fn a_full_export_queue_drops_spans_and_counts_them_without_slowing_request
     let receiver = Receiver::start();
     let b = Backend::start("b").await;
     // One queue slot: the export thread drains every 20 ms, a request ends two spans within
-    // microseconds, so the second of them finds the queue full.
+    // microseconds, so the second of them finds the queue full; until the export thread has
+    // emptied the queue, the next requests are shed whole (no span built, both counted).
     let toml = format!(
         "{}queue_size = 1\n",
         tracing_toml(&receiver.endpoint(), "1.0")
     );
     let gw = Gateway::start(&[("api1.json", &keyed_api(&b))], &toml);
     let c = client();
-    for i in 0..20 {
-        let r = keyed(&gw, &c, &format!("/prod/orders/{i}"))
+    // Requests until one was shed (its backend call carries an unsampled traceparent: the
+    // gateway started its trace and recorded nothing of it); almost always the second.
+    let mut sent = 0;
+    while sent < 20 || !b.seen().iter().any(|s| traceparent_flags(s) == "00") {
+        assert!(sent < 2000, "no request was shed behind a full queue");
+        let r = keyed(&gw, &c, &format!("/prod/orders/{sent}"))
             .send()
             .await
             .unwrap();
         assert_eq!(r.status(), 200);
+        sent += 1;
     }
+    let spans = 2.0 * sent as f64;
     let deadline = Instant::now() + Duration::from_secs(15);
     let full = loop {
         let m = gw.metrics().await;
         let dropped = dropped(&m, "queue_full");
         let exported = receiver.spans.lock().unwrap().len() as f64;
-        if dropped >= 1.0 && dropped + exported >= 40.0 {
+        if dropped >= 1.0 && dropped + exported >= spans {
             assert_eq!(
                 dropped + exported,
-                40.0,
+                spans,
                 "every span exported or counted, once"
             );
             break dropped;
         }
         assert!(
             Instant::now() < deadline,
-            "40 spans neither exported nor counted as dropped: {dropped} dropped, {exported} exported"
+            "{spans} spans neither exported nor counted as dropped: {dropped} dropped, {exported} exported"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    assert!(full < 40.0, "some spans got through");
+    assert!(full < spans, "some spans got through");
+    // A shed trace has no span at the collector; a sampled one went on sampled.
+    let exported: Vec<Value> = receiver.spans.lock().unwrap().clone();
+    for seen in b.seen() {
+        let tp = seen.headers["traceparent"].to_str().unwrap().to_owned();
+        let trace_id = &tp[3..35];
+        let recorded = exported.iter().any(|s| s["trace_id"] == trace_id);
+        if traceparent_flags(&seen) == "00" {
+            assert!(!recorded, "a shed trace was exported: {tp}");
+        } else {
+            assert_eq!(traceparent_flags(&seen), "01", "{tp}");
+        }
+    }
+}
+
+/// The flags of the `traceparent` a backend got.
+fn traceparent_flags(seen: &Seen) -> String {
+    let tp = seen.headers["traceparent"].to_str().unwrap();
+    tp[tp.len() - 2..].to_owned()
+}
+
+/// Scheduling policy and nice value of the gateway's thread named `name` (Linux
+/// `/proc/PID/task/TID/stat`: fields 41 and 19).
+#[cfg(target_os = "linux")]
+fn thread_sched(pid: u32, name: &str) -> (u32, i32) {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let stat = std::fs::read_to_string(task.unwrap().path().join("stat")).unwrap();
+        let (head, rest) = stat.rsplit_once(')').unwrap();
+        if !head.ends_with(&format!("({name}")) {
+            continue;
+        }
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        return (
+            fields[41 - 3].parse().unwrap(),
+            fields[19 - 3].parse().unwrap(),
+        );
+    }
+    panic!("no thread named {name} in process {pid}");
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_export_thread_yields_the_core_to_the_workers() {
+    const SCHED_OTHER: u32 = 0;
+    const SCHED_IDLE: u32 = 5;
+    let receiver = Receiver::start();
+    let b = Backend::start("b").await;
+    let api = keyed_api(&b);
+    // The thread sets its class when it starts, which may be just after the listener's.
+    let settled = |gw: &Gateway, want: (u32, i32)| {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            // The thread's name as the kernel keeps it (15 bytes).
+            let got = thread_sched(gw.pid(), "scp-trace-expor");
+            if got == want || Instant::now() > deadline {
+                return got;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let idle = Gateway::start(
+        &[("api1.json", &api)],
+        &tracing_toml(&receiver.endpoint(), "1.0"),
+    );
+    assert_eq!(settled(&idle, (SCHED_IDLE, 0)), (SCHED_IDLE, 0));
+    let toml = format!(
+        "{}export_priority = \"background\"\n",
+        tracing_toml(&receiver.endpoint(), "1.0")
+    );
+    let background = Gateway::start(&[("api1.json", &api)], &toml);
+    assert_eq!(settled(&background, (SCHED_OTHER, 10)), (SCHED_OTHER, 10));
+    // Either way the spans of a request arrive.
+    let c = client();
+    for gw in [&idle, &background] {
+        let r = keyed(gw, &c, "/prod/orders/1").send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while receiver.spans.lock().unwrap().len() < 4 {
+        assert!(
+            Instant::now() < deadline,
+            "spans of both gateways not exported"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -11,11 +11,17 @@
 //!
 //! What is shared and why: the workers hand finished spans to one bounded queue
 //! (`try_send`: a full queue drops the span and counts it, a request never waits); one
-//! export thread, at a lower priority, batches them and calls the exporter on a runtime of
-//! its own, so encoding and sending never run on a worker's runtime. Unsampled requests
+//! export thread, in the idle scheduling class (`export_priority`), batches them and calls
+//! the exporter on a runtime of its own, so encoding and sending never run on a worker's
+//! runtime. Unsampled requests
 //! never reach the SDK: the decision is made first (`start_request`) and they carry only
-//! ids.
+//! ids. While the queue is backlogged (a span found it full and the export thread has not
+//! emptied it since: one shared flag, written only on those two events), sampled requests
+//! are shed whole at their start — counted as dropped, not built — so that an overloaded
+//! core spends nothing on spans it could not export, and a trace loses both of its spans
+//! rather than one.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -34,9 +40,9 @@ use opentelemetry_sdk::trace::{
     SpanData, SpanExporter as _, SpanProcessor,
 };
 use opentelemetry_sdk::Resource;
-use prometheus::IntCounterVec;
+use prometheus::{IntCounter, IntCounterVec};
 
-use crate::config::TracingConfig;
+use crate::config::{ExportPriority, TracingConfig};
 
 /// Spans per export call at most.
 const MAX_BATCH: usize = 512;
@@ -53,6 +59,10 @@ pub struct Tracing {
     propagator: TraceContextPropagator,
     record_jwt_sub: bool,
     sample_ratio: f64,
+    /// Set when a span finds the queue full, cleared when the export thread empties it.
+    backlog: Arc<AtomicBool>,
+    /// `apigw_trace_spans_dropped_total{reason="queue_full"}`.
+    queue_full: IntCounter,
 }
 
 /// The trace of one request.
@@ -62,6 +72,9 @@ pub enum RequestTrace {
     /// Not sampled: only the ids go on (no span data, no context): the trace id and flags
     /// of the request's span, for the `traceparent` the backend gets.
     NotRecording(SpanContext),
+    /// Sampled, but shed because the export queue is backlogged: no span is built, each
+    /// one the request would have had is counted as dropped.
+    Shed(SpanContext),
 }
 
 impl RequestTrace {
@@ -116,19 +129,26 @@ impl Tracing {
             )
             .build();
         let (tx, rx) = std::sync::mpsc::sync_channel(cfg.queue_size);
+        let backlog = Arc::new(AtomicBool::new(false));
+        let export_backlog = backlog.clone();
         let export_timeout = cfg.export_timeout;
         let export_resource = resource.clone();
         let export_dropped = dropped.clone();
+        let priority = cfg.export_priority;
         let spawned = std::thread::Builder::new()
             .name("scp-trace-export".into())
             .spawn(move || {
-                crate::worker::lower_priority(10);
+                match priority {
+                    ExportPriority::Idle => crate::worker::idle_priority(),
+                    ExportPriority::Background => crate::worker::lower_priority(10),
+                }
                 export_loop(
                     rx,
                     &endpoint,
                     export_timeout,
                     &export_resource,
                     &export_dropped,
+                    &export_backlog,
                 );
             });
         if let Err(e) = spawned {
@@ -139,6 +159,7 @@ impl Tracing {
             .with_span_processor(QueueProcessor {
                 tx,
                 dropped: dropped.with_label_values(&["queue_full"]),
+                backlog: backlog.clone(),
             })
             // The decision is made in `start_request` (parent-based, then the ratio):
             // the SDK is only asked for spans that are sampled.
@@ -156,6 +177,8 @@ impl Tracing {
             propagator: TraceContextPropagator::new(),
             record_jwt_sub: cfg.record_jwt_sub,
             sample_ratio: cfg.sample_ratio,
+            backlog,
+            queue_full: dropped.with_label_values(&["queue_full"]),
         })
     }
 
@@ -185,6 +208,17 @@ impl Tracing {
             Some(r) => r.is_sampled(),
             None => ratio_admits(self.sample_ratio, trace_id),
         };
+        if sampled && self.backlog.load(Ordering::Relaxed) {
+            // The server span is dropped now; the client span, if any, in `start_client`.
+            // The backend still learns the trace's own decision: a sampled parent stays
+            // sampled (its trace exists upstream), a new trace is not (it has no root).
+            self.queue_full.inc();
+            let (trace_id, flags, state) = match remote {
+                Some(r) => (r.trace_id(), r.trace_flags(), r.trace_state().clone()),
+                None => (trace_id, TraceFlags::default(), TraceState::default()),
+            };
+            return RequestTrace::Shed(SpanContext::new(trace_id, span_id, flags, false, state));
+        }
         if !sampled {
             let (trace_id, state) = match remote {
                 Some(r) => (r.trace_id(), r.trace_state().clone()),
@@ -224,6 +258,11 @@ impl Tracing {
     ) -> (Option<Box<ClientSpan>>, HeaderValue) {
         match request {
             RequestTrace::NotRecording(sc) => {
+                let span_id = ID_GENERATOR.with(|g| g.new_span_id());
+                (None, traceparent(sc, span_id))
+            }
+            RequestTrace::Shed(sc) => {
+                self.queue_full.inc();
                 let span_id = ID_GENERATOR.with(|g| g.new_span_id());
                 (None, traceparent(sc, span_id))
             }
@@ -380,6 +419,7 @@ enum Msg {
 struct QueueProcessor {
     tx: SyncSender<Msg>,
     dropped: prometheus::IntCounter,
+    backlog: Arc<AtomicBool>,
 }
 
 impl SpanProcessor for QueueProcessor {
@@ -388,7 +428,11 @@ impl SpanProcessor for QueueProcessor {
     fn on_end(&self, span: SpanData) {
         match self.tx.try_send(Msg::Span(span)) {
             Ok(()) => {}
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => self.dropped.inc(),
+            Err(TrySendError::Full(_)) => {
+                self.dropped.inc();
+                self.backlog.store(true, Ordering::Relaxed);
+            }
+            Err(TrySendError::Disconnected(_)) => self.dropped.inc(),
         }
     }
 
@@ -413,6 +457,7 @@ fn export_loop(
     timeout: Duration,
     resource: &Resource,
     dropped: &IntCounterVec,
+    backlog: &AtomicBool,
 ) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -484,7 +529,13 @@ fn export_loop(
                     }
                 }
                 Ok(Msg::Flush(done)) => waiting.push(done),
-                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Empty) => {
+                    // Read only when it was set: the flag's line stays with the workers.
+                    if backlog.load(Ordering::Relaxed) {
+                        backlog.store(false, Ordering::Relaxed);
+                    }
+                    break;
+                }
                 Err(TryRecvError::Disconnected) => {
                     disconnected = true;
                     break;
