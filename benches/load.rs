@@ -546,14 +546,24 @@ fn callgrind_per_request(
             .status()
             .is_ok_and(|s| s.success())
     };
+    // Work a request leaves to a background thread (the trace export thread, which runs on
+    // idle CPU time and batches every 500 ms) is counted with the request: the window
+    // opens after the warm-up's has been done and closes after the counted requests' has.
+    let settle = || {
+        if label.starts_with("trace") && label != "trace-0" {
+            std::thread::sleep(Duration::from_millis(2_000));
+        }
+    };
     let counted = fixed_requests(addr, host, headers, 200)
         .map_err(|e| e.to_string())
+        .map(|()| settle())
         .and_then(|()| {
             control("-z")
                 .then_some(())
                 .ok_or("callgrind_control -z failed".into())
         })
         .and_then(|()| fixed_requests(addr, host, headers, COUNTED).map_err(|e| e.to_string()))
+        .map(|()| settle())
         .and_then(|()| {
             control("-d")
                 .then_some(())

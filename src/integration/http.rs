@@ -225,7 +225,12 @@ pub fn rewrite_request_headers(h: &mut HeaderMap, info: &ForwardInfo<'_>) {
         h.append(&X_SCP_JWT_SUB, v.clone());
     }
     if let Some(tp) = info.traceparent {
-        h.insert(&TRACEPARENT, tp.clone());
+        // Replaces the client's, if it sent one.
+        if traceparent {
+            h.insert(&TRACEPARENT, tp.clone());
+        } else {
+            h.append(&TRACEPARENT, tp.clone());
+        }
         return;
     }
     match (traceparent, traceparent_ok) {
@@ -486,5 +491,28 @@ mod tests {
         assert!(!valid_traceparent(
             b"00-00000000000000000000000000000000-00f067aa0ba902b7-01"
         ));
+    }
+
+    #[test]
+    fn the_tracing_traceparent_is_the_only_one() {
+        let ours =
+            HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-1111111111111111-01");
+        let rid = HeaderValue::from_static("rid");
+        let host = HeaderValue::from_static("h");
+        let mut traced = info(&rid, &host);
+        traced.traceparent = Some(&ours);
+        for client in [
+            None,
+            Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+            Some("garbage"),
+        ] {
+            let mut h = HeaderMap::new();
+            if let Some(tp) = client {
+                h.append("traceparent", HeaderValue::from_static(tp));
+            }
+            rewrite_request_headers(&mut h, &traced);
+            let all: Vec<_> = h.get_all("traceparent").iter().collect();
+            assert_eq!(all, [&ours], "client sent {client:?}");
+        }
     }
 }
