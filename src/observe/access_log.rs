@@ -37,6 +37,17 @@ pub struct Entry {
     pub retried: bool,
 }
 
+/// True when `s` is written in a JSON string as it is: ASCII with no control character, quote
+/// or backslash (what serde_json would escape, or write as multi-byte UTF-8). Checked
+/// without an early exit, so that the compiler checks many bytes per instruction: ids and
+/// templates are a few dozen bytes, and escaping them with serde_json cost more than the
+/// rest of their line.
+fn needs_no_escape(s: &[u8]) -> bool {
+    s.iter().fold(true, |plain, &b| {
+        plain & (0x20..0x80).contains(&b) & (b != b'"') & (b != b'\\')
+    })
+}
+
 /// A duration in milliseconds rounded to the microsecond, as a JSON number: `0.312`,
 /// `12.0`, `1500.25`. The text is what serde_json writes for the `f64` of that many
 /// milliseconds (the shortest decimal that reads back as it: trailing zeros dropped, `.0`
@@ -143,8 +154,13 @@ impl Entry {
     fn write_json(&self, out: &mut Vec<u8>, f: &mut Formatter) {
         let start = out.len();
         let mut ok = true;
-        let mut text = |out: &mut Vec<u8>, value: Option<&str>| {
-            ok &= serde_json::to_writer(&mut *out, &value).is_ok();
+        let mut text = |out: &mut Vec<u8>, value: Option<&str>| match value {
+            Some(v) if needs_no_escape(v.as_bytes()) => {
+                out.push(b'"');
+                out.extend_from_slice(v.as_bytes());
+                out.push(b'"');
+            }
+            _ => ok &= serde_json::to_writer(&mut *out, &value).is_ok(),
         };
         let word = |out: &mut Vec<u8>, value: Option<&str>| match value {
             Some(v) => {
@@ -158,7 +174,15 @@ impl Entry {
         out.extend_from_slice(b"{\"time\":");
         f.write_time(out, self.time);
         out.extend_from_slice(b",\"request_id\":");
-        text(out, Some(self.request_id.to_str().unwrap_or("")));
+        match self.request_id.as_bytes() {
+            // `to_str` accepts what this accepts (visible ASCII), without a second pass.
+            id if needs_no_escape(id) && !id.contains(&0x7f) => {
+                out.push(b'"');
+                out.extend_from_slice(id);
+                out.push(b'"');
+            }
+            _ => text(out, Some(self.request_id.to_str().unwrap_or(""))),
+        }
         out.extend_from_slice(b",\"client_ip\":");
         f.write_ip(out, self.client_ip);
         out.extend_from_slice(b",\"api_id\":");
@@ -333,6 +357,70 @@ mod tests {
             let mut out = Vec::new();
             write_ms(&mut out, d);
             assert_eq!(String::from_utf8(out).unwrap(), as_float(d), "{d:?}");
+        }
+    }
+
+    #[test]
+    fn plain_text_is_written_as_serde_json_writes_it() {
+        // Every byte value in every position of a short string, and longer strings with one.
+        let mut cases: Vec<Vec<u8>> = vec![Vec::new(), b"api-1".to_vec(), vec![b'x'; 100]];
+        for b in 0..=255u8 {
+            cases.push(vec![b]);
+            let mut long = b"/orders/{order-id}/items-0123456789abcdef".to_vec();
+            long.insert(b as usize % long.len(), b);
+            cases.push(long);
+        }
+        for case in cases {
+            let Ok(text) = std::str::from_utf8(&case) else {
+                continue;
+            };
+            if needs_no_escape(&case) {
+                assert_eq!(
+                    serde_json::to_string(text).unwrap(),
+                    format!("\"{text}\""),
+                    "{case:?}"
+                );
+            }
+            let expect_plain = case
+                .iter()
+                .all(|&b| (0x20..0x80).contains(&b) && b != b'"' && b != b'\\');
+            assert_eq!(needs_no_escape(&case), expect_plain, "{case:?}");
+        }
+    }
+
+    #[test]
+    fn a_request_id_reads_as_to_str_reads_it() {
+        let t = SystemTime::UNIX_EPOCH;
+        for raw in [
+            &b"0f3c"[..],
+            b"a\tb",
+            b"a\"b",
+            b"caf\xe9",
+            b"\x80",
+            b"a\\b",
+            b"",
+        ] {
+            let id = HeaderValue::from_bytes(raw).unwrap();
+            let e = Entry {
+                time: t,
+                request_id: id.clone(),
+                client_ip: IpAddr::from([127, 0, 0, 1]),
+                api_id: None,
+                stage: None,
+                resource: None,
+                method: "GET",
+                status: 200,
+                bytes: None,
+                latency: Duration::ZERO,
+                integration_latency: None,
+                error_code: None,
+                reason: None,
+                retried: false,
+            };
+            let mut out = Vec::new();
+            e.write_json(&mut out, &mut Formatter::default());
+            let line: serde_json::Value = serde_json::from_slice(&out).unwrap();
+            assert_eq!(line["request_id"], id.to_str().unwrap_or(""), "{raw:?}");
         }
     }
 
