@@ -128,7 +128,7 @@ fn full_chain(backend: SocketAddr) -> Value {
 
 /// A process this bench started, in its own process group: stopped with its children
 /// (nginx's workers, valgrind's client) when dropped, so that nothing is left running.
-/// A child process group, and the admin listener when it is a gateway.
+/// The second field is a gateway's admin listener.
 struct Proc(Child, Option<SocketAddr>);
 
 impl Proc {
@@ -400,6 +400,17 @@ fn start_haproxy(
         "haproxy {name} did not listen on {addr}"
     );
     (p, addr)
+}
+
+/// The tracing rows: sample ratio and the export thread's priority.
+const TRACING_ROWS: [(&str, &str); 3] = [("0.01", "idle"), ("1.0", "idle"), ("1.0", "background")];
+
+/// A tracing row's name; the default priority is not named.
+fn tracing_row(ratio: &str, priority: &str) -> String {
+    match priority {
+        "idle" => format!("gateway, bare route, tracing {ratio} (1w)"),
+        other => format!("gateway, bare route, tracing {ratio} {other} (1w)"),
+    }
 }
 
 /// Spans dropped (any reason) and requests answered so far, from a gateway's `/metrics`.
@@ -944,23 +955,20 @@ fn main() {
     }
     // Tracing on the bare route: the OTLP exporter sends to the backend (it answers 200 to
     // anything), which shares CPU 1 with the load generator, as a local collector would.
-    for ratio in ["0.01", "1.0"] {
-        let cfg =
-            format!("[tracing]\notlp_endpoint = \"http://{backend}\"\nsample_ratio = {ratio}\n");
+    // The export thread runs on idle CPU time (the default) or at nice 10 ("background").
+    for (ratio, priority) in TRACING_ROWS {
+        let cfg = format!(
+            "[tracing]\notlp_endpoint = \"http://{backend}\"\nsample_ratio = {ratio}\nexport_priority = \"{priority}\"\n"
+        );
         let p = start_gateway(
             &single,
-            &format!("trace-{ratio}"),
+            &format!("trace-{ratio}-{priority}"),
             &["taskset", "-c", "0"],
             1,
             false,
             &cfg,
         );
-        add(
-            format!("gateway, bare route, tracing {ratio} (1w)"),
-            p,
-            "bare.test",
-            &[],
-        );
+        add(tracing_row(ratio, priority), p, "bare.test", &[]);
     }
     // Fleet mode: the full chain with quotas in Redis (redis-server pinned with the backend).
     let _redis = has("redis-server").then(|| {
@@ -1093,8 +1101,8 @@ fn main() {
         );
     }
     if let Some(bare) = find("gateway, bare route (1w)") {
-        for ratio in ["0.01", "1.0"] {
-            let name = format!("gateway, bare route, tracing {ratio} (1w)");
+        for (ratio, priority) in TRACING_ROWS {
+            let name = tracing_row(ratio, priority);
             if let Some(t) = find(&name) {
                 // Spans dropped over the closed-loop rounds (a saturated core: the export
                 // thread gets what the worker leaves, see `tracing.export_priority`).
@@ -1107,7 +1115,7 @@ fn main() {
                         format!("; {}", dropped_share(&name, (0.0, 0.0), after))
                     });
                 println!(
-                    "tracing: bare route with sample_ratio {ratio} {:.3}× tracing off (1w){dropped}",
+                    "tracing: bare route with sample_ratio {ratio}, export_priority {priority}: {:.3}× tracing off (1w){dropped}",
                     t / bare
                 );
             }

@@ -13,13 +13,12 @@
 //! (`try_send`: a full queue drops the span and counts it, a request never waits); one
 //! export thread, in the idle scheduling class (`export_priority`), batches them and calls
 //! the exporter on a runtime of its own, so encoding and sending never run on a worker's
-//! runtime. Unsampled requests
-//! never reach the SDK: the decision is made first (`start_request`) and they carry only
-//! ids. While the queue is backlogged (a span found it full and the export thread has not
-//! emptied it since: one shared flag, written only on those two events), sampled requests
-//! are shed whole at their start — counted as dropped, not built — so that an overloaded
-//! core spends nothing on spans it could not export, and a trace loses both of its spans
-//! rather than one.
+//! runtime. Unsampled requests never reach the SDK: the decision is made first
+//! (`start_request`) and they carry only ids. While the queue is backlogged (a span found
+//! it full and the export thread has not emptied it since: one shared flag, written only
+//! on those two events), sampled requests are shed whole at their start — counted as
+//! dropped, not built — so that an overloaded core spends nothing on spans it could not
+//! export, and a trace loses both of its spans rather than one.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
