@@ -1040,11 +1040,11 @@ fn main() {
     println!();
     println!("load benchmark: wrk -t1 -c{conns}, {rounds} interleaved rounds × {seconds}s per row, medians (range); keep-alive; backend + wrk on CPU 1, proxy on CPU 0 (1w) or 0-1 (2w)");
     println!(
-        "{:<46} {:>9} {:>17} {:>8} {:>8} {:>8} {:>8} {:>9}",
+        "{:<50} {:>9} {:>13} {:>8} {:>8} {:>8} {:>8} {:>9}",
         "row", "req/s", "range", "p50 ms", "p99 ms", "/nginx", "/floor", "conn/1k"
     );
     println!(
-        "{:<46} {:>9.0} {:>17} {:>8.3} {:>8.3} {:>8} {:>8} {:>9}",
+        "{:<50} {:>9.0} {:>13} {:>8.3} {:>8.3} {:>8} {:>8} {:>9}",
         "direct to the backend",
         direct_rps,
         "",
@@ -1064,7 +1064,7 @@ fn main() {
             |base: Option<f64>| base.map_or("-".to_owned(), |b| format!("{:.2}×", r.rps() / b));
         let (lo, hi) = r.range();
         println!(
-            "{:<46} {:>9.0} {:>17} {:>8.3} {:>8.3} {:>8} {:>8} {:>9.2}",
+            "{:<50} {:>9.0} {:>13} {:>8.3} {:>8.3} {:>8} {:>8} {:>9.2}",
             r.name,
             r.rps(),
             format!("{lo:.0}–{hi:.0}"),
@@ -1174,13 +1174,13 @@ fn main() {
         println!();
         println!("row 6, open loop: oha -q {rate} (half nginx's 1w maximum) -c{conns} -z{seconds}s --latency-correction, oha on CPU 1");
         println!(
-            "{:<46} {:>9} {:>8} {:>8} {:>9} {:>13}",
+            "{:<50} {:>9} {:>8} {:>8} {:>9} {:>13}",
             "row", "req/s", "p50 ms", "p99 ms", "p99.9 ms", "added p99 ms"
         );
         if let Some(d) = fixed.first().cloned() {
             for f in &fixed {
                 println!(
-                    "{:<46} {:>9.0} {:>8.3} {:>8.3} {:>9.3} {:>13.3}",
+                    "{:<50} {:>9.0} {:>8.3} {:>8.3} {:>9.3} {:>13.3}",
                     f.name,
                     f.achieved,
                     f.p50_ms,
