@@ -65,12 +65,19 @@ pub fn lower_priority(nice: i32) {
 }
 
 /// Puts the current thread in Linux's `SCHED_IDLE` class: it runs only on a core that no
-/// normal thread wants, and a worker that wakes up preempts it at once.
-pub fn idle_priority() {
+/// normal thread wants, and a worker that wakes up preempts it at once. On an error (or
+/// off Linux) the thread's priority is unchanged.
+pub fn idle_priority() -> std::io::Result<()> {
     #[cfg(target_os = "linux")]
-    // SAFETY: `param` lives across the call; a failure only leaves the priority.
+    // SAFETY: `param` lives across the call.
     unsafe {
         let param = libc::sched_param { sched_priority: 0 };
-        let _ = libc::sched_setscheduler(0, libc::SCHED_IDLE, &param);
+        if libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
     }
+    #[cfg(not(target_os = "linux"))]
+    Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
 }

@@ -138,7 +138,15 @@ impl Tracing {
             .name("scp-trace-export".into())
             .spawn(move || {
                 match priority {
-                    ExportPriority::Idle => crate::worker::idle_priority(),
+                    ExportPriority::Idle => {
+                        if let Err(e) = crate::worker::idle_priority() {
+                            tracing::warn!(
+                                error = %e,
+                                "the trace export thread cannot run in the idle scheduling class; it runs at nice 10 (export_priority = \"background\")"
+                            );
+                            crate::worker::lower_priority(10);
+                        }
+                    }
                     ExportPriority::Background => crate::worker::lower_priority(10),
                 }
                 export_loop(
