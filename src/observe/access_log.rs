@@ -149,25 +149,23 @@ impl Entry {
     /// are, with their separators (they need no escaping); so are the values the gateway
     /// makes itself (time, address, numbers, and the method, code and reason names, which
     /// are the gateway's own constants: a unit test checks that they need no escaping). The
-    /// values that come from elsewhere go through serde_json: a request id from a trusted
-    /// proxy, ids and templates from the snapshot.
+    /// values that come from elsewhere (a request id from a trusted proxy, ids and templates
+    /// from the snapshot) are written as they are when they need no escaping, and through
+    /// serde_json otherwise.
     fn write_json(&self, out: &mut Vec<u8>, f: &mut Formatter) {
         let start = out.len();
         let mut ok = true;
+        let quoted = |out: &mut Vec<u8>, v: &[u8]| {
+            out.push(b'"');
+            out.extend_from_slice(v);
+            out.push(b'"');
+        };
         let mut text = |out: &mut Vec<u8>, value: Option<&str>| match value {
-            Some(v) if needs_no_escape(v.as_bytes()) => {
-                out.push(b'"');
-                out.extend_from_slice(v.as_bytes());
-                out.push(b'"');
-            }
+            Some(v) if needs_no_escape(v.as_bytes()) => quoted(out, v.as_bytes()),
             _ => ok &= serde_json::to_writer(&mut *out, &value).is_ok(),
         };
         let word = |out: &mut Vec<u8>, value: Option<&str>| match value {
-            Some(v) => {
-                out.push(b'"');
-                out.extend_from_slice(v.as_bytes());
-                out.push(b'"');
-            }
+            Some(v) => quoted(out, v.as_bytes()),
             None => out.extend_from_slice(b"null"),
         };
         let mut n = itoa::Buffer::new();
@@ -176,11 +174,7 @@ impl Entry {
         out.extend_from_slice(b",\"request_id\":");
         match self.request_id.as_bytes() {
             // Visible ASCII: what `to_str` accepts (a header value never holds DEL).
-            id if needs_no_escape(id) => {
-                out.push(b'"');
-                out.extend_from_slice(id);
-                out.push(b'"');
-            }
+            id if needs_no_escape(id) => quoted(out, id),
             _ => text(out, Some(self.request_id.to_str().unwrap_or(""))),
         }
         out.extend_from_slice(b",\"client_ip\":");
