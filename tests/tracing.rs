@@ -413,3 +413,55 @@ async fn the_export_thread_yields_the_core_to_the_workers() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Whether `TraceIdRatioBased` at `ratio` samples this trace id (hex): its lower 64 bits,
+/// shifted right by one, below `ratio × 2⁶³` (the OpenTelemetry specification's rule).
+fn ratio_samples(ratio: f64, trace_id: &str) -> bool {
+    let low = u64::from_str_radix(&trace_id[16..32], 16).unwrap();
+    (low >> 1) < (ratio * (1u64 << 63) as f64) as u64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_trace_is_sampled_by_its_own_trace_id() {
+    let receiver = Receiver::start();
+    let b = Backend::start("b").await;
+    let gw = Gateway::start(
+        &[("api1.json", &keyed_api(&b))],
+        &tracing_toml(&receiver.endpoint(), "0.5"),
+    );
+    let c = client();
+    for i in 0..60 {
+        let r = keyed(&gw, &c, &format!("/prod/orders/{i}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    // Every trace the backend saw: sampled exactly when the ratio rule says so for its id,
+    // so a collector sampling by the same ratio keeps the same traces.
+    let seen = b.seen();
+    let mut sampled = Vec::new();
+    for s in &seen {
+        let tp = s.headers["traceparent"].to_str().unwrap().to_owned();
+        let trace_id = tp[3..35].to_owned();
+        let flagged = tp.ends_with("-01");
+        assert_eq!(flagged, ratio_samples(0.5, &trace_id), "{tp}");
+        if flagged {
+            sampled.push(trace_id);
+        }
+    }
+    assert!(
+        !sampled.is_empty() && sampled.len() < seen.len(),
+        "60 requests at 0.5: {} sampled",
+        sampled.len()
+    );
+    // The exported spans carry those trace ids.
+    let spans = receiver.wait_for(2 * sampled.len()).await;
+    for id in &sampled {
+        assert!(
+            spans.iter().any(|s| s["trace_id"] == id.as_str()),
+            "no span of sampled trace {id}"
+        );
+    }
+    assert_eq!(spans.len(), 2 * sampled.len());
+}

@@ -20,6 +20,7 @@
 //! dropped, not built — so that an overloaded core spends nothing on spans it could not
 //! export, and a trace loses both of its spans rather than one.
 
+use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::Arc;
@@ -35,7 +36,7 @@ use opentelemetry::{Context, KeyValue};
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{
-    IdGenerator as _, RandomIdGenerator, Sampler, SdkTracer, SdkTracerProvider, Span as SdkSpan,
+    IdGenerator, RandomIdGenerator, Sampler, SdkTracer, SdkTracerProvider, Span as SdkSpan,
     SpanData, SpanExporter as _, SpanProcessor,
 };
 use opentelemetry_sdk::Resource;
@@ -171,6 +172,8 @@ impl Tracing {
             // The decision is made in `start_request` (parent-based, then the ratio):
             // the SDK is only asked for spans that are sampled.
             .with_sampler(Sampler::AlwaysOn)
+            // A new trace keeps the id its sampling decision was made on.
+            .with_id_generator(DecidedTraceIds)
             .with_resource(resource)
             .build();
         tracing::info!(
@@ -239,6 +242,11 @@ impl Tracing {
                 state,
             ));
         }
+        if remote.is_none() {
+            // The SDK starts a new trace: with the id the decision above was made on, so
+            // that a collector applying the same ratio to it agrees.
+            DECIDED_TRACE_ID.set(Some(trace_id));
+        }
         let parent = parent.unwrap_or_default();
         let span = self
             .tracer
@@ -264,12 +272,11 @@ impl Tracing {
         backend: Option<(&Arc<str>, u16)>,
     ) -> (Option<Box<ClientSpan>>, HeaderValue) {
         match request {
-            RequestTrace::NotRecording(sc) => {
-                let span_id = ID_GENERATOR.with(|g| g.new_span_id());
-                (None, traceparent(sc, span_id))
-            }
-            RequestTrace::Shed(sc) => {
-                self.queue_full.inc();
+            RequestTrace::NotRecording(sc) | RequestTrace::Shed(sc) => {
+                if let RequestTrace::Shed(_) = request {
+                    // The client span this request would have had.
+                    self.queue_full.inc();
+                }
                 let span_id = ID_GENERATOR.with(|g| g.new_span_id());
                 (None, traceparent(sc, span_id))
             }
@@ -391,6 +398,25 @@ fn ratio_admits(ratio: f64, trace_id: TraceId) -> bool {
 thread_local! {
     /// Span ids of unsampled client calls (the SDK's generator, per thread: no lock).
     static ID_GENERATOR: RandomIdGenerator = RandomIdGenerator::default();
+    /// The trace id `start_request` sampled a new trace on, for the SDK to take.
+    static DECIDED_TRACE_ID: Cell<Option<TraceId>> = const { Cell::new(None) };
+}
+
+/// The SDK's ids: a new trace takes the id `start_request` decided on (the SDK would
+/// otherwise draw another), everything else is random.
+#[derive(Debug)]
+struct DecidedTraceIds;
+
+impl IdGenerator for DecidedTraceIds {
+    fn new_trace_id(&self) -> TraceId {
+        DECIDED_TRACE_ID
+            .take()
+            .unwrap_or_else(|| ID_GENERATOR.with(|g| g.new_trace_id()))
+    }
+
+    fn new_span_id(&self) -> SpanId {
+        ID_GENERATOR.with(|g| g.new_span_id())
+    }
 }
 
 /// `00-<trace id>-<span id>-<flags>` (W3C Trace Context), hex-encoded by hand: it is
