@@ -36,6 +36,8 @@ struct RawBackend {
     accepted: Arc<AtomicUsize>,
     /// `METHOD path` of every request read, in order.
     requests: Arc<Mutex<Vec<String>>>,
+    /// The whole head of every request read, in order.
+    heads: Arc<Mutex<Vec<String>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -51,20 +53,22 @@ impl RawBackend {
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
         let requests: Arc<Mutex<Vec<String>>> = Arc::default();
-        let (acc, reqs) = (accepted.clone(), requests.clone());
+        let heads: Arc<Mutex<Vec<String>>> = Arc::default();
+        let (acc, reqs, hds) = (accepted.clone(), requests.clone(), heads.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
                 acc.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(serve(stream, behaviour, reqs.clone()));
+                tokio::spawn(serve(stream, behaviour, reqs.clone(), hds.clone()));
             }
         });
         RawBackend {
             addr,
             accepted,
             requests,
+            heads,
             task,
         }
     }
@@ -76,10 +80,15 @@ impl RawBackend {
     fn requests(&self) -> Vec<String> {
         self.requests.lock().unwrap().clone()
     }
+
+    fn heads(&self) -> Vec<String> {
+        self.heads.lock().unwrap().clone()
+    }
 }
 
-/// Reads one request (head and Content-Length body); `None` when the connection ended.
-async fn read_request(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> {
+/// Reads one request (head and Content-Length body): its `METHOD path` and its head; `None`
+/// when the connection ended.
+async fn read_request(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<(String, String)> {
     loop {
         if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             let head = String::from_utf8_lossy(&buf[..end]).into_owned();
@@ -102,11 +111,12 @@ async fn read_request(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> {
             buf.drain(..end + 4 + len);
             let line = head.lines().next().unwrap_or("");
             let mut parts = line.split(' ');
-            return Some(format!(
+            let summary = format!(
                 "{} {}",
                 parts.next().unwrap_or(""),
                 parts.next().unwrap_or("")
-            ));
+            );
+            return Some((summary, head));
         }
         let mut chunk = [0u8; 4096];
         let n = s.read(&mut chunk).await.ok()?;
@@ -117,7 +127,12 @@ async fn read_request(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> {
     }
 }
 
-async fn serve(mut s: TcpStream, behaviour: Behaviour, seen: Arc<Mutex<Vec<String>>>) {
+async fn serve(
+    mut s: TcpStream,
+    behaviour: Behaviour,
+    seen: Arc<Mutex<Vec<String>>>,
+    heads: Arc<Mutex<Vec<String>>>,
+) {
     let mut buf = Vec::new();
     let mut answered = 0usize;
     loop {
@@ -130,8 +145,9 @@ async fn serve(mut s: TcpStream, behaviour: Behaviour, seen: Arc<Mutex<Vec<Strin
             }
             _ => read_request(&mut s, &mut buf).await,
         };
-        let Some(request) = next else { return };
+        let Some((request, head)) = next else { return };
         seen.lock().unwrap().push(request);
+        heads.lock().unwrap().push(head);
         if matches!(behaviour, Behaviour::AnswerFirstThenDrop) && answered == 1 {
             return; // read, never answered: the connection closes
         }
@@ -181,13 +197,36 @@ async fn a_dropped_reused_connection_is_retried_for_idempotent_requests_only() {
     // The first request opens a connection, which the gateway pools.
     assert_eq!(gw.get(&c, HOST, "/prod/orders").await.status(), 200);
     // The second reuses it; the backend reads it and closes without answering. A GET is
-    // sent once more, on a new connection.
-    let r = gw.get(&c, HOST, "/prod/orders").await;
+    // sent once more, on a new connection, exactly as it was sent the first time.
+    let r = gw
+        .req(
+            &c,
+            reqwest::Method::GET,
+            HOST,
+            "/prod/orders?page=2&q=a%20b",
+        )
+        .header("x-client", "one")
+        .header("accept", "text/plain")
+        .header("x-client", "two")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(
         b.requests(),
-        ["GET /orders", "GET /orders", "GET /orders"],
+        [
+            "GET /orders",
+            "GET /orders?page=2&q=a%20b",
+            "GET /orders?page=2&q=a%20b"
+        ],
         "the backend saw the second GET twice"
+    );
+    let heads = b.heads();
+    assert_eq!(heads[2], heads[1], "the retry repeats the first try's head");
+    assert!(
+        heads[2].contains("x-client: one\r\n") && heads[2].contains("x-client: two\r\n"),
+        "{}",
+        heads[2]
     );
     assert_eq!(b.accepted.load(Ordering::SeqCst), 2);
     assert_eq!(retries(&gw.metrics().await), 1);
