@@ -933,9 +933,11 @@ fn record(app: &App, ctx: &RequestContext<'_>, resp: &Response<GatewayBody>) {
         ctx.auth_failure,
         ctx.retried,
     );
-    if ctx.stage.is_some() {
+    // One wall-clock read for the report's day and the log line's time.
+    let wall = (ctx.stage.is_some() || app.access_log.is_some()).then(std::time::SystemTime::now);
+    if let (Some(_), Some(wall)) = (ctx.stage, wall) {
         route_series.report(&series::ReportSample {
-            day: crate::clock::unix_day(),
+            day: crate::clock::unix_day_of(wall),
             method,
             status,
             latency,
@@ -948,21 +950,21 @@ fn record(app: &App, ctx: &RequestContext<'_>, resp: &Response<GatewayBody>) {
             end_server_span(t, request, ctx, status);
         }
     }
-    if let Some(log) = &app.access_log {
-        log.log(crate::observe::access_log::Entry {
-            time: std::time::SystemTime::now(),
-            request_id: ctx.request_id.clone(),
+    if let (Some(log), Some(wall)) = (&app.access_log, wall) {
+        log.log(&crate::observe::access_log::Entry {
+            time: wall,
+            request_id: ctx.request_id.as_bytes(),
             client_ip: ctx.client_ip,
-            api_id: ctx.api.map(|a| a.id.clone()),
-            stage: ctx.stage.map(|s| s.name.clone()),
-            resource: ctx.route.map(|r| r.template.clone()),
-            method: series::METHODS[method],
+            api_id: ctx.api.map(|a| &*a.id),
+            stage: ctx.stage.map(|s| &*s.name),
+            resource: ctx.route.map(|r| &*r.template),
+            method,
             status,
             bytes: http_body::Body::size_hint(resp.body()).exact(),
             latency,
             integration_latency: ctx.integration_elapsed,
-            error_code: ctx.error_code.map(|c| crate::rejection::CODES[c]),
-            reason: ctx.auth_failure.map(AuthFailure::as_str),
+            error_code: ctx.error_code,
+            reason: ctx.auth_failure.map(AuthFailure::index),
             retried: ctx.retried,
         });
     }

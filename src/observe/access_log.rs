@@ -1,6 +1,7 @@
 //! Access log (`operations.md` issue scope): one JSON line per request, written by a
-//! dedicated thread so that no request waits on a write. Requests hand their entry over a
-//! bounded channel; when the writer falls behind, entries are dropped and counted in
+//! dedicated thread so that no request waits on a write. A request copies its entry, as a
+//! compact record, into its worker's own buffer, which the writer takes whole on its tick;
+//! when the writer falls behind and a buffer is full, entries are dropped and counted in
 //! `apigw_access_log_dropped_total` rather than slowing traffic. Keys, tokens and headers
 //! are never logged.
 
@@ -9,30 +10,34 @@ use std::io::Write;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{sync_channel, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use http::HeaderValue;
+use crate::observe::series::METHODS;
+use crate::rejection::{AUTH_FAILURES, CODES};
 
-/// What one line says.
-pub struct Entry {
-    /// Read with `SystemTime::now()` (a clock read); the writer turns it into a date.
+/// What one line says, borrowed: from the request that made it (on its worker), from the
+/// record it was copied into (on the writer).
+pub struct Entry<'a> {
+    /// The writer turns it into a date.
     pub time: SystemTime,
-    pub request_id: HeaderValue,
+    /// The `x-scp-request-id` value's bytes.
+    pub request_id: &'a [u8],
     pub client_ip: IpAddr,
-    pub api_id: Option<Arc<str>>,
-    pub stage: Option<Arc<str>>,
-    pub resource: Option<Arc<str>>,
-    pub method: &'static str,
+    pub api_id: Option<&'a str>,
+    pub stage: Option<&'a str>,
+    pub resource: Option<&'a str>,
+    /// Index in `series::METHODS`.
+    pub method: usize,
     pub status: u16,
     /// The response's Content-Length, when it has one.
     pub bytes: Option<u64>,
     pub latency: Duration,
     pub integration_latency: Option<Duration>,
-    pub error_code: Option<&'static str>,
-    /// Why a token or key was refused (`rejection::AUTH_FAILURES`).
-    pub reason: Option<&'static str>,
+    /// Index in `rejection::CODES`.
+    pub error_code: Option<usize>,
+    /// Why a token or key was refused: index in `rejection::AUTH_FAILURES`.
+    pub reason: Option<usize>,
     /// The integration request was sent a second time on a new connection.
     pub retried: bool,
 }
@@ -46,6 +51,15 @@ fn needs_no_escape(s: &[u8]) -> bool {
     s.iter().fold(true, |plain, &b| {
         plain & (0x20..0x80).contains(&b) & (b != b'"') & (b != b'\\')
     })
+}
+
+/// A header value's text as `HeaderValue::to_str` reads it: visible ASCII and tabs, or
+/// nothing.
+fn header_text(v: &[u8]) -> &str {
+    std::str::from_utf8(v)
+        .ok()
+        .filter(|s| s.bytes().all(|b| b == b'\t' || (0x20..0x7f).contains(&b)))
+        .unwrap_or("")
 }
 
 /// A duration in milliseconds rounded to the microsecond, as a JSON number: `0.312`,
@@ -141,7 +155,7 @@ impl Formatter {
     }
 }
 
-impl Entry {
+impl Entry<'_> {
     /// Appends the entry's JSON line to `out`.
     /// The line's fields, in this order: `time`, `request_id`, `client_ip`, `api_id`,
     /// `stage`, `resource`, `method`, `status`, `bytes`, `latency_ms`,
@@ -172,21 +186,25 @@ impl Entry {
         out.extend_from_slice(b"{\"time\":");
         f.write_time(out, self.time);
         out.extend_from_slice(b",\"request_id\":");
-        match self.request_id.as_bytes() {
-            // Visible ASCII: what `to_str` accepts (a header value never holds DEL).
+        match self.request_id {
+            // Visible ASCII: what `HeaderValue::to_str` accepts (a header value never holds
+            // DEL).
             id if needs_no_escape(id) => quoted(out, id),
-            _ => text(out, Some(self.request_id.to_str().unwrap_or(""))),
+            id => text(out, Some(header_text(id))),
         }
         out.extend_from_slice(b",\"client_ip\":");
         f.write_ip(out, self.client_ip);
         out.extend_from_slice(b",\"api_id\":");
-        text(out, self.api_id.as_deref());
+        text(out, self.api_id);
         out.extend_from_slice(b",\"stage\":");
-        text(out, self.stage.as_deref());
+        text(out, self.stage);
         out.extend_from_slice(b",\"resource\":");
-        text(out, self.resource.as_deref());
+        text(out, self.resource);
         out.extend_from_slice(b",\"method\":");
-        word(out, Some(self.method));
+        word(
+            out,
+            Some(METHODS.get(self.method).copied().unwrap_or("OTHER")),
+        );
         out.extend_from_slice(b",\"status\":");
         out.extend_from_slice(n.format(self.status).as_bytes());
         out.extend_from_slice(b",\"bytes\":");
@@ -202,9 +220,9 @@ impl Entry {
             None => out.extend_from_slice(b"null"),
         }
         out.extend_from_slice(b",\"error_code\":");
-        word(out, self.error_code);
+        word(out, self.error_code.and_then(|c| CODES.get(c).copied()));
         out.extend_from_slice(b",\"reason\":");
-        word(out, self.reason);
+        word(out, self.reason.and_then(|r| AUTH_FAILURES.get(r).copied()));
         out.extend_from_slice(if self.retried {
             b",\"retried\":true}\n"
         } else {
@@ -224,18 +242,162 @@ pub enum Target {
 }
 
 pub struct AccessLog {
-    /// One queue per worker (and one for other threads): a request writes only its own
-    /// worker's queue. Lines of different workers interleave in the file by batch.
-    txs: Box<[SyncSender<Entry>]>,
+    /// One buffer per worker (and one for other threads): a request writes only its own
+    /// worker's, under a lock that only the writer takes too, once per tick. Lines of
+    /// different workers interleave in the file by batch.
+    shards: Arc<[Mutex<Vec<u8>>]>,
+    /// Bytes of records a shard holds at most; an entry that does not fit is dropped.
+    shard_cap: usize,
     dropped: prometheus::IntCounter,
     closing: Arc<AtomicBool>,
+    /// Set by the writer when it has written its last batch: later entries are dropped.
+    closed: Arc<AtomicBool>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
-/// Entries waiting for the writer at most.
-const QUEUE: usize = 16_384;
-/// How often the writer drains the queue (a line reaches the file at most this late).
+/// Bytes of records waiting for the writer at most, over all workers: about 16,000 lines
+/// (a record is about 150 bytes), more than 300 ms of a worker's lines at saturation.
+const PENDING_BYTES: usize = 2 << 20;
+/// How often the writer takes the workers' records (a line reaches the file at most this
+/// late).
 const DRAIN_INTERVAL: Duration = Duration::from_millis(20);
+
+/// An entry's record: what the writer needs, copied (the ids and the template too: sharing
+/// them would cost an atomic reference count, written by every worker and by the writer).
+/// Little-endian: the time, latency and integration latency in nanoseconds (the last
+/// `u64::MAX` when absent), the byte count, the status, the method, error code and reason
+/// (the last two 0 when absent, else their index + 1), a flags byte, the address (4 or 16
+/// bytes), then the request id and the present ones of api id, stage and resource, each a
+/// `u32` length and its bytes.
+mod record {
+    use super::*;
+
+    const BYTES: u8 = 1;
+    const RETRIED: u8 = 2;
+    const V6: u8 = 4;
+    const API: u8 = 8;
+    const STAGE: u8 = 16;
+    const RESOURCE: u8 = 32;
+
+    fn nanos(d: Duration) -> u64 {
+        u64::try_from(d.as_nanos()).unwrap_or(u64::MAX - 1)
+    }
+
+    fn index(i: Option<usize>) -> u8 {
+        i.map_or(0, |i| u8::try_from(i + 1).unwrap_or(0))
+    }
+
+    fn text(out: &mut Vec<u8>, t: &[u8]) {
+        out.extend_from_slice(&(t.len() as u32).to_le_bytes());
+        out.extend_from_slice(t);
+    }
+
+    /// Appends `e`'s record to `out`.
+    pub fn encode(e: &Entry<'_>, out: &mut Vec<u8>) {
+        let since = e
+            .time
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or(Duration::ZERO);
+        let mut flags = 0;
+        for (set, flag) in [
+            (e.bytes.is_some(), BYTES),
+            (e.retried, RETRIED),
+            (e.client_ip.is_ipv6(), V6),
+            (e.api_id.is_some(), API),
+            (e.stage.is_some(), STAGE),
+            (e.resource.is_some(), RESOURCE),
+        ] {
+            if set {
+                flags |= flag;
+            }
+        }
+        out.extend_from_slice(&nanos(since).to_le_bytes());
+        out.extend_from_slice(&nanos(e.latency).to_le_bytes());
+        out.extend_from_slice(&e.integration_latency.map_or(u64::MAX, nanos).to_le_bytes());
+        out.extend_from_slice(&e.bytes.unwrap_or(0).to_le_bytes());
+        out.extend_from_slice(&e.status.to_le_bytes());
+        out.extend_from_slice(&[
+            u8::try_from(e.method).unwrap_or(u8::MAX),
+            index(e.error_code),
+            index(e.reason),
+            flags,
+        ]);
+        match e.client_ip {
+            IpAddr::V4(v4) => out.extend_from_slice(&v4.octets()),
+            IpAddr::V6(v6) => out.extend_from_slice(&v6.octets()),
+        }
+        text(out, e.request_id);
+        for t in [e.api_id, e.stage, e.resource].into_iter().flatten() {
+            text(out, t.as_bytes());
+        }
+    }
+
+    /// Reads one record off the front of `buf`.
+    struct Reader<'a>(&'a [u8]);
+
+    impl<'a> Reader<'a> {
+        fn bytes<const N: usize>(&mut self) -> Option<[u8; N]> {
+            let (head, rest) = self.0.split_first_chunk::<N>()?;
+            self.0 = rest;
+            Some(*head)
+        }
+        fn u64(&mut self) -> Option<u64> {
+            self.bytes().map(u64::from_le_bytes)
+        }
+        fn text(&mut self) -> Option<&'a [u8]> {
+            let len = u32::from_le_bytes(self.bytes()?) as usize;
+            let (t, rest) = self.0.split_at_checked(len)?;
+            self.0 = rest;
+            Some(t)
+        }
+        fn text_if(&mut self, present: bool) -> Option<Option<&'a str>> {
+            if !present {
+                return Some(None);
+            }
+            // Written from a `&str`.
+            Some(Some(std::str::from_utf8(self.text()?).ok()?))
+        }
+    }
+
+    /// The first record of `buf` and what follows it; `None` if `buf` does not start with
+    /// a whole record (never, for a buffer of records `encode` wrote).
+    pub fn decode(buf: &[u8]) -> Option<(Entry<'_>, &[u8])> {
+        let mut r = Reader(buf);
+        let time = SystemTime::UNIX_EPOCH + Duration::from_nanos(r.u64()?);
+        let latency = Duration::from_nanos(r.u64()?);
+        let integration = r.u64()?;
+        let bytes = r.u64()?;
+        let status = u16::from_le_bytes(r.bytes()?);
+        let [method, error_code, reason, flags] = r.bytes()?;
+        let client_ip = if flags & V6 != 0 {
+            IpAddr::from(r.bytes::<16>()?)
+        } else {
+            IpAddr::from(r.bytes::<4>()?)
+        };
+        let request_id = r.text()?;
+        let api_id = r.text_if(flags & API != 0)?;
+        let stage = r.text_if(flags & STAGE != 0)?;
+        let resource = r.text_if(flags & RESOURCE != 0)?;
+        let entry = Entry {
+            time,
+            request_id,
+            client_ip,
+            api_id,
+            stage,
+            resource,
+            method: usize::from(method),
+            status,
+            bytes: (flags & BYTES != 0).then_some(bytes),
+            latency,
+            integration_latency: (integration != u64::MAX)
+                .then(|| Duration::from_nanos(integration)),
+            error_code: usize::from(error_code).checked_sub(1),
+            reason: usize::from(reason).checked_sub(1),
+            retried: flags & RETRIED != 0,
+        };
+        Some((entry, r.0))
+    }
+}
 
 impl AccessLog {
     /// Starts the writer thread.
@@ -250,11 +412,10 @@ impl AccessLog {
             ),
         };
         let shards = crate::worker::shards();
-        let (txs, rxs): (Vec<_>, Vec<_>) = (0..shards)
-            .map(|_| sync_channel::<Entry>((QUEUE / shards).max(1024)))
-            .unzip();
+        let buffers: Arc<[Mutex<Vec<u8>>]> = (0..shards).map(|_| Mutex::default()).collect();
         let closing = Arc::new(AtomicBool::new(false));
-        let closed = closing.clone();
+        let closed = Arc::new(AtomicBool::new(false));
+        let (stop, done, taken) = (closing.clone(), closed.clone(), buffers.clone());
         let writer = std::thread::Builder::new()
             .name("scp-access-log".into())
             .spawn(move || {
@@ -270,40 +431,47 @@ impl AccessLog {
                     }
                     buf.clear();
                 };
-                // The writer polls on a tick instead of blocking in `recv`: a blocked
-                // receiver makes every `try_send` a futex wake and a context switch on the
-                // proxy's core (measured: a fifth of one core at 20k req/s). A tick
-                // costs one wake per interval whatever the request rate.
+                // Swapped with a worker's buffer on each tick, so that both keep their
+                // capacity and no record is copied twice.
+                let mut records: Vec<u8> = Vec::new();
+                // The writer polls on a tick instead of being woken per entry: a wake-up
+                // per entry is a futex call and a context switch on the proxy's core
+                // (measured: a fifth of one core at 20k req/s). A tick costs one wake per
+                // interval whatever the request rate.
                 loop {
                     std::thread::sleep(DRAIN_INTERVAL);
-                    let mut open = 0;
-                    for rx in &rxs {
-                        loop {
-                            match rx.try_recv() {
-                                Ok(e) => {
-                                    e.write_json(&mut buf, &mut fmt);
-                                    if buf.len() >= 60 * 1024 {
-                                        write(&mut buf);
-                                    }
-                                }
-                                Err(TryRecvError::Empty) => {
-                                    open += 1;
-                                    break;
-                                }
-                                Err(TryRecvError::Disconnected) => break,
-                            }
+                    // Closed before the last drain: an entry is either queued before it (and
+                    // written) or refused after it (and counted as dropped).
+                    let last = stop.load(Ordering::Acquire);
+                    if last {
+                        done.store(true, Ordering::Release);
+                    }
+                    for shard in taken.iter() {
+                        if let Ok(mut pending) = shard.lock() {
+                            std::mem::swap(&mut *pending, &mut records);
                         }
+                        let mut rest = records.as_slice();
+                        while let Some((e, next)) = record::decode(rest) {
+                            e.write_json(&mut buf, &mut fmt);
+                            if buf.len() >= 60 * 1024 {
+                                write(&mut buf);
+                            }
+                            rest = next;
+                        }
+                        records.clear();
                     }
                     write(&mut buf);
-                    if open == 0 || closed.load(Ordering::Acquire) {
+                    if last {
                         return;
                     }
                 }
             })?;
         Ok(Self {
-            txs: txs.into_boxed_slice(),
+            shard_cap: (PENDING_BYTES / buffers.len()).max(256 << 10),
+            shards: buffers,
             dropped,
             closing,
+            closed,
             writer: Mutex::new(Some(writer)),
         })
     }
@@ -318,12 +486,20 @@ impl AccessLog {
         }
     }
 
-    /// Hands an entry to the writer; never blocks.
-    pub fn log(&self, e: Entry) {
-        let tx = &self.txs[crate::worker::index().min(self.txs.len() - 1)];
-        match tx.try_send(e) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => self.dropped.inc(),
+    /// Hands an entry to the writer; never blocks but for the writer taking the worker's
+    /// buffer (a pointer swap, once per tick).
+    pub fn log(&self, e: &Entry<'_>) {
+        let shard = &self.shards[crate::worker::index().min(self.shards.len() - 1)];
+        let queued = shard.lock().is_ok_and(|mut pending| {
+            // The lock orders this read after the writer's last drain of this buffer.
+            if pending.len() >= self.shard_cap || self.closed.load(Ordering::Relaxed) {
+                return false;
+            }
+            record::encode(e, &mut pending);
+            true
+        });
+        if !queued {
+            self.dropped.inc();
         }
     }
 }
@@ -331,6 +507,7 @@ impl AccessLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::HeaderValue;
 
     #[test]
     fn milliseconds_read_as_serde_json_writes_them() {
@@ -399,12 +576,12 @@ mod tests {
             let id = HeaderValue::from_bytes(raw).unwrap();
             let e = Entry {
                 time: t,
-                request_id: id.clone(),
+                request_id: id.as_bytes(),
                 client_ip: IpAddr::from([127, 0, 0, 1]),
                 api_id: None,
                 stage: None,
                 resource: None,
-                method: "GET",
+                method: 0,
                 status: 200,
                 bytes: None,
                 latency: Duration::ZERO,
@@ -434,20 +611,22 @@ mod tests {
     #[test]
     fn a_line_is_json_with_every_field() {
         let t = SystemTime::UNIX_EPOCH + Duration::from_micros(1_795_947_633_000_042);
+        let expired = AUTH_FAILURES.iter().position(|r| *r == "expired");
+        let timeout = CODES.iter().position(|c| *c == "INTEGRATION_TIMEOUT");
         let entry = |ip: IpAddr, request_id: &'static str| Entry {
             time: t,
-            request_id: HeaderValue::from_static(request_id),
+            request_id: request_id.as_bytes(),
             client_ip: ip,
-            api_id: Some("api-\"1\"".into()),
-            stage: Some("prod".into()),
+            api_id: Some("api-\"1\""),
+            stage: Some("prod"),
             resource: None,
-            method: "GET",
+            method: 0,
             status: 200,
             bytes: Some(2),
             latency: Duration::from_micros(312),
             integration_latency: None,
             error_code: None,
-            reason: Some("expired"),
+            reason: expired,
             retried: false,
         };
         let mut f = Formatter::default();
@@ -455,7 +634,7 @@ mod tests {
         entry("203.0.113.9".parse().unwrap(), "a\\b").write_json(&mut out, &mut f);
         let mut second = entry("2001:db8::1".parse().unwrap(), "0f3c");
         (second.bytes, second.retried) = (None, true);
-        (second.error_code, second.reason) = (Some("INTEGRATION_TIMEOUT"), None);
+        (second.error_code, second.reason) = (timeout, None);
         second.integration_latency = Some(Duration::from_millis(29_000));
         second.write_json(&mut out, &mut f);
         let text = String::from_utf8(out).unwrap();
@@ -487,5 +666,159 @@ mod tests {
         assert_eq!(s["reason"], serde_json::Value::Null);
         assert_eq!(s["integration_latency_ms"], 29000.0);
         assert_eq!(lines[1]["time"], l["time"]);
+    }
+
+    /// Entries that differ in every field, present and absent.
+    fn entries() -> Vec<Entry<'static>> {
+        let base = Entry {
+            time: SystemTime::UNIX_EPOCH + Duration::from_nanos(1_795_947_633_123_456_789),
+            request_id: b"0f3c",
+            client_ip: IpAddr::from([203, 0, 113, 9]),
+            api_id: Some("api-1"),
+            stage: Some("prod"),
+            resource: Some("/orders/{id}"),
+            method: 1,
+            status: 201,
+            bytes: Some(0),
+            latency: Duration::from_nanos(312_499),
+            integration_latency: Some(Duration::ZERO),
+            error_code: Some(0),
+            reason: Some(AUTH_FAILURES.len() - 1),
+            retried: true,
+        };
+        vec![
+            Entry {
+                client_ip: "2001:db8::1".parse().unwrap(),
+                request_id: b"caf\xe9\t\"",
+                api_id: Some("caf\u{e9} \"x\""),
+                bytes: Some(u64::MAX - 1),
+                integration_latency: Some(Duration::from_secs(29)),
+                error_code: Some(CODES.len() - 1),
+                ..base
+            },
+            Entry {
+                request_id: b"",
+                api_id: None,
+                stage: None,
+                resource: None,
+                bytes: None,
+                integration_latency: None,
+                error_code: None,
+                reason: None,
+                retried: false,
+                method: METHODS.len() - 1,
+                status: 599,
+                ..base
+            },
+            Entry {
+                api_id: None,
+                resource: Some(""),
+                time: SystemTime::UNIX_EPOCH,
+                ..base
+            },
+            base,
+        ]
+    }
+
+    fn line(e: &Entry<'_>) -> String {
+        let mut out = Vec::new();
+        e.write_json(&mut out, &mut Formatter::default());
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn a_record_reads_back_as_the_entry_it_was_made_of() {
+        let entries = entries();
+        let mut buf = Vec::new();
+        for e in &entries {
+            record::encode(e, &mut buf);
+        }
+        let mut rest = buf.as_slice();
+        for e in &entries {
+            let (back, next) = record::decode(rest).expect("a whole record");
+            assert_eq!(back.time, e.time);
+            assert_eq!(back.request_id, e.request_id);
+            assert_eq!(back.client_ip, e.client_ip);
+            assert_eq!(
+                (back.api_id, back.stage, back.resource),
+                (e.api_id, e.stage, e.resource)
+            );
+            assert_eq!(
+                (back.method, back.status, back.bytes),
+                (e.method, e.status, e.bytes)
+            );
+            assert_eq!(
+                (back.latency, back.integration_latency),
+                (e.latency, e.integration_latency)
+            );
+            assert_eq!(
+                (back.error_code, back.reason, back.retried),
+                (e.error_code, e.reason, e.retried)
+            );
+            assert_eq!(line(&back), line(e));
+            rest = next;
+        }
+        assert!(rest.is_empty());
+        // A cut record is no record (the whole ones before it still read).
+        assert!(record::decode(&buf[..buf.len() - 1]).is_some());
+        let mut last = Vec::new();
+        record::encode(&entries[0], &mut last);
+        for cut in 0..last.len() {
+            assert!(record::decode(&last[..cut]).is_none(), "{cut}");
+        }
+    }
+
+    /// A log whose writer never runs: what `log` queues stays queued.
+    fn unwritten(cap: usize) -> (AccessLog, prometheus::IntCounter) {
+        let dropped = prometheus::IntCounter::new("dropped", "dropped").unwrap();
+        let log = AccessLog {
+            shards: (0..crate::worker::shards())
+                .map(|_| Mutex::default())
+                .collect(),
+            shard_cap: cap,
+            dropped: dropped.clone(),
+            closing: Arc::default(),
+            closed: Arc::default(),
+            writer: Mutex::new(None),
+        };
+        (log, dropped)
+    }
+
+    #[test]
+    fn entries_past_a_full_buffer_or_after_close_are_dropped_and_counted() {
+        let e = &entries()[0];
+        let mut one = Vec::new();
+        record::encode(e, &mut one);
+        // Room for three records: the fourth is dropped.
+        let (log, dropped) = unwritten(3 * one.len());
+        for _ in 0..4 {
+            log.log(e);
+        }
+        let shard = &log.shards[crate::worker::index().min(log.shards.len() - 1)];
+        assert_eq!(shard.lock().unwrap().len(), 3 * one.len());
+        assert_eq!(dropped.get(), 1);
+        shard.lock().unwrap().clear();
+        log.closed.store(true, Ordering::Release);
+        log.log(e);
+        assert_eq!(dropped.get(), 2);
+        assert!(shard.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn close_writes_every_line_logged_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("access.log");
+        let dropped = prometheus::IntCounter::new("dropped", "dropped").unwrap();
+        let log = AccessLog::start(Target::File(path.clone()), dropped.clone()).unwrap();
+        let entries = entries();
+        for e in entries.iter().cycle().take(1_000) {
+            log.log(e);
+        }
+        log.close();
+        log.log(&entries[0]);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let expect: String = entries.iter().cycle().take(1_000).map(line).collect();
+        assert_eq!(text, expect);
+        assert_eq!(dropped.get(), 1, "the entry logged after close");
     }
 }

@@ -14,10 +14,11 @@
 //!   connection;
 //! - throttle buckets and quota counters: the contract makes them per gateway instance
 //!   (a burst of 10 is 10 over all workers), so they are one atomic each;
-//! - the access log queue and the fleet's Redis connection, when enabled.
+//! - the fleet's Redis connection, when enabled.
 //!
 //! Metrics, report aggregates and request ids are kept per worker ([`crate::worker`]) and
-//! merged when read.
+//! merged when read; access-log lines wait in a buffer per worker, which the writer thread
+//! swaps for an empty one on its tick.
 //!
 //! Trade-offs: a worker whose connections happen to be the busy ones cannot hand them to an
 //! idle worker (work stealing would), and the kernel's spreading is by connection, so few
