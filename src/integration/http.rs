@@ -358,12 +358,12 @@ pub fn forward<'a, T>(
     use futures_util::FutureExt;
     let started = Instant::now();
     let deadline = tokio::time::Instant::from_std(started + timeout);
-    crate::upstream::send(settings, upstream, req, deadline).map(move |r| then(match r {
+    crate::upstream::send(settings, upstream, req, started, deadline).map(move |r| then(match r {
         Ok(mut sent) => {
             strip_hop_by_hop(sent.response.headers_mut());
             Ok(Forwarded {
                 response: sent.response,
-                elapsed: started.elapsed(),
+                elapsed: sent.answered.saturating_duration_since(started),
                 retried: sent.retried,
             })
         }

@@ -54,11 +54,11 @@ pub struct Pooled {
     pub received: Arc<AtomicU64>,
 }
 
-/// The most recently used live HTTP/1.1 connection to backend `id`, if this worker has one.
-pub fn checkout(id: usize) -> Option<Pooled> {
+/// The most recently used live HTTP/1.1 connection to backend `id`, if this worker has one
+/// that has not expired at `now` (the caller's clock read, moments ago).
+pub fn checkout(id: usize, now: Instant) -> Option<Pooled> {
     POOL.with_borrow_mut(|p| {
         let slot = p.slots.get_mut(id)?;
-        let now = Instant::now();
         while let Some(c) = slot.idle.pop() {
             if c.expires > now && !c.sender.is_closed() {
                 return Some(Pooled {
@@ -72,12 +72,14 @@ pub fn checkout(id: usize) -> Option<Pooled> {
 }
 
 /// Returns a connection whose last answer was read to its end. It may be reused for
-/// `idle_for`; beyond `max_idle` idle connections to one backend it is closed instead.
-pub fn checkin(id: usize, conn: Pooled, idle_for: Duration, max_idle: usize) {
+/// `idle_for` from `since` (when the answer's head arrived: the body's end is later, so the
+/// connection expires a little early, never late); beyond `max_idle` idle connections to
+/// one backend it is closed instead.
+pub fn checkin(id: usize, conn: Pooled, since: Instant, idle_for: Duration, max_idle: usize) {
     if conn.sender.is_closed() || idle_for.is_zero() {
         return;
     }
-    let expires = Instant::now() + idle_for;
+    let expires = since + idle_for;
     POOL.with_borrow_mut(|p| {
         let slot = p.slot(id);
         if slot.idle.len() < max_idle {

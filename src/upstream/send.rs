@@ -26,6 +26,8 @@ pub struct Sent {
     pub response: Response<UpstreamBody>,
     /// The request was sent a second time on a new connection.
     pub retried: bool,
+    /// When the answer's head arrived.
+    pub answered: std::time::Instant,
 }
 
 /// Why no answer came.
@@ -143,6 +145,8 @@ impl RetryCopy {
 }
 
 /// Sends `req` (origin-form URI) to `up` and waits for the answer's head until `deadline`.
+/// `now` is the caller's clock read as it made the call (idle connections are judged by it:
+/// one clock read per call rather than one per step).
 ///
 /// One future for the whole HTTP/1.1 path (pooled or new connection, retry): every
 /// nested async call would add its future, moved on each request, to the caller's. The
@@ -155,6 +159,7 @@ pub fn send<'a>(
     settings: &'a Settings,
     up: &'a Upstream,
     mut req: Request<ForwardBody>,
+    now: std::time::Instant,
     deadline: Instant,
 ) -> impl std::future::Future<Output = Result<Sent, SendError>> + Send + 'a {
     // An async block, not an async function: a function's arguments are stored twice in
@@ -174,7 +179,7 @@ pub fn send<'a>(
                             .await;
                         }
                     }
-                    while let Some(mut c) = pool::checkout(up.id) {
+                    while let Some(mut c) = pool::checkout(up.id, now) {
                         // An idle connection becomes ready as soon as its driver has seen the
                         // end of the previous answer (usually before it is checked out: then
                         // no timer is armed); one that fails here was closed by its backend
@@ -240,6 +245,7 @@ pub fn send<'a>(
                 match tokio::time::timeout_at(deadline, sent).await {
                     Err(_) => Outcome::Timeout,
                     Ok(Ok(response)) => {
+                        let answered = std::time::Instant::now();
                         let idle_for = reuse_for(&response, settings.idle_timeout);
                         let (parts, body) = response.into_parts();
                         let body = UpstreamBody::pooled(
@@ -247,17 +253,24 @@ pub fn send<'a>(
                             GiveBack {
                                 id: up.id,
                                 conn,
+                                since: answered,
                                 idle_for,
                                 max_idle: settings.max_idle,
                             },
                         );
-                        Outcome::Answer(Response::from_parts(parts, body))
+                        Outcome::Answer(Response::from_parts(parts, body), answered)
                     }
                     Ok(Err(mut e)) => failed(&mut e, reused, copy, &conn.received, before),
                 }
             };
             match outcome {
-                Outcome::Answer(response) => return Ok(Sent { response, retried }),
+                Outcome::Answer(response, answered) => {
+                    return Ok(Sent {
+                        response,
+                        retried,
+                        answered,
+                    })
+                }
                 Outcome::Again(r) if !retried => {
                     tracing::debug!(backend = %up.host_header.to_str().unwrap_or(""), "reused backend connection failed before answering; sending once more on a new connection");
                     req = r;
@@ -278,7 +291,8 @@ pub fn send<'a>(
 }
 
 enum Outcome {
-    Answer(Response<UpstreamBody>),
+    /// The answer, and when its head arrived.
+    Answer(Response<UpstreamBody>, std::time::Instant),
     /// A reused connection failed before any byte of the answer; the request may be sent
     /// once more, on a new connection.
     Again(Request<ForwardBody>),
@@ -321,7 +335,10 @@ async fn send_h2(
         Err(_) => Outcome::Timeout,
         Ok(Ok(response)) => {
             let (parts, body) = response.into_parts();
-            Outcome::Answer(Response::from_parts(parts, UpstreamBody::shared(body)))
+            Outcome::Answer(
+                Response::from_parts(parts, UpstreamBody::shared(body)),
+                std::time::Instant::now(),
+            )
         }
         Ok(Err(mut e)) => failed(&mut e, reused, copy, &received, before),
     }
@@ -393,13 +410,15 @@ fn usable_idle(n_secs: u64) -> Duration {
 struct GiveBack {
     id: usize,
     conn: Pooled,
+    /// When the answer's head arrived.
+    since: std::time::Instant,
     idle_for: Duration,
     max_idle: usize,
 }
 
 impl GiveBack {
     fn give(self) {
-        pool::checkin(self.id, self.conn, self.idle_for, self.max_idle);
+        pool::checkin(self.id, self.conn, self.since, self.idle_for, self.max_idle);
     }
 }
 
