@@ -737,7 +737,6 @@ fn integrate<'a>(
     let chunked_get = matches!(parts.method, Method::GET | Method::HEAD)
         && !http_body::Body::is_end_stream(&body)
         && http_body::Body::size_hint(&body).exact().is_none();
-    let authority = parts.uri.authority().map(|a| a.as_str().to_owned());
     let jwt_sub = ctx.jwt.as_ref().and_then(|v| v.sub_header.as_ref());
     let render = |url: &crate::integration::url::UrlTemplate, query: Option<&str>| {
         url.render(path.resource(), &ctx.params, query)
@@ -775,7 +774,8 @@ fn integrate<'a>(
         &ForwardInfo {
             forwarded_for: &ctx.conn.forwarded_for,
             proto: ctx.conn.proto,
-            authority: authority.as_deref(),
+            // Borrowed: the URI is replaced only after the headers are rewritten.
+            authority: parts.uri.authority().map(http::uri::Authority::as_str),
             request_id: &ctx.request_id,
             api_id: api.id_header.as_ref(),
             stage: stage.name_header.as_ref(),

@@ -158,6 +158,26 @@ async fn forwards_headers_by_the_rules() {
     assert_eq!(h["x-scp-request-id"], rid.as_str());
     assert_eq!(h["host"], b.addr.to_string().as_str());
     assert!(h.contains_key("traceparent"));
+
+    // HTTP/2 has no Host header: the client's `:authority` is the forwarded host.
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .resolve(HOST, gw.addr)
+        .build()
+        .unwrap();
+    let r = h2
+        .get(format!("http://{HOST}:{}/prod/orders/42", gw.addr.port()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    assert_eq!(r.status(), 200);
+    let h = &b.last().headers;
+    assert_eq!(
+        h["x-forwarded-host"],
+        format!("{HOST}:{}", gw.addr.port()).as_str()
+    );
+    assert_eq!(h["host"], b.addr.to_string().as_str());
     // The key value never shows up in the gateway's logs.
     assert!(!gw.log().contains("the-key-value"));
 }
