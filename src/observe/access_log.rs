@@ -504,6 +504,14 @@ impl AccessLog {
     }
 }
 
+/// A log dropped without [`AccessLog::close`] (not at a normal shutdown) still gets its
+/// queued lines written: the writer drains once more and ends, on its own.
+impl Drop for AccessLog {
+    fn drop(&mut self) {
+        self.closing.store(true, Ordering::Release);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
