@@ -108,8 +108,9 @@ pub async fn serve_connection<S: Stream>(
     // flight and answers it with `Connection: close`, or sends a GOAWAY), the end of the
     // connection when told to cut.
     let mut closing = false;
+    let mut registered = false;
     let result = std::future::poll_fn(|cx| {
-        match activity.ordered(cx) {
+        match activity.ordered(cx, &mut registered) {
             Order::Cut => return Poll::Ready(Ok(())),
             Order::Close if !closing => {
                 closing = true;

@@ -108,14 +108,27 @@ impl Activity {
         }
     }
 
-    /// The watchdog's order, after registering the connection task to be woken for the
-    /// next one.
-    pub fn ordered(&self, cx: &Context<'_>) -> Order {
-        self.waker.register(cx.waker());
+    /// The watchdog's order. The connection task registers to be woken for the next one
+    /// when `registered` is false: on its first poll, and after it has seen an order (the
+    /// wake-up that came with the order took the registration). In between one registration
+    /// stands, as every order comes with a wake-up and a task's waker does not change; a
+    /// registration per poll would cost two atomic operations on every poll of every
+    /// connection.
+    pub fn ordered(&self, cx: &Context<'_>, registered: &mut bool) -> Order {
+        if !*registered {
+            self.waker.register(cx.waker());
+            *registered = true;
+        }
         match self.order.load(Ordering::Acquire) {
             0 => Order::None,
-            1 => Order::Close,
-            _ => Order::Cut,
+            1 => {
+                *registered = false;
+                Order::Close
+            }
+            _ => {
+                *registered = false;
+                Order::Cut
+            }
         }
     }
 
