@@ -1195,9 +1195,15 @@ fn main() {
         }
     }
 
-    // Idle keep-alive connections: memory per connection, gateway and floor (1 worker).
+    // Idle keep-alive connections: memory per connection, gateway and floor (1 worker);
+    // `LOAD_IDLE=0` skips them.
     println!();
-    for name in ["floor (1w)", "gateway, bare route (1w)"] {
+    let idle_rows: &[&str] = if idle_n == 0 {
+        &[]
+    } else {
+        &["floor (1w)", "gateway, bare route (1w)"]
+    };
+    for &name in idle_rows {
         let Some(r) = rows.iter().find(|r| r.name == name) else {
             continue;
         };
