@@ -66,6 +66,25 @@ struct RetryCopy {
     body: Option<Bytes>,
 }
 
+thread_local! {
+    /// The buffer of the worker's last retry copy, kept for its next one: a request's copy
+    /// costs no allocation of its own (a worker has one request's copy in hand at a time
+    /// per connection, and reuses whichever buffer was given back last).
+    static SPARE_HEAD: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Buffers larger than this (a request with very large headers) are not kept for reuse.
+const SPARE_HEAD_MAX: usize = 16 * 1024;
+
+impl Drop for RetryCopy {
+    fn drop(&mut self) {
+        let head = std::mem::take(&mut self.head);
+        if head.capacity() <= SPARE_HEAD_MAX {
+            SPARE_HEAD.set(head);
+        }
+    }
+}
+
 /// A URI's text (the origin form for HTTP/1.1, the absolute form for HTTP/2) without the
 /// formatting machinery.
 fn push_uri(buf: &mut Vec<u8>, uri: &http::Uri) {
@@ -111,7 +130,9 @@ impl RetryCopy {
             ForwardBody::Stream(s) if s.is_end_stream() => None,
             ForwardBody::Stream(_) => return None,
         };
-        let mut head = Vec::with_capacity(1024);
+        let mut head = SPARE_HEAD.take();
+        head.clear();
+        head.reserve(1024);
         push_uri(&mut head, req.uri());
         let uri_len = head.len();
         for (n, v) in req.headers() {
@@ -128,10 +149,10 @@ impl RetryCopy {
 
     /// The request again; `None` if the copy does not read back (it always does: it was
     /// written from a valid request).
-    fn request(self) -> Option<Request<ForwardBody>> {
+    fn request(mut self) -> Option<Request<ForwardBody>> {
         let (uri, mut fields) = self.head.split_at_checked(self.uri_len)?;
-        let mut req = Request::new(ForwardBody::Full(self.body));
-        *req.method_mut() = self.method;
+        let mut req = Request::new(ForwardBody::Full(self.body.take()));
+        *req.method_mut() = self.method.clone();
         *req.uri_mut() = http::Uri::try_from(uri).ok()?;
         *req.version_mut() = self.version;
         let h = req.headers_mut();
@@ -531,6 +552,30 @@ mod tests {
             assert!(again.headers()[http::header::AUTHORIZATION].is_sensitive());
             assert!(matches!(again.body(), ForwardBody::Full(Some(b)) if b == "{}"));
         }
+    }
+
+    /// A worker's copies share one buffer: a dropped copy's buffer makes the next copy
+    /// (no allocation per request), unless a huge head made it too large to keep.
+    #[test]
+    fn a_dropped_retry_copy_leaves_its_buffer_to_the_next() {
+        let get = |value: &[u8]| {
+            let mut req = Request::new(ForwardBody::Full(None));
+            req.headers_mut()
+                .insert("x-big", HeaderValue::from_bytes(value).unwrap());
+            req
+        };
+        let first = RetryCopy::of(&get(b"a")).unwrap();
+        let buffer = first.head.as_ptr();
+        drop(first);
+        let second = RetryCopy::of(&get(b"b")).unwrap();
+        assert_eq!(second.head.as_ptr(), buffer);
+        // The reused buffer holds only the new request.
+        assert_eq!(second.request().unwrap().headers()["x-big"], "b");
+        let huge = RetryCopy::of(&get(&[b'h'; SPARE_HEAD_MAX + 1])).unwrap();
+        assert!(huge.head.capacity() > SPARE_HEAD_MAX);
+        drop(huge);
+        let after = RetryCopy::of(&get(b"c")).unwrap();
+        assert!(after.head.capacity() <= SPARE_HEAD_MAX);
     }
 
     #[test]
