@@ -1,7 +1,8 @@
 //! Load benchmark: a minimal backend direct, through nginx, HAProxy, the floor (a minimal
 //! proxy built the way the data plane is built, `support/floor.rs`) and scp-gateway (bare
 //! route, full policy chain, fleet mode, 1,000 APIs × 300 resources), measured side by side
-//! in one run with wrk over keep-alive connections, rounds interleaved, medians reported.
+//! in one run with wrk over keep-alive connections, rounds interleaved (rows in a shuffled
+//! order per round), medians reported.
 //! Then open-loop latency (oha), the memory of idle connections, and instructions per
 //! request (callgrind) for the floor, the gateway and nginx.
 //!
@@ -1012,9 +1013,14 @@ fn main() {
     .unwrap_or(many_rss);
 
     // Rounds, interleaved: each round measures every row once, so that a slow phase of this
-    // shared machine spreads over all rows instead of one.
+    // shared machine spreads over all rows instead of one. The rows' order changes from
+    // round to round (a fixed shuffle per round, the same in every run): in a fixed order,
+    // a disturbance that recurs at the same point of each round, or that one row leaves
+    // behind for the next, would fall on the same row every time (one run had the bare
+    // route 10 % below the tracing rows that run the same path and more).
     let direct = format!("http://{backend}/ping");
     let mut direct_runs = Vec::new();
+    let mut order: Vec<usize> = (0..rows.len()).collect();
     for round in 0..rounds {
         eprintln!("round {}/{rounds}", round + 1);
         direct_runs.push(wrk(
@@ -1026,7 +1032,12 @@ fn main() {
             conns,
             &accepted,
         ));
-        for r in rows.iter_mut() {
+        {
+            use rand::{seq::SliceRandom, SeedableRng};
+            order.shuffle(&mut rand::rngs::SmallRng::seed_from_u64(round as u64));
+        }
+        for &i in &order {
+            let r = &mut rows[i];
             let url = format!("http://{}/prod/ping", r.addr);
             let run = wrk(
                 &r.name, &url, &r.host, &r.headers, seconds, conns, &accepted,
