@@ -67,9 +67,10 @@ struct RetryCopy {
 }
 
 thread_local! {
-    /// The buffer of the worker's last retry copy, kept for its next one: a request's copy
-    /// costs no allocation of its own (a worker has one request's copy in hand at a time
-    /// per connection, and reuses whichever buffer was given back last).
+    /// The buffer of the worker's last finished retry copy, kept for its next one: a
+    /// request's copy costs no allocation of its own. One spare per worker: with several
+    /// requests in flight at once, the copies beyond the spare allocate their own (and the
+    /// last one given back is kept).
     static SPARE_HEAD: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
@@ -152,7 +153,7 @@ impl RetryCopy {
     fn request(mut self) -> Option<Request<ForwardBody>> {
         let (uri, mut fields) = self.head.split_at_checked(self.uri_len)?;
         let mut req = Request::new(ForwardBody::Full(self.body.take()));
-        *req.method_mut() = self.method.clone();
+        *req.method_mut() = std::mem::take(&mut self.method);
         *req.uri_mut() = http::Uri::try_from(uri).ok()?;
         *req.version_mut() = self.version;
         let h = req.headers_mut();
