@@ -176,7 +176,8 @@ pub trait Serving: Send + Sync + 'static {
 /// are stored twice in its future (as arguments and as locals).
 ///
 /// Boxed: hyper keeps room for one service future per connection, idle or not; a box is 8
-/// bytes (2.2 KiB less per idle connection, for one allocation per request). This future
+/// bytes (the future's size less per idle connection, for one allocation per request;
+/// 2.2 KiB when measured with an earlier, larger future). This future
 /// is 1,024 bytes with the integration call boxed apart (see `integrate`): both boxes
 /// stay within glibc's per-thread cache (allocations up to 1,032 bytes), where one box of
 /// 1.9 KB took malloc's slow path and cost ~550 instructions more per request (callgrind).
