@@ -14,6 +14,7 @@ pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod fleet;
+pub mod hop_by_hop;
 pub mod integration;
 pub mod log_throttle;
 pub mod observe;

@@ -15,7 +15,7 @@ use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::http::{forward, strip_hop_by_hop};
+use super::http::forward;
 use super::Outcome;
 use crate::body::{ForwardBody, GatewayBody};
 use crate::rejection::Rejection;
@@ -200,7 +200,7 @@ pub fn response(raw: &[u8]) -> Result<Response<GatewayBody>, Rejection> {
             }
         }
     }
-    strip_hop_by_hop(h);
+    crate::hop_by_hop::strip(h);
     h.remove(http::header::CONTENT_LENGTH);
     Ok(resp)
 }

@@ -11,6 +11,7 @@ use http::{Request, Response};
 
 use crate::body::ForwardBody;
 use crate::config::UpstreamConfig;
+use crate::hop_by_hop::{connection_listed, is_hop_by_hop};
 use crate::rejection::Rejection;
 use crate::upstream::{SendError, Settings, Upstream, UpstreamBody};
 
@@ -25,63 +26,6 @@ pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-fo
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 pub static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
-
-/// Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded in either direction.
-fn is_hop_by_hop(n: &str) -> bool {
-    matches!(
-        n,
-        "connection"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-            | "keep-alive"
-            | "proxy-connection"
-    )
-}
-
-/// Header names listed in `Connection` (they go too); its usual options (`keep-alive`,
-/// dropped anyway, and `close`) name no header that could be left.
-fn connection_listed(h: &HeaderMap) -> impl Iterator<Item = HeaderName> + '_ {
-    h.get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|n| !n.eq_ignore_ascii_case("keep-alive") && !n.eq_ignore_ascii_case("close"))
-        .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
-}
-
-/// Removes every header whose name `drop` selects, plus those named by `Connection`: one
-/// pass over the names, then one removal per header actually present (a request carries a
-/// handful of headers; probing a dozen absent names would hash each of them). Nothing is
-/// allocated unless more than two names go.
-fn remove_headers(h: &mut HeaderMap, drop: impl Fn(&str) -> bool) {
-    let mut first: [Option<HeaderName>; 2] = [None, None];
-    let mut more: Vec<HeaderName> = Vec::new();
-    let mut connection = false;
-    for name in h.keys() {
-        let s = name.as_str();
-        if drop(s) {
-            connection |= s == "connection";
-            match first.iter_mut().find(|f| f.is_none()) {
-                Some(slot) => *slot = Some(name.clone()),
-                None => more.push(name.clone()),
-            }
-        }
-    }
-    if connection {
-        more.extend(connection_listed(h));
-    }
-    for n in first.into_iter().flatten().chain(more) {
-        h.remove(n);
-    }
-}
-
-/// Removes hop-by-hop headers, including those named by `Connection`.
-pub fn strip_hop_by_hop(h: &mut HeaderMap) {
-    remove_headers(h, is_hop_by_hop);
-}
 
 /// What the gateway adds to a forwarded request.
 pub struct ForwardInfo<'a> {
@@ -343,7 +287,8 @@ pub struct NotForwarded {
 }
 
 /// Sends the request (origin-form URI) to `upstream` and waits for the response head within
-/// `timeout`, which covers a retry too. Hop-by-hop headers of the answer are removed.
+/// `timeout`, which covers a retry too. The answer comes without its hop-by-hop headers
+/// (the backend connection's layer removes them, see [`crate::upstream::Sent`]).
 ///
 /// Not an async function on purpose: the future is `upstream::send`'s own, mapped once
 /// through `then` (the caller's conversion of the result), so that neither the request nor
@@ -359,8 +304,7 @@ pub fn forward<'a, T>(
     let started = Instant::now();
     let deadline = tokio::time::Instant::from_std(started + timeout);
     crate::upstream::send(settings, upstream, req, started, deadline).map(move |r| then(match r {
-        Ok(mut sent) => {
-            strip_hop_by_hop(sent.response.headers_mut());
+        Ok(sent) => {
             Ok(Forwarded {
                 response: sent.response,
                 elapsed: sent.answered.saturating_duration_since(started),

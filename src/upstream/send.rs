@@ -21,7 +21,8 @@ use super::{Settings, Upstream};
 use crate::body::{client_body_failure, ForwardBody};
 use crate::rejection::Rejection;
 
-/// A backend's answer (its head; the body streams).
+/// A backend's answer (its head, without the hop-by-hop headers of the connection it came
+/// on; the body streams).
 pub struct Sent {
     pub response: Response<UpstreamBody>,
     /// The request was sent a second time on a new connection.
@@ -268,8 +269,9 @@ pub fn send<'a>(
                     Err(_) => Outcome::Timeout,
                     Ok(Ok(response)) => {
                         let answered = std::time::Instant::now();
-                        let idle_for = reuse_for(&response, settings.idle_timeout);
-                        let (parts, body) = response.into_parts();
+                        let (mut parts, body) = response.into_parts();
+                        let keep_alive = crate::hop_by_hop::strip(&mut parts.headers);
+                        let idle_for = reuse_for(keep_alive.as_ref(), settings.idle_timeout);
                         let body = UpstreamBody::pooled(
                             body,
                             GiveBack {
@@ -356,7 +358,8 @@ async fn send_h2(
     match tokio::time::timeout_at(deadline, sender.try_send_request(req)).await {
         Err(_) => Outcome::Timeout,
         Ok(Ok(response)) => {
-            let (parts, body) = response.into_parts();
+            let (mut parts, body) = response.into_parts();
+            crate::hop_by_hop::strip(&mut parts.headers);
             Outcome::Answer(
                 Response::from_parts(parts, UpstreamBody::shared(body)),
                 std::time::Instant::now(),
@@ -393,13 +396,11 @@ fn failed(
     Outcome::Failed(super::error_chain(e.error()))
 }
 
-/// How long a connection may stay idle after `response`: the pool's idle timeout, or less
-/// when the backend announced `Keep-Alive: timeout=N` (minus a margin, so that the gateway
-/// stops reusing it before the backend closes it). Zero when it must not be reused.
-fn reuse_for(response: &Response<Incoming>, pool_idle: Duration) -> Duration {
-    static KEEP_ALIVE: http::header::HeaderName =
-        http::header::HeaderName::from_static("keep-alive");
-    let Some(ka) = response.headers().get(&KEEP_ALIVE) else {
+/// How long a connection may stay idle after an answer with this `Keep-Alive` value: the
+/// pool's idle timeout, or less when the backend announced `Keep-Alive: timeout=N` (minus a
+/// margin, so that the gateway stops reusing it before the backend closes it).
+fn reuse_for(keep_alive: Option<&HeaderValue>, pool_idle: Duration) -> Duration {
+    let Some(ka) = keep_alive else {
         return pool_idle;
     };
     match keep_alive_timeout(ka) {

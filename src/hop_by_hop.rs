@@ -1,0 +1,105 @@
+//! Hop-by-hop header fields (RFC 9110 §7.6.1): they describe one connection and are never
+//! forwarded, in either direction. Shared by the backend connection layer (a backend
+//! answer's, see [`crate::upstream`]) and the integration's request rules
+//! ([`crate::integration::http`]).
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+/// The hop-by-hop fields every message loses, whatever its `Connection` names.
+pub fn is_hop_by_hop(n: &str) -> bool {
+    matches!(
+        n,
+        "connection"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "keep-alive"
+            | "proxy-connection"
+    )
+}
+
+/// Header names listed in `Connection` (they go too); its usual options (`keep-alive`,
+/// dropped anyway, and `close`) name no header that could be left.
+pub fn connection_listed(h: &HeaderMap) -> impl Iterator<Item = HeaderName> + '_ {
+    h.get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|n| !n.eq_ignore_ascii_case("keep-alive") && !n.eq_ignore_ascii_case("close"))
+        .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
+}
+
+/// Removes hop-by-hop headers, including those named by `Connection`, and gives back the
+/// (first) `Keep-Alive` value it removed: a backend's announced idle time, read without a
+/// lookup of its own.
+///
+/// One pass over the names, then one removal per header actually present (a message
+/// carries a handful of headers; probing seven absent names would hash each of them).
+/// Nothing is allocated unless more than two names go.
+pub fn strip(h: &mut HeaderMap) -> Option<HeaderValue> {
+    let mut first: [Option<HeaderName>; 2] = [None, None];
+    let mut more: Vec<HeaderName> = Vec::new();
+    let mut connection = false;
+    for name in h.keys() {
+        let s = name.as_str();
+        if is_hop_by_hop(s) {
+            connection |= s == "connection";
+            match first.iter_mut().find(|f| f.is_none()) {
+                Some(slot) => *slot = Some(name.clone()),
+                None => more.push(name.clone()),
+            }
+        }
+    }
+    if connection {
+        more.extend(connection_listed(h));
+    }
+    let mut keep_alive = None;
+    for n in first.into_iter().flatten().chain(more) {
+        let removed = h.remove(&n);
+        if n.as_str() == "keep-alive" && keep_alive.is_none() {
+            keep_alive = removed;
+        }
+    }
+    keep_alive
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_every_hop_by_hop_field_and_what_connection_names() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("close, x-hop, Keep-Alive"),
+        );
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5, max=100"));
+        h.append("keep-alive", HeaderValue::from_static("timeout=9"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert("trailer", HeaderValue::from_static("x-sum"));
+        h.insert("upgrade", HeaderValue::from_static("h2c"));
+        h.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
+        h.insert("x-hop", HeaderValue::from_static("1"));
+        h.insert("content-type", HeaderValue::from_static("text/plain"));
+        let keep_alive = strip(&mut h);
+        assert_eq!(
+            keep_alive,
+            Some(HeaderValue::from_static("timeout=5, max=100"))
+        );
+        let left: Vec<_> = h.keys().map(HeaderName::as_str).collect();
+        assert_eq!(left, ["content-type"]);
+    }
+
+    #[test]
+    fn no_keep_alive_no_value() {
+        let mut h = HeaderMap::new();
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        h.insert("date", HeaderValue::from_static("x"));
+        assert_eq!(strip(&mut h), None);
+        assert!(!h.contains_key("transfer-encoding"));
+        assert!(h.contains_key("date"));
+    }
+}
