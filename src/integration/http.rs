@@ -2,6 +2,7 @@
 //! the header rules, the backend TLS settings, and one call through [`crate::upstream`]
 //! (pooled connections, the retry rule) with its 502/504 mapping. Bodies stream both ways.
 
+use std::borrow::Cow;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -78,14 +79,32 @@ fn dropped_on_forward(s: &str, info: &ForwardInfo<'_>) -> bool {
     !trusted_peer && matches!(s, "x-forwarded-proto" | "x-forwarded-host")
 }
 
+/// A name [`rewrite_request_headers`] removes once its pass over the headers is done. A
+/// client's copy of one of the gateway's own headers is named by the gateway's static: a
+/// clone of a custom name that hyper parsed allocates (its bytes are shared on first clone),
+/// a static is copied. Standard names are plain values either way.
+fn to_remove(name: &HeaderName) -> Cow<'static, HeaderName> {
+    let own = match name.as_str() {
+        "x-scp-apikey" => &X_SCP_APIKEY,
+        "x-scp-request-id" => &X_SCP_REQUEST_ID,
+        "x-scp-api-id" => &X_SCP_API_ID,
+        "x-scp-stage" => &X_SCP_STAGE,
+        "x-scp-api-key-id" => &X_SCP_API_KEY_ID,
+        "x-scp-jwt-sub" => &X_SCP_JWT_SUB,
+        "x-scp-privatelink-endpoint-id" => &X_SCP_ENDPOINT_ID,
+        _ => return Cow::Owned(name.clone()),
+    };
+    Cow::Borrowed(own)
+}
+
 /// Applies the request header rules in place: drops what a client must not pass on (and
 /// anything it could forge), then adds the gateway's own headers.
 pub fn rewrite_request_headers(h: &mut HeaderMap, info: &ForwardInfo<'_>) {
     // One pass over the client's headers finds what goes and what is already there, so
     // that each header below costs one map operation (a request's headers are few; a
     // probe per name would hash each name again).
-    let mut doomed: [Option<HeaderName>; 2] = [None, None];
-    let mut more: Vec<HeaderName> = Vec::new();
+    let mut doomed: [Option<Cow<'static, HeaderName>>; 2] = [None, None];
+    let mut more: Vec<Cow<'static, HeaderName>> = Vec::new();
     let (mut connection, mut xff, mut xfp, mut xfh, mut cookies) = (false, false, false, false, 0);
     let mut host: Option<HeaderValue> = None;
     let mut traceparent_ok = false;
@@ -108,19 +127,19 @@ pub fn rewrite_request_headers(h: &mut HeaderMap, info: &ForwardInfo<'_>) {
             connection |= s == "connection";
             match doomed
                 .iter_mut()
-                .find(|d| d.as_ref().is_none_or(|d| d == name))
+                .find(|d| d.as_ref().is_none_or(|d| **d == *name))
             {
-                Some(slot) => *slot = Some(name.clone()),
-                None if !more.contains(name) => more.push(name.clone()),
+                Some(slot) => *slot = Some(to_remove(name)),
+                None if !more.iter().any(|m| **m == *name) => more.push(to_remove(name)),
                 None => {}
             }
         }
     }
     if connection {
-        more.extend(connection_listed(h));
+        more.extend(connection_listed(h).map(Cow::Owned));
     }
-    for n in doomed.into_iter().flatten().chain(more) {
-        h.remove(n);
+    for n in doomed.iter().flatten().chain(&more) {
+        h.remove(&**n);
     }
     // Forwarding headers of an untrusted peer were just removed.
     let (xfp, xfh) = (xfp && info.trusted_peer, xfh && info.trusted_peer);
