@@ -61,8 +61,21 @@ pub fn host_key(raw: &str) -> Cow<'_, str> {
 }
 
 impl GatewayState {
+    /// The API serving `host` (a `Host` or `:authority` value).
+    ///
+    /// Most requests name their host as it is stored (lowercase, without port): it is looked
+    /// up as it is first, without the pass that normalises it. A stored host is its own key
+    /// (a valid name or address, which [`host_key`] leaves as it is), so a hit is what the
+    /// normalised lookup would have found; a miss normalises and looks again, unless that
+    /// changed nothing.
     pub fn api_for_host(&self, host: &str) -> Option<&Arc<CompiledApi>> {
-        self.hosts.get(host_key(host).as_ref())
+        if let Some(api) = self.hosts.get(host) {
+            return Some(api);
+        }
+        match host_key(host) {
+            Cow::Borrowed(key) if key.len() == host.len() => None,
+            key => self.hosts.get(key.as_ref()),
+        }
     }
 
     pub fn api(&self, id: &str) -> Option<&Arc<CompiledApi>> {
@@ -210,6 +223,25 @@ mod tests {
         assert_eq!(host_key("a.b:8080X"), "a.b");
         assert!(matches!(host_key("a.b"), Cow::Borrowed(_)));
         assert!(matches!(host_key("a.b:80"), Cow::Borrowed(_)));
+    }
+
+    /// `api_for_host` looks a host up as it is before normalising it: that is only right if
+    /// every host a snapshot can store is left as it is by `host_key`.
+    #[test]
+    fn stored_hosts_are_their_own_keys() {
+        for h in [
+            "api.example.com",
+            "API.Example.COM.",
+            "xn--bcher-kva.example",
+            "under_score.test",
+            "127.0.0.1",
+            "[::1]",
+            "2001:DB8::1",
+            "::ffff:192.0.2.1",
+        ] {
+            let stored = crate::snapshot::validate::normalize_host(h);
+            assert_eq!(host_key(&stored), stored.as_str(), "{h}");
+        }
     }
 }
 
