@@ -2,7 +2,8 @@
 //! proxy built the way the data plane is built, `support/floor.rs`) and scp-gateway (bare
 //! route, full policy chain, fleet mode, 1,000 APIs × 300 resources), measured side by side
 //! in one run with wrk over keep-alive connections, rounds interleaved (rows in a shuffled
-//! order per round), medians reported.
+//! order per round), medians reported, with the proxy's CPU time per request (its
+//! processes' user and system time over the run, per request).
 //! Then open-loop latency (oha), the memory of idle connections, and instructions per
 //! request (callgrind) for the floor, the gateway and nginx.
 //!
@@ -633,6 +634,43 @@ fn rss_kib(pid: u32) -> Option<u64> {
         .ok()
 }
 
+/// CPU time (user and system) used so far by every live process of the process group
+/// `pgid` (a proxy this bench started, with nginx's workers and valgrind's client), in clock
+/// ticks (`/proc/<pid>/stat`).
+fn group_cpu_ticks(pgid: u32) -> u64 {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    let mut ticks = 0;
+    for entry in dir.flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // The command name (field 2) is in parentheses and may hold spaces: the fields
+        // that follow it are state, ppid, pgrp, ... utime (14th), stime (15th).
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        if f.get(2).and_then(|g| g.parse::<u32>().ok()) != Some(pgid) {
+            continue;
+        }
+        let field = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        ticks += field(11) + field(12);
+    }
+    ticks
+}
+
+/// Clock ticks per second (`getconf CLK_TCK`; 100 on Linux).
+fn clock_ticks_per_second() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
 /// Opens `n` keep-alive connections, each after one answered request, and returns the
 /// process's RSS before and after (KiB) with the connections still open, and how many
 /// connections were opened.
@@ -711,6 +749,9 @@ struct Run {
     p99_ms: f64,
     requests: f64,
     new_conns: usize,
+    /// CPU time the proxy's processes used during the run, in clock ticks (0 without a
+    /// proxy process).
+    cpu_ticks: u64,
 }
 
 fn to_ms(v: &str) -> f64 {
@@ -724,16 +765,31 @@ fn to_ms(v: &str) -> f64 {
     }
 }
 
+/// How each closed-loop run loads its row: for how long, over how many connections, and
+/// the backend's count of accepted connections (new backend connections per run).
+struct Load<'a> {
+    seconds: u64,
+    conns: u64,
+    accepted: &'a AtomicUsize,
+}
+
+/// One closed-loop wrk run against `url`; `proxy` is the process group of the proxy in
+/// front of the backend, whose CPU time is taken.
 fn wrk(
     name: &str,
     url: &str,
     host: &str,
     headers: &[String],
-    seconds: u64,
-    conns: u64,
-    accepted: &AtomicUsize,
+    load: &Load<'_>,
+    proxy: Option<u32>,
 ) -> Run {
+    let Load {
+        seconds,
+        conns,
+        accepted,
+    } = *load;
     let before = accepted.load(Ordering::Relaxed);
+    let cpu_before = proxy.map_or(0, group_cpu_ticks);
     let mut cmd = Command::new("taskset");
     cmd.args([
         "-c",
@@ -766,6 +822,7 @@ fn wrk(
         }
     }
     run.new_conns = accepted.load(Ordering::Relaxed) - before;
+    run.cpu_ticks = proxy.map_or(0, |p| group_cpu_ticks(p).saturating_sub(cpu_before));
     run
 }
 
@@ -803,6 +860,18 @@ impl Row {
         (
             v.iter().copied().fold(f64::INFINITY, f64::min),
             v.iter().copied().fold(0.0, f64::max),
+        )
+    }
+    /// The proxy's CPU time per request (user and system, all its threads and processes),
+    /// in microseconds: what a request costs the proxy, less sensitive than req/s to the
+    /// load generator's share of this machine.
+    fn cpu_us_per_request(&self, ticks_per_second: f64) -> f64 {
+        median(
+            self.runs
+                .iter()
+                .filter(|r| r.cpu_ticks > 0 && r.requests > 0.0)
+                .map(|r| r.cpu_ticks as f64 * 1e6 / ticks_per_second / r.requests)
+                .collect(),
         )
     }
     fn new_conns_per_1000(&self) -> f64 {
@@ -1020,18 +1089,15 @@ fn main() {
     // route 10 % below the tracing rows that run the same path and more).
     let direct = format!("http://{backend}/ping");
     let mut direct_runs = Vec::new();
+    let load = Load {
+        seconds,
+        conns,
+        accepted: &accepted,
+    };
     let mut order: Vec<usize> = (0..rows.len()).collect();
     for round in 0..rounds {
         eprintln!("round {}/{rounds}", round + 1);
-        direct_runs.push(wrk(
-            "direct",
-            &direct,
-            "backend",
-            &[],
-            seconds,
-            conns,
-            &accepted,
-        ));
+        direct_runs.push(wrk("direct", &direct, "backend", &[], &load, None));
         {
             use rand::{seq::SliceRandom, SeedableRng};
             order.shuffle(&mut rand::rngs::SmallRng::seed_from_u64(round as u64));
@@ -1039,9 +1105,8 @@ fn main() {
         for &i in &order {
             let r = &mut rows[i];
             let url = format!("http://{}/prod/ping", r.addr);
-            let run = wrk(
-                &r.name, &url, &r.host, &r.headers, seconds, conns, &accepted,
-            );
+            let proxy = r._proc.as_ref().map(Proc::pid);
+            let run = wrk(&r.name, &url, &r.host, &r.headers, &load, proxy);
             r.runs.push(run);
         }
     }
@@ -1050,17 +1115,24 @@ fn main() {
 
     println!();
     println!("load benchmark: wrk -t1 -c{conns}, {rounds} interleaved rounds × {seconds}s per row, medians (range); keep-alive; backend + wrk on CPU 1, proxy on CPU 0 (1w) or 0-1 (2w)");
+    let ticks = clock_ticks_per_second();
+    let cpu = |name: &str| {
+        rows.iter()
+            .find(|r| r.name.starts_with(name))
+            .map(|r| r.cpu_us_per_request(ticks))
+    };
     println!(
-        "{:<50} {:>9} {:>13} {:>8} {:>8} {:>8} {:>8} {:>9}",
-        "row", "req/s", "range", "p50 ms", "p99 ms", "/nginx", "/floor", "conn/1k"
+        "{:<50} {:>9} {:>13} {:>8} {:>8} {:>8} {:>8} {:>9} {:>10}",
+        "row", "req/s", "range", "p50 ms", "p99 ms", "/nginx", "/floor", "conn/1k", "cpu µs/req"
     );
     println!(
-        "{:<50} {:>9.0} {:>13} {:>8.3} {:>8.3} {:>8} {:>8} {:>9}",
+        "{:<50} {:>9.0} {:>13} {:>8.3} {:>8.3} {:>8} {:>8} {:>9} {:>10}",
         "direct to the backend",
         direct_rps,
         "",
         median(direct_runs.iter().map(|r| r.p50_ms).collect()),
         median(direct_runs.iter().map(|r| r.p99_ms).collect()),
+        "",
         "",
         "",
         ""
@@ -1075,7 +1147,7 @@ fn main() {
             |base: Option<f64>| base.map_or("-".to_owned(), |b| format!("{:.2}×", r.rps() / b));
         let (lo, hi) = r.range();
         println!(
-            "{:<50} {:>9.0} {:>13} {:>8.3} {:>8.3} {:>8} {:>8} {:>9.2}",
+            "{:<50} {:>9.0} {:>13} {:>8.3} {:>8.3} {:>8} {:>8} {:>9.2} {:>10.2}",
             r.name,
             r.rps(),
             format!("{lo:.0}–{hi:.0}"),
@@ -1083,7 +1155,8 @@ fn main() {
             r.p99(),
             ratio(find(&format!("nginx {w}"))),
             ratio(find(&format!("floor {w}"))),
-            r.new_conns_per_1000()
+            r.new_conns_per_1000(),
+            r.cpu_us_per_request(ticks)
         );
     }
     println!();
@@ -1100,6 +1173,23 @@ fn main() {
                 print!("; full chain {:.2}× the bare route", full / bare);
             }
             println!();
+            // The same comparison in the proxy's CPU time per request (lower is better).
+            if let (Some(bare), Some(floor)) = (
+                cpu(&format!("gateway, bare route ({w})")),
+                cpu(&format!("floor ({w})")),
+            ) {
+                print!(
+                    "{w}: CPU per request: bare route {:.2}× the floor's",
+                    bare / floor
+                );
+                if let Some(ng) = cpu(&format!("nginx ({w})")) {
+                    print!(", {:.2}× nginx's", bare / ng);
+                }
+                if let Some(full) = cpu(&format!("gateway, full chain ({w})")) {
+                    print!("; full chain {:.2}× the bare route's", full / bare);
+                }
+                println!();
+            }
         }
     }
     if let (Some(local), Some(redis)) = (
