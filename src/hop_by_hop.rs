@@ -3,7 +3,12 @@
 //! answer's, see [`crate::upstream`]) and the integration's request rules
 //! ([`crate::integration::http`]).
 
+use std::borrow::Cow;
+
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// The hop-by-hop fields every message loses, whatever its `Connection` names.
 pub fn is_hop_by_hop(n: &str) -> bool {
@@ -17,6 +22,17 @@ pub fn is_hop_by_hop(n: &str) -> bool {
             | "keep-alive"
             | "proxy-connection"
     )
+}
+
+/// The static of a hop-by-hop name that is not one of http's standard names (those are
+/// plain values): a name that hyper parsed shares its bytes on its first clone, which
+/// allocates, where a static is copied.
+pub fn static_name(n: &str) -> Option<&'static HeaderName> {
+    match n {
+        "keep-alive" => Some(&KEEP_ALIVE),
+        "proxy-connection" => Some(&PROXY_CONNECTION),
+        _ => None,
+    }
 }
 
 /// Header names listed in `Connection` (they go too); its usual options (`keep-alive`,
@@ -37,27 +53,28 @@ pub fn connection_listed(h: &HeaderMap) -> impl Iterator<Item = HeaderName> + '_
 ///
 /// One pass over the names, then one removal per header actually present (a message
 /// carries a handful of headers; probing seven absent names would hash each of them).
-/// Nothing is allocated unless more than two names go.
+/// Nothing is allocated unless more than two names go, or `Connection` names others.
 pub fn strip(h: &mut HeaderMap) -> Option<HeaderValue> {
-    let mut first: [Option<HeaderName>; 2] = [None, None];
-    let mut more: Vec<HeaderName> = Vec::new();
+    let mut first: [Option<Cow<'static, HeaderName>>; 2] = [None, None];
+    let mut more: Vec<Cow<'static, HeaderName>> = Vec::new();
     let mut connection = false;
     for name in h.keys() {
         let s = name.as_str();
         if is_hop_by_hop(s) {
             connection |= s == "connection";
+            let name = static_name(s).map_or_else(|| Cow::Owned(name.clone()), Cow::Borrowed);
             match first.iter_mut().find(|f| f.is_none()) {
-                Some(slot) => *slot = Some(name.clone()),
-                None => more.push(name.clone()),
+                Some(slot) => *slot = Some(name),
+                None => more.push(name),
             }
         }
     }
     if connection {
-        more.extend(connection_listed(h));
+        more.extend(connection_listed(h).map(Cow::Owned));
     }
     let mut keep_alive = None;
-    for n in first.into_iter().flatten().chain(more) {
-        let removed = h.remove(&n);
+    for n in first.iter().flatten().chain(&more) {
+        let removed = h.remove(&**n);
         if n.as_str() == "keep-alive" && keep_alive.is_none() {
             keep_alive = removed;
         }

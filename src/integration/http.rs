@@ -80,10 +80,13 @@ fn dropped_on_forward(s: &str, info: &ForwardInfo<'_>) -> bool {
 }
 
 /// A name [`rewrite_request_headers`] removes once its pass over the headers is done. A
-/// client's copy of one of the gateway's own headers is named by the gateway's static: a
-/// clone of a custom name that hyper parsed allocates (its bytes are shared on first clone),
-/// a static is copied. Standard names are plain values either way.
+/// client's copy of one of the gateway's own headers, or of a custom hop-by-hop one, is
+/// named by its static: a clone of a custom name that hyper parsed allocates (its bytes are
+/// shared on first clone), a static is copied. Standard names are plain values either way.
 fn to_remove(name: &HeaderName) -> Cow<'static, HeaderName> {
+    if let Some(hop) = crate::hop_by_hop::static_name(name.as_str()) {
+        return Cow::Borrowed(hop);
+    }
     let own = match name.as_str() {
         "x-scp-apikey" => &X_SCP_APIKEY,
         "x-scp-request-id" => &X_SCP_REQUEST_ID,
