@@ -105,9 +105,13 @@ fn push_uri(buf: &mut Vec<u8>, uri: &http::Uri) {
 /// value's length (u32), whether the value is sensitive, then the name and the value.
 fn push_field(buf: &mut Vec<u8>, name: &http::HeaderName, value: &HeaderValue) {
     let (n, v) = (name.as_str().as_bytes(), value.as_bytes());
-    buf.extend_from_slice(&(n.len() as u16).to_le_bytes());
-    buf.extend_from_slice(&(v.len() as u32).to_le_bytes());
-    buf.push(u8::from(value.is_sensitive()));
+    // Both lengths and the flag in one copy (a request copies a dozen fields).
+    let mut meta = [0u8; 7];
+    meta[..2].copy_from_slice(&(n.len() as u16).to_le_bytes());
+    meta[2..6].copy_from_slice(&(v.len() as u32).to_le_bytes());
+    meta[6] = u8::from(value.is_sensitive());
+    buf.reserve(meta.len() + n.len() + v.len());
+    buf.extend_from_slice(&meta);
     buf.extend_from_slice(n);
     buf.extend_from_slice(v);
 }
