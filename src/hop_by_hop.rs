@@ -47,6 +47,56 @@ pub fn connection_listed(h: &HeaderMap) -> impl Iterator<Item = HeaderName> + '_
         .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
 }
 
+/// Names to remove from a map once a pass over it is done (a map cannot lose entries while
+/// it is iterated), each once (a pass over the values meets a repeated field's name again).
+/// The first two are kept inline: nothing is allocated unless more go.
+#[derive(Default)]
+pub struct Removals {
+    first: [Option<Cow<'static, HeaderName>>; 2],
+    more: Vec<Cow<'static, HeaderName>>,
+}
+
+impl Removals {
+    /// Adds `name`, unless it is there already, as `keep` makes it (a static where there is
+    /// one, see [`static_name`]: called only for a name not yet there).
+    #[inline]
+    pub fn add(
+        &mut self,
+        name: &HeaderName,
+        keep: impl FnOnce(&HeaderName) -> Cow<'static, HeaderName>,
+    ) {
+        for slot in &mut self.first {
+            match slot {
+                Some(n) if **n == *name => return,
+                Some(_) => {}
+                None => {
+                    *slot = Some(keep(name));
+                    return;
+                }
+            }
+        }
+        if !self.more.iter().any(|n| **n == *name) {
+            self.more.push(keep(name));
+        }
+    }
+
+    /// Adds the names `h`'s `Connection` lists.
+    #[inline]
+    pub fn add_connection_listed(&mut self, h: &HeaderMap) {
+        self.more.extend(connection_listed(h).map(Cow::Owned));
+    }
+
+    #[inline]
+    pub fn iter(&self) -> impl Iterator<Item = &HeaderName> {
+        self.first.iter().flatten().chain(&self.more).map(|n| &**n)
+    }
+}
+
+/// A hop-by-hop name as [`Removals`] keeps it: its static, or a clone of a standard name.
+fn hop_name(name: &HeaderName) -> Cow<'static, HeaderName> {
+    static_name(name.as_str()).map_or_else(|| Cow::Owned(name.clone()), Cow::Borrowed)
+}
+
 /// Removes hop-by-hop headers, including those named by `Connection`, and gives back the
 /// (first) `Keep-Alive` value it removed: a backend's announced idle time, read without a
 /// lookup of its own.
@@ -55,26 +105,21 @@ pub fn connection_listed(h: &HeaderMap) -> impl Iterator<Item = HeaderName> + '_
 /// carries a handful of headers; probing seven absent names would hash each of them).
 /// Nothing is allocated unless more than two names go, or `Connection` names others.
 pub fn strip(h: &mut HeaderMap) -> Option<HeaderValue> {
-    let mut first: [Option<Cow<'static, HeaderName>>; 2] = [None, None];
-    let mut more: Vec<Cow<'static, HeaderName>> = Vec::new();
+    let mut gone = Removals::default();
     let mut connection = false;
     for name in h.keys() {
         let s = name.as_str();
         if is_hop_by_hop(s) {
             connection |= s == "connection";
-            let name = static_name(s).map_or_else(|| Cow::Owned(name.clone()), Cow::Borrowed);
-            match first.iter_mut().find(|f| f.is_none()) {
-                Some(slot) => *slot = Some(name),
-                None => more.push(name),
-            }
+            gone.add(name, hop_name);
         }
     }
     if connection {
-        more.extend(connection_listed(h).map(Cow::Owned));
+        gone.add_connection_listed(h);
     }
     let mut keep_alive = None;
-    for n in first.iter().flatten().chain(&more) {
-        let removed = h.remove(&**n);
+    for n in gone.iter() {
+        let removed = h.remove(n);
         if n.as_str() == "keep-alive" && keep_alive.is_none() {
             keep_alive = removed;
         }

@@ -12,7 +12,7 @@ use http::{Request, Response};
 
 use crate::body::ForwardBody;
 use crate::config::UpstreamConfig;
-use crate::hop_by_hop::{connection_listed, is_hop_by_hop};
+use crate::hop_by_hop::{is_hop_by_hop, Removals};
 use crate::rejection::Rejection;
 use crate::upstream::{SendError, Settings, Upstream, UpstreamBody};
 
@@ -106,8 +106,7 @@ pub fn rewrite_request_headers(h: &mut HeaderMap, info: &ForwardInfo<'_>) {
     // One pass over the client's headers finds what goes and what is already there, so
     // that each header below costs one map operation (a request's headers are few; a
     // probe per name would hash each name again).
-    let mut doomed: [Option<Cow<'static, HeaderName>>; 2] = [None, None];
-    let mut more: Vec<Cow<'static, HeaderName>> = Vec::new();
+    let mut doomed = Removals::default();
     let (mut connection, mut xff, mut xfp, mut xfh, mut cookies) = (false, false, false, false, 0);
     let mut host: Option<HeaderValue> = None;
     let mut traceparent_ok = false;
@@ -128,21 +127,14 @@ pub fn rewrite_request_headers(h: &mut HeaderMap, info: &ForwardInfo<'_>) {
         }
         if dropped_on_forward(s, info) {
             connection |= s == "connection";
-            match doomed
-                .iter_mut()
-                .find(|d| d.as_ref().is_none_or(|d| **d == *name))
-            {
-                Some(slot) => *slot = Some(to_remove(name)),
-                None if !more.iter().any(|m| **m == *name) => more.push(to_remove(name)),
-                None => {}
-            }
+            doomed.add(name, to_remove);
         }
     }
     if connection {
-        more.extend(connection_listed(h).map(Cow::Owned));
+        doomed.add_connection_listed(h);
     }
-    for n in doomed.iter().flatten().chain(&more) {
-        h.remove(&**n);
+    for n in doomed.iter() {
+        h.remove(n);
     }
     // Forwarding headers of an untrusted peer were just removed.
     let (xfp, xfh) = (xfp && info.trusted_peer, xfh && info.trusted_peer);
