@@ -12,6 +12,7 @@ pub mod body;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod deadline;
 pub mod demo;
 pub mod fleet;
 pub mod hop_by_hop;

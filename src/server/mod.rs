@@ -101,6 +101,7 @@ fn run(i: usize, app: Arc<App>, socks: WorkerListeners, shutdown: watch::Receive
         }
     };
     rt.block_on(async move {
+        crate::deadline::enable();
         let builder = Arc::new(http_builder(&app.config.limits));
         let open = Arc::new(AtomicUsize::new(0));
         let mut accepts = Vec::new();
@@ -142,6 +143,7 @@ fn run(i: usize, app: Arc<App>, socks: WorkerListeners, shutdown: watch::Receive
         }
         sweeper.abort();
         watchdog.abort();
+        crate::deadline::disable();
         open.load(Ordering::Acquire)
     })
 }

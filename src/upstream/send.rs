@@ -19,6 +19,7 @@ use super::connect::{self, ConnectError, Handle};
 use super::pool::{self, Pooled};
 use super::{Settings, Upstream};
 use crate::body::{client_body_failure, ForwardBody};
+use crate::deadline::Deadline;
 use crate::rejection::Rejection;
 
 /// A backend's answer (its head, without the hop-by-hop headers of the connection it came
@@ -192,6 +193,7 @@ pub fn send<'a>(
     // An async block, not an async function: a function's arguments are stored twice in
     // its future (as arguments and as locals), and this future is part of every request's.
     async move {
+        let mut deadline = Deadline::new(deadline);
         let mut retried = false;
         loop {
             let outcome = 'attempt: {
@@ -201,7 +203,12 @@ pub fn send<'a>(
                     if up.tls {
                         if let Some((h2, received)) = pool::h2(up.id) {
                             break 'attempt Box::pin(send_h2(
-                                up, h2, received, req, deadline, true,
+                                up,
+                                h2,
+                                received,
+                                req,
+                                &mut deadline,
+                                true,
                             ))
                             .await;
                         }
@@ -215,7 +222,7 @@ pub fn send<'a>(
                             conn = Some(c);
                             break;
                         }
-                        match tokio::time::timeout_at(deadline, c.sender.ready()).await {
+                        match deadline.wait(c.sender.ready()).await {
                             Ok(Ok(())) => {
                                 conn = Some(c);
                                 break;
@@ -228,15 +235,12 @@ pub fn send<'a>(
                 let reused = conn.is_some();
                 let mut conn = match conn {
                     Some(c) => c,
-                    None => match Box::pin(connect::open(settings, up, deadline)).await {
+                    None => match Box::pin(connect::open(settings, up, deadline.at())).await {
                         Err(ConnectError::Deadline) => break 'attempt Outcome::Timeout,
                         Err(e) => break 'attempt Outcome::Failed(e.to_string()),
                         Ok(fresh) => match fresh.handle {
                             Handle::H1(mut sender) => {
-                                if tokio::time::timeout_at(deadline, sender.ready())
-                                    .await
-                                    .is_err()
-                                {
+                                if deadline.wait(sender.ready()).await.is_err() {
                                     break 'attempt Outcome::Timeout;
                                 }
                                 Pooled {
@@ -251,7 +255,7 @@ pub fn send<'a>(
                                     sender,
                                     fresh.received,
                                     req,
-                                    deadline,
+                                    &mut deadline,
                                     false,
                                 ))
                                 .await;
@@ -269,7 +273,7 @@ pub fn send<'a>(
                 };
                 let before = conn.received.load(Ordering::Relaxed);
                 let sent = conn.sender.try_send_request(req);
-                match tokio::time::timeout_at(deadline, sent).await {
+                match deadline.wait(sent).await {
                     Err(_) => Outcome::Timeout,
                     Ok(Ok(response)) => {
                         let answered = std::time::Instant::now();
@@ -334,13 +338,10 @@ async fn send_h2(
     mut sender: hyper::client::conn::http2::SendRequest<ForwardBody>,
     received: Arc<AtomicU64>,
     mut req: Request<ForwardBody>,
-    deadline: Instant,
+    deadline: &mut Deadline,
     reused: bool,
 ) -> Outcome {
-    if tokio::time::timeout_at(deadline, sender.ready())
-        .await
-        .is_err()
-    {
+    if deadline.wait(sender.ready()).await.is_err() {
         return Outcome::Timeout;
     }
     *req.version_mut() = Version::HTTP_2;
@@ -359,7 +360,7 @@ async fn send_h2(
         None
     };
     let before = received.load(Ordering::Relaxed);
-    match tokio::time::timeout_at(deadline, sender.try_send_request(req)).await {
+    match deadline.wait(sender.try_send_request(req)).await {
         Err(_) => Outcome::Timeout,
         Ok(Ok(response)) => {
             let (mut parts, body) = response.into_parts();
