@@ -185,12 +185,15 @@ fn quota_admission_local(c: &mut Criterion) {
         .build()
         .unwrap();
     let windows = quota::WindowCache::default();
+    // A compiled key's slot: resolved on the first admission, as in the gateway.
+    let slot = quota::CounterSlot::default();
     c.bench_function("quota_admission_local", |b| {
         b.to_async(&rt).iter(|| async {
             let now = time::OffsetDateTime::now_utc().unix_timestamp();
             let window = windows.get(scp_gateway::snapshot::model::QuotaRate::Month, now);
             let a = quota::admit(
                 &*store,
+                &slot,
                 black_box("up1"),
                 black_box("k1"),
                 u64::MAX / 2,

@@ -513,7 +513,16 @@ async fn admit_quota(app: &App, ctx: &mut RequestContext<'_>) -> Result<(), Reje
     };
     let now = crate::clock::unix_secs();
     let window = plan.window.get(plan.rate, now);
-    match quota::admit(&*app.quota, &plan.id, &key.id, plan.limit, window, now).await {
+    let admission = quota::admit(
+        &*app.quota,
+        &key.quota,
+        &plan.id,
+        &key.id,
+        plan.limit,
+        window,
+        now,
+    );
+    match admission.await {
         Ok(a) => {
             ctx.rate_limit = Some(a);
             if a.admitted {

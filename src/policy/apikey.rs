@@ -56,6 +56,8 @@ pub struct ApiKey {
     pub id: Arc<str>,
     /// `id` as the `x-scp-api-key-id` value forwarded to backends.
     pub header: Option<HeaderValue>,
+    /// Where the quota store keeps this key's counter under its plan.
+    pub quota: crate::policy::quota::CounterSlot,
 }
 
 impl CompiledPlan {
@@ -67,6 +69,7 @@ impl CompiledPlan {
             let key = Arc::new(ApiKey {
                 id: Arc::from(k.id.as_str()),
                 header: HeaderValue::from_str(&k.id).ok(),
+                quota: Default::default(),
             });
             for digest in k.digests().flatten() {
                 keys.insert(digest, key.clone());

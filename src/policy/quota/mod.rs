@@ -4,8 +4,8 @@
 //! memory and persists them in an embedded redb database under `state.dir`;
 //! [`RedisQuotaStore`] shares them with the other instances of a fleet.
 
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use dashmap::DashMap;
 use futures_util::future::BoxFuture;
@@ -93,9 +93,12 @@ pub trait QuotaStore: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<(u64, bool), QuotaError>>;
 
     /// The same admission without waiting, for stores that can answer at once (the local
-    /// one); `None` means "use [`QuotaStore::admit`]".
+    /// one); `None` means "use [`QuotaStore::admit`]". `slot` is the compiled key's: a store
+    /// may keep there where the counter of (`plan_id`, `key_id`) is, and find it there on
+    /// the key's next requests.
     fn admit_now(
         &self,
+        _slot: &CounterSlot,
         _plan_id: &str,
         _key_id: &str,
         _limit: u64,
@@ -158,13 +161,14 @@ impl WindowCache {
 /// Admits one request of `key_id` under `plan_id` and builds the answer the pipeline needs.
 pub async fn admit(
     store: &dyn QuotaStore,
+    slot: &CounterSlot,
     plan_id: &str,
     key_id: &str,
     limit: u64,
     window: Window,
     now: i64,
 ) -> Result<Admission, QuotaError> {
-    let (count, admitted) = match store.admit_now(plan_id, key_id, limit, window, now) {
+    let (count, admitted) = match store.admit_now(slot, plan_id, key_id, limit, window, now) {
         Some(r) => r?,
         None => store.admit(plan_id, key_id, limit, window).await?,
     };
@@ -182,6 +186,24 @@ pub struct UsageRow {
     pub key_id: String,
     pub hour_start: i64,
     pub count: u64,
+}
+
+/// Where a compiled key (one per plan and key, in each snapshot) finds its counter in the
+/// local store: resolved on the key's first admission, so that the next ones lock that
+/// counter alone instead of joining `plan␟key`, hashing it and locking a shard of the
+/// store's map. Tagged with the store it came from (a snapshot outlives no store in
+/// the gateway, but tests build several).
+#[derive(Default)]
+pub struct CounterSlot(OnceLock<(u64, Arc<Mutex<Counter>>)>);
+
+impl std::fmt::Debug for CounterSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.get().is_some() {
+            "CounterSlot(resolved)"
+        } else {
+            "CounterSlot(empty)"
+        })
+    }
 }
 
 /// The counter of one (plan, key): its window, and the admissions of each UTC hour (for
@@ -211,12 +233,21 @@ const USAGE: TableDefinition<(&str, &str, i64), u64> = TableDefinition::new("usa
 
 /// In-memory counters (one lock per key, so admission is exact under any concurrency),
 /// persisted to redb at least every second and on shutdown. One map entry per (plan, key)
-/// holds its window count and its hourly usage, so an admission is one lookup and no
-/// allocation.
+/// holds its window count and its hourly usage; a compiled key keeps the entry's counter
+/// in its [`CounterSlot`], so an admission is one lock and no lookup or allocation.
 pub struct LocalQuotaStore {
-    counters: DashMap<Box<str>, Counter, rustc_hash::FxBuildHasher>,
+    /// Tells this store's slots from another's.
+    id: u64,
+    counters: DashMap<Box<str>, Arc<Mutex<Counter>>, rustc_hash::FxBuildHasher>,
     db: Arc<Database>,
     any_dirty: AtomicBool,
+}
+
+static NEXT_STORE_ID: AtomicU64 = AtomicU64::new(1);
+
+/// A counter's lock (a panic while holding it leaves a counter that is still whole).
+fn lock(c: &Mutex<Counter>) -> std::sync::MutexGuard<'_, Counter> {
+    c.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// The map key of (plan, key): both ids joined by a separator no id holds.
@@ -239,7 +270,8 @@ fn with_key<R>(plan_id: &str, key_id: &str, f: impl FnOnce(&str) -> R) -> R {
 impl LocalQuotaStore {
     /// Loads the counters kept in the state database.
     pub fn open(db: Arc<Database>) -> Result<Arc<Self>, String> {
-        let counters: DashMap<Box<str>, Counter, rustc_hash::FxBuildHasher> = DashMap::default();
+        let counters: DashMap<Box<str>, Arc<Mutex<Counter>>, rustc_hash::FxBuildHasher> =
+            DashMap::default();
         {
             let tx = db.begin_read().map_err(|e| e.to_string())?;
             match tx.open_table(COUNTERS) {
@@ -249,7 +281,7 @@ impl LocalQuotaStore {
                         let (window_start, count) = v.value();
                         let mut c = Counter::new(window_start);
                         c.count = count;
-                        counters.insert(k.value().into(), c);
+                        counters.insert(k.value().into(), Arc::new(Mutex::new(c)));
                     }
                 }
                 Err(redb::TableError::TableDoesNotExist(_)) => {}
@@ -261,27 +293,40 @@ impl LocalQuotaStore {
                         let (k, v) = row.map_err(|e| e.to_string())?;
                         let (plan, key, hour) = k.value();
                         let joined = format!("{plan}{SEP}{key}");
-                        let mut c = counters
+                        let c = counters
                             .entry(joined.into_boxed_str())
-                            .or_insert_with(|| Counter::new(i64::MIN));
-                        c.hours.push((hour, v.value(), false));
+                            .or_insert_with(|| Arc::new(Mutex::new(Counter::new(i64::MIN))));
+                        lock(&c).hours.push((hour, v.value(), false));
                     }
                 }
                 Err(redb::TableError::TableDoesNotExist(_)) => {}
                 Err(e) => return Err(e.to_string()),
             }
         }
-        for mut c in counters.iter_mut() {
-            c.hours.sort_unstable_by_key(|h| h.0);
+        for c in counters.iter() {
+            lock(&c).hours.sort_unstable_by_key(|h| h.0);
         }
         Ok(Arc::new(Self {
+            id: NEXT_STORE_ID.fetch_add(1, Ordering::Relaxed),
             counters,
             db,
             any_dirty: AtomicBool::new(false),
         }))
     }
 
-    /// Admits on the counter of `key` (an existing entry: no allocation).
+    /// The counter of (`plan_id`, `key_id`), made (with `window_start`) if there is none.
+    fn counter(&self, plan_id: &str, key_id: &str, window_start: i64) -> Arc<Mutex<Counter>> {
+        if let Some(c) = with_key(plan_id, key_id, |k| self.counters.get(k).map(|c| c.clone())) {
+            return c;
+        }
+        let joined = format!("{plan_id}{SEP}{key_id}").into_boxed_str();
+        self.counters
+            .entry(joined)
+            .or_insert_with(|| Arc::new(Mutex::new(Counter::new(window_start))))
+            .clone()
+    }
+
+    /// Admits on the counter of `key`.
     fn admit_on(c: &mut Counter, limit: u64, window: Window, now: i64) -> (u64, bool) {
         if c.window_start != window.start {
             // A new window: the quota is restored.
@@ -314,35 +359,32 @@ impl QuotaStore for LocalQuotaStore {
         window: Window,
     ) -> BoxFuture<'a, Result<(u64, bool), QuotaError>> {
         let now = OffsetDateTime::now_utc().unix_timestamp();
-        let r = self.admit_now(plan_id, key_id, limit, window, now);
+        let r = self.admit_now(&CounterSlot::default(), plan_id, key_id, limit, window, now);
         Box::pin(std::future::ready(r.unwrap_or(Ok((0, false)))))
     }
 
     fn admit_now(
         &self,
+        slot: &CounterSlot,
         plan_id: &str,
         key_id: &str,
         limit: u64,
         window: Window,
         now: i64,
     ) -> Option<Result<(u64, bool), QuotaError>> {
-        let r = with_key(plan_id, key_id, |k| {
-            self.counters
-                .get_mut(k)
-                .map(|mut c| Self::admit_on(&mut c, limit, window, now))
-        });
-        let r = match r {
-            Some(r) => r,
-            None => {
-                let joined = format!("{plan_id}{SEP}{key_id}").into_boxed_str();
-                let mut c = self
-                    .counters
-                    .entry(joined)
-                    .or_insert_with(|| Counter::new(window.start));
-                Self::admit_on(&mut c, limit, window, now)
-            }
+        let (store, counter) = slot
+            .0
+            .get_or_init(|| (self.id, self.counter(plan_id, key_id, window.start)));
+        let r = if *store == self.id {
+            Self::admit_on(&mut lock(counter), limit, window, now)
+        } else {
+            let c = self.counter(plan_id, key_id, window.start);
+            let r = Self::admit_on(&mut lock(&c), limit, window, now);
+            r
         };
-        if r.1 {
+        // Read first: once set, requests leave the flag's cache line alone (it is shared
+        // by every worker) until the next flush clears it.
+        if r.1 && !self.any_dirty.load(Ordering::Relaxed) {
             self.any_dirty.store(true, Ordering::Relaxed);
         }
         Some(Ok(r))
@@ -355,13 +397,14 @@ impl QuotaStore for LocalQuotaStore {
         to: i64,
     ) -> BoxFuture<'a, Result<Vec<UsageRow>, QuotaError>> {
         let mut rows = Vec::new();
-        for c in self.counters.iter() {
-            let (plan, key) = split_key(c.key());
+        for e in self.counters.iter() {
+            let (plan, key) = split_key(e.key());
             if plan != plan_id {
                 continue;
             }
             rows.extend(
-                c.hours
+                lock(e.value())
+                    .hours
                     .iter()
                     .filter(|h| (from..to).contains(&h.0))
                     .map(|h| UsageRow {
@@ -381,8 +424,9 @@ impl QuotaStore for LocalQuotaStore {
         let err = |e: &dyn std::fmt::Display| QuotaError::Unavailable(e.to_string());
         let mut rows = Vec::new();
         let mut usage_rows = Vec::new();
-        for mut c in self.counters.iter_mut() {
-            let key = c.key().clone();
+        for e in self.counters.iter() {
+            let key = e.key().clone();
+            let mut c = lock(e.value());
             if c.dirty {
                 c.dirty = false;
                 rows.push((key.clone(), (c.window_start, c.count)));
@@ -412,13 +456,17 @@ impl QuotaStore for LocalQuotaStore {
         let err = |e: &dyn std::fmt::Display| QuotaError::Unavailable(e.to_string());
         // Hours older than `before` go; a counter whose window started before `before` (at
         // least 32 days ago) has ended, and goes with its usage once that is empty too.
-        self.counters.retain(|_, c| {
+        // A counter a compiled key still holds stays (its next admissions must be seen by
+        // flushes and the usage API): the map's shard lock, held here, keeps a key from
+        // resolving it meanwhile.
+        self.counters.retain(|_, shared| {
+            let mut c = lock(shared);
             c.hours.retain(|h| h.0 >= before);
             if c.window_start < before {
                 c.window_start = i64::MIN;
                 c.count = 0;
             }
-            c.window_start != i64::MIN || !c.hours.is_empty()
+            c.window_start != i64::MIN || !c.hours.is_empty() || Arc::strong_count(shared) > 1
         });
         let tx = self.db.begin_write().map_err(|e| err(&e))?;
         {
@@ -460,6 +508,78 @@ mod tests {
         assert_eq!(m.end, at("2027-01-01T00:00:00Z").unix_timestamp());
         let feb = Window::containing(QuotaRate::Month, at("2028-02-29T10:00:00Z"));
         assert_eq!(feb.end, at("2028-03-01T00:00:00Z").unix_timestamp());
+    }
+
+    fn store() -> (tempfile::TempDir, Arc<Database>, Arc<LocalQuotaStore>) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Arc::new(Database::create(dir.path().join("s.redb")).unwrap());
+        let store = LocalQuotaStore::open(db.clone()).unwrap();
+        (dir, db, store)
+    }
+
+    const W: Window = Window {
+        start: 100,
+        end: 200,
+    };
+
+    fn now_admit(s: &LocalQuotaStore, slot: &CounterSlot, limit: u64, w: Window) -> (u64, bool) {
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        s.admit_now(slot, "up", "k", limit, w, now)
+            .unwrap()
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_keys_slot_counts_on_the_one_counter_of_its_plan_and_key() {
+        let (_dir, _db, s) = store();
+        let (a, b) = (CounterSlot::default(), CounterSlot::default());
+        assert_eq!(now_admit(&s, &a, 4, W), (1, true));
+        assert_eq!(now_admit(&s, &b, 4, W), (2, true), "another snapshot's key");
+        assert_eq!(
+            s.admit("up", "k", 4, W).await.unwrap(),
+            (3, true),
+            "no slot"
+        );
+        assert_eq!(now_admit(&s, &a, 4, W), (4, true));
+        assert_eq!(now_admit(&s, &a, 4, W), (4, false));
+        assert_eq!(s.admit("up", "k", 4, W).await.unwrap(), (4, false));
+        let usage = s.usage("up", 0, i64::MAX).await.unwrap();
+        assert_eq!(usage.iter().map(|r| r.count).sum::<u64>(), 4);
+    }
+
+    #[tokio::test]
+    async fn a_slot_of_another_store_counts_on_this_ones() {
+        let (_d1, _db1, one) = store();
+        let (_d2, _db2, two) = store();
+        let slot = CounterSlot::default();
+        assert_eq!(now_admit(&one, &slot, 10, W), (1, true));
+        assert_eq!(now_admit(&two, &slot, 10, W), (1, true));
+        assert_eq!(now_admit(&two, &slot, 10, W), (2, true));
+        assert_eq!(now_admit(&one, &slot, 10, W), (2, true));
+    }
+
+    #[tokio::test]
+    async fn pruning_keeps_a_counter_a_key_still_holds() {
+        let (_dir, db, s) = store();
+        let slot = CounterSlot::default();
+        assert_eq!(now_admit(&s, &slot, 10, W), (1, true));
+        s.flush().unwrap();
+        // Everything ended: the window and every usage hour.
+        s.prune(i64::MAX).unwrap();
+        assert!(s.usage("up", 0, i64::MAX).await.unwrap().is_empty());
+        // The key goes on admitting through its slot, in a new window: what it admits is
+        // still the store's (usage, persistence), not a counter the store forgot.
+        let next = Window {
+            start: 200,
+            end: 300,
+        };
+        assert_eq!(now_admit(&s, &slot, 10, next), (1, true));
+        assert_eq!(s.admit("up", "k", 10, next).await.unwrap(), (2, true));
+        assert_eq!(s.usage("up", 0, i64::MAX).await.unwrap()[0].count, 2);
+        s.flush().unwrap();
+        drop(s);
+        let again = LocalQuotaStore::open(db).unwrap();
+        assert_eq!(again.admit("up", "k", 10, next).await.unwrap(), (3, true));
     }
 
     #[tokio::test]
