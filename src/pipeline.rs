@@ -492,13 +492,13 @@ fn throttle(
     let throttled = |retry_after_secs| Rejection::Throttled { retry_after_secs };
     if let Some(spec) = stage.throttle {
         app.throttles
-            .check_stage(&api.id, &stage.name, spec)
+            .check_stage(&stage.throttle_bucket, &api.id, &stage.name, spec)
             .map_err(throttled)?;
     }
     if let Some((plan, key)) = &ctx.api_key {
         if let Some(spec) = plan.throttle {
             app.throttles
-                .check_key(&plan.id, &key.id, spec)
+                .check_key(&key.throttle, &plan.id, &key.id, spec)
                 .map_err(throttled)?;
         }
     }

@@ -767,6 +767,35 @@ async fn throttling_stage_and_key_buckets() {
         (429, "THROTTLED".into())
     );
     assert_eq!(get("mobile-app-key-0001").await.unwrap().status(), 200);
+
+    // A reload with new bursts: new, full buckets at the first request that sees them
+    // (the old buckets are found and replaced without stalling that request).
+    let mut next = doc.clone();
+    next["revision"] = json!(2);
+    next["stages"][1]["throttle"] = json!({"rate_per_second": 0.2, "burst": 5});
+    next["usage_plans"][0]["throttle"] = json!({"rate_per_second": 0.2, "burst": 4});
+    write_json(&gw.snapshot_dir().join("api1.json"), &next);
+    gw.signal("HUP");
+    let mut reloaded = false;
+    for _ in 0..100 {
+        if gw.get(&c, HOST, "/dev/free").await.status() == 200 {
+            reloaded = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(reloaded, "the stage's new bucket never admitted");
+    for _ in 0..4 {
+        assert_eq!(gw.get(&c, HOST, "/dev/free").await.status(), 200);
+    }
+    assert_eq!(gw.get(&c, HOST, "/dev/free").await.status(), 429);
+    for _ in 0..4 {
+        assert_eq!(get("key-one-value").await.unwrap().status(), 200);
+    }
+    assert_eq!(
+        code(get("key-one-value").await.unwrap()).await,
+        (429, "THROTTLED".into())
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -58,6 +58,8 @@ pub struct ApiKey {
     pub header: Option<HeaderValue>,
     /// Where the quota store keeps this key's counter under its plan.
     pub quota: crate::policy::quota::CounterSlot,
+    /// Where this key's throttle bucket under its plan is (when the plan throttles).
+    pub throttle: crate::policy::throttle::BucketSlot,
 }
 
 impl CompiledPlan {
@@ -70,6 +72,7 @@ impl CompiledPlan {
                 id: Arc::from(k.id.as_str()),
                 header: HeaderValue::from_str(&k.id).ok(),
                 quota: Default::default(),
+                throttle: Default::default(),
             });
             for digest in k.digests().flatten() {
                 keys.insert(digest, key.clone());

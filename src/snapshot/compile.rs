@@ -17,6 +17,7 @@ use crate::policy::apikey::{CompiledPlan, StageKeys, ThrottleSpec};
 use crate::policy::cors::CorsPolicy;
 use crate::policy::jwt::{CompiledAuth, StageJwt};
 use crate::policy::resource_policy::{CompiledPolicy, SrnTemplate};
+use crate::policy::throttle::BucketSlot;
 use crate::routing::{MethodTable, RouteError, RouteTable};
 use crate::upstream::Upstream;
 
@@ -106,6 +107,8 @@ pub struct CompiledStage {
     pub jwt: StageJwt,
     pub keys: StageKeys,
     pub throttle: Option<ThrottleSpec>,
+    /// Where `throttle`'s bucket is (kept outside the snapshot: a reload does not refill it).
+    pub throttle_bucket: BucketSlot,
     pub cors: Option<CorsPolicy>,
     /// This stage's latency histograms, rejections and retries (resolved with the snapshot:
     /// the same series as before a reload).
@@ -452,6 +455,7 @@ pub fn compile(s: Snapshot) -> Result<CompiledApi, Vec<Issue>> {
                 jwt,
                 keys,
                 throttle: st.throttle.as_ref().map(ThrottleSpec::from_model),
+                throttle_bucket: BucketSlot::default(),
                 cors: CorsPolicy::compile(st),
             },
         );
