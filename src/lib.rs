@@ -17,6 +17,7 @@ pub mod demo;
 pub mod fleet;
 pub mod hop_by_hop;
 pub mod integration;
+pub mod interned;
 pub mod log_throttle;
 pub mod observe;
 pub mod path;

@@ -89,7 +89,7 @@ pub struct RequestContext<'s> {
     /// The token verified at step 9.
     pub jwt: Option<Verified>,
     /// The usage plan and key id identified at step 10.
-    pub api_key: Option<(Arc<CompiledPlan>, Arc<ApiKey>)>,
+    pub api_key: Option<(&'s CompiledPlan, &'s ApiKey)>,
     /// The quota admission of step 12 (its `RateLimit-*` headers go on the response).
     pub rate_limit: Option<Admission>,
     /// The request was a CORS preflight the gateway answered.
@@ -461,10 +461,10 @@ fn check_resource_policy(
 }
 
 /// Step 10: the API key, when the method requires one.
-fn check_api_key(
-    stage: &CompiledStage,
+fn check_api_key<'s>(
+    stage: &'s CompiledStage,
     m: &MethodRoute,
-    ctx: &mut RequestContext<'_>,
+    ctx: &mut RequestContext<'s>,
     req: &Request<Incoming>,
 ) -> Result<(), Rejection> {
     if !m.api_key_required {

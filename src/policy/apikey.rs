@@ -70,7 +70,7 @@ impl CompiledPlan {
         for k in &p.api_keys {
             let key = Arc::new(ApiKey {
                 id: Arc::from(k.id.as_str()),
-                header: HeaderValue::from_str(&k.id).ok(),
+                header: crate::interned::header_value(&k.id),
                 quota: Default::default(),
                 throttle: Default::default(),
             });
@@ -83,7 +83,8 @@ impl CompiledPlan {
             limit: p.limit,
             rate: p.rate,
             throttle: p.throttle.as_ref().map(ThrottleSpec::from_model),
-            limit_header: HeaderValue::from(p.limit),
+            limit_header: crate::interned::header_value(&p.limit.to_string())
+                .unwrap_or_else(|| HeaderValue::from(p.limit)),
             window: Default::default(),
             keys,
         }
@@ -119,7 +120,7 @@ impl StageKeys {
     pub fn check(
         &self,
         headers: &http::HeaderMap,
-    ) -> Result<(Arc<CompiledPlan>, Arc<ApiKey>), AuthFailure> {
+    ) -> Result<(&CompiledPlan, &ApiKey), AuthFailure> {
         let plan = self.plan.as_ref().ok_or(AuthFailure::NoUsagePlan)?;
         let presented = headers.get(&HEADER).ok_or(AuthFailure::MissingKey)?;
         let key = plan
@@ -130,7 +131,7 @@ impl StageKeys {
                 return Err(AuthFailure::KeyNotAllowed);
             }
         }
-        Ok((plan.clone(), key.clone()))
+        Ok((plan, key))
     }
 }
 

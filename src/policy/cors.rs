@@ -43,7 +43,7 @@ fn joined(items: &[String]) -> Option<HeaderValue> {
         .filter(|s| !s.is_empty())
         .collect();
     (!v.is_empty())
-        .then(|| HeaderValue::from_str(&v.join(", ")).ok())
+        .then(|| crate::interned::header_value(&v.join(", ")))
         .flatten()
 }
 

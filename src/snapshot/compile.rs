@@ -443,7 +443,7 @@ pub fn compile(s: Snapshot) -> Result<CompiledApi, Vec<Issue>> {
                 route_series,
                 no_route_series: Lazy::default(),
                 name,
-                name_header: HeaderValue::from_str(&st.name).ok(),
+                name_header: crate::interned::header_value(&st.name),
                 deployment,
                 canary,
                 integration_timeout: st
@@ -465,7 +465,7 @@ pub fn compile(s: Snapshot) -> Result<CompiledApi, Vec<Issue>> {
     }
     Ok(CompiledApi {
         id: api_id,
-        id_header: HeaderValue::from_str(&s.api.id).ok(),
+        id_header: crate::interned::header_value(&s.api.id),
         name: s.api.name.clone(),
         revision: s.revision,
         endpoint_type: s.api.endpoint_type,

@@ -81,8 +81,8 @@ fn intern(key: Key) -> Result<Arc<Upstream>, String> {
         ),
         _ => None,
     };
-    let host_header = HeaderValue::from_str(&key.host_header)
-        .map_err(|_| format!("`{}` is not a valid Host", key.host_header))?;
+    let host_header = crate::interned::header_value(&key.host_header)
+        .ok_or_else(|| format!("`{}` is not a valid Host", key.host_header))?;
     let authority: Authority = key
         .host_header
         .parse()
