@@ -24,9 +24,12 @@ pub struct Entry<'a> {
     /// The `x-scp-request-id` value's bytes.
     pub request_id: &'a [u8],
     pub client_ip: IpAddr,
-    pub api_id: Option<&'a str>,
-    pub stage: Option<&'a str>,
-    pub resource: Option<&'a str>,
+    /// The API id, stage name and resource template: text (the request path has them as
+    /// `&str`) kept as bytes, so that the writer checks them as UTF-8 only in the rare line
+    /// that must escape them.
+    pub api_id: Option<&'a [u8]>,
+    pub stage: Option<&'a [u8]>,
+    pub resource: Option<&'a [u8]>,
     /// Index in `series::METHODS`.
     pub method: usize,
     pub status: u16,
@@ -174,9 +177,13 @@ impl Entry<'_> {
             out.extend_from_slice(v);
             out.push(b'"');
         };
-        let mut text = |out: &mut Vec<u8>, value: Option<&str>| match value {
-            Some(v) if needs_no_escape(v.as_bytes()) => quoted(out, v.as_bytes()),
-            _ => ok &= serde_json::to_writer(&mut *out, &value).is_ok(),
+        let mut text = |out: &mut Vec<u8>, value: Option<&[u8]>| match value {
+            Some(v) if needs_no_escape(v) => quoted(out, v),
+            // Text written from a `&str`: lossless.
+            _ => {
+                let value = value.map(String::from_utf8_lossy);
+                ok &= serde_json::to_writer(&mut *out, &value).is_ok();
+            }
         };
         let word = |out: &mut Vec<u8>, value: Option<&str>| match value {
             Some(v) => quoted(out, v.as_bytes()),
@@ -190,7 +197,7 @@ impl Entry<'_> {
             // Visible ASCII: what `HeaderValue::to_str` accepts (a header value never holds
             // DEL).
             id if needs_no_escape(id) => quoted(out, id),
-            id => text(out, Some(header_text(id))),
+            id => text(out, Some(header_text(id).as_bytes())),
         }
         out.extend_from_slice(b",\"client_ip\":");
         f.write_ip(out, self.client_ip);
@@ -328,7 +335,7 @@ mod record {
         }
         text(out, e.request_id);
         for t in [e.api_id, e.stage, e.resource].into_iter().flatten() {
-            text(out, t.as_bytes());
+            text(out, t);
         }
     }
 
@@ -350,12 +357,11 @@ mod record {
             self.0 = rest;
             Some(t)
         }
-        fn text_if(&mut self, present: bool) -> Option<Option<&'a str>> {
+        fn text_if(&mut self, present: bool) -> Option<Option<&'a [u8]>> {
             if !present {
                 return Some(None);
             }
-            // Written from a `&str`.
-            Some(Some(std::str::from_utf8(self.text()?).ok()?))
+            Some(Some(self.text()?))
         }
     }
 
@@ -625,8 +631,8 @@ mod tests {
             time: t,
             request_id: request_id.as_bytes(),
             client_ip: ip,
-            api_id: Some("api-\"1\""),
-            stage: Some("prod"),
+            api_id: Some("api-\"1\"".as_bytes()),
+            stage: Some("prod".as_bytes()),
             resource: None,
             method: 0,
             status: 200,
@@ -682,9 +688,9 @@ mod tests {
             time: SystemTime::UNIX_EPOCH + Duration::from_nanos(1_795_947_633_123_456_789),
             request_id: b"0f3c",
             client_ip: IpAddr::from([203, 0, 113, 9]),
-            api_id: Some("api-1"),
-            stage: Some("prod"),
-            resource: Some("/orders/{id}"),
+            api_id: Some("api-1".as_bytes()),
+            stage: Some("prod".as_bytes()),
+            resource: Some("/orders/{id}".as_bytes()),
             method: 1,
             status: 201,
             bytes: Some(0),
@@ -698,7 +704,7 @@ mod tests {
             Entry {
                 client_ip: "2001:db8::1".parse().unwrap(),
                 request_id: b"caf\xe9\t\"",
-                api_id: Some("caf\u{e9} \"x\""),
+                api_id: Some("caf\u{e9} \"x\"".as_bytes()),
                 bytes: Some(u64::MAX - 1),
                 integration_latency: Some(Duration::from_secs(29)),
                 error_code: Some(CODES.len() - 1),
@@ -720,7 +726,7 @@ mod tests {
             },
             Entry {
                 api_id: None,
-                resource: Some(""),
+                resource: Some("".as_bytes()),
                 time: SystemTime::UNIX_EPOCH,
                 ..base
             },
