@@ -191,6 +191,28 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_kept_timer_that_fired_serves_again() {
+        enable();
+        let mut first = after(10);
+        let r: Result<(), Elapsed> = first.wait(std::future::pending()).await;
+        assert_eq!(r, Err(Elapsed));
+        drop(first);
+        assert_eq!(stocked(), 1, "a fired timer goes back too");
+        // Re-armed from its fired state: it neither fires at once nor fails to fire.
+        let mut next = after(10_000);
+        let r = next
+            .wait(tokio::time::sleep(Duration::from_millis(50)))
+            .await;
+        assert_eq!(r, Ok(()));
+        drop(next);
+        let mut last = after(10);
+        let r: Result<(), Elapsed> = last.wait(std::future::pending()).await;
+        assert_eq!(r, Err(Elapsed));
+        drop(last);
+        disable();
+    }
+
+    #[tokio::test]
     async fn a_kept_timer_moved_later_does_not_fire_at_its_old_deadline() {
         enable();
         let mut soon = after(30);
