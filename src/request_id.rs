@@ -27,23 +27,46 @@ thread_local! {
     static RNG: RefCell<SmallRng> = RefCell::new(SmallRng::from_entropy());
 }
 
-/// A header value holding `bytes` (visible ASCII), cut from the worker's buffer.
-pub fn header_value(bytes: &[u8]) -> HeaderValue {
-    let cut: Bytes = CHUNK_BUF.with_borrow_mut(|buf| {
+/// `bytes` cut from the worker's buffer (no allocation of its own).
+fn cut(bytes: &[u8]) -> Bytes {
+    CHUNK_BUF.with_borrow_mut(|buf| {
         if buf.capacity() - buf.len() < bytes.len() {
             *buf = BytesMut::with_capacity(CHUNK.max(bytes.len()));
         }
         buf.extend_from_slice(bytes);
         buf.split().freeze()
-    });
-    HeaderValue::from_maybe_shared(cut).unwrap_or(HeaderValue::from_static("0"))
+    })
+}
+
+/// A header value holding `token`: only ASCII digits, lower-case hex letters and `-`,
+/// which every caller (all in this module) writes itself from [`HEX_PAIRS`], `itoa` or a
+/// fixed template. Such a value is not checked again byte by byte (`HeaderValue`'s check
+/// of a request id and a `traceparent`, made on every request, cost ~200 instructions).
+fn token_value(token: &[u8]) -> HeaderValue {
+    debug_assert!(token
+        .iter()
+        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b) || *b == b'-'));
+    // SAFETY: a header value must not hold control characters (CR, LF, NUL, DEL); the
+    // caller's bytes are digits, hex letters and `-` (see above), all visible ASCII.
+    unsafe { HeaderValue::from_maybe_shared_unchecked(cut(token)) }
 }
 
 /// A decimal number as a header value, cut from the worker's buffer (no allocation of its
 /// own).
 pub fn number_value(n: u64) -> HeaderValue {
     let mut buf = itoa::Buffer::new();
-    header_value(buf.format(n).as_bytes())
+    token_value(buf.format(n).as_bytes())
+}
+
+/// A W3C `traceparent` value, `00-<trace id>-<span id>-<flags>`, in lower-case hex: built
+/// for every forwarded request (a new one when the client sent none), and `fmt` costs
+/// several times more.
+pub fn traceparent(trace_id: &[u8; 16], span_id: &[u8; 8], flags: u8) -> HeaderValue {
+    let mut v = *b"00-00000000000000000000000000000000-0000000000000000-00";
+    hex_into(&mut v[3..35], trace_id);
+    hex_into(&mut v[36..52], span_id);
+    hex_into(&mut v[53..55], &[flags]);
+    token_value(&v)
 }
 
 /// The next request id of this thread.
@@ -69,7 +92,7 @@ pub fn next() -> HeaderValue {
         HEAD.set((Some(worker), buf[..16].try_into().unwrap_or_default()));
     }
     hex_into(&mut buf[16..], &n.to_be_bytes());
-    header_value(&buf)
+    token_value(&buf)
 }
 
 /// 128 and 64 random bits from the worker's fast generator (trace and span ids).
@@ -123,6 +146,20 @@ mod tests {
             u64::from_str_radix(&b[16..], 16).unwrap(),
         );
         assert_eq!(y, x + 1);
+    }
+
+    #[test]
+    fn traceparent_and_number_values() {
+        let trace: [u8; 16] = std::array::from_fn(|i| (i as u8) * 17);
+        let span: [u8; 8] = std::array::from_fn(|i| 0xf0 | i as u8);
+        let v = super::traceparent(&trace, &span, 0x01);
+        assert_eq!(
+            v.to_str().unwrap(),
+            "00-00112233445566778899aabbccddeeff-f0f1f2f3f4f5f6f7-01"
+        );
+        assert_eq!(super::traceparent(&[0; 16], &[0; 8], 0).len(), 55);
+        assert_eq!(super::number_value(0), "0");
+        assert_eq!(super::number_value(u64::MAX), "18446744073709551615");
     }
 
     #[test]

@@ -245,10 +245,7 @@ fn valid_traceparent(v: &[u8]) -> bool {
 /// ids need to be unique, not secret).
 fn new_traceparent() -> HeaderValue {
     let (trace, span) = crate::request_id::random_ids();
-    let mut v = *b"00-00000000000000000000000000000000-0000000000000000-01";
-    crate::request_id::hex_into(&mut v[3..35], &(trace | 1).to_be_bytes());
-    crate::request_id::hex_into(&mut v[36..52], &(span | 1).to_be_bytes());
-    crate::request_id::header_value(&v)
+    crate::request_id::traceparent(&(trace | 1).to_be_bytes(), &(span | 1).to_be_bytes(), 0x01)
 }
 
 /// The TLS settings for backends: webpki roots plus the optional extra CA file.

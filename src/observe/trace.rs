@@ -419,14 +419,13 @@ impl IdGenerator for DecidedTraceIds {
     }
 }
 
-/// `00-<trace id>-<span id>-<flags>` (W3C Trace Context), hex-encoded by hand: it is
-/// built for every forwarded request while tracing is on, and `fmt` costs several times more.
+/// `00-<trace id>-<span id>-<flags>` (W3C Trace Context) of `sc` with `span_id`.
 fn traceparent(sc: &SpanContext, span_id: SpanId) -> HeaderValue {
-    let mut v = *b"00-00000000000000000000000000000000-0000000000000000-00";
-    crate::request_id::hex_into(&mut v[3..35], &sc.trace_id().to_bytes());
-    crate::request_id::hex_into(&mut v[36..52], &span_id.to_bytes());
-    crate::request_id::hex_into(&mut v[53..55], &[sc.trace_flags().to_u8()]);
-    crate::request_id::header_value(&v)
+    crate::request_id::traceparent(
+        &sc.trace_id().to_bytes(),
+        &span_id.to_bytes(),
+        sc.trace_flags().to_u8(),
+    )
 }
 
 /// `http://host:port` gets the OTLP/HTTP traces path; a URL with a path is used as is.
