@@ -5,7 +5,6 @@
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -15,6 +14,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use super::wire::Wire;
 use super::{Settings, Upstream};
 use crate::body::ForwardBody;
 
@@ -24,11 +24,10 @@ pub enum Handle {
     H2(http2::SendRequest<ForwardBody>),
 }
 
-/// A connection just opened, with its count of bytes received (to tell, when a request
-/// fails, whether any byte of the answer had arrived).
+/// A connection just opened, with what its socket shares with the requests sent on it.
 pub struct Fresh {
     pub handle: Handle,
-    pub received: Arc<AtomicU64>,
+    pub wire: Arc<Wire>,
 }
 
 /// Why a connection could not be opened (logged; the client gets 502).
@@ -103,7 +102,7 @@ async fn open_addr(
         Err(_) => return Err(ConnectError::Timeout { addr }),
     };
     let _ = tcp.set_nodelay(true);
-    let received = Arc::new(AtomicU64::new(0));
+    let wire = Arc::new(Wire::default());
     let (io, h2) = match &up.server_name {
         Some(name) if up.tls => {
             let connector = tokio_rustls::TlsConnector::from(settings.tls.clone());
@@ -121,7 +120,7 @@ async fn open_addr(
     };
     let io = TokioIo::new(Counted {
         inner: io,
-        received: received.clone(),
+        wire: wire.clone(),
     });
     let handle = if h2 {
         let (send, conn) = http2::Builder::new(TokioExecutor::new())
@@ -147,7 +146,7 @@ async fn open_addr(
         });
         Handle::H1(send)
     };
-    Ok(Fresh { handle, received })
+    Ok(Fresh { handle, wire })
 }
 
 /// A backend socket: plain TCP or TLS.
@@ -156,11 +155,12 @@ enum BackendIo {
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
-/// A backend socket that counts the bytes it received.
+/// A backend socket that counts the bytes it received and keeps, when asked, the bytes
+/// written for a request ([`Wire`]).
 struct Counted {
     inner: BackendIo,
     /// Written only by the connection's own task; read when a request on it fails.
-    received: Arc<AtomicU64>,
+    wire: Arc<Wire>,
 }
 
 impl AsyncRead for Counted {
@@ -175,13 +175,23 @@ impl AsyncRead for Counted {
             BackendIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
             BackendIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         };
-        let n = (buf.filled().len() - before) as u64;
+        let n = buf.filled().len() - before;
         if n > 0 {
-            // One writer: a plain load and store, no read-modify-write.
-            let c = this.received.load(Ordering::Relaxed);
-            this.received.store(c + n, Ordering::Relaxed);
+            this.wire.add_received(n);
         }
         r
+    }
+}
+
+impl Counted {
+    /// Tells the wire what a write took: the bytes written, or all of them when the write
+    /// failed (they were not sent whole).
+    fn wrote(&self, bufs: &[io::IoSlice<'_>], r: &Poll<io::Result<usize>>) {
+        match r {
+            Poll::Ready(Ok(n)) => self.wire.wrote(bufs, *n),
+            Poll::Ready(Err(_)) => self.wire.wrote(bufs, usize::MAX),
+            Poll::Pending => {}
+        }
     }
 }
 
@@ -191,20 +201,26 @@ impl AsyncWrite for Counted {
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match &mut self.get_mut().inner {
+        let this = self.get_mut();
+        let r = match &mut this.inner {
             BackendIo::Plain(s) => Pin::new(s).poll_write(cx, data),
             BackendIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, data),
-        }
+        };
+        this.wrote(&[io::IoSlice::new(data)], &r);
+        r
     }
     fn poll_write_vectored(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match &mut self.get_mut().inner {
+        let this = self.get_mut();
+        let r = match &mut this.inner {
             BackendIo::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             BackendIo::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-        }
+        };
+        this.wrote(bufs, &r);
+        r
     }
     fn is_write_vectored(&self) -> bool {
         match &self.inner {

@@ -20,10 +20,13 @@
 //! sent once more on a new connection if it was never written, or if its method is
 //! idempotent (RFC 9110 §9.2.2) and its body was empty or is whole in hand (a function
 //! event). Otherwise the client gets 502. The stage's integration timeout covers both tries.
+//! On HTTP/1.1 the second try's head is parsed back from the bytes the connection wrote
+//! for the first ([`wire`]); on HTTP/2 the head is copied before it is sent.
 
 pub mod connect;
 pub mod pool;
 mod send;
+mod wire;
 
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Mutex};

@@ -7,18 +7,18 @@
 //! checkout is dropped there.
 
 use std::cell::RefCell;
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hyper::client::conn::{http1, http2};
 
+use super::wire::Wire;
 use crate::body::ForwardBody;
 
 /// An idle HTTP/1.1 connection.
 struct Idle {
     sender: http1::SendRequest<ForwardBody>,
-    received: Arc<AtomicU64>,
+    wire: Arc<Wire>,
     expires: Instant,
 }
 
@@ -27,7 +27,7 @@ struct Slot {
     /// Most recently used last.
     idle: Vec<Idle>,
     /// The worker's HTTP/2 connection to this backend, when it offered `h2`.
-    h2: Option<(http2::SendRequest<ForwardBody>, Arc<AtomicU64>)>,
+    h2: Option<(http2::SendRequest<ForwardBody>, Arc<Wire>)>,
 }
 
 #[derive(Default)]
@@ -51,7 +51,7 @@ thread_local! {
 /// A connection taken from the pool.
 pub struct Pooled {
     pub sender: http1::SendRequest<ForwardBody>,
-    pub received: Arc<AtomicU64>,
+    pub wire: Arc<Wire>,
 }
 
 /// The most recently used live HTTP/1.1 connection to backend `id`, if this worker has one
@@ -63,7 +63,7 @@ pub fn checkout(id: usize, now: Instant) -> Option<Pooled> {
             if c.expires > now && !c.sender.is_closed() {
                 return Some(Pooled {
                     sender: c.sender,
-                    received: c.received,
+                    wire: c.wire,
                 });
             }
         }
@@ -85,7 +85,7 @@ pub fn checkin(id: usize, conn: Pooled, since: Instant, idle_for: Duration, max_
         if slot.idle.len() < max_idle {
             slot.idle.push(Idle {
                 sender: conn.sender,
-                received: conn.received,
+                wire: conn.wire,
                 expires,
             });
         }
@@ -93,7 +93,7 @@ pub fn checkin(id: usize, conn: Pooled, since: Instant, idle_for: Duration, max_
 }
 
 /// This worker's live HTTP/2 connection to backend `id`.
-pub fn h2(id: usize) -> Option<(http2::SendRequest<ForwardBody>, Arc<AtomicU64>)> {
+pub fn h2(id: usize) -> Option<(http2::SendRequest<ForwardBody>, Arc<Wire>)> {
     POOL.with_borrow_mut(|p| {
         let slot = p.slots.get_mut(id)?;
         match &slot.h2 {
@@ -107,8 +107,8 @@ pub fn h2(id: usize) -> Option<(http2::SendRequest<ForwardBody>, Arc<AtomicU64>)
 }
 
 /// Keeps `conn` as this worker's HTTP/2 connection to backend `id`.
-pub fn set_h2(id: usize, conn: http2::SendRequest<ForwardBody>, received: Arc<AtomicU64>) {
-    POOL.with_borrow_mut(|p| p.slot(id).h2 = Some((conn, received)));
+pub fn set_h2(id: usize, conn: http2::SendRequest<ForwardBody>, wire: Arc<Wire>) {
+    POOL.with_borrow_mut(|p| p.slot(id).h2 = Some((conn, wire)));
 }
 
 /// Drops this worker's idle connections that expired or were closed by their backend;

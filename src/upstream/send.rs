@@ -3,7 +3,6 @@
 //! pool when it has been read to its end.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -17,6 +16,7 @@ use tokio::time::Instant;
 
 use super::connect::{self, ConnectError, Handle};
 use super::pool::{self, Pooled};
+use super::wire::{self, Wire};
 use super::{Settings, Upstream};
 use crate::body::{client_body_failure, ForwardBody};
 use crate::deadline::Deadline;
@@ -51,9 +51,11 @@ fn idempotent(m: &Method) -> bool {
     )
 }
 
-/// What it takes to send a request again if the first try on a reused connection fails
-/// after it was written: only when the body is empty or whole in hand (never a streamed
-/// client body).
+/// What it takes to send a request again if the first try on a reused HTTP/2 connection
+/// fails after it was written: only when the body is empty or whole in hand (never a
+/// streamed client body). (An HTTP/1.1 try is sent again from the bytes its connection
+/// wrote: see [`super::wire`]; an HTTP/2 connection's bytes are frames of many streams,
+/// their fields compressed.)
 ///
 /// The URI and the header fields are copied as bytes into one buffer, and parsed back only
 /// if the copy is needed (rarely): the values a request is made of share their bytes with
@@ -85,6 +87,16 @@ impl Drop for RetryCopy {
         if head.capacity() <= SPARE_HEAD_MAX {
             SPARE_HEAD.set(head);
         }
+    }
+}
+
+/// The body of a request that may be sent again: none, or whole in hand; `None` for a
+/// streamed client body (it cannot be read twice).
+fn whole_body(req: &Request<ForwardBody>) -> Option<Option<Bytes>> {
+    match req.body() {
+        ForwardBody::Full(b) => Some(b.clone()),
+        ForwardBody::Stream(s) if s.is_end_stream() => Some(None),
+        ForwardBody::Stream(_) => None,
     }
 }
 
@@ -132,11 +144,7 @@ fn pop_field(buf: &[u8]) -> Option<(http::HeaderName, HeaderValue, &[u8])> {
 
 impl RetryCopy {
     fn of(req: &Request<ForwardBody>) -> Option<RetryCopy> {
-        let body = match req.body() {
-            ForwardBody::Full(b) => b.clone(),
-            ForwardBody::Stream(s) if s.is_end_stream() => None,
-            ForwardBody::Stream(_) => return None,
-        };
+        let body = whole_body(req)?;
         let mut head = SPARE_HEAD.take();
         head.clear();
         head.reserve(1024);
@@ -201,11 +209,11 @@ pub fn send<'a>(
                 let mut conn = None;
                 if !retried {
                     if up.tls {
-                        if let Some((h2, received)) = pool::h2(up.id) {
+                        if let Some((h2, wire)) = pool::h2(up.id) {
                             break 'attempt Box::pin(send_h2(
                                 up,
                                 h2,
-                                received,
+                                wire,
                                 req,
                                 &mut deadline,
                                 true,
@@ -245,15 +253,15 @@ pub fn send<'a>(
                                 }
                                 Pooled {
                                     sender,
-                                    received: fresh.received,
+                                    wire: fresh.wire,
                                 }
                             }
                             Handle::H2(sender) => {
-                                pool::set_h2(up.id, sender.clone(), fresh.received.clone());
+                                pool::set_h2(up.id, sender.clone(), fresh.wire.clone());
                                 break 'attempt Box::pin(send_h2(
                                     up,
                                     sender,
-                                    fresh.received,
+                                    fresh.wire,
                                     req,
                                     &mut deadline,
                                     false,
@@ -266,12 +274,17 @@ pub fn send<'a>(
                 // HTTP/1.1 on `conn`.
                 *req.version_mut() = Version::HTTP_11;
                 req.headers_mut().insert(HOST, up.host_header.clone());
-                let copy = if reused && idempotent(req.method()) {
-                    RetryCopy::of(&req)
+                // A request that may go again: the connection keeps what it writes for it
+                // (see `wire`), and its body (none, or whole) is kept here.
+                let resend = if reused && idempotent(req.method()) {
+                    whole_body(&req)
                 } else {
                     None
                 };
-                let before = conn.received.load(Ordering::Relaxed);
+                if resend.is_some() {
+                    conn.wire.arm();
+                }
+                let before = conn.wire.received();
                 let sent = conn.sender.try_send_request(req);
                 match deadline.wait(sent).await {
                     Err(_) => Outcome::Timeout,
@@ -292,7 +305,10 @@ pub fn send<'a>(
                         );
                         Outcome::Answer(Response::from_parts(parts, body), answered)
                     }
-                    Ok(Err(mut e)) => failed(&mut e, reused, copy, &conn.received, before),
+                    Ok(Err(mut e)) => failed(&mut e, reused, &conn.wire, before, || {
+                        let body = resend?;
+                        wire::request_again(&conn.wire.take_written(), body)
+                    }),
                 }
             };
             match outcome {
@@ -336,7 +352,7 @@ enum Outcome {
 async fn send_h2(
     up: &Upstream,
     mut sender: hyper::client::conn::http2::SendRequest<ForwardBody>,
-    received: Arc<AtomicU64>,
+    wire: Arc<Wire>,
     mut req: Request<ForwardBody>,
     deadline: &mut Deadline,
     reused: bool,
@@ -359,7 +375,7 @@ async fn send_h2(
     } else {
         None
     };
-    let before = received.load(Ordering::Relaxed);
+    let before = wire.received();
     match deadline.wait(sender.try_send_request(req)).await {
         Err(_) => Outcome::Timeout,
         Ok(Ok(response)) => {
@@ -370,17 +386,21 @@ async fn send_h2(
                 std::time::Instant::now(),
             )
         }
-        Ok(Err(mut e)) => failed(&mut e, reused, copy, &received, before),
+        Ok(Err(mut e)) => failed(&mut e, reused, &wire, before, || {
+            copy.and_then(RetryCopy::request)
+        }),
     }
 }
 
 /// Decides what a failed try means: the client's body at fault, a retry, or a failure.
+/// `again` is the request once more, if it may go again once written (`before`: the
+/// bytes `wire` had received when it was sent).
 fn failed(
     e: &mut hyper::client::conn::TrySendError<Request<ForwardBody>>,
     reused: bool,
-    copy: Option<RetryCopy>,
-    received: &AtomicU64,
+    wire: &Wire,
     before: u64,
+    again: impl FnOnce() -> Option<Request<ForwardBody>>,
 ) -> Outcome {
     if let Some(r) = client_body_failure(e.error()) {
         return Outcome::ClientBody(r);
@@ -392,8 +412,8 @@ fn failed(
         }
         // Written, and not a byte of the answer arrived: idempotent requests whose body
         // is in hand go again.
-        if received.load(Ordering::Relaxed) == before {
-            if let Some(again) = copy.and_then(RetryCopy::request) {
+        if wire.received() == before {
+            if let Some(again) = again() {
                 return Outcome::Again(again);
             }
         }
