@@ -16,7 +16,9 @@
 //! connections, default 10000), `LOAD_ROWS` (comma-separated parts of row names: only those
 //! rows are measured, e.g. `LOAD_ROWS=fleet,full chain (1w)`), `LOAD_CALLGRIND` (`0`: no
 //! instruction counts; or the counts to take, of `floor,bare,full,trace,nginx`), `LOAD_KEEP`
-//! (a directory the callgrind profiles are copied to, for `callgrind_annotate`).
+//! (a directory the callgrind profiles are copied to, for `callgrind_annotate`),
+//! `LOAD_GATEWAY` (the gateway executable to measure instead of this build's, e.g. the
+//! profile-guided build of `benches/pgo.sh`, which also trains with this bench).
 //!
 //! Pinning on 2 cores: this process (the backend) and the load generator share CPU 1; the
 //! proxy under test runs on CPU 0 with 1 worker, and on CPUs 0-1 with 2 workers. Every
@@ -128,6 +130,11 @@ fn full_chain(backend: SocketAddr) -> Value {
     doc
 }
 
+/// The gateway executable under test: `LOAD_GATEWAY`, or the one this build made.
+fn gateway_bin() -> String {
+    std::env::var("LOAD_GATEWAY").unwrap_or_else(|_| env!("CARGO_BIN_EXE_scp-gateway").into())
+}
+
 /// A process this bench started, in its own process group: stopped with its children
 /// (nginx's workers, valgrind's client) when dropped, so that nothing is left running.
 /// The second field is a gateway's admin listener.
@@ -205,7 +212,8 @@ fn start_gateway(
     let mut p = Proc::spawn(
         Command::new(prefix[0])
             .args(&prefix[1..])
-            .args([env!("CARGO_BIN_EXE_scp-gateway"), "run", "--config"])
+            .arg(gateway_bin())
+            .args(["run", "--config"])
             .arg(&conf)
             .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
             .arg("--snapshot-dir")
@@ -1115,6 +1123,9 @@ fn main() {
 
     println!();
     println!("load benchmark: wrk -t1 -c{conns}, {rounds} interleaved rounds × {seconds}s per row, medians (range); keep-alive; backend + wrk on CPU 1, proxy on CPU 0 (1w) or 0-1 (2w)");
+    if let Ok(bin) = std::env::var("LOAD_GATEWAY") {
+        println!("gateway under test: {bin} (LOAD_GATEWAY)");
+    }
     let ticks = clock_ticks_per_second();
     let cpu = |name: &str| {
         rows.iter()
