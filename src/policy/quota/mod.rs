@@ -241,6 +241,10 @@ pub struct LocalQuotaStore {
     counters: DashMap<Box<str>, Arc<Mutex<Counter>>, rustc_hash::FxBuildHasher>,
     db: Arc<Database>,
     any_dirty: AtomicBool,
+    /// One flush at a time: a flush that finds nothing dirty must not return while another
+    /// is still writing what it took (the final flush at shutdown would otherwise let the
+    /// process exit before the periodic flush on the control thread had committed).
+    flushing: Mutex<()>,
 }
 
 static NEXT_STORE_ID: AtomicU64 = AtomicU64::new(1);
@@ -311,6 +315,7 @@ impl LocalQuotaStore {
             counters,
             db,
             any_dirty: AtomicBool::new(false),
+            flushing: Mutex::new(()),
         }))
     }
 
@@ -418,6 +423,7 @@ impl QuotaStore for LocalQuotaStore {
     }
 
     fn flush(&self) -> Result<(), QuotaError> {
+        let _one_at_a_time = self.flushing.lock().unwrap_or_else(PoisonError::into_inner);
         if !self.any_dirty.swap(false, Ordering::AcqRel) {
             return Ok(());
         }
@@ -545,6 +551,37 @@ mod tests {
         assert_eq!(s.admit("up", "k", 4, W).await.unwrap(), (4, false));
         let usage = s.usage("up", 0, i64::MAX).await.unwrap();
         assert_eq!(usage.iter().map(|r| r.count).sum::<u64>(), 4);
+    }
+
+    /// Two flushes at once (the periodic one and the final one at shutdown): neither
+    /// returns before what was dirty when it was called is in the database (without the
+    /// flush lock, the one that found nothing dirty returned while the other was writing).
+    #[test]
+    fn a_flush_returns_once_what_was_dirty_is_written() {
+        let (_dir, db, s) = store();
+        let slot = CounterSlot::default();
+        for round in 1..=200u64 {
+            assert_eq!(now_admit(&s, &slot, 1000, W), (round, true));
+            let both = Arc::new(std::sync::Barrier::new(2));
+            let other = {
+                let (s, both) = (s.clone(), both.clone());
+                std::thread::spawn(move || {
+                    both.wait();
+                    s.flush().unwrap();
+                })
+            };
+            both.wait();
+            s.flush().unwrap();
+            let tx = db.begin_read().unwrap();
+            let on_disk = tx
+                .open_table(COUNTERS)
+                .unwrap()
+                .get(format!("up{SEP}k").as_str())
+                .unwrap()
+                .map(|v| v.value().1);
+            assert_eq!(on_disk, Some(round), "round {round}");
+            other.join().unwrap();
+        }
     }
 
     #[tokio::test]
