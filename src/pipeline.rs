@@ -869,7 +869,7 @@ fn integrate<'a>(
             }))
         }
     };
-    // Boxed apart from the request's future (see `handle`): 944 bytes (malloc uprobe),
+    // Boxed apart from the request's future (see `handle`): 888 bytes (malloc uprobe),
     // most of them the backend call's (`upstream::send`), and matched and awaited as a
     // pointer.
     let call = Box::pin(call);
