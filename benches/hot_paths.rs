@@ -179,7 +179,8 @@ fn apikey_lookup(c: &mut Criterion) {
 fn quota_admission_local(c: &mut Criterion) {
     use scp_gateway::policy::quota::{self, LocalQuotaStore};
     let dir = tempfile::tempdir().unwrap();
-    let db = Arc::new(redb::Database::create(dir.path().join("state.redb")).unwrap());
+    let db =
+        Arc::new(scp_gateway::state_db::StateDb::open(&dir.path().join("state.redb")).unwrap());
     let store = LocalQuotaStore::open(db).unwrap();
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()

@@ -66,8 +66,8 @@ impl App {
             .map_err(|e| format!("config key `state.dir`: {}: {e}", dir.display()))?;
         let db_path = dir.join("state.redb");
         let db = Arc::new(
-            redb::Database::create(&db_path)
-                .map_err(|e| format!("config key `state.dir`: {}: {e}", db_path.display()))?,
+            crate::state_db::StateDb::open(&db_path)
+                .map_err(|e| format!("config key `state.dir`: {e}"))?,
         );
         let metrics = Metrics::new();
         let (quota, fleet): (Arc<dyn QuotaStore>, _) = match config.quota.backend {
@@ -166,11 +166,13 @@ impl App {
                 tracing::error!(error = %e, "old report aggregates could not be pruned");
             }
         }
+        // A failing state database says so itself, once and then every half minute
+        // (`state_db`); these lines repeat every second while it fails.
         if let Err(e) = self.quota.flush() {
-            tracing::error!(error = %e, "quota counters could not be persisted");
+            tracing::debug!(error = %e, "quota counters could not be persisted");
         }
         if let Err(e) = self.reports.flush() {
-            tracing::error!(error = %e, "report aggregates could not be persisted");
+            tracing::debug!(error = %e, "report aggregates could not be persisted");
         }
     }
 

@@ -30,5 +30,6 @@ pub mod routing;
 pub mod server;
 pub mod snapshot;
 pub mod state;
+pub mod state_db;
 pub mod upstream;
 pub mod worker;

@@ -10,13 +10,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use dashmap::DashMap;
-use redb::{Database, ReadableTable, TableDefinition};
+use redb::{ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use sketches_ddsketch::DDSketch;
 use time::Date;
 
 use super::series;
 use crate::fleet::{Fleet, FleetError};
+use crate::state_db::StateDb;
 
 /// Reports may span at most this many days between start and end.
 pub const MAX_RANGE_DAYS: i64 = 31;
@@ -25,26 +26,19 @@ const REPORTS: TableDefinition<&str, &[u8]> = TableDefinition::new("report_aggre
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 
 /// This gateway instance's id: made once at first start and kept in the state database.
-fn instance_id(db: &Database) -> Result<String, String> {
-    let e = |e: &dyn std::fmt::Display| format!("state database: {e}");
-    let tx = db.begin_write().map_err(|x| e(&x))?;
-    let id = {
-        let mut meta = tx.open_table(META).map_err(|x| e(&x))?;
-        let existing = meta
-            .get("instance_id")
-            .map_err(|x| e(&x))?
-            .map(|v| v.value().to_owned());
-        match existing {
+fn instance_id(db: &StateDb) -> Result<String, String> {
+    db.write(|tx| {
+        let mut meta = tx.open_table(META)?;
+        let existing = meta.get("instance_id")?.map(|v| v.value().to_owned());
+        Ok(match existing {
             Some(id) => id,
             None => {
                 let id = format!("{:016x}", rand::random::<u64>());
-                meta.insert("instance_id", id.as_str()).map_err(|x| e(&x))?;
+                meta.insert("instance_id", id.as_str())?;
                 id
             }
-        }
-    };
-    tx.commit().map_err(|x| e(&x))?;
-    Ok(id)
+        })
+    })
 }
 
 fn sketch() -> DDSketch {
@@ -160,7 +154,7 @@ impl Default for Agg {
 
 pub struct Reports {
     aggs: DashMap<Key, Agg>,
-    db: Arc<Database>,
+    db: Arc<StateDb>,
     any_dirty: AtomicBool,
     /// One flush at a time: a flush that finds nothing dirty must not return while another
     /// is still writing what it took (the final flush at shutdown would otherwise let the
@@ -254,32 +248,28 @@ pub fn parse_date(s: &str) -> Option<Date> {
 
 impl Reports {
     /// Loads persisted aggregates from the state database.
-    pub fn open(db: Arc<Database>) -> Result<Arc<Self>, String> {
+    pub fn open(db: Arc<StateDb>) -> Result<Arc<Self>, String> {
         let aggs = DashMap::new();
-        {
-            let tx = db.begin_read().map_err(|e| e.to_string())?;
-            match tx.open_table(REPORTS) {
-                Ok(table) => {
-                    for row in table.iter().map_err(|e| e.to_string())? {
-                        let (k, v) = row.map_err(|e| e.to_string())?;
-                        match (
-                            Key::decode(k.value()),
-                            serde_json::from_slice::<Agg>(v.value()),
-                        ) {
-                            (Some(key), Ok(agg)) => {
-                                aggs.insert(key, agg);
-                            }
-                            _ => tracing::warn!(
-                                key = k.value(),
-                                "skipping an unreadable report aggregate"
-                            ),
-                        }
+        db.read(|tx| {
+            let table = match tx.open_table(REPORTS) {
+                Ok(table) => table,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(()),
+                Err(e) => return Err(e.into()),
+            };
+            for row in table.iter()? {
+                let (k, v) = row?;
+                match (
+                    Key::decode(k.value()),
+                    serde_json::from_slice::<Agg>(v.value()),
+                ) {
+                    (Some(key), Ok(agg)) => {
+                        aggs.insert(key, agg);
                     }
+                    _ => tracing::warn!(key = k.value(), "skipping an unreadable report aggregate"),
                 }
-                Err(redb::TableError::TableDoesNotExist(_)) => {}
-                Err(e) => return Err(e.to_string()),
             }
-        }
+            Ok(())
+        })?;
         let instance = instance_id(&db)?;
         // Everything loaded is pushed once in fleet mode (the fleet may have lost it).
         for mut a in aggs.iter_mut() {
@@ -339,35 +329,43 @@ impl Reports {
         for mut a in self.aggs.iter_mut() {
             if a.dirty {
                 a.dirty = false;
-                rows.push((
-                    a.key().encode(),
-                    serde_json::to_vec(a.value()).map_err(|e| e.to_string())?,
-                ));
+                let value = serde_json::to_vec(a.value()).map_err(|e| e.to_string());
+                rows.push((a.key().clone(), value));
             }
         }
-        let tx = self.db.begin_write().map_err(|e| e.to_string())?;
-        {
-            let mut table = tx.open_table(REPORTS).map_err(|e| e.to_string())?;
+        let written = self.db.write(|tx| {
+            let mut table = tx.open_table(REPORTS)?;
             for (k, v) in &rows {
-                table
-                    .insert(k.as_str(), v.as_slice())
-                    .map_err(|e| e.to_string())?;
+                match v {
+                    Ok(v) => {
+                        table.insert(k.encode().as_str(), v.as_slice())?;
+                    }
+                    // Not seen: the aggregate stays as last written.
+                    Err(e) => tracing::error!(api = %k.api, error = %e, "a report aggregate could not be encoded"),
+                }
             }
+            Ok(())
+        });
+        if written.is_err() {
+            // Nothing of this flush was kept: the next one writes these again.
+            for (k, _) in &rows {
+                if let Some(mut a) = self.aggs.get_mut(k) {
+                    a.dirty = true;
+                }
+            }
+            self.any_dirty.store(true, Ordering::Relaxed);
         }
-        tx.commit().map_err(|e| e.to_string())
+        written
     }
 
     /// Forgets aggregates of days before `min_day` (days since the epoch).
     pub fn prune(&self, min_day: i32) -> Result<(), String> {
         self.aggs.retain(|k, _| k.day >= min_day);
-        let tx = self.db.begin_write().map_err(|e| e.to_string())?;
-        {
-            let mut table = tx.open_table(REPORTS).map_err(|e| e.to_string())?;
-            table
-                .retain(|k, _| Key::decode(k).is_some_and(|key| key.day >= min_day))
-                .map_err(|e| e.to_string())?;
-        }
-        tx.commit().map_err(|e| e.to_string())
+        self.db.write(|tx| {
+            let mut table = tx.open_table(REPORTS)?;
+            table.retain(|k, _| Key::decode(k).is_some_and(|key| key.day >= min_day))?;
+            Ok(())
+        })
     }
 
     /// The report of one stage for `[start, end]` (UTC days, inclusive).
@@ -571,27 +569,39 @@ mod tests {
         assert!(thirds.iter().all(|n| *n >= 20), "{thirds:?}");
     }
 
+    /// Report deltas are process-wide (every `Reports` merges every route's), so tests that
+    /// record through them run one at a time.
+    static SERIES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    fn series_lock() -> std::sync::MutexGuard<'static, ()> {
+        SERIES
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     fn reports() -> (tempfile::TempDir, Arc<Reports>) {
         let dir = tempfile::tempdir().unwrap();
-        let db = Arc::new(Database::create(dir.path().join("s.redb")).unwrap());
+        let db = Arc::new(StateDb::open(&dir.path().join("s.redb")).unwrap());
         (dir, Reports::open(db).unwrap())
     }
 
     /// The aggregates of `api` as the database holds them: calls counted.
-    fn calls_on_disk(db: &Database, api: &str) -> u64 {
-        let tx = db.begin_read().unwrap();
-        let Ok(table) = tx.open_table(REPORTS) else {
-            return 0;
-        };
-        let mut calls = 0;
-        for row in table.iter().unwrap() {
-            let (k, v) = row.unwrap();
-            if Key::decode(k.value()).is_some_and(|key| &*key.api == api) {
-                let agg: Agg = serde_json::from_slice(v.value()).unwrap();
-                calls += agg.ok + agg.client_errors + agg.server_errors;
+    fn calls_on_disk(db: &StateDb, api: &str) -> u64 {
+        db.read(|tx| {
+            let Ok(table) = tx.open_table(REPORTS) else {
+                return Ok(0);
+            };
+            let mut calls = 0;
+            for row in table.iter()? {
+                let (k, v) = row?;
+                if Key::decode(k.value()).is_some_and(|key| &*key.api == api) {
+                    let agg: Agg = serde_json::from_slice(v.value()).unwrap();
+                    calls += agg.ok + agg.client_errors + agg.server_errors;
+                }
             }
-        }
-        calls
+            Ok(calls)
+        })
+        .unwrap()
     }
 
     /// Two flushes at once (the periodic one and the final one at shutdown): neither
@@ -600,6 +610,7 @@ mod tests {
     /// writing, and most runs of this test failed within a few rounds.
     #[test]
     fn a_flush_returns_once_what_was_dirty_is_written() {
+        let _one_at_a_time = series_lock();
         let (_dir, r) = reports();
         let (api, stage, res): (Arc<str>, Arc<str>, Arc<str>) =
             ("flush-race".into(), "prod".into(), "/r".into());
@@ -627,6 +638,32 @@ mod tests {
         }
     }
 
+    /// A flush that fails (a full disk) loses nothing: what it took is written by the next
+    /// flush once the disk recovers, though no request came in between.
+    #[test]
+    fn what_a_failed_flush_took_is_written_by_the_next() {
+        let _one_at_a_time = series_lock();
+        let (db, failing) = crate::state_db::testing::flaky_db();
+        let r = Reports::open(Arc::new(db)).unwrap();
+        let (api, stage, res): (Arc<str>, Arc<str>, Arc<str>) =
+            ("failed-flush".into(), "prod".into(), "/r".into());
+        let sample = series::ReportSample {
+            day: day_number(OffsetDateTime::now_utc().date()),
+            method: 0,
+            status: 200,
+            latency: std::time::Duration::from_millis(1),
+            integration: None,
+        };
+        series::route(&api, &stage, &res).report(&sample);
+        r.flush().unwrap();
+        series::route(&api, &stage, &res).report(&sample);
+        failing.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(r.flush().is_err());
+        failing.store(false, std::sync::atomic::Ordering::SeqCst);
+        r.flush().unwrap();
+        assert_eq!(calls_on_disk(&r.db, &api), 2);
+    }
+
     #[test]
     fn dates() {
         let d = parse_date("2026-11-22").unwrap();
@@ -637,6 +674,7 @@ mod tests {
 
     #[test]
     fn counts_percentiles_top_and_persistence() {
+        let _one_at_a_time = series_lock();
         let (dir, r) = reports();
         let (api, stage): (Arc<str>, Arc<str>) = ("report-test".into(), "prod".into());
         let (orders, items, root): (Arc<str>, Arc<str>, Arc<str>) =

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use dashmap::DashMap;
 use futures_util::future::BoxFuture;
-use redb::{Database, ReadableTable, TableDefinition};
+use redb::{ReadableTable, TableDefinition};
 use time::{Date, OffsetDateTime, Time};
 
 use crate::snapshot::model::QuotaRate;
@@ -239,7 +239,7 @@ pub struct LocalQuotaStore {
     /// Tells this store's slots from another's.
     id: u64,
     counters: DashMap<Box<str>, Arc<Mutex<Counter>>, rustc_hash::FxBuildHasher>,
-    db: Arc<Database>,
+    db: Arc<crate::state_db::StateDb>,
     any_dirty: AtomicBool,
     /// One flush at a time: a flush that finds nothing dirty must not return while another
     /// is still writing what it took (the final flush at shutdown would otherwise let the
@@ -273,15 +273,14 @@ fn with_key<R>(plan_id: &str, key_id: &str, f: impl FnOnce(&str) -> R) -> R {
 
 impl LocalQuotaStore {
     /// Loads the counters kept in the state database.
-    pub fn open(db: Arc<Database>) -> Result<Arc<Self>, String> {
+    pub fn open(db: Arc<crate::state_db::StateDb>) -> Result<Arc<Self>, String> {
         let counters: DashMap<Box<str>, Arc<Mutex<Counter>>, rustc_hash::FxBuildHasher> =
             DashMap::default();
-        {
-            let tx = db.begin_read().map_err(|e| e.to_string())?;
+        db.read(|tx| {
             match tx.open_table(COUNTERS) {
                 Ok(table) => {
-                    for row in table.iter().map_err(|e| e.to_string())? {
-                        let (k, v) = row.map_err(|e| e.to_string())?;
+                    for row in table.iter()? {
+                        let (k, v) = row?;
                         let (window_start, count) = v.value();
                         let mut c = Counter::new(window_start);
                         c.count = count;
@@ -289,12 +288,12 @@ impl LocalQuotaStore {
                     }
                 }
                 Err(redb::TableError::TableDoesNotExist(_)) => {}
-                Err(e) => return Err(e.to_string()),
+                Err(e) => return Err(e.into()),
             }
             match tx.open_table(USAGE) {
                 Ok(table) => {
-                    for row in table.iter().map_err(|e| e.to_string())? {
-                        let (k, v) = row.map_err(|e| e.to_string())?;
+                    for row in table.iter()? {
+                        let (k, v) = row?;
                         let (plan, key, hour) = k.value();
                         let joined = format!("{plan}{SEP}{key}");
                         let c = counters
@@ -304,9 +303,10 @@ impl LocalQuotaStore {
                     }
                 }
                 Err(redb::TableError::TableDoesNotExist(_)) => {}
-                Err(e) => return Err(e.to_string()),
+                Err(e) => return Err(e.into()),
             }
-        }
+            Ok(())
+        })?;
         for c in counters.iter() {
             lock(&c).hours.sort_unstable_by_key(|h| h.0);
         }
@@ -427,7 +427,6 @@ impl QuotaStore for LocalQuotaStore {
         if !self.any_dirty.swap(false, Ordering::AcqRel) {
             return Ok(());
         }
-        let err = |e: &dyn std::fmt::Display| QuotaError::Unavailable(e.to_string());
         let mut rows = Vec::new();
         let mut usage_rows = Vec::new();
         for e in self.counters.iter() {
@@ -442,24 +441,39 @@ impl QuotaStore for LocalQuotaStore {
                 usage_rows.push((key.clone(), h.0, h.1));
             }
         }
-        let tx = self.db.begin_write().map_err(|e| err(&e))?;
-        {
-            let mut table = tx.open_table(COUNTERS).map_err(|e| err(&e))?;
+        let written = self.db.write(|tx| {
+            let mut table = tx.open_table(COUNTERS)?;
             for (k, v) in &rows {
-                table.insert(&**k, v).map_err(|e| err(&e))?;
+                table.insert(&**k, v)?;
             }
-            let mut table = tx.open_table(USAGE).map_err(|e| err(&e))?;
+            let mut table = tx.open_table(USAGE)?;
             for (k, hour, n) in &usage_rows {
                 let (plan, key) = split_key(k);
-                table.insert((plan, key, *hour), n).map_err(|e| err(&e))?;
+                table.insert((plan, key, *hour), n)?;
             }
+            Ok(())
+        });
+        if written.is_err() {
+            // Nothing of this flush was kept: the next one writes these again (with the
+            // counts they have by then).
+            for (k, _) in &rows {
+                if let Some(c) = self.counters.get(k) {
+                    lock(&c).dirty = true;
+                }
+            }
+            for (k, hour, _) in &usage_rows {
+                if let Some(c) = self.counters.get(k) {
+                    if let Some(h) = lock(&c).hours.iter_mut().find(|h| h.0 == *hour) {
+                        h.2 = true;
+                    }
+                }
+            }
+            self.any_dirty.store(true, Ordering::Relaxed);
         }
-        tx.commit().map_err(|e| err(&e))?;
-        Ok(())
+        written.map_err(QuotaError::Unavailable)
     }
 
     fn prune(&self, before: i64) -> Result<(), QuotaError> {
-        let err = |e: &dyn std::fmt::Display| QuotaError::Unavailable(e.to_string());
         // Hours older than `before` go; a counter whose window started before `before` (at
         // least 32 days ago) has ended, and goes with its usage once that is empty too.
         // A counter a compiled key still holds stays (its next admissions must be seen by
@@ -474,18 +488,15 @@ impl QuotaStore for LocalQuotaStore {
             }
             c.window_start != i64::MIN || !c.hours.is_empty() || Arc::strong_count(shared) > 1
         });
-        let tx = self.db.begin_write().map_err(|e| err(&e))?;
-        {
-            let mut usage = tx.open_table(USAGE).map_err(|e| err(&e))?;
-            usage
-                .retain(|(_, _, hour), _| hour >= before)
-                .map_err(|e| err(&e))?;
-            let mut counters = tx.open_table(COUNTERS).map_err(|e| err(&e))?;
-            counters
-                .retain(|_, (window_start, _)| window_start >= before)
-                .map_err(|e| err(&e))?;
-        }
-        tx.commit().map_err(|e| err(&e))
+        self.db
+            .write(|tx| {
+                let mut usage = tx.open_table(USAGE)?;
+                usage.retain(|(_, _, hour), _| hour >= before)?;
+                let mut counters = tx.open_table(COUNTERS)?;
+                counters.retain(|_, (window_start, _)| window_start >= before)?;
+                Ok(())
+            })
+            .map_err(QuotaError::Unavailable)
     }
 
     fn backend(&self) -> &'static str {
@@ -516,9 +527,11 @@ mod tests {
         assert_eq!(feb.end, at("2028-03-01T00:00:00Z").unix_timestamp());
     }
 
-    fn store() -> (tempfile::TempDir, Arc<Database>, Arc<LocalQuotaStore>) {
+    use crate::state_db::StateDb;
+
+    fn store() -> (tempfile::TempDir, Arc<StateDb>, Arc<LocalQuotaStore>) {
         let dir = tempfile::tempdir().unwrap();
-        let db = Arc::new(Database::create(dir.path().join("s.redb")).unwrap());
+        let db = Arc::new(StateDb::open(&dir.path().join("s.redb")).unwrap());
         let store = LocalQuotaStore::open(db.clone()).unwrap();
         (dir, db, store)
     }
@@ -572,16 +585,42 @@ mod tests {
             };
             both.wait();
             s.flush().unwrap();
-            let tx = db.begin_read().unwrap();
-            let on_disk = tx
-                .open_table(COUNTERS)
-                .unwrap()
-                .get(format!("up{SEP}k").as_str())
-                .unwrap()
-                .map(|v| v.value().1);
-            assert_eq!(on_disk, Some(round), "round {round}");
+            assert_eq!(count_on_disk(&db), Some(round), "round {round}");
             other.join().unwrap();
         }
+    }
+
+    /// The window count of (`up`, `k`) as the database holds it.
+    fn count_on_disk(db: &StateDb) -> Option<u64> {
+        db.read(|tx| {
+            Ok(tx
+                .open_table(COUNTERS)?
+                .get(format!("up{SEP}k").as_str())?
+                .map(|v| v.value().1))
+        })
+        .unwrap()
+    }
+
+    /// A flush that fails (a full disk) loses nothing: what it took is written by the next
+    /// flush once the disk recovers, counter and usage hour alike, though nothing was
+    /// admitted in between.
+    #[tokio::test]
+    async fn what_a_failed_flush_took_is_written_by_the_next() {
+        let (db, failing) = crate::state_db::testing::flaky_db();
+        let db = Arc::new(db);
+        let s = LocalQuotaStore::open(db.clone()).unwrap();
+        let slot = CounterSlot::default();
+        assert_eq!(now_admit(&s, &slot, 10, W), (1, true));
+        s.flush().unwrap();
+        assert_eq!(now_admit(&s, &slot, 10, W), (2, true));
+        failing.store(true, Ordering::SeqCst);
+        assert!(s.flush().is_err());
+        failing.store(false, Ordering::SeqCst);
+        s.flush().unwrap();
+        assert_eq!(count_on_disk(&db), Some(2));
+        drop(s);
+        let again = LocalQuotaStore::open(db).unwrap();
+        assert_eq!(again.usage("up", 0, i64::MAX).await.unwrap()[0].count, 2);
     }
 
     #[tokio::test]
@@ -621,9 +660,7 @@ mod tests {
 
     #[tokio::test]
     async fn exact_under_concurrency_and_persisted() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = Arc::new(Database::create(dir.path().join("s.redb")).unwrap());
-        let store = LocalQuotaStore::open(db.clone()).unwrap();
+        let (_dir, db, store) = store();
         let w = Window {
             start: 100,
             end: 200,
