@@ -8,7 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::time::{Duration, Instant};
 
-use http::header::{HeaderValue, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
+use http::header::{HeaderValue, AUTHORIZATION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
 use http::{Method, Request, Response};
 use hyper::body::Incoming;
 
@@ -320,7 +320,7 @@ fn admit<'s>(
     ctx: &mut RequestContext<'s>,
     req: &Request<Incoming>,
 ) -> Result<Admitted<'s>, Rejection> {
-    check_framing(req, &app.config.limits)?;
+    let found = check_framing(req, &app.config.limits)?;
     ctx.path = Some(
         path::normalize_uri(req.uri()).map_err(|e| Rejection::BadRequest(BadRequest::Path(e)))?,
     );
@@ -330,7 +330,7 @@ fn admit<'s>(
     ctx.stage = Some(stage);
     if stage.cors.is_some() {
         // Only CORS stages put headers on responses for an `Origin`.
-        ctx.origin = req.headers().get(ORIGIN).cloned();
+        ctx.origin = found.origin.cloned();
     }
     check_private_endpoint(api, ctx, req)?;
     check_ip(api, stage, ctx)?;
@@ -339,9 +339,9 @@ fn admit<'s>(
         return Ok(Admitted::Answered(Box::new(answer)));
     }
     let method_route = route_method(ctx)?;
-    verify_jwt(api, stage, ctx, req)?;
+    verify_jwt(api, stage, ctx, found.authorization)?;
     check_resource_policy(api, stage, method_route, ctx)?;
-    check_api_key(stage, method_route, ctx, req)?;
+    check_api_key(stage, method_route, ctx, found.api_key)?;
     throttle(app, api, stage, ctx)?;
     Ok(Admitted::Forward(method_route))
 }
@@ -421,18 +421,18 @@ fn verify_jwt(
     api: &CompiledApi,
     stage: &CompiledStage,
     ctx: &mut RequestContext<'_>,
-    req: &Request<Incoming>,
+    authorization: Option<&HeaderValue>,
 ) -> Result<(), Rejection> {
     if !stage.jwt_enabled && api.endpoint_type != EndpointType::Private {
         return Ok(());
     }
-    match stage.jwt.verify(req.headers()) {
+    match stage.jwt.verify(authorization) {
         Ok(v) => {
             ctx.jwt = Some(v);
             Ok(())
         }
         // No token is a challenge (`Bearer`); a token that does not verify is `invalid_token`.
-        Err(reason) if bearer(req.headers()).is_none() => Err(Rejection::Unauthorized(reason)),
+        Err(reason) if bearer(authorization).is_none() => Err(Rejection::Unauthorized(reason)),
         Err(reason) => Err(Rejection::InvalidToken(reason)),
     }
 }
@@ -465,19 +465,17 @@ fn check_api_key<'s>(
     stage: &'s CompiledStage,
     m: &MethodRoute,
     ctx: &mut RequestContext<'s>,
-    req: &Request<Incoming>,
+    presented: Option<&HeaderValue>,
 ) -> Result<(), Rejection> {
     if !m.api_key_required {
         return Ok(());
     }
-    match stage.keys.check(req.headers()) {
+    match stage.keys.check(presented) {
         Ok(found) => {
             ctx.api_key = Some(found);
             Ok(())
         }
-        Err(reason) if !req.headers().contains_key(&apikey::HEADER) => {
-            Err(Rejection::MissingApiKey(reason))
-        }
+        Err(reason) if presented.is_none() => Err(Rejection::MissingApiKey(reason)),
         Err(reason) => Err(Rejection::InvalidApiKey(reason)),
     }
 }
@@ -550,8 +548,21 @@ async fn admit_quota(app: &App, ctx: &mut RequestContext<'_>) -> Result<(), Reje
     }
 }
 
+/// Request headers later phases read, found by step 1's pass over the headers (a lookup
+/// by name in each phase would hash each name again): the first value of each, as
+/// `HeaderMap::get` gives it.
+#[derive(Default)]
+struct Found<'r> {
+    /// Step 9's token.
+    authorization: Option<&'r HeaderValue>,
+    /// Step 10's key (`x-scp-apikey`).
+    api_key: Option<&'r HeaderValue>,
+    /// For CORS response headers.
+    origin: Option<&'r HeaderValue>,
+}
+
 /// Step 1: HTTP framing and limits the parser left to us.
-fn check_framing(req: &Request<Incoming>, limits: &Limits) -> Result<(), Rejection> {
+fn check_framing<'r>(req: &'r Request<Incoming>, limits: &Limits) -> Result<Found<'r>, Rejection> {
     let uri_len = req.uri().path_and_query().map_or(0, |p| p.as_str().len())
         + req.uri().authority().map_or(0, |a| a.as_str().len());
     if uri_len > limits.max_uri_bytes {
@@ -561,6 +572,7 @@ fn check_framing(req: &Request<Incoming>, limits: &Limits) -> Result<(), Rejecti
     // lookup by name would hash each name again).
     let mut head = req.method().as_str().len() + uri_len + 12;
     let (mut te, mut te_count, mut cl) = (None, 0usize, None);
+    let mut found = Found::default();
     for (n, v) in req.headers() {
         head += n.as_str().len() + v.len() + 4;
         if n == TRANSFER_ENCODING {
@@ -568,6 +580,12 @@ fn check_framing(req: &Request<Incoming>, limits: &Limits) -> Result<(), Rejecti
             te = te.or(Some(v));
         } else if n == CONTENT_LENGTH {
             cl = cl.or(Some(v));
+        } else if n == AUTHORIZATION {
+            found.authorization = found.authorization.or(Some(v));
+        } else if n == ORIGIN {
+            found.origin = found.origin.or(Some(v));
+        } else if n == apikey::HEADER {
+            found.api_key = found.api_key.or(Some(v));
         }
     }
     if head > limits.max_head_bytes {
@@ -598,7 +616,7 @@ fn check_framing(req: &Request<Incoming>, limits: &Limits) -> Result<(), Rejecti
             return Err(Rejection::PayloadTooLarge);
         }
     }
-    Ok(())
+    Ok(found)
 }
 
 /// The host the client addressed: `:authority` / absolute-form authority, else `Host`.

@@ -313,13 +313,13 @@ impl Verified {
     }
 }
 
-/// The bearer token of a request, if any.
-pub fn bearer(headers: &http::HeaderMap) -> Option<&str> {
+/// The bearer token of a request's (first) `Authorization` value, if any.
+pub fn bearer(authorization: Option<&http::HeaderValue>) -> Option<&str> {
     // What `HeaderValue::to_str` accepts (a header value holds no control byte but tab, so
     // visible ASCII is ASCII), checked many bytes at a time: a token is a few hundred bytes
     // and `to_str` looks at them one by one. The scheme is compared as bytes, in place (a
     // search for the space costs more than the seven bytes it looks at).
-    let v = headers.get(http::header::AUTHORIZATION)?.as_bytes();
+    let v = authorization?.as_bytes();
     let (scheme, token) = v.split_at_checked(7)?;
     if !scheme.eq_ignore_ascii_case(b"bearer ") {
         return None;
@@ -351,8 +351,12 @@ impl StageJwt {
 
     /// Verifies the request's token against the stage's auths. With a `kid`, only the auth
     /// with that id (or the JWKS key with that kid) is tried; otherwise every candidate.
-    pub fn verify(&self, headers: &http::HeaderMap) -> Result<Verified, AuthFailure> {
-        let Some(token) = bearer(headers) else {
+    /// Verifies the bearer token of `authorization` (the request's first `Authorization`).
+    pub fn verify(
+        &self,
+        authorization: Option<&http::HeaderValue>,
+    ) -> Result<Verified, AuthFailure> {
+        let Some(token) = bearer(authorization) else {
             return Err(if self.auths.is_empty() {
                 AuthFailure::NoAuth
             } else {
@@ -445,31 +449,30 @@ mod tests {
 
     #[test]
     fn bearer_reads_what_to_str_reads() {
-        let with = |raw: &[u8]| {
-            let mut h = http::HeaderMap::new();
-            h.insert("authorization", http::HeaderValue::from_bytes(raw).unwrap());
-            h
-        };
-        assert_eq!(bearer(&with(b"Bearer abc.def.ghi")), Some("abc.def.ghi"));
-        assert_eq!(bearer(&with(b"bearer \tabc ")), Some("abc"));
-        assert_eq!(bearer(&with(b"Basic abc")), None);
-        assert_eq!(bearer(&with(b"Bearer ")), None);
-        assert_eq!(bearer(&with(b"Bearer")), None);
-        assert_eq!(bearer(&with(b"Bearer  two-spaces")), Some("two-spaces"));
-        assert_eq!(bearer(&with(b"Bearerx abc")), None);
-        assert_eq!(bearer(&with(b"Bearer\tabc")), None);
+        let with = |raw: &[u8]| http::HeaderValue::from_bytes(raw).unwrap();
+        assert_eq!(
+            bearer(Some(&with(b"Bearer abc.def.ghi"))),
+            Some("abc.def.ghi")
+        );
+        assert_eq!(bearer(Some(&with(b"bearer \tabc "))), Some("abc"));
+        assert_eq!(bearer(Some(&with(b"Basic abc"))), None);
+        assert_eq!(bearer(Some(&with(b"Bearer "))), None);
+        assert_eq!(bearer(Some(&with(b"Bearer"))), None);
+        assert_eq!(
+            bearer(Some(&with(b"Bearer  two-spaces"))),
+            Some("two-spaces")
+        );
+        assert_eq!(bearer(Some(&with(b"Bearerx abc"))), None);
+        assert_eq!(bearer(Some(&with(b"Bearer\tabc"))), None);
         // Bytes beyond ASCII, valid UTF-8 or not, make no token (as `to_str` refuses them).
-        assert_eq!(bearer(&with("Bearer t\u{e9}st".as_bytes())), None);
-        assert_eq!(bearer(&with(b"Bearer t\xffst")), None);
-        assert!(with(b"Bearer t\xffst")[http::header::AUTHORIZATION]
-            .to_str()
-            .is_err());
+        assert_eq!(bearer(Some(&with("Bearer t\u{e9}st".as_bytes()))), None);
+        assert_eq!(bearer(Some(&with(b"Bearer t\xffst"))), None);
+        assert!(with(b"Bearer t\xffst").to_str().is_err());
     }
 
-    fn headers(token: &str) -> http::HeaderMap {
-        let mut h = http::HeaderMap::new();
-        h.insert("authorization", format!("Bearer {token}").parse().unwrap());
-        h
+    /// An `Authorization` value carrying `token`.
+    fn authorization(token: &str) -> http::HeaderValue {
+        format!("Bearer {token}").parse().unwrap()
     }
 
     fn hs(claims: Value, header: Header) -> String {
@@ -481,7 +484,7 @@ mod tests {
         let v = hs_auth();
         let good = json!({"sub": "alice", "exp": now() + 300, "aud": "orders", "iss": "idp"});
         let ok = v
-            .verify(&headers(&hs(good.clone(), Header::default())))
+            .verify(Some(&authorization(&hs(good.clone(), Header::default()))))
             .unwrap();
         assert_eq!(ok.sub(), Some("alice"));
         let cases = [
@@ -521,7 +524,7 @@ mod tests {
         ];
         for (claims, reason) in cases {
             assert_eq!(
-                v.verify(&headers(&hs(claims.clone(), Header::default())))
+                v.verify(Some(&authorization(&hs(claims.clone(), Header::default()))))
                     .unwrap_err(),
                 reason,
                 "{claims}"
@@ -536,27 +539,23 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            v.verify(&headers(&forged)).unwrap_err(),
+            v.verify(Some(&authorization(&forged))).unwrap_err(),
             AuthFailure::Signature
         );
         assert_eq!(
-            v.verify(&headers("not.a-jwt")).unwrap_err(),
+            v.verify(Some(&authorization("not.a-jwt"))).unwrap_err(),
             AuthFailure::Malformed
         );
         // Within the leeway is fine.
         let recent = json!({"exp": now() - 30, "aud": "orders", "iss": "idp"});
-        assert!(v.verify(&headers(&hs(recent, Header::default()))).is_ok());
-        assert_eq!(
-            v.verify(&http::HeaderMap::new()).unwrap_err(),
-            AuthFailure::MissingToken
-        );
+        assert!(v
+            .verify(Some(&authorization(&hs(recent, Header::default()))))
+            .is_ok());
+        assert_eq!(v.verify(None).unwrap_err(), AuthFailure::MissingToken);
         let none = StageJwt::default();
+        assert_eq!(none.verify(None).unwrap_err(), AuthFailure::NoAuth);
         assert_eq!(
-            none.verify(&http::HeaderMap::new()).unwrap_err(),
-            AuthFailure::NoAuth
-        );
-        assert_eq!(
-            none.verify(&headers(&hs(good, Header::default())))
+            none.verify(Some(&authorization(&hs(good, Header::default()))))
                 .unwrap_err(),
             AuthFailure::NoAuth
         );
@@ -574,26 +573,30 @@ mod tests {
             b64(&claims.to_string())
         );
         assert_eq!(
-            v.verify(&headers(&none)).unwrap_err(),
+            v.verify(Some(&authorization(&none))).unwrap_err(),
             AuthFailure::Algorithm
         );
         // HS512 with the same secret: the auth pins HS256.
         let t = hs(claims.clone(), Header::new(Algorithm::HS512));
-        assert_eq!(v.verify(&headers(&t)).unwrap_err(), AuthFailure::Algorithm);
+        assert_eq!(
+            v.verify(Some(&authorization(&t))).unwrap_err(),
+            AuthFailure::Algorithm
+        );
         // A kid naming another auth.
         let h = Header {
             kid: Some("other".into()),
             ..Default::default()
         };
         assert_eq!(
-            v.verify(&headers(&hs(claims.clone(), h))).unwrap_err(),
+            v.verify(Some(&authorization(&hs(claims.clone(), h))))
+                .unwrap_err(),
             AuthFailure::UnknownKid
         );
         let h = Header {
             kid: Some("au01".into()),
             ..Default::default()
         };
-        assert!(v.verify(&headers(&hs(claims, h))).is_ok());
+        assert!(v.verify(Some(&authorization(&hs(claims, h)))).is_ok());
     }
 
     #[test]
@@ -606,7 +609,7 @@ mod tests {
         let v = StageJwt::new(vec![Arc::new(CompiledAuth::compile(&a).unwrap())]);
         let t = hs(json!({"exp": now() + 300}), Header::default());
         assert_eq!(
-            v.verify(&headers(&t)).unwrap_err(),
+            v.verify(Some(&authorization(&t))).unwrap_err(),
             AuthFailure::AuthExpired
         );
         let other = encode(
@@ -616,7 +619,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            v.verify(&headers(&other)).unwrap_err(),
+            v.verify(Some(&authorization(&other))).unwrap_err(),
             AuthFailure::Signature
         );
     }
@@ -629,8 +632,8 @@ mod tests {
             json!({"sub": "alice", "exp": exp, "aud": "orders", "iss": "idp"}),
             Header::default(),
         );
-        let first = v.verify(&headers(&token)).unwrap();
-        let second = v.verify(&headers(&token)).unwrap();
+        let first = v.verify(Some(&authorization(&token))).unwrap();
+        let second = v.verify(Some(&authorization(&token))).unwrap();
         assert!(
             Arc::ptr_eq(&first.claims, &second.claims),
             "second check is a hit"
@@ -643,11 +646,11 @@ mod tests {
         let claims = first.claims.clone();
         v.cache()
             .insert(forged.as_str().into(), (claims.clone(), None, now() + 100));
-        assert!(v.verify(&headers(&forged)).is_ok());
+        assert!(v.verify(Some(&authorization(&forged))).is_ok());
         v.cache()
             .insert(forged.as_str().into(), (claims, None, now() - 1));
         assert_eq!(
-            v.verify(&headers(&forged)).unwrap_err(),
+            v.verify(Some(&authorization(&forged))).unwrap_err(),
             AuthFailure::Signature
         );
         assert!(
