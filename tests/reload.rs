@@ -471,8 +471,12 @@ async fn sigterm_drains_in_flight_requests() {
     );
 }
 
-/// 10,000 reloads of a 300-resource snapshot: resident memory stays within 10% of its value
-/// after the first 100. Set `RELOAD_SOAK=N` for another count.
+/// 10,000 reloads of a 300-resource snapshot: resident memory after the last is within 5% of
+/// what it was after the first fifth. The baseline comes after a warm-up: the allocator's
+/// arenas and caches settle over the first ~2,000 (a release build grew 10.8% from the
+/// 100th reload to the 2,000th, then 0.1–0.7% to the 10,000th). A leak of 160 bytes per
+/// reload, put in to check this test, showed as +6.8% over the last 8,000 and failed it.
+/// Set `RELOAD_SOAK=N` for another count.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn repeated_reloads_do_not_grow_memory() {
     let a = Backend::start("a").await;
@@ -504,14 +508,15 @@ async fn repeated_reloads_do_not_grow_memory() {
     let template = serde_json::to_string(&doc).unwrap();
     let c = reqwest::Client::new();
     let put_url = format!("http://{}/admin/apis/api1", gw.admin);
-    let mut after_100 = 0;
+    let warm = (count / 5).max(1);
+    let mut after_warm = 0;
     let t = Instant::now();
     for rev in 1..=count {
         let body = template.replacen("123456789", &rev.to_string(), 1);
         let r = c.put(&put_url).body(body).send().await.unwrap();
         assert_eq!(r.status(), 200);
-        if rev == 100 {
-            after_100 = gw.rss_kib();
+        if rev == warm {
+            after_warm = gw.rss_kib();
         }
         if rev % 2000 == 0 {
             eprintln!("after {rev} reloads: RSS {} KiB", gw.rss_kib());
@@ -519,13 +524,13 @@ async fn repeated_reloads_do_not_grow_memory() {
     }
     let end = gw.rss_kib();
     eprintln!(
-        "{count} reloads of a {n}-resource snapshot in {:?}: RSS after 100 = {after_100} KiB, after {count} = {end} KiB ({:+.1}%)",
+        "{count} reloads of a {n}-resource snapshot in {:?}: RSS after {warm} = {after_warm} KiB, after {count} = {end} KiB ({:+.1}%)",
         t.elapsed(),
-        (end as f64 - after_100 as f64) * 100.0 / after_100 as f64
+        (end as f64 - after_warm as f64) * 100.0 / after_warm as f64
     );
     assert!(
-        end as f64 <= after_100 as f64 * 1.10,
-        "RSS grew from {after_100} to {end} KiB"
+        end as f64 <= after_warm as f64 * 1.05,
+        "RSS grew from {after_warm} KiB after {warm} reloads to {end} KiB after {count}"
     );
     assert_eq!(
         client()
