@@ -324,7 +324,7 @@ fn admit<'s>(
     ctx.path = Some(
         path::normalize_uri(req.uri()).map_err(|e| Rejection::BadRequest(BadRequest::Path(e)))?,
     );
-    let api = select_api(state, req)?;
+    let api = select_api(state, req, &found)?;
     ctx.api = Some(api);
     let stage = select_stage(api, ctx)?;
     ctx.stage = Some(stage);
@@ -553,6 +553,9 @@ async fn admit_quota(app: &App, ctx: &mut RequestContext<'_>) -> Result<(), Reje
 /// `HeaderMap::get` gives it.
 #[derive(Default)]
 struct Found<'r> {
+    /// Step 2's `Host`, and whether there was a second.
+    host: Option<&'r HeaderValue>,
+    repeated_host: bool,
     /// Step 9's token.
     authorization: Option<&'r HeaderValue>,
     /// Step 10's key (`x-scp-apikey`).
@@ -568,8 +571,8 @@ fn check_framing<'r>(req: &'r Request<Incoming>, limits: &Limits) -> Result<Foun
     if uri_len > limits.max_uri_bytes {
         return Err(Rejection::UriTooLong);
     }
-    // One pass over the headers measures the head and finds the framing headers (a
-    // lookup by name would hash each name again).
+    // One pass over the headers measures the head and finds the framing headers and
+    // those later steps read (a lookup by name would hash each name again).
     let mut head = req.method().as_str().len() + uri_len + 12;
     let (mut te, mut te_count, mut cl) = (None, 0usize, None);
     let mut found = Found::default();
@@ -580,6 +583,9 @@ fn check_framing<'r>(req: &'r Request<Incoming>, limits: &Limits) -> Result<Foun
             te = te.or(Some(v));
         } else if n == CONTENT_LENGTH {
             cl = cl.or(Some(v));
+        } else if n == HOST {
+            found.repeated_host |= found.host.is_some();
+            found.host = found.host.or(Some(v));
         } else if n == AUTHORIZATION {
             found.authorization = found.authorization.or(Some(v));
         } else if n == ORIGIN {
@@ -621,14 +627,11 @@ fn check_framing<'r>(req: &'r Request<Incoming>, limits: &Limits) -> Result<Foun
 
 /// The host the client addressed: `:authority` / absolute-form authority, else `Host`.
 /// Both present and different is a 400 (a classic cache-poisoning and routing confusion).
-fn request_host(req: &Request<Incoming>) -> Result<&str, Rejection> {
-    // One lookup serves both checks: the first `Host`, and whether there is a second.
-    let mut hosts = req.headers().get_all(HOST).iter();
-    let first = hosts.next();
-    if hosts.next().is_some() {
+fn request_host<'r>(req: &'r Request<Incoming>, found: &Found<'r>) -> Result<&'r str, Rejection> {
+    if found.repeated_host {
         return Err(Rejection::BadRequest(BadRequest::RepeatedHost));
     }
-    let header = first.map(|v| {
+    let header = found.host.map(|v| {
         v.to_str()
             .map_err(|_| Rejection::BadRequest(BadRequest::MissingHost))
     });
@@ -650,8 +653,9 @@ fn request_host(req: &Request<Incoming>) -> Result<&str, Rejection> {
 fn select_api<'s>(
     state: &'s GatewayState,
     req: &Request<Incoming>,
+    found: &Found<'_>,
 ) -> Result<&'s CompiledApi, Rejection> {
-    let host = request_host(req)?;
+    let host = request_host(req, found)?;
     state
         .api_for_host(host)
         .map(|a| &**a)
