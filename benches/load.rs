@@ -22,8 +22,10 @@
 //!
 //! Pinning on 2 cores: this process (the backend) and the load generator share CPU 1; the
 //! proxy under test runs on CPU 0 with 1 worker, and on CPUs 0-1 with 2 workers. Every
-//! proxy is started once and stays up (idle) while the others are measured; every process
-//! this bench starts is stopped, with its children, when it ends.
+//! proxy is started once and stays up (idle) while the others are measured; before each
+//! row the bench waits for CPUs 0-1 to go quiet (what the previous row left running must
+//! not fall on this one). Every process this bench starts is stopped, with its children,
+//! when it ends.
 
 #[path = "support/floor.rs"]
 mod floor;
