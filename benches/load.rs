@@ -264,45 +264,58 @@ fn start_floor(prefix: &[&str], workers: u64, backend: SocketAddr) -> (Proc, Soc
     (p, addr)
 }
 
+/// One Redis Cluster node on CPU 1, answering `PING`. Its ports are picked free just
+/// before it binds them, so another process may take one first: a node that exits or does
+/// not answer within 5 s is started again on other ports (one run waited forever on a node
+/// that had exited).
+fn start_cluster_node(d: &Path) -> (Proc, String) {
+    for _ in 0..5 {
+        let (port, bus) = (free_port(), free_port());
+        let mut node = Proc::spawn(
+            Command::new("taskset")
+                .args(["-c", "1", "redis-server", "--port", &port.to_string()])
+                .args([
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-port",
+                    &bus.to_string(),
+                ])
+                .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                .arg("--dir")
+                .arg(d)
+                .stdout(Stdio::null()),
+        )
+        .expect("start redis-server");
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(5) {
+            if let Ok(Some(_)) = node.0.try_wait() {
+                break;
+            }
+            let pong = Command::new("redis-cli")
+                .args(["-p", &port.to_string(), "ping"])
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("PONG"));
+            if pong {
+                return (node, format!("127.0.0.1:{port}"));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        eprintln!("warning: a Redis Cluster node on port {port} did not start; trying other ports");
+    }
+    panic!("no Redis Cluster node could be started (5 tries)");
+}
+
 /// A Redis Cluster of `masters` masters on CPU 1, made by `redis-cli --cluster create`;
 /// returns the processes and one node's `host:port`.
 fn start_redis_cluster(dir: &Path, masters: usize) -> (Vec<Proc>, String) {
     let mut nodes = Vec::new();
     let mut addrs = Vec::new();
     for i in 0..masters {
-        let (port, bus) = (free_port(), free_port());
         let d = dir.join(format!("redis-cluster-{i}"));
         std::fs::create_dir_all(&d).unwrap();
-        nodes.push(
-            Proc::spawn(
-                Command::new("taskset")
-                    .args(["-c", "1", "redis-server", "--port", &port.to_string()])
-                    .args([
-                        "--cluster-enabled",
-                        "yes",
-                        "--cluster-port",
-                        &bus.to_string(),
-                    ])
-                    .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-                    .arg("--dir")
-                    .arg(&d)
-                    .stdout(Stdio::null()),
-            )
-            .expect("start redis-server"),
-        );
-        addrs.push(format!("127.0.0.1:{port}"));
-    }
-    for a in &addrs {
-        let port = a.rsplit(':').next().unwrap();
-        while Command::new("redis-cli")
-            .args(["-p", port, "ping"])
-            .output()
-            .map_or(true, |o| {
-                !String::from_utf8_lossy(&o.stdout).contains("PONG")
-            })
-        {
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let (node, addr) = start_cluster_node(&d);
+        nodes.push(node);
+        addrs.push(addr);
     }
     let ok = Command::new("redis-cli")
         .arg("--cluster")
@@ -314,11 +327,16 @@ fn start_redis_cluster(dir: &Path, masters: usize) -> (Vec<Proc>, String) {
         .is_ok_and(|s| s.success());
     assert!(ok, "redis-cli --cluster create failed");
     let port = addrs[0].rsplit(':').next().unwrap().to_owned();
+    let started = Instant::now();
     while !Command::new("redis-cli")
         .args(["-p", &port, "cluster", "info"])
         .output()
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("cluster_state:ok"))
     {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the Redis Cluster did not reach cluster_state:ok within 30 s"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     (nodes, addrs[0].clone())
@@ -652,8 +670,7 @@ fn cpu01_jiffies() -> Option<(u64, u64)> {
 
 /// Waits (at most 5 s) until CPUs 0 and 1 have been nearly idle (under 5 % busy) for 200 ms,
 /// so that what a row leaves behind (a tracing gateway's exporter still sending the spans of
-/// its row, a Redis save) does not run during the next row: one run's floor row, measured
-/// right after such rows, was 15 % below the same row measured on its own.
+/// its row, a Redis save) does not run during the next row.
 fn settle(row: &str) {
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(5) {
