@@ -1165,6 +1165,7 @@ fn main() {
         accepted: &accepted,
     };
     let mut order: Vec<usize> = (0..rows.len()).collect();
+    let ticks = clock_ticks_per_second();
     for round in 0..rounds {
         eprintln!("round {}/{rounds}", round + 1);
         direct_runs.push(wrk("direct", &direct, "backend", &[], &load, None));
@@ -1177,6 +1178,17 @@ fn main() {
             let url = format!("http://{}/prod/ping", r.addr);
             let proxy = r._proc.as_ref().map(Proc::pid);
             let run = wrk(&r.name, &url, &r.host, &r.headers, &load, proxy);
+            // Each row's figure per round on stderr: a row that drifts over the run (or
+            // one disturbed round) shows there, where the medians hide it.
+            let cpu_us = if run.requests > 0.0 {
+                run.cpu_ticks as f64 * 1e6 / ticks / run.requests
+            } else {
+                0.0
+            };
+            eprintln!(
+                "  {:<52} {:>8.0} req/s {:>6.2} µs/req",
+                r.name, run.rps, cpu_us
+            );
             r.runs.push(run);
         }
     }
@@ -1188,7 +1200,6 @@ fn main() {
     if let Ok(bin) = std::env::var("LOAD_GATEWAY") {
         println!("gateway under test: {bin} (LOAD_GATEWAY)");
     }
-    let ticks = clock_ticks_per_second();
     let cpu = |name: &str| {
         rows.iter()
             .find(|r| r.name.starts_with(name))
