@@ -113,7 +113,7 @@ impl StateDb {
         if n == 1 {
             tracing::warn!(file = %self.name, error = %e, "state database writes are failing: quota counters and report aggregates stay in memory and are written once a write succeeds; retrying every second");
         } else if n % FAILURES_PER_REMINDER == 0 {
-            tracing::warn!(file = %self.name, error = %e, failed_writes = n, "state database writes are still failing; nothing is lost while the gateway runs");
+            tracing::warn!(file = %self.name, error = %e, failed_transactions = n, "state database writes are still failing; nothing is lost while the gateway runs");
         }
     }
 
@@ -121,41 +121,19 @@ impl StateDb {
         // A load, not a swap, in the common case: no write to a shared line per flush.
         if self.failures.load(Ordering::Relaxed) > 0 {
             let n = self.failures.swap(0, Ordering::Relaxed);
-            tracing::info!(file = %self.name, failed_writes = n, "state database writes resumed; what was held in memory is written");
+            tracing::info!(file = %self.name, failed_transactions = n, "state database writes resumed; what was held in memory is written");
         }
     }
 
-    /// Runs `f` in a read transaction.
-    pub fn read<T>(
-        &self,
-        f: impl FnOnce(&ReadTransaction) -> Result<T, DbError>,
-    ) -> Result<T, String> {
+    /// Runs `f` on the open database (reopened first if an I/O error closed it) and maps
+    /// its failure (see [`Self::failed`]).
+    fn with_db<T>(&self, f: impl FnOnce(&Database) -> Result<T, DbError>) -> Result<T, String> {
         let r = {
             let db = self.current()?;
             let Some(db) = db.as_ref() else {
                 return Err(format!("state database {} is closed", self.name));
             };
-            db.begin_read().map_err(DbError::from).and_then(|tx| f(&tx))
-        };
-        r.map_err(|e| self.failed(e))
-    }
-
-    /// Runs `f` in a write transaction and commits it (nothing of it is kept when `f` or
-    /// the commit fails).
-    pub fn write<T>(
-        &self,
-        f: impl FnOnce(&WriteTransaction) -> Result<T, DbError>,
-    ) -> Result<T, String> {
-        let r = {
-            let db = self.current()?;
-            let Some(db) = db.as_ref() else {
-                return Err(format!("state database {} is closed", self.name));
-            };
-            db.begin_write().map_err(DbError::from).and_then(|tx| {
-                let v = f(&tx)?;
-                tx.commit()?;
-                Ok(v)
-            })
+            f(db)
         };
         match r {
             Ok(v) => {
@@ -164,6 +142,28 @@ impl StateDb {
             }
             Err(e) => Err(self.failed(e)),
         }
+    }
+
+    /// Runs `f` in a read transaction.
+    pub fn read<T>(
+        &self,
+        f: impl FnOnce(&ReadTransaction) -> Result<T, DbError>,
+    ) -> Result<T, String> {
+        self.with_db(|db| f(&db.begin_read()?))
+    }
+
+    /// Runs `f` in a write transaction and commits it (nothing of it is kept when `f` or
+    /// the commit fails).
+    pub fn write<T>(
+        &self,
+        f: impl FnOnce(&WriteTransaction) -> Result<T, DbError>,
+    ) -> Result<T, String> {
+        self.with_db(|db| {
+            let tx = db.begin_write()?;
+            let v = f(&tx)?;
+            tx.commit()?;
+            Ok(v)
+        })
     }
 }
 
