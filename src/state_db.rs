@@ -231,6 +231,26 @@ pub mod testing {
         }
     }
 
+    /// Runs `flush` on this thread and on another at the same moment (a barrier lines them
+    /// up), as the periodic flush and the final one at shutdown may run. Returns once this
+    /// thread's has returned, with the other thread to join after the caller's check.
+    pub fn flush_twice_at_once(
+        flush: impl Fn() + Send + Sync + 'static,
+    ) -> std::thread::JoinHandle<()> {
+        let flush = Arc::new(flush);
+        let both = Arc::new(std::sync::Barrier::new(2));
+        let other = {
+            let (flush, both) = (flush.clone(), both.clone());
+            std::thread::spawn(move || {
+                both.wait();
+                flush();
+            })
+        };
+        both.wait();
+        flush();
+        other
+    }
+
     /// A state database on a [`FlakyDisk`], and the disk's failure switch.
     pub fn flaky_db() -> (StateDb, Arc<AtomicBool>) {
         let disk = FlakyDisk::default();

@@ -623,16 +623,10 @@ mod tests {
                 latency: std::time::Duration::from_millis(1),
                 integration: None,
             });
-            let both = Arc::new(std::sync::Barrier::new(2));
-            let other = {
-                let (r, both) = (r.clone(), both.clone());
-                std::thread::spawn(move || {
-                    both.wait();
-                    r.flush().unwrap();
-                })
-            };
-            both.wait();
-            r.flush().unwrap();
+            let other = crate::state_db::testing::flush_twice_at_once({
+                let r = r.clone();
+                move || r.flush().unwrap()
+            });
             assert_eq!(calls_on_disk(&r.db, &api), round, "round {round}");
             other.join().unwrap();
         }

@@ -575,16 +575,10 @@ mod tests {
         let slot = CounterSlot::default();
         for round in 1..=200u64 {
             assert_eq!(now_admit(&s, &slot, 1000, W), (round, true));
-            let both = Arc::new(std::sync::Barrier::new(2));
-            let other = {
-                let (s, both) = (s.clone(), both.clone());
-                std::thread::spawn(move || {
-                    both.wait();
-                    s.flush().unwrap();
-                })
-            };
-            both.wait();
-            s.flush().unwrap();
+            let other = crate::state_db::testing::flush_twice_at_once({
+                let s = s.clone();
+                move || s.flush().unwrap()
+            });
             assert_eq!(count_on_disk(&db), Some(round), "round {round}");
             other.join().unwrap();
         }
