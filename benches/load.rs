@@ -15,7 +15,7 @@
 //! `LOAD_CONNECTIONS` (default 64), `LOAD_APIS` (default 1000), `LOAD_IDLE` (idle
 //! connections, default 10000), `LOAD_ROWS` (comma-separated parts of row names: only those
 //! rows are measured, e.g. `LOAD_ROWS=fleet,full chain (1w)`), `LOAD_CALLGRIND` (`0`: no
-//! instruction counts; or the counts to take, of `floor,bare,full,trace,nginx`), `LOAD_KEEP`
+//! instruction counts; or the counts to take, of `floor,bare,full,fleet,trace,nginx`), `LOAD_KEEP`
 //! (a directory the callgrind profiles are copied to, for `callgrind_annotate`),
 //! `LOAD_GATEWAY` (the gateway executable to measure instead of this build's, e.g. the
 //! profile-guided build of `benches/pgo.sh`, which also trains with this bench).
@@ -303,6 +303,21 @@ fn start_cluster_node(d: &Path) -> (Proc, String) {
         eprintln!("warning: a Redis Cluster node on port {port} did not start; trying other ports");
     }
     panic!("no Redis Cluster node could be started (5 tries)");
+}
+
+/// A standalone Redis on CPU 1 (no persistence) and the gateway configuration that keeps
+/// quotas in it.
+fn start_redis() -> (Proc, String) {
+    let port = free_port();
+    let redis = Proc::spawn(
+        Command::new("taskset")
+            .args(["-c", "1", "redis-server", "--port", &port.to_string()])
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null()),
+    )
+    .expect("start redis-server");
+    let cfg = format!("[quota]\nbackend = \"redis\"\nredis_url = \"redis://127.0.0.1:{port}/0\"\nfailure_mode = \"closed\"\n");
+    (redis, cfg)
 }
 
 /// A Redis Cluster of `masters` masters on CPU 1, made by `redis-cli --cluster create`;
@@ -1112,17 +1127,14 @@ fn main() {
     }
     // Fleet mode: the full chain with quotas in Redis (redis-server pinned with the backend).
     let _redis = has("redis-server").then(|| {
-        let port = free_port();
-        let redis = Proc::spawn(
-            Command::new("taskset")
-                .args(["-c", "1", "redis-server", "--port", &port.to_string()])
-                .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-                .stdout(Stdio::null()),
-        )
-        .expect("start redis-server");
-        let cfg = format!("[quota]\nbackend = \"redis\"\nredis_url = \"redis://127.0.0.1:{port}/0\"\nfailure_mode = \"closed\"\n");
+        let (redis, cfg) = start_redis();
         let p = start_gateway(&single, "fleet", &["taskset", "-c", "0"], 1, true, &cfg);
-        add("gateway, full chain, fleet/Redis (1w)".into(), p, "full.test", &full_headers);
+        add(
+            "gateway, full chain, fleet/Redis (1w)".into(),
+            p,
+            "full.test",
+            &full_headers,
+        );
         redis
     });
     // The same against a Redis Cluster of 3 masters (pinned with the backend).
@@ -1418,6 +1430,33 @@ fn main() {
             callgrind_per_request(dir, "full", "full.test", &full_headers, &|prefix, name| {
                 start_gateway(&single, name, prefix, 1, true, "")
             });
+        // Fleet mode: the full chain with its quota in Redis (a round trip per request;
+        // Redis's own work is not counted, it is another process).
+        let fleet = has("redis-server")
+            .then(|| {
+                let (redis, cfg) = start_redis();
+                let v = callgrind_per_request(
+                    dir,
+                    "fleet",
+                    "full.test",
+                    &full_headers,
+                    &|prefix, name| {
+                        let (p, addr) = start_gateway(&single, name, prefix, 1, true, &cfg);
+                        // Connected to Redis in the background: the first requests may
+                        // meet the failure mode (503).
+                        let started = Instant::now();
+                        while fixed_requests(addr, "full.test", &full_headers, 1).is_err()
+                            && started.elapsed() < Duration::from_secs(60)
+                        {
+                            std::thread::sleep(Duration::from_millis(200));
+                        }
+                        (p, addr)
+                    },
+                );
+                drop(redis);
+                v
+            })
+            .flatten();
         // Tracing on, every request unsampled (ratio 0) and every request sampled (ratio
         // 1, the export thread's work included): the exporter sends to the backend.
         let traced = ["0", "1"].map(|ratio| {
@@ -1448,6 +1487,15 @@ fn main() {
         println!("  floor {}", show(fl));
         println!("  gateway, bare route {}{}", show(bare), vs(bare));
         println!("  gateway, full chain {}{}", show(full), vs(full));
+        let to_full = match (fleet, full) {
+            (Some(v), Some(f)) => format!(", {:.3}× the full chain", v / f),
+            _ => String::new(),
+        };
+        println!(
+            "  gateway, full chain, fleet/Redis {}{}{to_full}",
+            show(fleet),
+            vs(fleet)
+        );
         for (ratio, v) in ["0 (unsampled)", "1 (every request)"].iter().zip(traced) {
             let to_bare = match (v, bare) {
                 (Some(v), Some(b)) => format!(", {:.3}× the bare route", v / b),

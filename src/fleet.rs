@@ -22,6 +22,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo, TlsCertificates};
 
 use crate::config::QuotaConfig;
+use crate::deadline::Deadline;
 
 /// Key prefix of everything the gateway keeps in Redis.
 pub const PREFIX: &str = "scpgw";
@@ -156,9 +157,10 @@ impl Connector {
     async fn connect(&self, timeout: Duration) -> redis::RedisResult<FleetConn> {
         match self {
             Self::Single(client) => {
+                // No response timeout of the crate's: [`Fleet::call`] bounds every call
+                // (a second timer per call would cost ~1,000 instructions on the worker).
                 let config = ConnectionManagerConfig::new()
                     .set_connection_timeout(timeout.max(Duration::from_millis(250)))
-                    .set_response_timeout(timeout)
                     .set_exponent_base(2)
                     .set_factor(100)
                     // One quick retry per (re)connection: a wrong password or an untrusted
@@ -324,7 +326,8 @@ impl Fleet {
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         let conn = self.conn().ok_or(FleetError::NotConnected)?;
-        match tokio::time::timeout(self.timeout, f((*conn).clone())).await {
+        let mut deadline = Deadline::new(tokio::time::Instant::now() + self.timeout);
+        match deadline.wait(f((*conn).clone())).await {
             Ok(r) => Ok(r?),
             Err(_) => Err(FleetError::Timeout(self.timeout)),
         }

@@ -21,7 +21,9 @@ use crate::fleet::{key_part, Fleet, FleetError, PREFIX};
 
 /// KEYS[1]: the window counter, KEYS[2]: the usage hour (a hash of key id → count).
 /// ARGV: limit, counter expiry (Unix s), key id, usage expiry (Unix s).
-/// Returns {count after the call, 1 if admitted else 0}.
+/// Returns the count after the call if admitted (≥ 1), its negation if refused (≤ 0): one
+/// integer, which the client parses several times faster than a two-element array (the
+/// reply is parsed on the worker, once per admission).
 const ADMIT: &str = r"
 local count = tonumber(redis.call('GET', KEYS[1]) or '0')
 if count < tonumber(ARGV[1]) then
@@ -29,10 +31,15 @@ if count < tonumber(ARGV[1]) then
   redis.call('EXPIREAT', KEYS[1], ARGV[2])
   redis.call('HINCRBY', KEYS[2], ARGV[3], 1)
   redis.call('EXPIREAT', KEYS[2], ARGV[4])
-  return {count, 1}
+  return count
 end
-return {count, 0}
+return -count
 ";
+
+/// The count and the decision that [`ADMIT`] returned.
+fn admission(reply: i64) -> (u64, bool) {
+    (reply.unsigned_abs(), reply > 0)
+}
 
 /// How long after its window's end a counter is kept (clock skew between instances).
 const COUNTER_GRACE_SECS: i64 = 3600;
@@ -109,7 +116,7 @@ impl QuotaStore for RedisQuotaStore {
                 .arg(window.end + COUNTER_GRACE_SECS)
                 .arg(key_id)
                 .arg(hour + self.retention_secs);
-            let (count, admitted): (u64, u8) = self
+            let reply: i64 = self
                 .fleet
                 .call(|mut conn| async move {
                     match eval.query_async(&mut conn).await {
@@ -128,7 +135,7 @@ impl QuotaStore for RedisQuotaStore {
                 })
                 .await
                 .map_err(unavailable)?;
-            Ok((count, admitted == 1))
+            Ok(admission(reply))
         })
     }
 
@@ -185,6 +192,15 @@ impl QuotaStore for RedisQuotaStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_integer_carries_the_count_and_the_decision() {
+        assert_eq!(admission(1), (1, true));
+        assert_eq!(admission(42), (42, true));
+        assert_eq!(admission(-42), (42, false));
+        // A plan with a limit of 0 refuses the first call: count 0, refused.
+        assert_eq!(admission(0), (0, false));
+    }
 
     #[test]
     fn keys_are_named_from_stable_ids() {
