@@ -218,26 +218,76 @@ fn seed(base: &ConnectionInfo, hostport: &str) -> Option<ConnectionInfo> {
 /// by another thread costs two cross-thread wake-ups, measured as a third of a worker's
 /// throughput in fleet mode). Until a worker's own connection is up, the worker uses the
 /// shared one.
+///
+/// A connection on which nothing has answered for [`SILENT_FOR`] (and at least
+/// [`SILENT_CALLS`] calls in a row timed out) is given up and made again: a Redis host that
+/// vanished, or a route that was dropped, sends no reset, and the kernel would retransmit
+/// into the void for about 15 minutes before the crate saw an error (a Redis that is only
+/// down refuses or resets, and the crate reconnects by itself).
 pub struct Fleet {
     connector: Arc<Connector>,
-    shared: ArcSwapOption<FleetConn>,
-    workers: Box<[Arc<WorkerConn>]>,
+    shared: Arc<Slot>,
+    workers: Box<[Arc<Slot>]>,
     timeout: Duration,
     started: std::time::Instant,
 }
 
-/// One worker's own connection and whether it is being made.
+/// One connection (the shared one, or a worker's own), whether it is being made, and how
+/// long it has not answered.
 #[derive(Default)]
-struct WorkerConn {
+struct Slot {
     conn: ArcSwapOption<FleetConn>,
     connecting: AtomicBool,
     /// Milliseconds since the fleet started before which no new attempt is made (after a
     /// failed one).
     retry_after_ms: AtomicU64,
+    /// Calls in a row that timed out on the current connection, and when (milliseconds
+    /// since the fleet started) the first of them did.
+    timeouts: AtomicU64,
+    first_timeout_ms: AtomicU64,
 }
 
 /// Longest wait between two connection attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// A connection is given up when nothing answered on it for this long...
+const SILENT_FOR: Duration = Duration::from_secs(1);
+/// ...and at least this many calls in a row timed out on it.
+const SILENT_CALLS: u64 = 3;
+
+impl Slot {
+    /// A call on `conn` was answered (a reply or an error from the crate).
+    fn answered(&self) {
+        if self.timeouts.load(Ordering::Relaxed) != 0 {
+            self.timeouts.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// A call on `conn` timed out at `now_ms`; true when `conn` is to be given up.
+    fn timed_out(&self, conn: &Arc<FleetConn>, now_ms: u64) -> bool {
+        let current = self.conn.load();
+        if !current.as_ref().is_some_and(|c| Arc::ptr_eq(c, conn)) {
+            return false; // a call on a connection already replaced
+        }
+        let n = self.timeouts.fetch_add(1, Ordering::Relaxed) + 1;
+        if n == 1 {
+            self.first_timeout_ms.store(now_ms, Ordering::Relaxed);
+        }
+        let silent_ms = now_ms.saturating_sub(self.first_timeout_ms.load(Ordering::Relaxed));
+        n >= SILENT_CALLS && silent_ms >= SILENT_FOR.as_millis() as u64
+    }
+
+    /// Drops `conn` if it is still this slot's; true if it was.
+    fn give_up(&self, conn: &Arc<FleetConn>) -> bool {
+        let prev = self.conn.compare_and_swap(&Some(conn.clone()), None);
+        let dropped = prev.as_ref().is_some_and(|p| Arc::ptr_eq(p, conn));
+        if dropped {
+            self.timeouts.store(0, Ordering::Relaxed);
+            self.retry_after_ms.store(0, Ordering::Relaxed);
+        }
+        dropped
+    }
+}
 
 impl Fleet {
     /// Checks the URL and its companions (errors name the key without echoing the URL) and
@@ -245,30 +295,41 @@ impl Fleet {
     /// count is set.
     pub fn start(cfg: &QuotaConfig) -> Result<Arc<Self>, String> {
         let connector = Arc::new(Connector::new(cfg)?);
-        let timeout = cfg.timeout;
         let fleet = Arc::new(Self {
-            connector: connector.clone(),
-            shared: ArcSwapOption::empty(),
+            connector,
+            shared: Arc::default(),
             workers: (0..crate::worker::count())
                 .map(|_| Arc::default())
                 .collect(),
-            timeout,
+            timeout: cfg.timeout,
             started: std::time::Instant::now(),
         });
-        let weak = Arc::downgrade(&fleet);
+        fleet.connect_shared();
+        Ok(fleet)
+    }
+
+    /// Makes the shared connection in the background, retrying with exponential backoff
+    /// and warning while Redis is unreachable (until the fleet is dropped).
+    fn connect_shared(&self) {
+        if self.shared.connecting.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let slot = Arc::downgrade(&self.shared);
+        let (connector, timeout) = (self.connector.clone(), self.timeout);
         tokio::spawn(async move {
             let mut backoff = Duration::from_millis(100);
             let kind = connector.kind();
             loop {
                 match connector.connect(timeout).await {
                     Ok(conn) => {
-                        let Some(fleet) = weak.upgrade() else { return };
-                        fleet.shared.store(Some(Arc::new(conn)));
+                        let Some(slot) = slot.upgrade() else { return };
+                        slot.conn.store(Some(Arc::new(conn)));
+                        slot.connecting.store(false, Ordering::Release);
                         tracing::info!(store = kind, "connected to the fleet's Redis");
                         return;
                     }
                     Err(e) => {
-                        if weak.strong_count() == 0 {
+                        if slot.strong_count() == 0 {
                             return;
                         }
                         tracing::warn!(store = kind, error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot connect to the fleet's Redis; quota failure mode applies");
@@ -278,44 +339,52 @@ impl Fleet {
                 }
             }
         });
-        Ok(fleet)
     }
 
+    /// The longest a call waits for Redis (`quota.timeout`).
     pub fn timeout(&self) -> Duration {
         self.timeout
     }
 
-    /// The connection for the current thread: the worker's own when it is up, else the
-    /// shared one (and the worker's own is started in the background, once the shared one
-    /// proved Redis reachable).
-    fn conn(&self) -> Option<Arc<FleetConn>> {
-        let shared = self.shared.load_full()?;
-        let Some(w) = self.workers.get(crate::worker::index()) else {
-            return Some(shared);
-        };
-        if let Some(own) = w.conn.load_full() {
-            return Some(own);
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// The connection for a call on this thread, and its slot: the worker's own when it is
+    /// up (starting to make it if not), else the shared one; `None` before the first
+    /// connection is up.
+    fn conn(&self) -> Option<(Arc<FleetConn>, &Arc<Slot>)> {
+        if let Some(w) = self.workers.get(crate::worker::index()) {
+            if let Some(own) = w.conn.load_full() {
+                return Some((own, w));
+            }
+            self.connect_worker(w);
         }
-        let now_ms = self.started.elapsed().as_millis() as u64;
-        if now_ms >= w.retry_after_ms.load(Ordering::Relaxed)
-            && !w.connecting.swap(true, Ordering::AcqRel)
+        Some((self.shared.conn.load_full()?, &self.shared))
+    }
+
+    /// Starts making a worker's own connection on the worker's runtime, unless one is being
+    /// made or the last attempt failed less than [`MAX_BACKOFF`] ago.
+    fn connect_worker(&self, w: &Arc<Slot>) {
+        if self.now_ms() < w.retry_after_ms.load(Ordering::Relaxed)
+            || w.connecting.swap(true, Ordering::AcqRel)
         {
-            let (w, connector, timeout) = (w.clone(), self.connector.clone(), self.timeout);
-            let started = self.started;
-            tokio::spawn(async move {
-                match connector.connect(timeout).await {
-                    Ok(conn) => w.conn.store(Some(Arc::new(conn))),
-                    Err(e) => {
-                        tracing::debug!(error = %e, "a worker's own Redis connection failed; it uses the shared one meanwhile");
-                        let retry = started.elapsed() + MAX_BACKOFF;
-                        w.retry_after_ms
-                            .store(retry.as_millis() as u64, Ordering::Relaxed);
-                    }
-                }
-                w.connecting.store(false, Ordering::Release);
-            });
+            return;
         }
-        Some(shared)
+        let (w, connector, timeout) = (w.clone(), self.connector.clone(), self.timeout);
+        let started = self.started;
+        tokio::spawn(async move {
+            match connector.connect(timeout).await {
+                Ok(conn) => w.conn.store(Some(Arc::new(conn))),
+                Err(e) => {
+                    tracing::debug!(error = %e, "a worker's own Redis connection failed; it uses the shared one meanwhile");
+                    let retry = started.elapsed() + MAX_BACKOFF;
+                    w.retry_after_ms
+                        .store(retry.as_millis() as u64, Ordering::Relaxed);
+                }
+            }
+            w.connecting.store(false, Ordering::Release);
+        });
     }
 
     /// Runs one call, bounded by the timeout. In a cluster, every key of one call must hash
@@ -325,11 +394,28 @@ impl Fleet {
         F: FnOnce(FleetConn) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
-        let conn = self.conn().ok_or(FleetError::NotConnected)?;
+        let (conn, slot) = self.conn().ok_or(FleetError::NotConnected)?;
         let mut deadline = Deadline::new(tokio::time::Instant::now() + self.timeout);
         match deadline.wait(f((*conn).clone())).await {
-            Ok(r) => Ok(r?),
-            Err(_) => Err(FleetError::Timeout(self.timeout)),
+            Ok(r) => {
+                slot.answered();
+                Ok(r?)
+            }
+            Err(_) => {
+                if slot.timed_out(&conn, self.now_ms()) && slot.give_up(&conn) {
+                    let shared = Arc::ptr_eq(slot, &self.shared);
+                    tracing::warn!(
+                        store = self.connector.kind(),
+                        shared,
+                        silent_ms = SILENT_FOR.as_millis() as u64,
+                        "nothing answered on a connection to the fleet's Redis; reconnecting"
+                    );
+                    if shared {
+                        self.connect_shared();
+                    }
+                }
+                Err(FleetError::Timeout(self.timeout))
+            }
         }
     }
 }

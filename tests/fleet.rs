@@ -213,3 +213,128 @@ fn a_bad_redis_url_is_refused_at_start_up() {
         "the URL's password is never echoed: {err}"
     );
 }
+
+/// A TCP relay in front of Redis whose open connections can go silent at once (no data,
+/// no FIN, no RST: what a vanished host or a dropped route looks like), while connections
+/// opened later are relayed as before.
+struct Relay {
+    addr: std::net::SocketAddr,
+    silence: std::sync::Arc<tokio::sync::Notify>,
+}
+
+impl Relay {
+    async fn start(to: u16) -> Relay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let silence = std::sync::Arc::new(tokio::sync::Notify::new());
+        let notify = silence.clone();
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let silenced = notify.clone().notified_owned();
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(("127.0.0.1", to)).await
+                    else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        () = silenced => {
+                            // Both sockets stay open and unread until the test ends.
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                });
+            }
+        });
+        Relay { addr, silence }
+    }
+
+    /// Every connection open now goes silent.
+    fn silence_open_connections(&self) {
+        self.silence.notify_waiters();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_goes_silent_is_replaced() {
+    let redis = Redis::start();
+    let relay = Relay::start(redis.port).await;
+    let b = Backend::start("b").await;
+    let doc = keyed_api(&b, 1_000_000);
+    let url = format!("redis://{}/0", relay.addr);
+    let gw = Gateway::start(&[("api1.json", &doc)], &fleet_toml(&url, "closed"));
+    let c = client();
+    // Counting, on every worker's own connection (each request may land on either worker).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut counted = 0;
+    while counted < 20 {
+        if keyed_get(&c, &gw).await.status() == 200 {
+            counted += 1;
+        }
+        assert!(Instant::now() < deadline, "never counted: {}", gw.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // The connections go silent: the kernel would take ~15 minutes to give up on them.
+    relay.silence_open_connections();
+    let silent = Instant::now();
+    let r = keyed_get(&c, &gw).await;
+    assert_eq!(r.status(), 503, "failure mode closed while nothing answers");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = keyed_get(&c, &gw).await;
+        if r.status() == 200 && r.headers().contains_key("ratelimit-remaining") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still not counting 20 s after the connections went silent: {}",
+            gw.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "counting again {:?} after the connections went silent",
+        silent.elapsed()
+    );
+    // Every worker counts again, not just the one that answered first: a new client
+    // connection per request, spread over the workers' listeners by the kernel.
+    let fresh = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut in_a_row = 0;
+    while in_a_row < 20 {
+        in_a_row = if keyed_get(&fresh, &gw).await.status() == 200 {
+            in_a_row + 1
+        } else {
+            0
+        };
+        assert!(
+            Instant::now() < deadline,
+            "some worker is not counting: {}",
+            gw.log()
+        );
+    }
+    // The shared connection (report pushes, the admin API) is replaced too, and each
+    // replacement is logged.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while gw.log().matches("connected to the fleet's Redis").count() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the shared connection was not replaced: {}",
+            gw.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = gw.log();
+    assert!(
+        log.contains("reconnecting store=\"Redis\" shared=false"),
+        "{log}"
+    );
+    assert!(
+        log.contains("reconnecting store=\"Redis\" shared=true"),
+        "{log}"
+    );
+}
