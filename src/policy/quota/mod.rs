@@ -84,8 +84,10 @@ pub enum QuotaError {
 /// Where quota counters live. One call per admitted-or-refused request; an admission that
 /// would exceed `limit` in the window is refused and not counted.
 pub trait QuotaStore: Send + Sync + 'static {
+    /// `slot` is the compiled key's (see [`QuotaStore::admit_now`]).
     fn admit<'a>(
         &'a self,
+        slot: &'a CounterSlot,
         plan_id: &'a str,
         key_id: &'a str,
         limit: u64,
@@ -170,7 +172,7 @@ pub async fn admit(
 ) -> Result<Admission, QuotaError> {
     let (count, admitted) = match store.admit_now(slot, plan_id, key_id, limit, window, now) {
         Some(r) => r?,
-        None => store.admit(plan_id, key_id, limit, window).await?,
+        None => store.admit(slot, plan_id, key_id, limit, window).await?,
     };
     Ok(Admission {
         admitted,
@@ -188,21 +190,27 @@ pub struct UsageRow {
     pub count: u64,
 }
 
-/// Where a compiled key (one per plan and key, in each snapshot) finds its counter in the
-/// local store: resolved on the key's first admission, so that the next ones lock that
-/// counter alone instead of joining `plan␟key`, hashing it and locking a shard of the
-/// store's map. Tagged with the store it came from (a snapshot outlives no store in
-/// the gateway, but tests build several).
+/// Where a compiled key (one per plan and key, in each snapshot) finds its counter, filled
+/// on the key's first admission by the store in use. In the local store: the counter, so
+/// that the next admissions lock that counter alone instead of joining `plan␟key`, hashing
+/// it and locking a shard of the store's map; tagged with the store it came from (a
+/// snapshot outlives no store in the gateway, but tests build several). In Redis: the
+/// key names' fixed parts, so that an admission does not encode the ids again.
 #[derive(Default)]
-pub struct CounterSlot(OnceLock<(u64, Arc<Mutex<Counter>>)>);
+pub struct CounterSlot {
+    local: OnceLock<(u64, Arc<Mutex<Counter>>)>,
+    fleet: OnceLock<redis::FleetKeys>,
+}
 
 impl std::fmt::Debug for CounterSlot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.get().is_some() {
-            "CounterSlot(resolved)"
-        } else {
-            "CounterSlot(empty)"
-        })
+        f.write_str(
+            if self.local.get().is_some() || self.fleet.get().is_some() {
+                "CounterSlot(resolved)"
+            } else {
+                "CounterSlot(empty)"
+            },
+        )
     }
 }
 
@@ -358,6 +366,7 @@ impl LocalQuotaStore {
 impl QuotaStore for LocalQuotaStore {
     fn admit<'a>(
         &'a self,
+        _slot: &'a CounterSlot,
         plan_id: &'a str,
         key_id: &'a str,
         limit: u64,
@@ -378,7 +387,7 @@ impl QuotaStore for LocalQuotaStore {
         now: i64,
     ) -> Option<Result<(u64, bool), QuotaError>> {
         let (store, counter) = slot
-            .0
+            .local
             .get_or_init(|| (self.id, self.counter(plan_id, key_id, window.start)));
         let r = if *store == self.id {
             Self::admit_on(&mut lock(counter), limit, window, now)
@@ -555,13 +564,20 @@ mod tests {
         assert_eq!(now_admit(&s, &a, 4, W), (1, true));
         assert_eq!(now_admit(&s, &b, 4, W), (2, true), "another snapshot's key");
         assert_eq!(
-            s.admit("up", "k", 4, W).await.unwrap(),
+            s.admit(&CounterSlot::default(), "up", "k", 4, W)
+                .await
+                .unwrap(),
             (3, true),
             "no slot"
         );
         assert_eq!(now_admit(&s, &a, 4, W), (4, true));
         assert_eq!(now_admit(&s, &a, 4, W), (4, false));
-        assert_eq!(s.admit("up", "k", 4, W).await.unwrap(), (4, false));
+        assert_eq!(
+            s.admit(&CounterSlot::default(), "up", "k", 4, W)
+                .await
+                .unwrap(),
+            (4, false)
+        );
         let usage = s.usage("up", 0, i64::MAX).await.unwrap();
         assert_eq!(usage.iter().map(|r| r.count).sum::<u64>(), 4);
     }
@@ -644,12 +660,23 @@ mod tests {
             end: 300,
         };
         assert_eq!(now_admit(&s, &slot, 10, next), (1, true));
-        assert_eq!(s.admit("up", "k", 10, next).await.unwrap(), (2, true));
+        assert_eq!(
+            s.admit(&CounterSlot::default(), "up", "k", 10, next)
+                .await
+                .unwrap(),
+            (2, true)
+        );
         assert_eq!(s.usage("up", 0, i64::MAX).await.unwrap()[0].count, 2);
         s.flush().unwrap();
         drop(s);
         let again = LocalQuotaStore::open(db).unwrap();
-        assert_eq!(again.admit("up", "k", 10, next).await.unwrap(), (3, true));
+        assert_eq!(
+            again
+                .admit(&CounterSlot::default(), "up", "k", 10, next)
+                .await
+                .unwrap(),
+            (3, true)
+        );
     }
 
     #[tokio::test]
@@ -665,7 +692,11 @@ mod tests {
             tasks.push(tokio::spawn(async move {
                 let mut n = 0;
                 for _ in 0..100 {
-                    if s.admit("up", "k", 100, w).await.unwrap().1 {
+                    if s.admit(&CounterSlot::default(), "up", "k", 100, w)
+                        .await
+                        .unwrap()
+                        .1
+                    {
                         n += 1;
                     }
                 }
@@ -680,7 +711,13 @@ mod tests {
         store.flush().unwrap();
         drop(store);
         let again = LocalQuotaStore::open(db.clone()).unwrap();
-        assert_eq!(again.admit("up", "k", 100, w).await.unwrap(), (100, false));
+        assert_eq!(
+            again
+                .admit(&CounterSlot::default(), "up", "k", 100, w)
+                .await
+                .unwrap(),
+            (100, false)
+        );
         let hour = OffsetDateTime::now_utc().unix_timestamp().div_euclid(3600) * 3600;
         let usage = again.usage("up", hour, hour + 3600).await.unwrap();
         assert_eq!(
@@ -699,7 +736,10 @@ mod tests {
         let reopened = LocalQuotaStore::open(db.clone()).unwrap();
         assert!(reopened.usage("up", 0, i64::MAX).await.unwrap().is_empty());
         assert_eq!(
-            reopened.admit("up", "k", 100, w).await.unwrap(),
+            reopened
+                .admit(&CounterSlot::default(), "up", "k", 100, w)
+                .await
+                .unwrap(),
             (1, true),
             "the ended window was forgotten"
         );
@@ -707,6 +747,7 @@ mod tests {
         assert_eq!(
             again
                 .admit(
+                    &CounterSlot::default(),
                     "up",
                     "k",
                     100,

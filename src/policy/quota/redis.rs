@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
 
-use super::{QuotaError, QuotaStore, UsageRow, Window};
+use super::{CounterSlot, QuotaError, QuotaStore, UsageRow, Window};
 use crate::fleet::{key_part, Fleet, FleetError, PREFIX};
 
 /// KEYS[1]: the window counter, KEYS[2]: the usage hour (a hash of key id → count).
@@ -60,30 +60,48 @@ impl RedisQuotaStore {
     }
 }
 
-/// `scpgw:quota:{plan}:key:window-start`. Built with pushes (`format!` cost ~1.5k
-/// instructions per key, on every admission).
-fn counter_key(plan_id: &str, key_id: &str, window: Window) -> String {
-    let (plan, key) = (key_part(plan_id), key_part(key_id));
-    let mut k = String::with_capacity(PREFIX.len() + plan.len() + key.len() + 32);
-    k.push_str(PREFIX);
-    k.push_str(":quota:{");
-    k.push_str(&plan);
-    k.push_str("}:");
-    k.push_str(&key);
-    k.push(':');
-    k.push_str(itoa::Buffer::new().format(window.start));
-    k
+/// The fixed parts of one (plan, key)'s key names, kept in the compiled key's
+/// [`CounterSlot`]: the ids are encoded once, not on every admission.
+pub struct FleetKeys {
+    /// `scpgw:quota:{plan}:key:`
+    counter: Box<str>,
+    /// `scpgw:usage:{plan}:`
+    usage: Box<str>,
 }
 
-/// `scpgw:usage:{plan}:hour-start`.
-fn usage_key(plan_id: &str, hour: i64) -> String {
-    let plan = key_part(plan_id);
-    let mut k = String::with_capacity(PREFIX.len() + plan.len() + 32);
-    k.push_str(PREFIX);
-    k.push_str(":usage:{");
-    k.push_str(&plan);
-    k.push_str("}:");
-    k.push_str(itoa::Buffer::new().format(hour));
+impl FleetKeys {
+    fn new(plan_id: &str, key_id: &str) -> Self {
+        let usage = usage_prefix(plan_id);
+        let (plan, key) = (key_part(plan_id), key_part(key_id));
+        let counter = [PREFIX, ":quota:{", &plan, "}:", &key, ":"].concat();
+        Self {
+            counter: counter.into(),
+            usage: usage.into(),
+        }
+    }
+
+    /// `scpgw:quota:{plan}:key:window-start`.
+    fn counter_key(&self, window: Window) -> String {
+        with_number(&self.counter, window.start)
+    }
+
+    /// `scpgw:usage:{plan}:hour-start`.
+    fn usage_key(&self, hour: i64) -> String {
+        with_number(&self.usage, hour)
+    }
+}
+
+fn usage_prefix(plan_id: &str) -> String {
+    [PREFIX, ":usage:{", &key_part(plan_id), "}:"].concat()
+}
+
+/// `prefix` and `n` in decimal, in one allocation (`format!` costs several times more).
+fn with_number(prefix: &str, n: i64) -> String {
+    let mut buf = itoa::Buffer::new();
+    let n = buf.format(n);
+    let mut k = String::with_capacity(prefix.len() + n.len());
+    k.push_str(prefix);
+    k.push_str(n);
     k
 }
 
@@ -97,12 +115,14 @@ const MAX_USAGE_HOURS: i64 = 24 * 63;
 impl QuotaStore for RedisQuotaStore {
     fn admit<'a>(
         &'a self,
+        slot: &'a CounterSlot,
         plan_id: &'a str,
         key_id: &'a str,
         limit: u64,
         window: Window,
     ) -> BoxFuture<'a, Result<(u64, bool), QuotaError>> {
         Box::pin(async move {
+            let keys = slot.fleet.get_or_init(|| FleetKeys::new(plan_id, key_id));
             let hour = crate::clock::unix_secs().div_euclid(3600) * 3600;
             // The EVALSHA command built directly (what `ScriptInvocation` builds, without its
             // per-argument vectors): 2 keys, then ARGV.
@@ -110,8 +130,8 @@ impl QuotaStore for RedisQuotaStore {
             eval.arg("EVALSHA")
                 .arg(self.admit.get_hash())
                 .arg(2)
-                .arg(counter_key(plan_id, key_id, window))
-                .arg(usage_key(plan_id, hour))
+                .arg(keys.counter_key(window))
+                .arg(keys.usage_key(hour))
                 .arg(limit)
                 .arg(window.end + COUNTER_GRACE_SECS)
                 .arg(key_id)
@@ -151,9 +171,10 @@ impl QuotaStore for RedisQuotaStore {
                 .map(|i| first + i * 3600)
                 .take_while(|h| *h < to)
                 .collect();
+            let prefix = usage_prefix(plan_id);
             let mut pipe = redis::pipe();
             for h in &hours {
-                pipe.hgetall(usage_key(plan_id, *h));
+                pipe.hgetall(with_number(&prefix, *h));
             }
             let maps: Vec<HashMap<String, u64>> = self
                 .fleet
@@ -208,13 +229,16 @@ mod tests {
             start: 1_790_000_000,
             end: 1_790_003_600,
         };
+        let keys = FleetKeys::new("up-1", "k:1");
+        assert_eq!(keys.counter_key(w), "scpgw:quota:{up-1}:k%3A1:1790000000");
         assert_eq!(
-            counter_key("up-1", "k:1", w),
-            "scpgw:quota:{up-1}:k%3A1:1790000000"
-        );
-        assert_eq!(
-            usage_key("up-1", 1_790_000_000),
+            keys.usage_key(1_790_000_000),
             "scpgw:usage:{up-1}:1790000000"
+        );
+        // The usage API reads the hours the admissions wrote.
+        assert_eq!(
+            with_number(&usage_prefix("up-1"), 1_790_000_000),
+            keys.usage_key(1_790_000_000)
         );
     }
 
@@ -228,15 +252,10 @@ mod tests {
         let mut thirds = [0; 3];
         for i in 0..100 {
             let plan = format!("plan-{i}");
-            let counter = get_slot(counter_key(&plan, "k:{1}", w).as_bytes());
-            assert_eq!(
-                counter,
-                get_slot(usage_key(&plan, 1_790_000_000).as_bytes())
-            );
-            assert_eq!(
-                counter,
-                get_slot(usage_key(&plan, 1_790_003_600).as_bytes())
-            );
+            let keys = FleetKeys::new(&plan, "k:{1}");
+            let counter = get_slot(keys.counter_key(w).as_bytes());
+            assert_eq!(counter, get_slot(keys.usage_key(1_790_000_000).as_bytes()));
+            assert_eq!(counter, get_slot(keys.usage_key(1_790_003_600).as_bytes()));
             // How `redis-cli --cluster create` splits the slots over 3 masters.
             thirds[usize::from(counter) * 3 / 16384] += 1;
         }
