@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex};
 use base64::Engine as _;
 use bytes::Bytes;
 use common::*;
-use http_body_util::{BodyExt, Full};
+use futures_util::StreamExt;
+use http_body_util::{BodyExt, Either, Full};
 use serde_json::{json, Value};
 
 const HOST: &str = "api.test";
@@ -57,13 +58,28 @@ async fn function_host() -> (std::net::SocketAddr, Arc<Mutex<Vec<Value>>>) {
                             "/not-json" => (200, b"<html>".to_vec()),
                             "/bad-code" => (200, br#"{"status_code": 700}"#.to_vec()),
                             "/bad-base64" => (200, br#"{"status_code": 200, "body": "%%%", "is_base64_encoded": true}"#.to_vec()),
+                            "/stalls" => (200, Vec::new()),
                             "/too-big" => {
                                 let big = "x".repeat(7 * 1024 * 1024);
                                 (200, json!({"status_code": 200, "body": big}).to_string().into_bytes())
                             }
                             _ => (404, Vec::new()),
                         };
-                            let mut resp = http::Response::new(Full::new(Bytes::from(body)));
+                            // `/stalls`: the head and a first chunk, then nothing, the
+                            // connection left open.
+                            let body = if path == "/stalls" {
+                                let first = futures_util::stream::once(async {
+                                    Ok::<_, Infallible>(hyper::body::Frame::data(
+                                        Bytes::from_static(b"{\"status_code\":"),
+                                    ))
+                                });
+                                Either::Right(http_body_util::StreamBody::new(
+                                    first.chain(futures_util::stream::pending()),
+                                ))
+                            } else {
+                                Either::Left(Full::new(Bytes::from(body)))
+                            };
+                            let mut resp = http::Response::new(body);
                             *resp.status_mut() = http::StatusCode::from_u16(status).unwrap();
                             Ok::<_, Infallible>(resp)
                         }
@@ -222,6 +238,30 @@ async fn function_events_and_answers() {
     }
     let m = gw.metrics().await;
     assert!(m.contains(r#"apigw_integration_duration_seconds_count{api_id="api1",integration="SCF",stage="prod"}"#), "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_function_answer_that_stops_coming_is_a_504() {
+    let (fh, events) = function_host().await;
+    let mut doc = SnapshotBuilder::new("api1", &[HOST])
+        .stage(|s| s["integration_timeout_ms"] = json!(300))
+        .build();
+    doc["functions"] = json!([{"function_id": "stalls", "function_name": "stalls", "invoke_url": format!("http://{fh}/stalls")}]);
+    doc["deployments"][0]["resources"].as_array_mut().unwrap().push(json!({"id": "fn-stalls", "parent_id": "root", "path": "/stalls", "path_part": "stalls", "methods": [scf("stalls")]}));
+    let gw = Gateway::start(&[("api1.json", &doc)], "");
+    // The head and a first chunk arrive at once, the rest never: the integration timeout
+    // covers the whole answer of a function, not only its head.
+    let r = gw
+        .req(&client(), reqwest::Method::POST, HOST, "/prod/stalls")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 504);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["code"],
+        "INTEGRATION_TIMEOUT"
+    );
+    assert_eq!(events.lock().unwrap().len(), 1, "the function was called");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -18,6 +18,7 @@ use serde_json::{Map, Value};
 use super::http::forward;
 use super::Outcome;
 use crate::body::{ForwardBody, GatewayBody};
+use crate::deadline::Deadline;
 use crate::rejection::Rejection;
 use crate::snapshot::compile::FunctionTarget;
 use crate::upstream::Settings;
@@ -243,7 +244,7 @@ pub async fn invoke(
     req.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     let started = Instant::now();
-    let deadline = tokio::time::Instant::now() + timeout;
+    let mut deadline = Deadline::new(tokio::time::Instant::now() + timeout);
     let forwarded = match forward(
         settings,
         &function.upstream,
@@ -266,7 +267,7 @@ pub async fn invoke(
     }
     let limited =
         http_body_util::Limited::new(forwarded.response.into_body(), MAX_FUNCTION_RESPONSE);
-    let raw = match tokio::time::timeout_at(deadline, limited.collect()).await {
+    let raw = match deadline.wait(limited.collect()).await {
         Ok(Ok(b)) => b.to_bytes(),
         Ok(Err(_)) => {
             return failed(
