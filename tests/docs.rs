@@ -3,6 +3,8 @@
 
 mod common;
 
+use common::DiesWithTest;
+
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -106,6 +108,7 @@ fn the_tutorial_runs_as_written() {
         std::env::var("PATH").unwrap_or_default()
     );
     let mut child = Command::new("bash")
+        .dies_with_test()
         .arg("-c")
         .arg(&script)
         .current_dir(ROOT)

@@ -16,6 +16,7 @@ const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 /// Runs the binary with `stdin` as standard input; (exit code, stdout, stderr).
 fn run(args: &[&str], stdin: &[u8]) -> (i32, String, String) {
     let mut child = Command::new(bin())
+        .dies_with_test()
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -241,6 +242,7 @@ async fn paths_in_the_config_follow_the_config_file() {
     std::fs::create_dir_all(conf_dir.path().join("logs")).unwrap();
     // Started from another directory, with relative paths only in the file.
     let mut child = Command::new(bin())
+        .dies_with_test()
         .args(["run", "--config"])
         .arg(&cfg)
         .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
@@ -310,6 +312,7 @@ async fn the_demo_serves_the_shipped_snapshots_and_writes_outside_the_checkout()
         })
         .collect();
     let mut child = Command::new(bin())
+        .dies_with_test()
         .args([
             "demo",
             "--listen",

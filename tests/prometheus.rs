@@ -93,6 +93,7 @@ impl Prometheus {
         std::fs::write(dir.path().join("prometheus.yml"), config).unwrap();
         let port = closed_port();
         let child = Command::new("prometheus")
+            .dies_with_test()
             .arg(format!(
                 "--config.file={}",
                 dir.path().join("prometheus.yml").display()

@@ -43,6 +43,7 @@ impl Receiver {
             "/tests/scripts/otlp_receiver.py"
         );
         let mut child = Command::new("python3")
+            .dies_with_test()
             .arg(script)
             .stdout(Stdio::piped())
             .spawn()

@@ -3,6 +3,8 @@
 
 mod common;
 
+use common::DiesWithTest;
+
 use std::process::Command;
 
 use serde_json::{json, Value};
@@ -224,6 +226,7 @@ fn config_errors_exit_2_naming_the_key() {
 fn run_with_closed_pipes(args: &[&str]) -> std::process::ExitStatus {
     use std::process::Stdio;
     let mut child = Command::new(common::bin())
+        .dies_with_test()
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -266,6 +269,7 @@ fn refused_start(args: &[&str]) -> (Option<i32>, String) {
     use std::io::{BufRead, Read};
     use std::process::Stdio;
     let mut child = Command::new(common::bin())
+        .dies_with_test()
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

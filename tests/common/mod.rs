@@ -21,6 +21,32 @@ use serde_json::{json, Value};
 pub mod fleet;
 pub mod redis;
 
+/// A child a test starts (a gateway, a Redis, a Prometheus) would outlive a test binary
+/// killed from outside (a CI timeout, ^C on a hung run) and keep its ports and files.
+/// [`DiesWithTest::dies_with_test`] has the kernel kill it (SIGKILL) when the thread that
+/// started it ends (Linux `PR_SET_PDEATHSIG`): a test's own thread, or its runtime's, which
+/// outlive the test's children; the children's own `Drop` still stops them first in a run
+/// that ends normally.
+pub trait DiesWithTest {
+    fn dies_with_test(&mut self) -> &mut Self;
+}
+
+impl DiesWithTest for Command {
+    fn dies_with_test(&mut self) -> &mut Self {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: between fork and exec the closure calls only `prctl`, which is
+        // async-signal-safe, and allocates nothing.
+        unsafe {
+            self.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            })
+        }
+    }
+}
+
 /// What a backend saw of one request.
 #[derive(Debug, Clone)]
 pub struct Seen {
@@ -283,6 +309,7 @@ impl Gateway {
         std::fs::create_dir_all(dir.path().join("snapshots")).unwrap();
         let stderr = std::fs::File::create(dir.path().join("gateway.log")).unwrap();
         let mut child = Command::new(bin())
+            .dies_with_test()
             .args(["run", "--config"])
             .arg(&config_path)
             .args(&overrides)

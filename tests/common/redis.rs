@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::closed_port;
+use super::{closed_port, DiesWithTest};
 
 /// One `redis-server` process; killed on drop.
 pub struct RedisNode {
@@ -31,6 +31,7 @@ impl RedisNode {
         let conf_path = dir.path().join("redis.conf");
         std::fs::write(&conf_path, conf).unwrap();
         let child = Command::new("redis-server")
+            .dies_with_test()
             .arg(&conf_path)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
