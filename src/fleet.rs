@@ -230,6 +230,9 @@ pub struct Fleet {
     workers: Box<[Arc<Slot>]>,
     timeout: Duration,
     started: std::time::Instant,
+    /// The runtime the fleet was started on (the control thread's): the shared connection
+    /// is made there, and driven from there, also when a worker's call gives it up.
+    control: tokio::runtime::Handle,
 }
 
 /// One connection (the shared one, or a worker's own), whether it is being made, and how
@@ -303,6 +306,7 @@ impl Fleet {
                 .collect(),
             timeout: cfg.timeout,
             started: std::time::Instant::now(),
+            control: tokio::runtime::Handle::current(),
         });
         fleet.connect_shared();
         Ok(fleet)
@@ -316,7 +320,7 @@ impl Fleet {
         }
         let slot = Arc::downgrade(&self.shared);
         let (connector, timeout) = (self.connector.clone(), self.timeout);
-        tokio::spawn(async move {
+        self.control.spawn(async move {
             let mut backoff = Duration::from_millis(100);
             let kind = connector.kind();
             loop {
