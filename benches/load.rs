@@ -1256,17 +1256,33 @@ fn main() {
         );
     }
     println!();
+    // One row's req/s over another's: the ratio of their medians, and in parentheses the
+    // median of the per-round ratios (rounds are interleaved: a slow stretch of this shared
+    // machine that falls on both rows of a round cancels out there).
+    let vs = |a: &str, b: &str| -> Option<String> {
+        let row = |name: &str| rows.iter().find(|r| r.name.starts_with(name));
+        let (a, b) = (row(a)?, row(b)?);
+        let paired = median(
+            a.runs
+                .iter()
+                .zip(&b.runs)
+                .map(|(x, y)| x.rps / y.rps)
+                .collect(),
+        );
+        Some(format!(
+            "{:.2}× (paired by round {paired:.2}×)",
+            a.rps() / b.rps()
+        ))
+    };
     for w in ["1w", "2w"] {
-        if let (Some(bare), Some(floor)) = (
-            find(&format!("gateway, bare route ({w})")),
-            find(&format!("floor ({w})")),
-        ) {
-            print!("{w}: bare route {:.2}× the floor", bare / floor);
-            if let Some(ng) = find(&format!("nginx ({w})")) {
-                print!(", {:.2}× nginx", bare / ng);
+        let bare_row = format!("gateway, bare route ({w})");
+        if let Some(to_floor) = vs(&bare_row, &format!("floor ({w})")) {
+            print!("{w}: bare route {to_floor} the floor");
+            if let Some(to_nginx) = vs(&bare_row, &format!("nginx ({w})")) {
+                print!(", {to_nginx} nginx");
             }
-            if let Some(full) = find(&format!("gateway, full chain ({w})")) {
-                print!("; full chain {:.2}× the bare route", full / bare);
+            if let Some(to_bare) = vs(&format!("gateway, full chain ({w})"), &bare_row) {
+                print!("; full chain {to_bare} the bare route");
             }
             println!();
             // The same comparison in the proxy's CPU time per request (lower is better).
@@ -1288,13 +1304,9 @@ fn main() {
             }
         }
     }
-    if let (Some(local), Some(redis)) = (
-        find("gateway, full chain (1w)"),
-        find("gateway, full chain, fleet"),
-    ) {
+    if let Some(to_local) = vs("gateway, full chain, fleet", "gateway, full chain (1w)") {
         println!(
-            "fleet mode: full chain with the Redis quota store {:.2}× the local store (1w)",
-            redis / local
+            "fleet mode: full chain with the Redis quota store {to_local} the local store (1w)"
         );
     }
     if let Some(bare) = find("gateway, bare route (1w)") {
@@ -1318,13 +1330,12 @@ fn main() {
             }
         }
     }
-    if let (Some(local), Some(cluster)) = (
-        find("gateway, full chain (1w)"),
-        find("gateway, full chain, fleet/Redis Cluster"),
+    if let Some(to_local) = vs(
+        "gateway, full chain, fleet/Redis Cluster",
+        "gateway, full chain (1w)",
     ) {
         println!(
-            "fleet mode: full chain with a 3-master Redis Cluster {:.2}× the local store (1w)",
-            cluster / local
+            "fleet mode: full chain with a 3-master Redis Cluster {to_local} the local store (1w)"
         );
     }
     if let (Some(bare), Some(m)) = (
