@@ -401,25 +401,42 @@ impl Fleet {
         let (conn, slot) = self.conn().ok_or(FleetError::NotConnected)?;
         let mut deadline = Deadline::new(tokio::time::Instant::now() + self.timeout);
         match deadline.wait(f((*conn).clone())).await {
+            Ok(Err(e)) if e.kind() == redis::ErrorKind::ReadOnly => {
+                // A replica answered: the address now names another server (a failover
+                // that moved a DNS name or a virtual IP), and this connection still goes
+                // to the old master. The crate does not reconnect for this; a new
+                // connection reaches whatever the address names now.
+                slot.answered();
+                self.replace(slot, &conn, "the fleet's Redis answered READONLY (a replica: after a failover?); reconnecting");
+                Err(e.into())
+            }
             Ok(r) => {
                 slot.answered();
                 Ok(r?)
             }
             Err(_) => {
-                if slot.timed_out(&conn, self.now_ms()) && slot.give_up(&conn) {
-                    let shared = Arc::ptr_eq(slot, &self.shared);
-                    tracing::warn!(
-                        store = self.connector.kind(),
-                        shared,
-                        silent_ms = SILENT_FOR.as_millis() as u64,
-                        "nothing answered on a connection to the fleet's Redis; reconnecting"
+                if slot.timed_out(&conn, self.now_ms()) {
+                    self.replace(
+                        slot,
+                        &conn,
+                        "nothing answered on a connection to the fleet's Redis; reconnecting",
                     );
-                    if shared {
-                        self.connect_shared();
-                    }
                 }
                 Err(FleetError::Timeout(self.timeout))
             }
+        }
+    }
+
+    /// Gives `conn` up, if it is still `slot`'s, and has it made again (a worker's on its
+    /// next call, the shared one at once on the control runtime).
+    fn replace(&self, slot: &Arc<Slot>, conn: &Arc<FleetConn>, why: &'static str) {
+        if !slot.give_up(conn) {
+            return;
+        }
+        let shared = Arc::ptr_eq(slot, &self.shared);
+        tracing::warn!(store = self.connector.kind(), shared, "{why}");
+        if shared {
+            self.connect_shared();
         }
     }
 }

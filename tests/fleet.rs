@@ -220,6 +220,9 @@ fn a_bad_redis_url_is_refused_at_start_up() {
 struct Relay {
     addr: std::net::SocketAddr,
     silence: std::sync::Arc<tokio::sync::Notify>,
+    /// The port new connections are relayed to (a DNS name or a virtual IP that a
+    /// failover moves).
+    to: std::sync::Arc<std::sync::atomic::AtomicU16>,
 }
 
 impl Relay {
@@ -228,9 +231,12 @@ impl Relay {
         let addr = listener.local_addr().unwrap();
         let silence = std::sync::Arc::new(tokio::sync::Notify::new());
         let notify = silence.clone();
+        let to = std::sync::Arc::new(std::sync::atomic::AtomicU16::new(to));
+        let target = to.clone();
         tokio::spawn(async move {
             while let Ok((mut client, _)) = listener.accept().await {
                 let silenced = notify.clone().notified_owned();
+                let to = target.load(std::sync::atomic::Ordering::SeqCst);
                 tokio::spawn(async move {
                     let Ok(mut server) = tokio::net::TcpStream::connect(("127.0.0.1", to)).await
                     else {
@@ -246,7 +252,12 @@ impl Relay {
                 });
             }
         });
-        Relay { addr, silence }
+        Relay { addr, silence, to }
+    }
+
+    /// Connections opened from now on go to `port`; open ones stay where they are.
+    fn move_to(&self, port: u16) {
+        self.to.store(port, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Every connection open now goes silent.
@@ -337,4 +348,62 @@ async fn a_connection_that_goes_silent_is_replaced() {
         log.contains("reconnecting store=\"Redis\" shared=true"),
         "{log}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_demoted_behind_its_address_is_left_for_the_new_one() {
+    let old = Redis::start();
+    let new = Redis::start();
+    let relay = Relay::start(old.port).await;
+    let b = Backend::start("b").await;
+    let doc = keyed_api(&b, 1_000_000);
+    let url = format!("redis://{}/0", relay.addr);
+    let gw = Gateway::start(&[("api1.json", &doc)], &fleet_toml(&url, "closed"));
+    let c = client();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut counted = 0;
+    while counted < 20 {
+        if keyed_get(&c, &gw).await.status() == 200 {
+            counted += 1;
+        }
+        assert!(Instant::now() < deadline, "never counted: {}", gw.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // A failover behind the address: it now names the new master, and the old one became
+    // a replica of it (its open connections answer READONLY to every admission).
+    relay.move_to(new.port);
+    let answer = common::redis::cli(old.port, &["REPLICAOF", "127.0.0.1", &new.port.to_string()]);
+    assert!(answer.contains("OK"), "{answer}");
+    let moved = Instant::now();
+    let fresh = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut in_a_row = 0;
+    while in_a_row < 20 {
+        let r = keyed_get(&fresh, &gw).await;
+        in_a_row = if r.status() == 200 && r.headers().contains_key("ratelimit-remaining") {
+            in_a_row + 1
+        } else {
+            0
+        };
+        assert!(
+            Instant::now() < deadline,
+            "not counting on the new master 15 s after the failover: {}",
+            gw.log()
+        );
+    }
+    eprintln!(
+        "counting on the new master {:?} after the failover",
+        moved.elapsed()
+    );
+    assert!(
+        common::redis::keys(new.port)
+            .iter()
+            .any(|k| k.starts_with("scpgw:quota:")),
+        "the admissions are counted on the new master"
+    );
+    assert!(gw.log().contains("answered READONLY"), "{}", gw.log());
 }
