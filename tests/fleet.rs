@@ -266,16 +266,14 @@ impl Relay {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_connection_that_goes_silent_is_replaced() {
-    let redis = Redis::start();
-    let relay = Relay::start(redis.port).await;
-    let b = Backend::start("b").await;
-    let doc = keyed_api(&b, 1_000_000);
+/// A gateway in fleet mode (closed) whose Redis is reached through `relay`, once it has
+/// counted 20 admissions (on every worker's own connection: each request may land on
+/// either worker).
+async fn counting_through(relay: &Relay, b: &Backend) -> Gateway {
+    let doc = keyed_api(b, 1_000_000);
     let url = format!("redis://{}/0", relay.addr);
     let gw = Gateway::start(&[("api1.json", &doc)], &fleet_toml(&url, "closed"));
     let c = client();
-    // Counting, on every worker's own connection (each request may land on either worker).
     let deadline = Instant::now() + Duration::from_secs(15);
     let mut counted = 0;
     while counted < 20 {
@@ -285,6 +283,36 @@ async fn a_connection_that_goes_silent_is_replaced() {
         assert!(Instant::now() < deadline, "never counted: {}", gw.log());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    gw
+}
+
+/// Waits (at most `within`) for 20 counted admissions in a row, each on a new client
+/// connection (spread over the workers' listeners by the kernel): every worker counts.
+async fn counts_on_every_worker(gw: &Gateway, within: Duration, failure: &str) {
+    let fresh = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let deadline = Instant::now() + within;
+    let mut in_a_row = 0;
+    while in_a_row < 20 {
+        let r = keyed_get(&fresh, gw).await;
+        in_a_row = if r.status() == 200 && r.headers().contains_key("ratelimit-remaining") {
+            in_a_row + 1
+        } else {
+            0
+        };
+        assert!(Instant::now() < deadline, "{failure}: {}", gw.log());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_goes_silent_is_replaced() {
+    let redis = Redis::start();
+    let relay = Relay::start(redis.port).await;
+    let b = Backend::start("b").await;
+    let gw = counting_through(&relay, &b).await;
+    let c = client();
 
     // The connections go silent: the kernel would take ~15 minutes to give up on them.
     relay.silence_open_connections();
@@ -310,24 +338,7 @@ async fn a_connection_that_goes_silent_is_replaced() {
     );
     // Every worker counts again, not just the one that answered first: a new client
     // connection per request, spread over the workers' listeners by the kernel.
-    let fresh = reqwest::Client::builder()
-        .pool_max_idle_per_host(0)
-        .build()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut in_a_row = 0;
-    while in_a_row < 20 {
-        in_a_row = if keyed_get(&fresh, &gw).await.status() == 200 {
-            in_a_row + 1
-        } else {
-            0
-        };
-        assert!(
-            Instant::now() < deadline,
-            "some worker is not counting: {}",
-            gw.log()
-        );
-    }
+    counts_on_every_worker(&gw, Duration::from_secs(10), "some worker is not counting").await;
     // The shared connection (report pushes, the admin API) is replaced too, and each
     // replacement is logged.
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -356,19 +367,7 @@ async fn a_master_demoted_behind_its_address_is_left_for_the_new_one() {
     let new = Redis::start();
     let relay = Relay::start(old.port).await;
     let b = Backend::start("b").await;
-    let doc = keyed_api(&b, 1_000_000);
-    let url = format!("redis://{}/0", relay.addr);
-    let gw = Gateway::start(&[("api1.json", &doc)], &fleet_toml(&url, "closed"));
-    let c = client();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let mut counted = 0;
-    while counted < 20 {
-        if keyed_get(&c, &gw).await.status() == 200 {
-            counted += 1;
-        }
-        assert!(Instant::now() < deadline, "never counted: {}", gw.log());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let gw = counting_through(&relay, &b).await;
 
     // A failover behind the address: it now names the new master, and the old one became
     // a replica of it (its open connections answer READONLY to every admission).
@@ -376,25 +375,12 @@ async fn a_master_demoted_behind_its_address_is_left_for_the_new_one() {
     let answer = common::redis::cli(old.port, &["REPLICAOF", "127.0.0.1", &new.port.to_string()]);
     assert!(answer.contains("OK"), "{answer}");
     let moved = Instant::now();
-    let fresh = reqwest::Client::builder()
-        .pool_max_idle_per_host(0)
-        .build()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let mut in_a_row = 0;
-    while in_a_row < 20 {
-        let r = keyed_get(&fresh, &gw).await;
-        in_a_row = if r.status() == 200 && r.headers().contains_key("ratelimit-remaining") {
-            in_a_row + 1
-        } else {
-            0
-        };
-        assert!(
-            Instant::now() < deadline,
-            "not counting on the new master 15 s after the failover: {}",
-            gw.log()
-        );
-    }
+    counts_on_every_worker(
+        &gw,
+        Duration::from_secs(15),
+        "not counting on the new master 15 s after the failover",
+    )
+    .await;
     eprintln!(
         "counting on the new master {:?} after the failover",
         moved.elapsed()
