@@ -5,10 +5,10 @@
 //!
 //! Connections are made in the background: a gateway starts whether Redis is up or not
 //! (requests meet the configured failure mode meanwhile), retries with exponential backoff,
-//! and once connected, the redis crate reconnects by itself after a dropped connection
-//! (`ConnectionManager`) or follows a cluster's new topology (`ClusterConnection`). Each
-//! worker drives a connection of its own ([`Fleet`]). Every call is bounded by
-//! `quota.timeout`. The URL is never logged: it may carry a password.
+//! and once connected, makes a connection again when it is lost, goes silent or reaches a
+//! replica ([`Fleet`]); a cluster connection follows its cluster's new topology by itself
+//! (`ClusterConnection`). Each worker drives a connection of its own. Every call is bounded
+//! by `quota.timeout`. The URL is never logged: it may carry a password.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
-use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_async::ClusterConnection;
 use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo, TlsCertificates};
@@ -44,8 +44,11 @@ pub enum FleetError {
 #[allow(clippy::large_enum_variant)]
 #[derive(Clone)]
 pub enum FleetConn {
-    /// A standalone Redis (or a proxy in front of one); reconnects by itself.
-    Single(ConnectionManager),
+    /// A standalone Redis (or a proxy in front of one). Not the crate's
+    /// `ConnectionManager`: [`Fleet`] makes a lost connection again itself (as it does a
+    /// silent one), and the manager's layer cost ~750 instructions per call (its lock-free
+    /// swap, and a clone of the client's connection info on every call).
+    Single(MultiplexedConnection),
     /// A Redis Cluster: routes each call to the master of its key's slot, follows
     /// `MOVED`/`ASK` and refreshes the slot map after a failover by itself.
     Cluster(ClusterConnection),
@@ -159,17 +162,12 @@ impl Connector {
             Self::Single(client) => {
                 // No response timeout of the crate's: [`Fleet::call`] bounds every call
                 // (a second timer per call would cost ~1,000 instructions on the worker).
-                let config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(timeout.max(Duration::from_millis(250)))
-                    .set_exponent_base(2)
-                    .set_factor(100)
-                    // One quick retry per (re)connection: a wrong password or an untrusted
-                    // certificate is warned about within a second, not after the crate's six
-                    // retries; our own loop (and the next request, after a drop) tries again.
-                    .set_number_of_retries(1)
-                    .set_max_delay(MAX_BACKOFF.as_millis() as u64);
+                let config = redis::AsyncConnectionConfig::new()
+                    .set_connection_timeout(timeout.max(Duration::from_millis(250)));
                 Ok(FleetConn::Single(
-                    ConnectionManager::new_with_config(client.clone(), config).await?,
+                    client
+                        .get_multiplexed_async_connection_with_config(&config)
+                        .await?,
                 ))
             }
             Self::Cluster(client) => Ok(FleetConn::Cluster(client.get_async_connection().await?)),
@@ -222,8 +220,9 @@ fn seed(base: &ConnectionInfo, hostport: &str) -> Option<ConnectionInfo> {
 /// A connection on which nothing has answered for [`SILENT_FOR`] (and at least
 /// [`SILENT_CALLS`] calls in a row timed out) is given up and made again: a Redis host that
 /// vanished, or a route that was dropped, sends no reset, and the kernel would retransmit
-/// into the void for about 15 minutes before the crate saw an error (a Redis that is only
-/// down refuses or resets, and the crate reconnects by itself).
+/// into the void for about 15 minutes before the crate saw an error. A connection the
+/// crate reports lost (Redis closed or reset it: a restart) is made again at once, the
+/// same way.
 pub struct Fleet {
     connector: Arc<Connector>,
     shared: Arc<Slot>,
@@ -408,6 +407,17 @@ impl Fleet {
                 // connection reaches whatever the address names now.
                 slot.answered();
                 self.replace(slot, &conn, "the fleet's Redis answered READONLY (a replica: after a failover?); reconnecting");
+                Err(e.into())
+            }
+            Ok(Err(e)) if e.is_unrecoverable_error() && matches!(*conn, FleetConn::Single(_)) => {
+                // The connection is gone (closed or reset by Redis: a restart, a
+                // failover); a cluster connection makes its nodes' connections again itself.
+                slot.answered();
+                self.replace(
+                    slot,
+                    &conn,
+                    "the connection to the fleet's Redis was lost; reconnecting",
+                );
                 Err(e.into())
             }
             Ok(r) => {
