@@ -81,13 +81,33 @@ impl FleetKeys {
     }
 
     /// `scpgw:quota:{plan}:key:window-start`.
-    fn counter_key(&self, window: Window) -> String {
-        with_number(&self.counter, window.start)
+    fn counter_key(&self, window: Window) -> Numbered<'_> {
+        Numbered(&self.counter, window.start)
     }
 
     /// `scpgw:usage:{plan}:hour-start`.
-    fn usage_key(&self, hour: i64) -> String {
-        with_number(&self.usage, hour)
+    fn usage_key(&self, hour: i64) -> Numbered<'_> {
+        Numbered(&self.usage, hour)
+    }
+}
+
+/// A key name: a prefix and a number in decimal, written into the command as one argument
+/// without a `String` of its own (two allocations fewer per admission).
+struct Numbered<'a>(&'a str, i64);
+
+impl redis::ToRedisArgs for Numbered<'_> {
+    fn write_redis_args<W: ?Sized + redis::RedisWrite>(&self, out: &mut W) {
+        const ON_STACK: usize = 192;
+        let mut n = itoa::Buffer::new();
+        let n = n.format(self.1).as_bytes();
+        let len = self.0.len() + n.len();
+        if len > ON_STACK {
+            return out.write_arg(with_number(self.0, self.1).as_bytes());
+        }
+        let mut buf = [0u8; ON_STACK];
+        buf[..self.0.len()].copy_from_slice(self.0.as_bytes());
+        buf[self.0.len()..len].copy_from_slice(n);
+        out.write_arg(&buf[..len]);
     }
 }
 
@@ -223,6 +243,13 @@ mod tests {
         assert_eq!(admission(0), (0, false));
     }
 
+    /// The one argument a key name writes into a command.
+    fn arg(key: Numbered<'_>) -> String {
+        use redis::ToRedisArgs;
+        let [one] = <[Vec<u8>; 1]>::try_from(key.to_redis_args()).expect("one argument");
+        String::from_utf8(one).unwrap()
+    }
+
     #[test]
     fn keys_are_named_from_stable_ids() {
         let w = Window {
@@ -230,16 +257,27 @@ mod tests {
             end: 1_790_003_600,
         };
         let keys = FleetKeys::new("up-1", "k:1");
-        assert_eq!(keys.counter_key(w), "scpgw:quota:{up-1}:k%3A1:1790000000");
         assert_eq!(
-            keys.usage_key(1_790_000_000),
+            arg(keys.counter_key(w)),
+            "scpgw:quota:{up-1}:k%3A1:1790000000"
+        );
+        assert_eq!(
+            arg(keys.usage_key(1_790_000_000)),
             "scpgw:usage:{up-1}:1790000000"
         );
         // The usage API reads the hours the admissions wrote.
         assert_eq!(
             with_number(&usage_prefix("up-1"), 1_790_000_000),
-            keys.usage_key(1_790_000_000)
+            arg(keys.usage_key(1_790_000_000))
         );
+        // A name too long for the stack buffer is written whole too.
+        let long = FleetKeys::new(&"p".repeat(300), "k");
+        let name = arg(long.usage_key(-7));
+        assert!(
+            name.starts_with("scpgw:usage:{ppp") && name.ends_with("p}:-7"),
+            "{name}"
+        );
+        assert_eq!(name.len(), "scpgw:usage:{}:-7".len() + 300);
     }
 
     #[test]
@@ -253,9 +291,15 @@ mod tests {
         for i in 0..100 {
             let plan = format!("plan-{i}");
             let keys = FleetKeys::new(&plan, "k:{1}");
-            let counter = get_slot(keys.counter_key(w).as_bytes());
-            assert_eq!(counter, get_slot(keys.usage_key(1_790_000_000).as_bytes()));
-            assert_eq!(counter, get_slot(keys.usage_key(1_790_003_600).as_bytes()));
+            let counter = get_slot(arg(keys.counter_key(w)).as_bytes());
+            assert_eq!(
+                counter,
+                get_slot(arg(keys.usage_key(1_790_000_000)).as_bytes())
+            );
+            assert_eq!(
+                counter,
+                get_slot(arg(keys.usage_key(1_790_003_600)).as_bytes())
+            );
             // How `redis-cli --cluster create` splits the slots over 3 masters.
             thirds[usize::from(counter) * 3 / 16384] += 1;
         }
