@@ -84,7 +84,8 @@ pub enum QuotaError {
 /// Where quota counters live. One call per admitted-or-refused request; an admission that
 /// would exceed `limit` in the window is refused and not counted.
 pub trait QuotaStore: Send + Sync + 'static {
-    /// `slot` is the compiled key's (see [`QuotaStore::admit_now`]).
+    /// `slot` is the compiled key's (see [`QuotaStore::admit_now`]); `now` is the caller's
+    /// clock reading (Unix seconds), which picked `window`.
     fn admit<'a>(
         &'a self,
         slot: &'a CounterSlot,
@@ -92,6 +93,7 @@ pub trait QuotaStore: Send + Sync + 'static {
         key_id: &'a str,
         limit: u64,
         window: Window,
+        now: i64,
     ) -> BoxFuture<'a, Result<(u64, bool), QuotaError>>;
 
     /// The same admission without waiting, for stores that can answer at once (the local
@@ -172,7 +174,11 @@ pub async fn admit(
 ) -> Result<Admission, QuotaError> {
     let (count, admitted) = match store.admit_now(slot, plan_id, key_id, limit, window, now) {
         Some(r) => r?,
-        None => store.admit(slot, plan_id, key_id, limit, window).await?,
+        None => {
+            store
+                .admit(slot, plan_id, key_id, limit, window, now)
+                .await?
+        }
     };
     Ok(Admission {
         admitted,
@@ -371,8 +377,8 @@ impl QuotaStore for LocalQuotaStore {
         key_id: &'a str,
         limit: u64,
         window: Window,
+        now: i64,
     ) -> BoxFuture<'a, Result<(u64, bool), QuotaError>> {
-        let now = OffsetDateTime::now_utc().unix_timestamp();
         let r = self.admit_now(&CounterSlot::default(), plan_id, key_id, limit, window, now);
         Box::pin(std::future::ready(r.unwrap_or(Ok((0, false)))))
     }
@@ -564,18 +570,32 @@ mod tests {
         assert_eq!(now_admit(&s, &a, 4, W), (1, true));
         assert_eq!(now_admit(&s, &b, 4, W), (2, true), "another snapshot's key");
         assert_eq!(
-            s.admit(&CounterSlot::default(), "up", "k", 4, W)
-                .await
-                .unwrap(),
+            s.admit(
+                &CounterSlot::default(),
+                "up",
+                "k",
+                4,
+                W,
+                crate::clock::unix_secs()
+            )
+            .await
+            .unwrap(),
             (3, true),
             "no slot"
         );
         assert_eq!(now_admit(&s, &a, 4, W), (4, true));
         assert_eq!(now_admit(&s, &a, 4, W), (4, false));
         assert_eq!(
-            s.admit(&CounterSlot::default(), "up", "k", 4, W)
-                .await
-                .unwrap(),
+            s.admit(
+                &CounterSlot::default(),
+                "up",
+                "k",
+                4,
+                W,
+                crate::clock::unix_secs()
+            )
+            .await
+            .unwrap(),
             (4, false)
         );
         let usage = s.usage("up", 0, i64::MAX).await.unwrap();
@@ -661,9 +681,16 @@ mod tests {
         };
         assert_eq!(now_admit(&s, &slot, 10, next), (1, true));
         assert_eq!(
-            s.admit(&CounterSlot::default(), "up", "k", 10, next)
-                .await
-                .unwrap(),
+            s.admit(
+                &CounterSlot::default(),
+                "up",
+                "k",
+                10,
+                next,
+                crate::clock::unix_secs()
+            )
+            .await
+            .unwrap(),
             (2, true)
         );
         assert_eq!(s.usage("up", 0, i64::MAX).await.unwrap()[0].count, 2);
@@ -672,7 +699,14 @@ mod tests {
         let again = LocalQuotaStore::open(db).unwrap();
         assert_eq!(
             again
-                .admit(&CounterSlot::default(), "up", "k", 10, next)
+                .admit(
+                    &CounterSlot::default(),
+                    "up",
+                    "k",
+                    10,
+                    next,
+                    crate::clock::unix_secs()
+                )
                 .await
                 .unwrap(),
             (3, true)
@@ -692,10 +726,17 @@ mod tests {
             tasks.push(tokio::spawn(async move {
                 let mut n = 0;
                 for _ in 0..100 {
-                    if s.admit(&CounterSlot::default(), "up", "k", 100, w)
-                        .await
-                        .unwrap()
-                        .1
+                    if s.admit(
+                        &CounterSlot::default(),
+                        "up",
+                        "k",
+                        100,
+                        w,
+                        crate::clock::unix_secs(),
+                    )
+                    .await
+                    .unwrap()
+                    .1
                     {
                         n += 1;
                     }
@@ -713,7 +754,14 @@ mod tests {
         let again = LocalQuotaStore::open(db.clone()).unwrap();
         assert_eq!(
             again
-                .admit(&CounterSlot::default(), "up", "k", 100, w)
+                .admit(
+                    &CounterSlot::default(),
+                    "up",
+                    "k",
+                    100,
+                    w,
+                    crate::clock::unix_secs()
+                )
                 .await
                 .unwrap(),
             (100, false)
@@ -737,7 +785,14 @@ mod tests {
         assert!(reopened.usage("up", 0, i64::MAX).await.unwrap().is_empty());
         assert_eq!(
             reopened
-                .admit(&CounterSlot::default(), "up", "k", 100, w)
+                .admit(
+                    &CounterSlot::default(),
+                    "up",
+                    "k",
+                    100,
+                    w,
+                    crate::clock::unix_secs()
+                )
                 .await
                 .unwrap(),
             (1, true),
@@ -754,7 +809,8 @@ mod tests {
                     Window {
                         start: 200,
                         end: 300
-                    }
+                    },
+                    crate::clock::unix_secs()
                 )
                 .await
                 .unwrap(),

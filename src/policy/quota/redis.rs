@@ -140,10 +140,11 @@ impl QuotaStore for RedisQuotaStore {
         key_id: &'a str,
         limit: u64,
         window: Window,
+        now: i64,
     ) -> BoxFuture<'a, Result<(u64, bool), QuotaError>> {
         Box::pin(async move {
             let keys = slot.fleet.get_or_init(|| FleetKeys::new(plan_id, key_id));
-            let hour = crate::clock::unix_secs().div_euclid(3600) * 3600;
+            let hour = now.div_euclid(3600) * 3600;
             // The EVALSHA command built directly (what `ScriptInvocation` builds, without its
             // per-argument vectors): 2 keys, then ARGV.
             let mut eval = redis::Cmd::with_capacity(9, 160);
