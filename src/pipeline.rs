@@ -6,7 +6,7 @@
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use http::header::{HeaderValue, AUTHORIZATION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
 use http::{Method, Request, Response};
@@ -73,6 +73,8 @@ pub struct ProxyInfo {
 pub struct RequestContext<'s> {
     pub request_id: HeaderValue,
     pub started: Instant,
+    /// See [`RequestContext::unix_secs`]; read on first use.
+    unix_secs: Option<i64>,
     pub conn: &'s ConnInfo,
     pub client_ip: IpAddr,
     pub method: Method,
@@ -83,7 +85,8 @@ pub struct RequestContext<'s> {
     pub method_route: Option<&'s MethodRoute>,
     pub path: Option<NormalizedPath>,
     pub params: Params,
-    pub integration_elapsed: Option<Duration>,
+    /// When the integration call went out and answered (none if it was not made).
+    pub integration: Option<crate::integration::Timing>,
     /// The request's `Origin`, for CORS response headers (read on CORS stages only).
     pub origin: Option<HeaderValue>,
     /// The token verified at step 9.
@@ -94,8 +97,9 @@ pub struct RequestContext<'s> {
     pub rate_limit: Option<Admission>,
     /// The request was a CORS preflight the gateway answered.
     pub preflight: bool,
-    /// The code of a gateway-made error response (index into [`crate::rejection::CODES`]).
-    pub error_code: Option<usize>,
+    /// The code of a gateway-made error response (index into [`crate::rejection::CODES`];
+    /// a byte: this context is part of every request's future, see [`handle`]).
+    pub error_code: Option<u8>,
     /// Why a token or key was refused.
     pub auth_failure: Option<AuthFailure>,
     /// The matched route's id in the selected deployment, and whether that is the canary.
@@ -108,6 +112,12 @@ pub struct RequestContext<'s> {
 }
 
 impl<'s> RequestContext<'s> {
+    /// The wall-clock second of the request's checks (JWT expiry, the quota window): one
+    /// clock read for both (~23 ns each on this machine's vDSO clock).
+    fn unix_secs(&mut self) -> i64 {
+        *self.unix_secs.get_or_insert_with(crate::clock::unix_secs)
+    }
+
     fn new(app: &App, conn: &'s ConnInfo, req: &Request<Incoming>) -> Self {
         let headers = req.headers();
         // An incoming request id is kept only from a trusted proxy.
@@ -131,6 +141,7 @@ impl<'s> RequestContext<'s> {
         Self {
             request_id,
             started: Instant::now(),
+            unix_secs: None,
             conn,
             client_ip,
             method: req.method().clone(),
@@ -141,7 +152,7 @@ impl<'s> RequestContext<'s> {
             method_route: None,
             path: None,
             params: Params::default(),
-            integration_elapsed: None,
+            integration: None,
             origin: None,
             jwt: None,
             api_key: None,
@@ -178,11 +189,15 @@ pub trait Serving: Send + Sync + 'static {
 /// Boxed: hyper keeps room for one service future per connection, idle or not; a box is 8
 /// bytes (the future's size less per idle connection, for one allocation per request;
 /// 2.2 KiB when measured with an earlier, larger future). This future
-/// is 1,024 bytes with the integration call boxed apart (see `integrate`): both boxes
-/// stay within glibc's per-thread cache (allocations up to 1,032 bytes), where one box of
-/// 1.9 KB took malloc's slow path and cost ~550 instructions more per request (callgrind).
+/// is 912 bytes with the integration call boxed apart (see `integrate`; 888 bytes): both
+/// boxes stay within glibc's per-thread cache (allocations up to 1,032 bytes), where one
+/// box of 1.9 KB took malloc's slow path and cost ~550 instructions more per request
+/// (callgrind). Its largest state is the wait for the quota store (the context, the
+/// request, and `quota::admit`'s future, which is why that one is not an async function).
 /// A field added here or to the backend call's future can push either past 1,032 bytes:
-/// measure with a `malloc` uprobe (`perf probe -x libc.so.6 'malloc size=%di:u64'`).
+/// measure with a `malloc` uprobe (`perf probe -x libc.so.6 'malloc size=%di:u64'`), or
+/// list the layout (`RUSTC_BOOTSTRAP=1 cargo rustc --release --lib -- -Zprint-type-sizes`,
+/// the `async block` of this file).
 /// Never an error: every failure is an answer.
 pub fn handle(
     serving: impl Serving,
@@ -208,7 +223,7 @@ pub fn handle(
                     match outcome {
                         Err(rejection) => Err(rejection),
                         Ok(outcome) => {
-                            ctx.integration_elapsed = Some(outcome.elapsed);
+                            ctx.integration = Some(outcome.timing);
                             ctx.retried = outcome.retried;
                             outcome.result
                         }
@@ -219,7 +234,7 @@ pub fn handle(
         let mut resp = match result {
             Ok(resp) => resp,
             Err(rejection) => {
-                ctx.error_code = Some(rejection.code_index());
+                ctx.error_code = Some(rejection.code_byte());
                 if let Some(reason) = rejection.auth_failure() {
                     ctx.auth_failure = Some(reason);
                     log_auth_failure(&ctx, reason);
@@ -426,7 +441,7 @@ fn verify_jwt(
     if !stage.jwt_enabled && api.endpoint_type != EndpointType::Private {
         return Ok(());
     }
-    match stage.jwt.verify(authorization) {
+    match stage.jwt.verify(authorization, ctx.unix_secs()) {
         Ok(v) => {
             ctx.jwt = Some(v);
             Ok(())
@@ -506,10 +521,10 @@ fn throttle(
 /// Step 12: the usage-plan quota, when step 10 identified a key. Last of the checks that
 /// can refuse, so that a request refused for any other reason is never counted.
 async fn admit_quota(app: &App, ctx: &mut RequestContext<'_>) -> Result<(), Rejection> {
-    let Some((plan, key)) = &ctx.api_key else {
+    let Some((plan, key)) = ctx.api_key else {
         return Ok(());
     };
-    let now = crate::clock::unix_secs();
+    let now = ctx.unix_secs();
     let window = plan.window.get(plan.rate, now);
     let admission = quota::admit(
         &*app.quota,
@@ -925,12 +940,12 @@ fn forwarded(
     match r {
         Ok(f) => crate::integration::Outcome {
             result: Ok(f.response.map(GatewayBody::Upstream)),
-            elapsed: f.elapsed,
+            timing: f.timing,
             retried: f.retried,
         },
         Err(e) => crate::integration::Outcome {
             result: Err(e.rejection),
-            elapsed: e.elapsed,
+            timing: e.timing,
             retried: e.retried,
         },
     }
@@ -942,11 +957,14 @@ fn forwarded(
 fn record(app: &App, ctx: &RequestContext<'_>, resp: &Response<GatewayBody>) {
     use crate::observe::series;
     let status = resp.status().as_u16();
-    let latency = ctx.started.elapsed();
+    // A forwarded request's latency ends when the backend's answer head came (what happens
+    // after, until here, is a few header writes): no clock read of its own.
+    let ended = ctx.integration.map_or_else(Instant::now, |t| t.ended);
+    let latency = ended.saturating_duration_since(ctx.started);
+    let integration_elapsed = ctx.integration.map(|t| t.elapsed());
     let method = series::method_index(&ctx.method);
-    let integration = ctx
-        .integration_elapsed
-        .zip(ctx.method_route.map(|m| m.integration.kind().index()));
+    let integration =
+        integration_elapsed.zip(ctx.method_route.map(|m| m.integration.kind().index()));
     let (stage_series, route_series) = match (ctx.api, ctx.stage) {
         (None, _) => series::unknown_host(),
         (Some(api), None) => api.no_stage_series(),
@@ -962,7 +980,7 @@ fn record(app: &App, ctx: &RequestContext<'_>, resp: &Response<GatewayBody>) {
     stage_series.record(
         latency,
         integration,
-        ctx.error_code,
+        ctx.error_code.map(usize::from),
         ctx.auth_failure,
         ctx.retried,
     );
@@ -974,7 +992,7 @@ fn record(app: &App, ctx: &RequestContext<'_>, resp: &Response<GatewayBody>) {
             method,
             status,
             latency,
-            integration: ctx.integration_elapsed,
+            integration: integration_elapsed,
         });
     }
     if let (Some(t), Some(request)) = (&app.tracing, &ctx.trace) {
@@ -995,8 +1013,8 @@ fn record(app: &App, ctx: &RequestContext<'_>, resp: &Response<GatewayBody>) {
             status,
             bytes: http_body::Body::size_hint(resp.body()).exact(),
             latency,
-            integration_latency: ctx.integration_elapsed,
-            error_code: ctx.error_code,
+            integration_latency: integration_elapsed,
+            error_code: ctx.error_code.map(usize::from),
             reason: ctx.auth_failure.map(AuthFailure::index),
             retried: ctx.retried,
         });
@@ -1030,7 +1048,42 @@ fn end_server_span(
                 .and_then(|v| v.sub_header.as_ref())
                 .and_then(|h| h.to_str().ok()),
             request_id: &ctx.request_id,
-            error_code: ctx.error_code.map(|c| crate::rejection::CODES[c]),
+            error_code: ctx
+                .error_code
+                .map(|c| crate::rejection::CODES[usize::from(c)]),
         },
     );
+}
+#[cfg(test)]
+mod size_probe {
+    #[test]
+    fn sizes() {
+        eprintln!(
+            "ctx {}",
+            std::mem::size_of::<super::RequestContext<'static>>()
+        );
+        eprintln!(
+            "timing {}",
+            std::mem::size_of::<Option<crate::integration::Timing>>()
+        );
+        eprintln!(
+            "admission {}",
+            std::mem::size_of::<Option<crate::policy::quota::Admission>>()
+        );
+        eprintln!(
+            "req {}",
+            std::mem::size_of::<http::Request<hyper::body::Incoming>>()
+        );
+        eprintln!("method {}", std::mem::size_of::<http::Method>());
+        eprintln!(
+            "path {}",
+            std::mem::size_of::<Option<crate::path::NormalizedPath>>()
+        );
+        eprintln!("params {}", std::mem::size_of::<super::Params>());
+        eprintln!(
+            "jwt {}",
+            std::mem::size_of::<Option<crate::policy::jwt::Verified>>()
+        );
+        eprintln!("hv {}", std::mem::size_of::<http::HeaderValue>());
+    }
 }

@@ -263,6 +263,12 @@ impl Rejection {
         }
     }
 
+    /// [`Rejection::code_index`] as a byte (there are fewer than 256 codes).
+    pub fn code_byte(&self) -> u8 {
+        const { assert!(CODES.len() <= 256) };
+        self.code_index() as u8
+    }
+
     pub fn code_index(&self) -> usize {
         match self {
             Rejection::BadRequest(_) => 0,

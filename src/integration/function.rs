@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::http::forward;
-use super::Outcome;
+use super::{Outcome, Timing};
 use crate::body::{ForwardBody, GatewayBody};
 use crate::deadline::Deadline;
 use crate::rejection::Rejection;
@@ -215,9 +215,9 @@ pub async fn invoke(
     max_body: u64,
     timeout: Duration,
 ) -> Outcome {
-    let failed = |rejection, elapsed, retried| Outcome {
+    let failed = |rejection, timing, retried| Outcome {
         result: Err(rejection),
-        elapsed,
+        timing,
         retried,
     };
     let body =
@@ -227,12 +227,12 @@ pub async fn invoke(
         {
             Ok(b) => b.to_bytes(),
             Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-                return failed(Rejection::PayloadTooLarge, Duration::ZERO, false)
+                return failed(Rejection::PayloadTooLarge, Timing::unsent(), false)
             }
             Err(_) => {
                 return failed(
                     Rejection::BadRequest(crate::rejection::BadRequest::Body),
-                    Duration::ZERO,
+                    Timing::unsent(),
                     false,
                 )
             }
@@ -244,7 +244,7 @@ pub async fn invoke(
     req.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     let started = Instant::now();
-    let mut deadline = Deadline::new(tokio::time::Instant::now() + timeout);
+    let mut deadline = Deadline::new(tokio::time::Instant::from_std(started) + timeout);
     let forwarded = match forward(
         settings,
         &function.upstream,
@@ -255,7 +255,7 @@ pub async fn invoke(
     .await
     {
         Ok(f) => f,
-        Err(e) => return failed(e.rejection, e.elapsed, e.retried),
+        Err(e) => return failed(e.rejection, e.timing, e.retried),
     };
     let retried = forwarded.retried;
     if forwarded.response.status() != StatusCode::OK {
@@ -263,7 +263,11 @@ pub async fn invoke(
             status = forwarded.response.status().as_u16(),
             "function endpoint answered non-200"
         );
-        return failed(Rejection::IntegrationFailure, started.elapsed(), retried);
+        return failed(
+            Rejection::IntegrationFailure,
+            Timing::since(started),
+            retried,
+        );
     }
     let limited =
         http_body_util::Limited::new(forwarded.response.into_body(), MAX_FUNCTION_RESPONSE);
@@ -272,15 +276,21 @@ pub async fn invoke(
         Ok(Err(_)) => {
             return failed(
                 malformed("answer over 6 MiB or cut short"),
-                started.elapsed(),
+                Timing::since(started),
                 retried,
             )
         }
-        Err(_) => return failed(Rejection::IntegrationTimeout, started.elapsed(), retried),
+        Err(_) => {
+            return failed(
+                Rejection::IntegrationTimeout,
+                Timing::since(started),
+                retried,
+            )
+        }
     };
     Outcome {
         result: response(&raw),
-        elapsed: started.elapsed(),
+        timing: Timing::since(started),
         retried,
     }
 }

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response};
 
+use super::Timing;
 use crate::body::ForwardBody;
 use crate::config::UpstreamConfig;
 use crate::hop_by_hop::{is_hop_by_hop, Removals};
@@ -282,18 +283,19 @@ pub fn tls_config(cfg: &UpstreamConfig) -> Result<Arc<rustls::ClientConfig>, Str
     Ok(Arc::new(tls))
 }
 
-/// Outcome of one backend call: the response, how long its head took, and whether the
-/// request had to be sent a second time (see [`crate::upstream`]).
+/// Outcome of one backend call: the response, when it was sent and its head came, and
+/// whether the request had to be sent a second time (see [`crate::upstream`]).
 pub struct Forwarded {
     pub response: Response<UpstreamBody>,
-    pub elapsed: Duration,
+    pub timing: Timing,
     pub retried: bool,
 }
 
-/// A failed backend call: the rejection, how long it took, and whether it was retried.
+/// A failed backend call: the rejection, when it was sent and failed, and whether it was
+/// retried.
 pub struct NotForwarded {
     pub rejection: Rejection,
-    pub elapsed: Duration,
+    pub timing: Timing,
     pub retried: bool,
 }
 
@@ -318,12 +320,15 @@ pub fn forward<'a, T>(
         Ok(sent) => {
             Ok(Forwarded {
                 response: sent.response,
-                elapsed: sent.answered.saturating_duration_since(started),
+                timing: Timing {
+                    sent: started,
+                    ended: sent.answered,
+                },
                 retried: sent.retried,
             })
         }
         Err(e) => {
-            let elapsed = started.elapsed();
+            let timing = Timing::since(started);
             let backend = upstream.host_header.to_str().unwrap_or("");
             let (rejection, retried) = match e {
                 SendError::ClientBody(r) => (r, false),
@@ -343,7 +348,7 @@ pub fn forward<'a, T>(
             };
             Err(NotForwarded {
                 rejection,
-                elapsed,
+                timing,
                 retried,
             })
         }

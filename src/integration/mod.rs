@@ -9,7 +9,7 @@
 //! and the TLS server name of the URL: its [`crate::upstream::Upstream`] is compiled that
 //! way with the snapshot.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ::http::Response;
 
@@ -20,10 +20,38 @@ pub mod function;
 pub mod http;
 pub mod url;
 
-/// What an integration call produced: the response or the rejection, how long the backend
-/// took, and whether the request was sent a second time.
+/// What an integration call produced: the response or the rejection, when the backend was
+/// called and answered, and whether the request was sent a second time.
 pub struct Outcome {
     pub result: Result<Response<GatewayBody>, Rejection>,
-    pub elapsed: Duration,
+    pub timing: Timing,
     pub retried: bool,
+}
+
+/// When an integration call went out and when its answer head (or its failure) came: the
+/// integration latency, and the end of the request's latency (the pipeline reads no clock
+/// of its own after the call).
+#[derive(Clone, Copy, Debug)]
+pub struct Timing {
+    pub sent: Instant,
+    pub ended: Instant,
+}
+
+impl Timing {
+    /// A call that went out at `sent` and ends now.
+    pub fn since(sent: Instant) -> Self {
+        Self {
+            sent,
+            ended: Instant::now(),
+        }
+    }
+
+    /// A call that never went out (refused before it was sent): zero long, ending now.
+    pub fn unsent() -> Self {
+        Self::since(Instant::now())
+    }
+
+    pub fn elapsed(&self) -> Duration {
+        self.ended.saturating_duration_since(self.sent)
+    }
 }

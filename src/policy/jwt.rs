@@ -351,10 +351,12 @@ impl StageJwt {
 
     /// Verifies the request's token against the stage's auths. With a `kid`, only the auth
     /// with that id (or the JWKS key with that kid) is tried; otherwise every candidate.
-    /// Verifies the bearer token of `authorization` (the request's first `Authorization`).
+    /// Verifies the bearer token of `authorization` (the request's first `Authorization`) at
+    /// `now` (Unix seconds).
     pub fn verify(
         &self,
         authorization: Option<&http::HeaderValue>,
+        now: i64,
     ) -> Result<Verified, AuthFailure> {
         let Some(token) = bearer(authorization) else {
             return Err(if self.auths.is_empty() {
@@ -363,7 +365,6 @@ impl StageJwt {
                 AuthFailure::MissingToken
             });
         };
-        let now = crate::clock::unix_secs();
         if let Some((claims, sub_header, valid_until)) = self.cache().get(token) {
             if now <= valid_until {
                 return Ok(Verified { claims, sub_header });
@@ -484,7 +485,10 @@ mod tests {
         let v = hs_auth();
         let good = json!({"sub": "alice", "exp": now() + 300, "aud": "orders", "iss": "idp"});
         let ok = v
-            .verify(Some(&authorization(&hs(good.clone(), Header::default()))))
+            .verify(
+                Some(&authorization(&hs(good.clone(), Header::default()))),
+                now(),
+            )
             .unwrap();
         assert_eq!(ok.sub(), Some("alice"));
         let cases = [
@@ -524,8 +528,11 @@ mod tests {
         ];
         for (claims, reason) in cases {
             assert_eq!(
-                v.verify(Some(&authorization(&hs(claims.clone(), Header::default()))))
-                    .unwrap_err(),
+                v.verify(
+                    Some(&authorization(&hs(claims.clone(), Header::default()))),
+                    now()
+                )
+                .unwrap_err(),
                 reason,
                 "{claims}"
             );
@@ -539,23 +546,27 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            v.verify(Some(&authorization(&forged))).unwrap_err(),
+            v.verify(Some(&authorization(&forged)), now()).unwrap_err(),
             AuthFailure::Signature
         );
         assert_eq!(
-            v.verify(Some(&authorization("not.a-jwt"))).unwrap_err(),
+            v.verify(Some(&authorization("not.a-jwt")), now())
+                .unwrap_err(),
             AuthFailure::Malformed
         );
         // Within the leeway is fine.
         let recent = json!({"exp": now() - 30, "aud": "orders", "iss": "idp"});
         assert!(v
-            .verify(Some(&authorization(&hs(recent, Header::default()))))
+            .verify(Some(&authorization(&hs(recent, Header::default()))), now())
             .is_ok());
-        assert_eq!(v.verify(None).unwrap_err(), AuthFailure::MissingToken);
-        let none = StageJwt::default();
-        assert_eq!(none.verify(None).unwrap_err(), AuthFailure::NoAuth);
         assert_eq!(
-            none.verify(Some(&authorization(&hs(good, Header::default()))))
+            v.verify(None, now()).unwrap_err(),
+            AuthFailure::MissingToken
+        );
+        let none = StageJwt::default();
+        assert_eq!(none.verify(None, now()).unwrap_err(), AuthFailure::NoAuth);
+        assert_eq!(
+            none.verify(Some(&authorization(&hs(good, Header::default()))), now())
                 .unwrap_err(),
             AuthFailure::NoAuth
         );
@@ -573,13 +584,13 @@ mod tests {
             b64(&claims.to_string())
         );
         assert_eq!(
-            v.verify(Some(&authorization(&none))).unwrap_err(),
+            v.verify(Some(&authorization(&none)), now()).unwrap_err(),
             AuthFailure::Algorithm
         );
         // HS512 with the same secret: the auth pins HS256.
         let t = hs(claims.clone(), Header::new(Algorithm::HS512));
         assert_eq!(
-            v.verify(Some(&authorization(&t))).unwrap_err(),
+            v.verify(Some(&authorization(&t)), now()).unwrap_err(),
             AuthFailure::Algorithm
         );
         // A kid naming another auth.
@@ -588,7 +599,7 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            v.verify(Some(&authorization(&hs(claims.clone(), h))))
+            v.verify(Some(&authorization(&hs(claims.clone(), h))), now())
                 .unwrap_err(),
             AuthFailure::UnknownKid
         );
@@ -596,7 +607,9 @@ mod tests {
             kid: Some("au01".into()),
             ..Default::default()
         };
-        assert!(v.verify(Some(&authorization(&hs(claims, h)))).is_ok());
+        assert!(v
+            .verify(Some(&authorization(&hs(claims, h))), now())
+            .is_ok());
     }
 
     #[test]
@@ -609,7 +622,7 @@ mod tests {
         let v = StageJwt::new(vec![Arc::new(CompiledAuth::compile(&a).unwrap())]);
         let t = hs(json!({"exp": now() + 300}), Header::default());
         assert_eq!(
-            v.verify(Some(&authorization(&t))).unwrap_err(),
+            v.verify(Some(&authorization(&t)), now()).unwrap_err(),
             AuthFailure::AuthExpired
         );
         let other = encode(
@@ -619,7 +632,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            v.verify(Some(&authorization(&other))).unwrap_err(),
+            v.verify(Some(&authorization(&other)), now()).unwrap_err(),
             AuthFailure::Signature
         );
     }
@@ -632,8 +645,8 @@ mod tests {
             json!({"sub": "alice", "exp": exp, "aud": "orders", "iss": "idp"}),
             Header::default(),
         );
-        let first = v.verify(Some(&authorization(&token))).unwrap();
-        let second = v.verify(Some(&authorization(&token))).unwrap();
+        let first = v.verify(Some(&authorization(&token)), now()).unwrap();
+        let second = v.verify(Some(&authorization(&token)), now()).unwrap();
         assert!(
             Arc::ptr_eq(&first.claims, &second.claims),
             "second check is a hit"
@@ -646,11 +659,11 @@ mod tests {
         let claims = first.claims.clone();
         v.cache()
             .insert(forged.as_str().into(), (claims.clone(), None, now() + 100));
-        assert!(v.verify(Some(&authorization(&forged))).is_ok());
+        assert!(v.verify(Some(&authorization(&forged)), now()).is_ok());
         v.cache()
             .insert(forged.as_str().into(), (claims, None, now() - 1));
         assert_eq!(
-            v.verify(Some(&authorization(&forged))).unwrap_err(),
+            v.verify(Some(&authorization(&forged)), now()).unwrap_err(),
             AuthFailure::Signature
         );
         assert!(

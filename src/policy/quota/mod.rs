@@ -163,29 +163,37 @@ impl WindowCache {
 }
 
 /// Admits one request of `key_id` under `plan_id` and builds the answer the pipeline needs.
-pub async fn admit(
-    store: &dyn QuotaStore,
-    slot: &CounterSlot,
-    plan_id: &str,
-    key_id: &str,
+///
+/// Not an async function: its future is part of every keyed request's (see
+/// `pipeline::handle`), and an async body would keep its arguments twice and the at-once
+/// answer across the wait (168 bytes); this one is the store's boxed future and three
+/// numbers, or the at-once answer.
+pub fn admit<'a>(
+    store: &'a dyn QuotaStore,
+    slot: &'a CounterSlot,
+    plan_id: &'a str,
+    key_id: &'a str,
     limit: u64,
     window: Window,
     now: i64,
-) -> Result<Admission, QuotaError> {
-    let (count, admitted) = match store.admit_now(slot, plan_id, key_id, limit, window, now) {
-        Some(r) => r?,
-        None => {
+) -> impl std::future::Future<Output = Result<Admission, QuotaError>> + Send + 'a {
+    use futures_util::future::{ready, Either, FutureExt};
+    let answer = move |r: Result<(u64, bool), QuotaError>| {
+        r.map(|(count, admitted)| Admission {
+            admitted,
+            limit,
+            remaining: limit.saturating_sub(count),
+            reset_secs: (window.end - now).max(1) as u64,
+        })
+    };
+    match store.admit_now(slot, plan_id, key_id, limit, window, now) {
+        Some(r) => Either::Left(ready(answer(r))),
+        None => Either::Right(
             store
                 .admit(slot, plan_id, key_id, limit, window, now)
-                .await?
-        }
-    };
-    Ok(Admission {
-        admitted,
-        limit,
-        remaining: limit.saturating_sub(count),
-        reset_secs: (window.end - now).max(1) as u64,
-    })
+                .map(answer),
+        ),
+    }
 }
 
 /// Requests admitted for one key in one UTC hour.
