@@ -571,6 +571,17 @@ mod tests {
             .unwrap()
     }
 
+    /// One admission of key `k` of plan `up` without a compiled key's slot, now.
+    async fn admit_slotless(
+        s: &impl QuotaStore,
+        limit: u64,
+        window: Window,
+    ) -> Result<(u64, bool), QuotaError> {
+        let slot = CounterSlot::default();
+        s.admit(&slot, "up", "k", limit, window, crate::clock::unix_secs())
+            .await
+    }
+
     #[tokio::test]
     async fn a_keys_slot_counts_on_the_one_counter_of_its_plan_and_key() {
         let (_dir, _db, s) = store();
@@ -578,34 +589,13 @@ mod tests {
         assert_eq!(now_admit(&s, &a, 4, W), (1, true));
         assert_eq!(now_admit(&s, &b, 4, W), (2, true), "another snapshot's key");
         assert_eq!(
-            s.admit(
-                &CounterSlot::default(),
-                "up",
-                "k",
-                4,
-                W,
-                crate::clock::unix_secs()
-            )
-            .await
-            .unwrap(),
+            admit_slotless(&*s, 4, W).await.unwrap(),
             (3, true),
             "no slot"
         );
         assert_eq!(now_admit(&s, &a, 4, W), (4, true));
         assert_eq!(now_admit(&s, &a, 4, W), (4, false));
-        assert_eq!(
-            s.admit(
-                &CounterSlot::default(),
-                "up",
-                "k",
-                4,
-                W,
-                crate::clock::unix_secs()
-            )
-            .await
-            .unwrap(),
-            (4, false)
-        );
+        assert_eq!(admit_slotless(&*s, 4, W).await.unwrap(), (4, false));
         let usage = s.usage("up", 0, i64::MAX).await.unwrap();
         assert_eq!(usage.iter().map(|r| r.count).sum::<u64>(), 4);
     }
@@ -688,37 +678,12 @@ mod tests {
             end: 300,
         };
         assert_eq!(now_admit(&s, &slot, 10, next), (1, true));
-        assert_eq!(
-            s.admit(
-                &CounterSlot::default(),
-                "up",
-                "k",
-                10,
-                next,
-                crate::clock::unix_secs()
-            )
-            .await
-            .unwrap(),
-            (2, true)
-        );
+        assert_eq!(admit_slotless(&*s, 10, next).await.unwrap(), (2, true));
         assert_eq!(s.usage("up", 0, i64::MAX).await.unwrap()[0].count, 2);
         s.flush().unwrap();
         drop(s);
         let again = LocalQuotaStore::open(db).unwrap();
-        assert_eq!(
-            again
-                .admit(
-                    &CounterSlot::default(),
-                    "up",
-                    "k",
-                    10,
-                    next,
-                    crate::clock::unix_secs()
-                )
-                .await
-                .unwrap(),
-            (3, true)
-        );
+        assert_eq!(admit_slotless(&*again, 10, next).await.unwrap(), (3, true));
     }
 
     #[tokio::test]
@@ -734,18 +699,7 @@ mod tests {
             tasks.push(tokio::spawn(async move {
                 let mut n = 0;
                 for _ in 0..100 {
-                    if s.admit(
-                        &CounterSlot::default(),
-                        "up",
-                        "k",
-                        100,
-                        w,
-                        crate::clock::unix_secs(),
-                    )
-                    .await
-                    .unwrap()
-                    .1
-                    {
+                    if admit_slotless(&*s, 100, w).await.unwrap().1 {
                         n += 1;
                     }
                 }
@@ -760,20 +714,7 @@ mod tests {
         store.flush().unwrap();
         drop(store);
         let again = LocalQuotaStore::open(db.clone()).unwrap();
-        assert_eq!(
-            again
-                .admit(
-                    &CounterSlot::default(),
-                    "up",
-                    "k",
-                    100,
-                    w,
-                    crate::clock::unix_secs()
-                )
-                .await
-                .unwrap(),
-            (100, false)
-        );
+        assert_eq!(admit_slotless(&*again, 100, w).await.unwrap(), (100, false));
         let hour = OffsetDateTime::now_utc().unix_timestamp().div_euclid(3600) * 3600;
         let usage = again.usage("up", hour, hour + 3600).await.unwrap();
         assert_eq!(
@@ -792,36 +733,22 @@ mod tests {
         let reopened = LocalQuotaStore::open(db.clone()).unwrap();
         assert!(reopened.usage("up", 0, i64::MAX).await.unwrap().is_empty());
         assert_eq!(
-            reopened
-                .admit(
-                    &CounterSlot::default(),
-                    "up",
-                    "k",
-                    100,
-                    w,
-                    crate::clock::unix_secs()
-                )
-                .await
-                .unwrap(),
+            admit_slotless(&*reopened, 100, w).await.unwrap(),
             (1, true),
             "the ended window was forgotten"
         );
         // The next window restores the quota.
         assert_eq!(
-            again
-                .admit(
-                    &CounterSlot::default(),
-                    "up",
-                    "k",
-                    100,
-                    Window {
-                        start: 200,
-                        end: 300
-                    },
-                    crate::clock::unix_secs()
-                )
-                .await
-                .unwrap(),
+            admit_slotless(
+                &*again,
+                100,
+                Window {
+                    start: 200,
+                    end: 300
+                }
+            )
+            .await
+            .unwrap(),
             (1, true)
         );
     }
