@@ -349,10 +349,10 @@ impl StageJwt {
         &self.caches[crate::worker::index().min(self.caches.len() - 1)]
     }
 
-    /// Verifies the request's token against the stage's auths. With a `kid`, only the auth
-    /// with that id (or the JWKS key with that kid) is tried; otherwise every candidate.
     /// Verifies the bearer token of `authorization` (the request's first `Authorization`) at
-    /// `now` (Unix seconds).
+    /// `now` (Unix seconds) against the stage's auths: a token verified before comes from
+    /// the worker's cache; otherwise, with a `kid`, only the auth with that id (or the JWKS
+    /// key with that kid) is tried, else every candidate.
     pub fn verify(
         &self,
         authorization: Option<&http::HeaderValue>,
