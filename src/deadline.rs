@@ -4,11 +4,12 @@
 //! runtime's timer wheel (under the wheel's lock) and on drop taken out again (the lock
 //! once more), about 600 instructions per forwarded request. A [`Deadline`] instead takes
 //! a timer from its worker's stock and gives it back when the request is done. A timer in
-//! the stock stays in the wheel; moving it to a later deadline (each request's deadline is
-//! later than the previous one's when the timeouts are alike) is one compare-and-swap, and
-//! the wheel, reaching the old deadline, finds the new one and files the timer again. A
-//! timer left in the stock past its deadline fires once, waking the task that last waited
-//! on it for nothing (a spurious wake is harmless: futures re-check their state).
+//! the stock stays in the wheel at the deadline it last had. A request whose deadline is
+//! later (each one's is when the timeouts are alike) keeps it so: the timer fires early,
+//! once per timeout period, and the wait that holds it then moves it to its own deadline
+//! and waits on. A timer left in the stock past its deadline fires once, waking the task
+//! that last waited on it for nothing (a spurious wake is harmless: futures re-check their
+//! state).
 //!
 //! The stock is per worker thread (one `current_thread` runtime each: the timers belong to
 //! that runtime), filled only between [`enable`] and [`disable`], which the worker calls
@@ -73,15 +74,32 @@ impl Deadline {
     fn poll_timer(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         let at = self.at;
         let timer = self.timer.get_or_insert_with(|| take(at));
-        timer.as_mut().poll(cx)
+        loop {
+            std::task::ready!(timer.as_mut().poll(cx));
+            if timer.deadline() >= at {
+                return Poll::Ready(());
+            }
+            // A kept timer fired at the earlier deadline it came with (see `take`): now
+            // it is moved to this one.
+            timer.as_mut().reset(at);
+        }
     }
 }
 
-/// A timer for `at`: one of the worker's, moved to `at`, or a new one.
+/// A timer for `at`: one of the worker's, or a new one.
+///
+/// A kept timer still armed for a moment before `at` is left as it is: it fires early,
+/// once, and [`Deadline::poll_timer`] moves it to `at` then. Under a steady load every
+/// request's deadline is later than the one its timer last served, so a timer is moved
+/// about once per timeout period instead of once per request (a move costs ~120
+/// instructions). One that fired already, or is due after `at` (a stage with a shorter
+/// timeout), is moved now.
 fn take(at: Instant) -> Timer {
     match IDLE.with_borrow_mut(|s| s.as_mut().and_then(Vec::pop)) {
         Some(mut t) => {
-            t.as_mut().reset(at);
+            if t.is_elapsed() || t.deadline() > at {
+                t.as_mut().reset(at);
+            }
             t
         }
         None => Box::pin(tokio::time::sleep_until(at)),
@@ -209,6 +227,28 @@ mod tests {
         let r: Result<(), Elapsed> = last.wait(std::future::pending()).await;
         assert_eq!(r, Err(Elapsed));
         drop(last);
+        disable();
+    }
+
+    #[tokio::test]
+    async fn a_kept_timer_due_earlier_gives_up_at_the_new_deadline_not_before() {
+        enable();
+        let mut soon = after(20);
+        soon.wait(one_wait()).await.unwrap();
+        drop(soon);
+        // The kept timer is still due at the old 20 ms when the next wait takes it: it
+        // fires then, and the wait must neither give up nor hang, but end at its own.
+        let start = Instant::now();
+        let mut later = after(150);
+        let r: Result<(), Elapsed> = later.wait(std::future::pending()).await;
+        assert_eq!(r, Err(Elapsed));
+        assert!(
+            start.elapsed() >= Duration::from_millis(140),
+            "gave up after {:?}, at the kept timer's old deadline",
+            start.elapsed()
+        );
+        drop(later);
+        assert_eq!(stocked(), 1);
         disable();
     }
 

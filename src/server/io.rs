@@ -207,11 +207,24 @@ impl HeadScan {
     /// Scans `bytes`; true when the head ended with both headers present, or with
     /// `Content-Length` more than once (hyper keeps one of equal copies, silently).
     ///
-    /// Only the first bytes of a line can match; once both names are ruled out the rest of
-    /// the line is skipped with `memchr`.
+    /// A line that starts and ends in `bytes` (nearly every line: a head usually comes in
+    /// one read) is looked at whole: its end found with `memchr`, its start compared with
+    /// the two names. A line split across reads goes byte by byte, where only the first
+    /// bytes of a line can match; once both names are ruled out the rest of the line is
+    /// skipped with `memchr`.
     pub fn feed(&mut self, bytes: &[u8]) -> bool {
         let mut i = 0;
         while i < bytes.len() && !self.done {
+            if self.line_len == 0 {
+                if let Some(p) = memchr::memchr(b'\n', &bytes[i..]) {
+                    let line = &bytes[i..i + p];
+                    i += p + 1;
+                    if let Some(ambiguous) = self.whole_line(line) {
+                        return ambiguous;
+                    }
+                    continue;
+                }
+            }
             if self.line_len > 0 && !self.cl_match && !self.te_match {
                 match memchr::memchr(b'\n', &bytes[i..]) {
                     Some(p) => i += p,
@@ -256,6 +269,32 @@ impl HeadScan {
             }
         }
         false
+    }
+
+    /// A whole line, without its `\n`; the head's verdict if it was the empty line that
+    /// ends the head. Leading `\r`s are skipped, as the byte-wise scan does.
+    fn whole_line(&mut self, mut line: &[u8]) -> Option<bool> {
+        while let [b'\r', rest @ ..] = line {
+            line = rest;
+        }
+        // Most lines are ruled out by their first byte, the rest at their first difference.
+        let starts = |name: &[u8]| {
+            line.len() >= name.len()
+                && line
+                    .iter()
+                    .zip(name)
+                    .all(|(b, n)| b.to_ascii_lowercase() == *n)
+        };
+        match line.first().map(u8::to_ascii_lowercase) {
+            None => {
+                self.done = true;
+                return Some((self.cl_lines > 0 && self.saw_te) || self.cl_lines > 1);
+            }
+            Some(b'c') if starts(CL_NAME) => self.cl_lines = self.cl_lines.saturating_add(1),
+            Some(b't') if starts(TE_NAME) => self.saw_te = true,
+            Some(_) => {}
+        }
+        None
     }
 }
 
@@ -428,6 +467,30 @@ mod tests {
             b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n"
         ]));
         assert!(!scan(&[b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\n"]));
+    }
+
+    #[test]
+    fn a_head_split_anywhere_gets_the_same_verdict() {
+        let heads: [&[u8]; 5] = [
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: 5\r\ncontent-length: 5\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nTransfer-Encoding: x\r\n\r\n",
+            b"GET / HTTP/1.1\nX-Transfer-Encoding: chunked\nContent-Length: 0\n\n",
+            b"POST / HTTP/1.1\r\n\rTransfer-Encoding: chunked\r\nContent-Length: 1\r\n\r\n",
+        ];
+        for head in heads {
+            let whole = scan(&[head]);
+            for k in 0..=head.len() {
+                assert_eq!(
+                    scan(&[&head[..k], &head[k..]]),
+                    whole,
+                    "split at {k}: {}",
+                    String::from_utf8_lossy(head)
+                );
+            }
+        }
+        assert!(scan(&[heads[0]]) && scan(&[heads[1]]) && scan(&[heads[4]]));
+        assert!(!scan(&[heads[2]]) && !scan(&[heads[3]]));
     }
 
     #[test]
