@@ -82,14 +82,21 @@ impl CorsPolicy {
 
     /// The `Access-Control-Allow-Origin` value for `origin`, if it is allowed.
     fn allow_origin(&self, origin: &HeaderValue) -> Option<HeaderValue> {
-        let o = origin.to_str().ok()?;
-        if o == "null" {
+        // Compared as bytes: a listed origin is text, so a value equal to one is too (a
+        // check of every byte first would cost more than the comparison).
+        let o = origin.as_bytes();
+        if o == b"null" {
             return None;
         }
-        if self.origins.iter().any(|a| a.eq_ignore_ascii_case(o)) {
+        if self
+            .origins
+            .iter()
+            .any(|a| a.as_bytes().eq_ignore_ascii_case(o))
+        {
             return Some(origin.clone());
         }
-        if self.any_origin {
+        // Any other origin is echoed only if it is visible ASCII.
+        if self.any_origin && origin.to_str().is_ok() {
             return Some(if self.credentials {
                 origin.clone()
             } else {
