@@ -143,7 +143,22 @@ fn gateway_bin() -> String {
 struct Proc(Child, Option<SocketAddr>);
 
 impl Proc {
+    /// Starts `cmd` in a process group of its own, and has the kernel send it SIGTERM if
+    /// the bench dies first (Linux `PR_SET_PDEATHSIG`): ^C on a long run reaches only the
+    /// bench's own group, and a killed bench runs no `Drop`; SIGTERM stops each of these
+    /// servers with its children (nginx's master its workers, valgrind its client). Every
+    /// `Proc` is started from the main thread, which lives as long as the bench.
     fn spawn(cmd: &mut Command) -> std::io::Result<Proc> {
+        // SAFETY: between fork and exec the closure calls only `prctl`, which is
+        // async-signal-safe, and allocates nothing.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         cmd.process_group(0).spawn().map(|c| Proc(c, None))
     }
 
@@ -788,16 +803,13 @@ fn idle_connections(pid: u32, addr: SocketAddr, host: &str, n: usize) -> (u64, u
 /// An open-loop run at a fixed rate with oha, latencies corrected for coordinated omission.
 #[derive(Debug, Clone)]
 struct Fixed {
-    name: String,
     achieved: f64,
     p50_ms: f64,
     p99_ms: f64,
     p999_ms: f64,
 }
 
-#[allow(clippy::too_many_arguments)]
 fn oha_fixed(
-    name: &str,
     url: &str,
     host: &str,
     headers: &[String],
@@ -817,7 +829,6 @@ fn oha_fixed(
     let v: Value = serde_json::from_slice(&out.stdout).ok()?;
     let p = |k: &str| v["latencyPercentiles"][k].as_f64().map(|s| s * 1000.0);
     Some(Fixed {
-        name: name.into(),
         achieved: v["summary"]["requestsPerSec"].as_f64()?,
         p50_ms: p("p50")?,
         p99_ms: p("p99")?,
@@ -1349,57 +1360,99 @@ fn main() {
     }
 
     // Row 6: open-loop runs at half nginx's maximum (1 worker), latency corrected for
-    // coordinated omission; the added p99 is over the direct run's.
+    // coordinated omission. In interleaved rounds, as the closed-loop rows (a p99 over a few
+    // seconds is what a slow stretch of this shared machine moves most): each round runs
+    // the backend directly and then every row, in a shuffled order; a row's added p99 is
+    // the median over rounds of its p99 less the same round's direct p99.
     let rate = (find("nginx (1w)").or(find("floor (1w)")).unwrap_or(0.0) / 2.0).round() as u64;
     if has("oha") && rate > 0 {
-        let mut fixed = Vec::new();
-        let mut spans_dropped = Vec::new();
-        fixed.extend(oha_fixed(
-            "direct to the backend",
-            &direct,
-            "backend",
-            &[],
-            rate,
-            seconds,
-            conns,
-        ));
-        for r in rows.iter().filter(|r| {
-            r.name.ends_with("(1w)") && !r.name.contains("fleet") && !r.name.contains("APIs")
-        }) {
-            let url = format!("http://{}/prod/ping", r.addr);
-            let admin = r._proc.as_ref().and_then(|p| p.1);
-            let before = admin
-                .filter(|_| r.name.contains("tracing"))
-                .and_then(span_counts);
-            fixed.extend(oha_fixed(
-                &r.name, &url, &r.host, &r.headers, rate, seconds, conns,
-            ));
-            if let (Some(before), Some(after)) = (before, admin.and_then(span_counts)) {
-                let share = dropped_share(&r.name, before, after);
-                spans_dropped.push(format!("{}: {share}", r.name));
+        let targets: Vec<&Row> = rows
+            .iter()
+            .filter(|r| {
+                r.name.ends_with("(1w)") && !r.name.contains("fleet") && !r.name.contains("APIs")
+            })
+            .collect();
+        let spans_before: Vec<_> = targets
+            .iter()
+            .map(|r| {
+                r._proc
+                    .as_ref()
+                    .and_then(|p| p.1)
+                    .filter(|_| r.name.contains("tracing"))
+                    .and_then(span_counts)
+            })
+            .collect();
+        let mut direct_runs: Vec<Option<Fixed>> = Vec::new();
+        let mut runs: Vec<Vec<Option<Fixed>>> = vec![Vec::new(); targets.len()];
+        let mut order: Vec<usize> = (0..targets.len()).collect();
+        for round in 0..rounds {
+            eprintln!("open loop, round {}/{rounds}", round + 1);
+            let d = oha_fixed(&direct, "backend", &[], rate, seconds, conns);
+            eprintln!(
+                "  {:<52} p99 {:>7.3} ms",
+                "direct to the backend",
+                d.as_ref().map_or(f64::NAN, |f| f.p99_ms)
+            );
+            direct_runs.push(d);
+            {
+                use rand::{seq::SliceRandom, SeedableRng};
+                order.shuffle(&mut rand::rngs::SmallRng::seed_from_u64(round as u64));
+            }
+            for &i in &order {
+                let r = targets[i];
+                let url = format!("http://{}/prod/ping", r.addr);
+                let f = oha_fixed(&url, &r.host, &r.headers, rate, seconds, conns);
+                eprintln!(
+                    "  {:<52} p99 {:>7.3} ms",
+                    r.name,
+                    f.as_ref().map_or(f64::NAN, |f| f.p99_ms)
+                );
+                runs[i].push(f);
             }
         }
         println!();
-        println!("row 6, open loop: oha -q {rate} (half nginx's 1w maximum) -c{conns} -z{seconds}s --latency-correction, oha on CPU 1");
+        println!("row 6, open loop: oha -q {rate} (half nginx's 1w maximum) -c{conns} -z{seconds}s --latency-correction, oha on CPU 1, {rounds} interleaved rounds, medians; added p99: median over rounds of (row p99 − that round's direct p99)");
         println!(
             "{:<50} {:>9} {:>8} {:>8} {:>9} {:>13}",
             "row", "req/s", "p50 ms", "p99 ms", "p99.9 ms", "added p99 ms"
         );
-        if let Some(d) = fixed.first().cloned() {
-            for f in &fixed {
+        let med = |v: &[Option<Fixed>], f: fn(&Fixed) -> f64| {
+            let xs: Vec<f64> = v.iter().flatten().map(f).collect();
+            (!xs.is_empty()).then(|| median(xs))
+        };
+        let line = |name: &str, v: &[Option<Fixed>], added: Option<f64>| {
+            if let (Some(rps), Some(p50), Some(p99), Some(p999)) = (
+                med(v, |f| f.achieved),
+                med(v, |f| f.p50_ms),
+                med(v, |f| f.p99_ms),
+                med(v, |f| f.p999_ms),
+            ) {
                 println!(
-                    "{:<50} {:>9.0} {:>8.3} {:>8.3} {:>9.3} {:>13.3}",
-                    f.name,
-                    f.achieved,
-                    f.p50_ms,
-                    f.p99_ms,
-                    f.p999_ms,
-                    f.p99_ms - d.p99_ms
+                    "{:<50} {:>9.0} {:>8.3} {:>8.3} {:>9.3} {:>13}",
+                    name,
+                    rps,
+                    p50,
+                    p99,
+                    p999,
+                    added.map_or("-".to_string(), |a| format!("{a:.3}"))
                 );
             }
+        };
+        line("direct to the backend", &direct_runs, Some(0.0));
+        for (r, v) in targets.iter().zip(&runs) {
+            let added: Vec<f64> = v
+                .iter()
+                .zip(&direct_runs)
+                .filter_map(|(f, d)| Some(f.as_ref()?.p99_ms - d.as_ref()?.p99_ms))
+                .collect();
+            line(&r.name, v, (!added.is_empty()).then(|| median(added)));
         }
-        for line in spans_dropped {
-            println!("open loop, {line}");
+        for (r, before) in targets.iter().zip(spans_before) {
+            let admin = r._proc.as_ref().and_then(|p| p.1);
+            if let (Some(before), Some(after)) = (before, admin.and_then(span_counts)) {
+                let share = dropped_share(&r.name, before, after);
+                println!("open loop, {}: {share}", r.name);
+            }
         }
     }
 
