@@ -152,6 +152,78 @@ async fn redis_down_applies_the_failure_mode_and_counting_resumes() {
     );
 }
 
+/// The keys an admission writes expire on their own: the window counter an hour after its
+/// window (a day here) ends, the usage hour after the retention period. Each is set when
+/// the key is made and still there after later admissions, a refused one included, and
+/// after another key id's first admission in the same usage hour.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admission_keys_expire_on_their_own() {
+    let redis = Redis::start();
+    let b = Backend::start("b").await;
+    let mut doc = keyed_api(&b, 3);
+    doc["usage_plans"][0]["api_keys"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({"id": "k2", "name": "two", "key": "fleet-key-value-0002"}));
+    let gw = Gateway::start(
+        &[("api1.json", &doc)],
+        &fleet_toml_with_timeout(&url(&redis), "closed", "2s"),
+    );
+    wait_connected(&gw).await;
+    let c = client();
+    for want in [200, 200, 200, 429] {
+        assert_eq!(keyed_get(&c, &gw).await.status(), want);
+    }
+    let r = gw
+        .req(&c, reqwest::Method::GET, HOST, "/prod/orders")
+        .header("x-scp-apikey", "fleet-key-value-0002")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    let mut conn = ::redis::Client::open(url(&redis))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let mut keys: Vec<String> = ::redis::cmd("KEYS")
+        .arg("scpgw:*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    keys.sort();
+    let [k1_counter, k2_counter, usage] = <[String; 3]>::try_from(keys.clone())
+        .unwrap_or_else(|_| panic!("two counters and one usage hour: {keys:?}"));
+    assert!(k1_counter.starts_with("scpgw:quota:{up1}:k1:"), "{keys:?}");
+    assert!(k2_counter.starts_with("scpgw:quota:{up1}:k2:"), "{keys:?}");
+    assert!(usage.starts_with("scpgw:usage:{up1}:"), "{keys:?}");
+    let get = |k: &str| ::redis::cmd("GET").arg(k).to_owned();
+    let count: u64 = get(&k1_counter).query_async(&mut conn).await.unwrap();
+    assert_eq!(count, 3, "the refused call is not counted");
+    let hits: std::collections::HashMap<String, u64> = ::redis::cmd("HGETALL")
+        .arg(&usage)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(hits, [("k1".to_string(), 3), ("k2".to_string(), 1)].into());
+    for (key, most) in [
+        (&k1_counter, 86_400 + 3_600),
+        (&k2_counter, 86_400 + 3_600),
+        (&usage, 63 * 86_400),
+    ] {
+        let ttl: i64 = ::redis::cmd("TTL")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(
+            ttl > 0 && ttl <= most,
+            "{key} expires in {ttl} s (at most {most})"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_at_start_up_then_up() {
     let port = closed_port();
