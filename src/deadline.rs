@@ -161,6 +161,15 @@ mod tests {
         7
     }
 
+    /// Leaves one timer in the stock, armed for `ms` from now (a wait that took it and
+    /// finished first).
+    async fn stock_a_timer_due_in(ms: u64) {
+        let mut d = after(ms);
+        d.wait(one_wait()).await.unwrap();
+        drop(d);
+        assert_eq!(stocked(), 1);
+    }
+
     #[tokio::test]
     async fn a_wait_that_finishes_first_gives_its_output() {
         assert_eq!(after(60_000).wait(async { 5 }).await, Ok(5));
@@ -192,10 +201,7 @@ mod tests {
     #[tokio::test]
     async fn a_kept_timer_moved_earlier_fires_at_the_new_deadline() {
         enable();
-        let mut far = after(60_000);
-        far.wait(one_wait()).await.unwrap();
-        drop(far);
-        assert_eq!(stocked(), 1);
+        stock_a_timer_due_in(60_000).await;
         // The same timer, now due in 20 ms: it must fire long before a 10 s sleep ends
         // (not at its old deadline a minute away).
         let mut near = after(20);
@@ -233,9 +239,7 @@ mod tests {
     #[tokio::test]
     async fn a_kept_timer_due_earlier_gives_up_at_the_new_deadline_not_before() {
         enable();
-        let mut soon = after(20);
-        soon.wait(one_wait()).await.unwrap();
-        drop(soon);
+        stock_a_timer_due_in(20).await;
         // The kept timer is still due at the old 20 ms when the next wait takes it: it
         // fires then, and the wait must neither give up nor hang, but end at its own.
         let start = Instant::now();
@@ -255,9 +259,7 @@ mod tests {
     #[tokio::test]
     async fn a_kept_timer_moved_later_does_not_fire_at_its_old_deadline() {
         enable();
-        let mut soon = after(30);
-        soon.wait(one_wait()).await.unwrap();
-        drop(soon);
+        stock_a_timer_due_in(30).await;
         // Moved to 10 s from now; the answer comes after 300 ms, well past the old 30 ms.
         let mut later = after(10_000);
         let r = later
