@@ -59,6 +59,32 @@ fn has(tool: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// The bench's working directory (configurations, snapshots, logs), `scp-load-<pid>.*` in
+/// the temporary directory, removed when the run ends. A run that was killed leaves its
+/// own behind (no `Drop` runs): those of bench processes no longer running are removed
+/// here first.
+fn work_dir() -> tempfile::TempDir {
+    const PREFIX: &str = "scp-load-";
+    let base = std::env::temp_dir();
+    for entry in std::fs::read_dir(&base).into_iter().flatten().flatten() {
+        let name = entry.file_name();
+        let pid = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(PREFIX))
+            .and_then(|rest| rest.split('.').next())
+            .and_then(|p| p.parse::<u32>().ok());
+        if let Some(pid) = pid {
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+    tempfile::Builder::new()
+        .prefix(&format!("{PREFIX}{}.", std::process::id()))
+        .tempdir()
+        .expect("a working directory in the temporary directory")
+}
+
 /// The minimal backend: `200 ok`, keep-alive; counts accepted connections.
 fn start_backend(accepted: Arc<AtomicUsize>) -> SocketAddr {
     let (tx, rx) = std::sync::mpsc::channel();
@@ -1030,7 +1056,7 @@ fn main() {
         .status();
     let accepted = Arc::new(AtomicUsize::new(0));
     let backend = start_backend(accepted.clone());
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = work_dir();
     let write = |dir: &Path, name: &str, v: &Value| {
         std::fs::create_dir_all(dir.join("snapshots")).unwrap();
         std::fs::write(
