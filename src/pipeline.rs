@@ -1054,36 +1054,3 @@ fn end_server_span(
         },
     );
 }
-#[cfg(test)]
-mod size_probe {
-    #[test]
-    fn sizes() {
-        eprintln!(
-            "ctx {}",
-            std::mem::size_of::<super::RequestContext<'static>>()
-        );
-        eprintln!(
-            "timing {}",
-            std::mem::size_of::<Option<crate::integration::Timing>>()
-        );
-        eprintln!(
-            "admission {}",
-            std::mem::size_of::<Option<crate::policy::quota::Admission>>()
-        );
-        eprintln!(
-            "req {}",
-            std::mem::size_of::<http::Request<hyper::body::Incoming>>()
-        );
-        eprintln!("method {}", std::mem::size_of::<http::Method>());
-        eprintln!(
-            "path {}",
-            std::mem::size_of::<Option<crate::path::NormalizedPath>>()
-        );
-        eprintln!("params {}", std::mem::size_of::<super::Params>());
-        eprintln!(
-            "jwt {}",
-            std::mem::size_of::<Option<crate::policy::jwt::Verified>>()
-        );
-        eprintln!("hv {}", std::mem::size_of::<http::HeaderValue>());
-    }
-}

@@ -48,7 +48,11 @@ impl Timing {
 
     /// A call that never went out (refused before it was sent): zero long, ending now.
     pub fn unsent() -> Self {
-        Self::since(Instant::now())
+        let now = Instant::now();
+        Self {
+            sent: now,
+            ended: now,
+        }
     }
 
     pub fn elapsed(&self) -> Duration {
