@@ -5,7 +5,7 @@
 //! order per round), medians reported, with the proxy's CPU time per request (its
 //! processes' user and system time over the run, per request).
 //! Then open-loop latency (oha), the memory of idle connections, and instructions per
-//! request (callgrind) for the floor, the gateway and nginx.
+//! request (callgrind) for the floor (also adding the contract's headers), the gateway and nginx.
 //!
 //! Run: `cargo bench --bench load` (needs `wrk`, `taskset`, `curl`; the reference rows need
 //! `nginx` and `haproxy`, row 6 `oha`, the instruction counts `valgrind`, the fleet rows
@@ -281,8 +281,14 @@ fn start_gateway(
     (p, addr)
 }
 
-/// Starts the floor proxy (this executable with `--floor-proxy`).
-fn start_floor(prefix: &[&str], workers: u64, backend: SocketAddr) -> (Proc, SocketAddr) {
+/// Starts the floor proxy (this executable with `--floor-proxy`); with `headers`, the
+/// floor that adds the contract's headers.
+fn start_floor(
+    prefix: &[&str],
+    workers: u64,
+    backend: SocketAddr,
+    headers: bool,
+) -> (Proc, SocketAddr) {
     let exe = std::env::current_exe().unwrap();
     let mut cmd = Command::new(prefix[0]);
     cmd.args(&prefix[1..])
@@ -293,6 +299,7 @@ fn start_floor(prefix: &[&str], workers: u64, backend: SocketAddr) -> (Proc, Soc
             &backend.to_string(),
             &workers.to_string(),
         ])
+        .args(headers.then_some("headers"))
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
     let mut p = Proc::spawn(&mut cmd).expect("start the floor proxy");
@@ -1011,13 +1018,15 @@ impl Row {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    // The floor proxy runs as this executable: `--floor-proxy LISTEN BACKEND WORKERS`.
+    // The floor proxy runs as this executable: `--floor-proxy LISTEN BACKEND WORKERS
+    // [headers]`.
     if args.get(1).map(String::as_str) == Some("--floor-proxy") {
         let arg = |i: usize| args.get(i).expect("--floor-proxy LISTEN BACKEND WORKERS");
         floor::main(
             arg(2).parse().unwrap(),
             arg(3).parse().unwrap(),
             arg(4).parse().unwrap(),
+            args.get(5).is_some_and(|a| a == "headers"),
         );
         return;
     }
@@ -1131,7 +1140,7 @@ fn main() {
         }
         add(
             format!("floor ({w})"),
-            start_floor(&pin, workers, backend),
+            start_floor(&pin, workers, backend, false),
             "bare.test",
             &[],
         );
@@ -1526,8 +1535,12 @@ fn main() {
         let dir = tmp.path();
         let show = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.0}"));
         let fl = callgrind_per_request(dir, "floor", "bare.test", &[], &|prefix, _| {
-            start_floor(prefix, 1, backend)
+            start_floor(prefix, 1, backend, false)
         });
+        let fl_headers =
+            callgrind_per_request(dir, "floor-headers", "bare.test", &[], &|prefix, _| {
+                start_floor(prefix, 1, backend, true)
+            });
         let bare = callgrind_per_request(dir, "bare", "bare.test", &[], &|prefix, name| {
             start_gateway(&single, name, prefix, 1, false, "")
         });
@@ -1590,6 +1603,11 @@ fn main() {
             _ => String::new(),
         };
         println!("  floor {}", show(fl));
+        println!(
+            "  floor adding the contract's 8 headers (values made once) {}{}",
+            show(fl_headers),
+            vs(fl_headers)
+        );
         println!("  gateway, bare route {}{}", show(bare), vs(bare));
         println!("  gateway, full chain {}{}", show(full), vs(full));
         let to_full = match (fleet, full) {

@@ -7,6 +7,12 @@
 //! same client (`hyper::client::conn::http1` senders in a per-worker pool, given back when
 //! the answer's body ends). No routing, no policies, no header rules, no metrics, no
 //! watchdog, no retries: the gap between the gateway and this is the gateway's own work.
+//!
+//! Started with `headers`, it also adds the headers the contract puts on every forwarded
+//! request (`X-Forwarded-For/-Proto/-Host`, `x-scp-request-id`, `x-scp-api-id`,
+//! `x-scp-stage`, `traceparent`) and on every answer (`x-scp-request-id`), with values made
+//! once: a reference for how much of the gateway's gap is the header map work the contract
+//! asks for (http's `HeaderMap` hashes each custom name byte by byte on every insertion).
 
 use std::cell::RefCell;
 use std::convert::Infallible;
@@ -85,10 +91,55 @@ async fn sender(backend: SocketAddr) -> Result<Sender, String> {
     Ok(s)
 }
 
+/// The contract's forwarding headers, values made once (see the module docs).
+struct ContractHeaders {
+    forwarded_for: HeaderValue,
+}
+
+static X_SCP_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-scp-request-id");
+static X_FORWARDED_FOR: http::HeaderName = http::HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_HOST: http::HeaderName = http::HeaderName::from_static("x-forwarded-host");
+static ADDED: [(http::HeaderName, HeaderValue); 5] = [
+    (
+        http::HeaderName::from_static("x-forwarded-proto"),
+        HeaderValue::from_static("http"),
+    ),
+    (
+        http::HeaderName::from_static("x-scp-request-id"),
+        HeaderValue::from_static("5f0e4c2a9b7d13e80000000000000001"),
+    ),
+    (
+        http::HeaderName::from_static("x-scp-api-id"),
+        HeaderValue::from_static("api-bench"),
+    ),
+    (
+        http::HeaderName::from_static("x-scp-stage"),
+        HeaderValue::from_static("bench"),
+    ),
+    (
+        http::HeaderName::from_static("traceparent"),
+        HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+    ),
+];
+
+impl ContractHeaders {
+    fn add(&self, h: &mut http::HeaderMap) {
+        h.reserve(8);
+        h.append(&X_FORWARDED_FOR, self.forwarded_for.clone());
+        if let Some(host) = h.get(http::header::HOST).cloned() {
+            h.append(&X_FORWARDED_HOST, host);
+        }
+        for (name, value) in &ADDED {
+            h.append(name, value.clone());
+        }
+    }
+}
+
 async fn proxy(
     mut req: Request<Incoming>,
     backend: SocketAddr,
     host: HeaderValue,
+    contract: Option<&ContractHeaders>,
 ) -> Response<http_body_util::Either<Pooled, http_body_util::Full<Bytes>>> {
     let bad = || {
         let mut r = Response::new(http_body_util::Either::Right(http_body_util::Full::new(
@@ -97,6 +148,9 @@ async fn proxy(
         *r.status_mut() = http::StatusCode::BAD_GATEWAY;
         r
     };
+    if let Some(c) = contract {
+        c.add(req.headers_mut());
+    }
     if let Some(pq) = req.uri().path_and_query().cloned() {
         *req.uri_mut() = http::Uri::from(pq);
     }
@@ -107,7 +161,10 @@ async fn proxy(
     };
     match s.send_request(req).await {
         Ok(resp) => {
-            let (parts, body) = resp.into_parts();
+            let (mut parts, body) = resp.into_parts();
+            if contract.is_some() {
+                parts.headers.insert(&X_SCP_REQUEST_ID, ADDED[1].1.clone());
+            }
             let mut body = Pooled {
                 inner: body,
                 sender: Some(s),
@@ -121,8 +178,9 @@ async fn proxy(
     }
 }
 
-/// Runs the floor proxy until the process is killed. Prints `listening ADDR`.
-pub fn main(listen: SocketAddr, backend: SocketAddr, workers: usize) {
+/// Runs the floor proxy until the process is killed. Prints `listening ADDR`. With
+/// `headers`, it adds the contract's headers (see the module docs).
+pub fn main(listen: SocketAddr, backend: SocketAddr, workers: usize, headers: bool) {
     let socks = scp_gateway::server::bind::bind(listen, workers, "floor").expect("bind");
     println!("listening {}", socks[0].local_addr().unwrap());
     let host = HeaderValue::from_str(&backend.to_string()).unwrap();
@@ -144,15 +202,25 @@ pub fn main(listen: SocketAddr, backend: SocketAddr, workers: usize) {
                     let b = Arc::new(b);
                     let listener = tokio::net::TcpListener::from_std(sock).unwrap();
                     loop {
-                        let Ok((stream, _)) = listener.accept().await else {
+                        let Ok((stream, peer)) = listener.accept().await else {
                             continue;
                         };
+                        let contract = headers.then(|| {
+                            Arc::new(ContractHeaders {
+                                forwarded_for: HeaderValue::from_str(&peer.ip().to_string())
+                                    .unwrap(),
+                            })
+                        });
                         let _ = stream.set_nodelay(true);
                         let (b, host) = (b.clone(), host.clone());
                         tokio::spawn(async move {
                             let svc = hyper::service::service_fn(move |req| {
-                                let host = host.clone();
-                                async move { Ok::<_, Infallible>(proxy(req, backend, host).await) }
+                                let (host, contract) = (host.clone(), contract.clone());
+                                async move {
+                                    Ok::<_, Infallible>(
+                                        proxy(req, backend, host, contract.as_deref()).await,
+                                    )
+                                }
                             });
                             let _ = b.serve_connection(TokioIo::new(stream), svc).await;
                         });
