@@ -76,7 +76,10 @@ async fn redis_down_applies_the_failure_mode_and_counting_resumes() {
     let r = keyed_get(&c, &closed).await;
     assert!(r.headers().contains_key("ratelimit-remaining"));
 
-    // Redis hangs (SIGSTOP): no request waits longer than the 50 ms timeout.
+    // Redis hangs (SIGSTOP): a request waits for the store's 50 ms timeout, then gets the
+    // failure mode; it is not held until Redis answers. (The 5 s bound below is far beyond
+    // the timeout on purpose: it tells giving up after the timeout from waiting on the hung
+    // store, not how fast this machine is.)
     let signal = |sig: &str| {
         Command::new("kill")
             .args([sig, &redis.pid().expect("running").to_string()])
@@ -86,18 +89,22 @@ async fn redis_down_applies_the_failure_mode_and_counting_resumes() {
     signal("-STOP");
     for gw in [&closed, &open] {
         let started = Instant::now();
-        let r = keyed_get(&c, gw).await;
+        // Without the store's timeout the answer would wait for SIGCONT, that is forever.
+        let r = tokio::time::timeout(Duration::from_secs(5), keyed_get(&c, gw))
+            .await
+            .expect("a hung store holds the request");
         let took = started.elapsed();
         assert!(matches!(r.status().as_u16(), 503 | 200), "{}", r.status());
         assert!(
-            took >= Duration::from_millis(40) && took < Duration::from_millis(400),
-            "a hung store costs about the timeout, took {took:?}"
+            took >= Duration::from_millis(40),
+            "answered before the store's timeout ran out: took {took:?}"
         );
         eprintln!("Redis hung: answered {} in {took:?}", r.status());
     }
     signal("-CONT");
 
-    // Redis dies mid-run: the failure mode applies within the timeout.
+    // Redis dies mid-run: the failure mode applies at once (a refused connection), and
+    // never waits on the dead store.
     redis.kill();
     let mut slowest = Duration::ZERO;
     for _ in 0..5 {
@@ -107,7 +114,7 @@ async fn redis_down_applies_the_failure_mode_and_counting_resumes() {
         assert_eq!(r.status(), 503);
         let v: Value = r.json().await.unwrap();
         assert_eq!(v["code"], "QUOTA_STORE_UNAVAILABLE");
-        assert!(took < Duration::from_millis(500), "answered in {took:?}");
+        assert!(took < Duration::from_secs(5), "answered in {took:?}");
         slowest = slowest.max(took);
 
         let started = Instant::now();
@@ -118,7 +125,7 @@ async fn redis_down_applies_the_failure_mode_and_counting_resumes() {
             !r.headers().contains_key("ratelimit-remaining"),
             "no RateLimit-* headers while the store is down"
         );
-        assert!(took < Duration::from_millis(500), "answered in {took:?}");
+        assert!(took < Duration::from_secs(5), "answered in {took:?}");
         slowest = slowest.max(took);
     }
     eprintln!("Redis down: slowest answer in failure mode {slowest:?} (timeout 50 ms)");
@@ -230,11 +237,12 @@ async fn redis_down_at_start_up_then_up() {
     let b = Backend::start("b").await;
     let doc = keyed_api(&b, 10);
     let url = format!("redis://127.0.0.1:{port}/0");
-    // Not connected answers at once whatever the timeout; a generous one keeps a slow CI
-    // machine from timing out the first admissions after Redis comes up.
+    // Not connected answers at once whatever the timeout; a long one keeps a slow CI
+    // machine from timing out the first admissions after Redis comes up, and tells an
+    // answer given at once from one given when the timeout ran out.
     let gw = Gateway::start(
         &[("api1.json", &doc)],
-        &fleet_toml_with_timeout(&url, "closed", "2s"),
+        &fleet_toml_with_timeout(&url, "closed", "10s"),
     );
     let c = client();
     let started = Instant::now();
@@ -244,7 +252,11 @@ async fn redis_down_at_start_up_then_up() {
         503,
         "started without Redis; failure mode closed"
     );
-    assert!(started.elapsed() < Duration::from_millis(500));
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "not connected is answered at once, not after the store's 10 s timeout: took {:?}",
+        started.elapsed()
+    );
     let _redis = Redis::start_on(port);
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
