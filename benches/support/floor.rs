@@ -135,12 +135,9 @@ impl ContractHeaders {
     }
 }
 
-async fn proxy(
-    mut req: Request<Incoming>,
-    backend: SocketAddr,
-    host: HeaderValue,
-    contract: Option<&ContractHeaders>,
-) -> Response<http_body_util::Either<Pooled, http_body_util::Full<Bytes>>> {
+type Answer = Response<http_body_util::Either<Pooled, http_body_util::Full<Bytes>>>;
+
+async fn proxy(mut req: Request<Incoming>, backend: SocketAddr, host: HeaderValue) -> Answer {
     let bad = || {
         let mut r = Response::new(http_body_util::Either::Right(http_body_util::Full::new(
             Bytes::from_static(b"bad gateway"),
@@ -148,9 +145,6 @@ async fn proxy(
         *r.status_mut() = http::StatusCode::BAD_GATEWAY;
         r
     };
-    if let Some(c) = contract {
-        c.add(req.headers_mut());
-    }
     if let Some(pq) = req.uri().path_and_query().cloned() {
         *req.uri_mut() = http::Uri::from(pq);
     }
@@ -161,10 +155,7 @@ async fn proxy(
     };
     match s.send_request(req).await {
         Ok(resp) => {
-            let (mut parts, body) = resp.into_parts();
-            if contract.is_some() {
-                parts.headers.insert(&X_SCP_REQUEST_ID, ADDED[1].1.clone());
-            }
+            let (parts, body) = resp.into_parts();
             let mut body = Pooled {
                 inner: body,
                 sender: Some(s),
@@ -205,24 +196,43 @@ pub fn main(listen: SocketAddr, backend: SocketAddr, workers: usize, headers: bo
                         let Ok((stream, peer)) = listener.accept().await else {
                             continue;
                         };
-                        let contract = headers.then(|| {
-                            Arc::new(ContractHeaders {
-                                forwarded_for: HeaderValue::from_str(&peer.ip().to_string())
-                                    .unwrap(),
-                            })
+                        let contract = headers.then(|| ContractHeaders {
+                            forwarded_for: HeaderValue::from_str(&peer.ip().to_string()).unwrap(),
                         });
                         let _ = stream.set_nodelay(true);
                         let (b, host) = (b.clone(), host.clone());
+                        // Two services, so that the plain floor's requests run exactly
+                        // the code they ran before the contract variant existed.
                         tokio::spawn(async move {
-                            let svc = hyper::service::service_fn(move |req| {
-                                let (host, contract) = (host.clone(), contract.clone());
-                                async move {
-                                    Ok::<_, Infallible>(
-                                        proxy(req, backend, host, contract.as_deref()).await,
-                                    )
+                            let io = TokioIo::new(stream);
+                            match contract {
+                                None => {
+                                    let svc = hyper::service::service_fn(move |req| {
+                                        let host = host.clone();
+                                        async move {
+                                            Ok::<_, Infallible>(proxy(req, backend, host).await)
+                                        }
+                                    });
+                                    let _ = b.serve_connection(io, svc).await;
                                 }
-                            });
-                            let _ = b.serve_connection(TokioIo::new(stream), svc).await;
+                                Some(c) => {
+                                    // The request's headers are added before its future
+                                    // starts, the answer's by a `map`: no layer of its own.
+                                    let svc = hyper::service::service_fn(
+                                        move |mut req: Request<Incoming>| {
+                                            use futures_util::FutureExt;
+                                            c.add(req.headers_mut());
+                                            proxy(req, backend, host.clone()).map(|mut answer| {
+                                                answer
+                                                    .headers_mut()
+                                                    .insert(&X_SCP_REQUEST_ID, ADDED[1].1.clone());
+                                                Ok::<_, Infallible>(answer)
+                                            })
+                                        },
+                                    );
+                                    let _ = b.serve_connection(io, svc).await;
+                                }
+                            }
                         });
                     }
                 });
