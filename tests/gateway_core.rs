@@ -255,7 +255,8 @@ async fn streams_large_bodies_with_bounded_memory() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backend_failures_map_to_502_and_504() {
     let b = Backend::start("b").await;
-    let dead = format!("http://127.0.0.1:{}/x", closed_port());
+    let dead_port = dead_port();
+    let dead = format!("http://127.0.0.1:{}/x", dead_port.port);
     let doc = SnapshotBuilder::new("api1", &[HOST])
         .resource("/dead", &[("GET", &dead)])
         .resource("/slow", &[("GET", &b.url("/slow?ms=1500"))])
@@ -364,7 +365,8 @@ async fn canary_split_follows_its_percentage() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_show_requests_with_spec_labels() {
     let b = Backend::start("b").await;
-    let dead = format!("http://127.0.0.1:{}/x", closed_port());
+    let dead_port = dead_port();
+    let dead = format!("http://127.0.0.1:{}/x", dead_port.port);
     let doc = SnapshotBuilder::new("api1", &[HOST])
         .resource("/orders", &[("GET", &b.url("/orders"))])
         .resource("/dead", &[("GET", &dead)])

@@ -158,8 +158,9 @@ impl Drop for Prometheus {
     }
 }
 
-fn api(b: &Backend) -> Value {
-    let broken = format!("http://127.0.0.1:{}/down", closed_port());
+/// The API the dashboards are checked with; `/broken` goes to `dead`.
+fn api(b: &Backend, dead: &DeadPort) -> Value {
+    let broken = format!("http://127.0.0.1:{}/down", dead.port);
     let mut doc = SnapshotBuilder::new("api1", &[HOST])
         .resource("/orders", &[("GET", &b.url("/orders"))])
         .resource("/open", &[("GET", &b.url("/open"))])
@@ -200,7 +201,8 @@ async fn a_real_prometheus_scrapes_the_gateway_and_every_dashboard_query_has_dat
         return;
     }
     let b = Backend::start("b").await;
-    let gw = Gateway::start(&[("api1.json", &api(&b))], "");
+    let dead = dead_port();
+    let gw = Gateway::start(&[("api1.json", &api(&b, &dead))], "");
     let prom = Prometheus::start(&gw.admin.to_string());
     let c = client();
     prom.wait_ready(&c).await;

@@ -40,7 +40,8 @@ fn metric_sum(metrics: &str, stage: &str, class: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reports_usage_metrics_and_access_log_agree() {
     let b = Backend::start("b").await;
-    let dead = format!("http://127.0.0.1:{}/x", closed_port());
+    let dead_port = dead_port();
+    let dead = format!("http://127.0.0.1:{}/x", dead_port.port);
     let mut doc = SnapshotBuilder::new("api1", &[HOST])
         .resource("/orders", &[("GET", &b.url("/slow?ms=20"))])
         .resource("/items", &[("GET", &b.url("/items"))])

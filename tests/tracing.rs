@@ -257,7 +257,8 @@ async fn every_request_is_traced_at_ratio_one_and_a_rejection_has_its_code() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_collector_that_is_down_costs_no_request_and_is_counted() {
     let b = Backend::start("b").await;
-    let endpoint = format!("http://127.0.0.1:{}", closed_port());
+    let dead = dead_port();
+    let endpoint = format!("http://127.0.0.1:{}", dead.port);
     let gw = Gateway::start(
         &[("api1.json", &keyed_api(&b))],
         &tracing_toml(&endpoint, "1.0"),

@@ -506,10 +506,40 @@ pub fn orders_api(b: &Backend) -> SnapshotBuilder {
     )
 }
 
-/// A TCP port nothing listens on (bound, then released).
+/// A free TCP port (bound, then released) for a server the test starts on it. Another
+/// test running alongside may be given the same port first; for a port that must stay
+/// unanswered, use [`dead_port`].
 pub fn closed_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap().port()
+}
+
+/// A local TCP port that refuses connections for as long as the value lives: a socket is
+/// bound to it without listening and without `SO_REUSEADDR`, so the kernel gives the port
+/// to no other socket meanwhile. (A port only bound and released, as [`closed_port`] gives,
+/// can go to the next listener a test running alongside binds: a gateway told to export to
+/// a "dead" collector once reached another test's backend, which then saw a request it did
+/// not expect, and the exports that should have failed succeeded.)
+pub struct DeadPort {
+    _socket: socket2::Socket,
+    pub port: u16,
+}
+
+pub fn dead_port() -> DeadPort {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    let port = socket
+        .local_addr()
+        .unwrap()
+        .as_socket()
+        .expect("an IPv4 address")
+        .port();
+    DeadPort {
+        _socket: socket,
+        port,
+    }
 }
 
 pub fn write_json(path: &Path, v: &Value) {
