@@ -233,7 +233,10 @@ async fn admission_keys_expire_on_their_own() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_at_start_up_then_up() {
-    let port = closed_port();
+    // Held until Redis starts on it: no other test's listener can take the port meanwhile
+    // (the gateway would then be talking to it instead of finding Redis down).
+    let down = dead_port();
+    let port = down.port;
     let b = Backend::start("b").await;
     let doc = keyed_api(&b, 10);
     let url = format!("redis://127.0.0.1:{port}/0");
@@ -257,6 +260,7 @@ async fn redis_down_at_start_up_then_up() {
         "not connected is answered at once, not after the store's 10 s timeout: took {:?}",
         started.elapsed()
     );
+    drop(down);
     let _redis = Redis::start_on(port);
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
