@@ -5,7 +5,8 @@
 //! order per round), medians reported, with the proxy's CPU time per request (its
 //! processes' user and system time over the run, per request).
 //! Then open-loop latency (oha), the memory of idle connections, and instructions per
-//! request (callgrind) for the floor (also adding the contract's headers), the gateway and nginx.
+//! request (callgrind) for the floor (also adding the contract's headers), the gateway (also its
+//! bare route among the 1,000 APIs) and nginx.
 //!
 //! Run: `cargo bench --bench load` (needs `wrk`, `taskset`, `curl`; the reference rows need
 //! `nginx` and `haproxy`, row 6 `oha`, the instruction counts `valgrind`, the fleet rows
@@ -15,7 +16,7 @@
 //! `LOAD_CONNECTIONS` (default 64), `LOAD_APIS` (default 1000), `LOAD_IDLE` (idle
 //! connections, default 10000), `LOAD_ROWS` (comma-separated parts of row names: only those
 //! rows are measured, e.g. `LOAD_ROWS=fleet,full chain (1w)`), `LOAD_CALLGRIND` (`0`: no
-//! instruction counts; or the counts to take, of `floor,bare,full,fleet,trace,nginx`), `LOAD_KEEP`
+//! instruction counts; or the counts to take, of `floor,bare,full,apis,fleet,trace,nginx`), `LOAD_KEEP`
 //! (a directory the callgrind profiles are copied to, for `callgrind_annotate`),
 //! `LOAD_GATEWAY` (the gateway executable to measure instead of this build's, e.g. the
 //! profile-guided build of `benches/pgo.sh`, which also trains with this bench).
@@ -1548,6 +1549,11 @@ fn main() {
             callgrind_per_request(dir, "full", "full.test", &full_headers, &|prefix, name| {
                 start_gateway(&single, name, prefix, 1, true, "")
             });
+        // The bare route's API among many (the 1,000 APIs row's snapshots): what a large
+        // route table and host map cost per request, free of the throughput rows' noise.
+        let many_count = callgrind_per_request(dir, "apis", &host, &[], &|prefix, name| {
+            start_gateway(&many, name, prefix, 1, false, "")
+        });
         // Fleet mode: the full chain with its quota in Redis (a round trip per request;
         // Redis's own work is not counted, it is another process).
         let fleet = has("redis-server")
@@ -1618,6 +1624,15 @@ fn main() {
             "  gateway, full chain, fleet/Redis {}{}{to_full}",
             show(fleet),
             vs(fleet)
+        );
+        let to_bare = match (many_count, bare) {
+            (Some(v), Some(b)) => format!(", {:.3}× the bare route", v / b),
+            _ => String::new(),
+        };
+        println!(
+            "  gateway, bare route among {apis} APIs × 300 resources {}{}{to_bare}",
+            show(many_count),
+            vs(many_count)
         );
         for (ratio, v) in ["0 (unsampled)", "1 (every request)"].iter().zip(traced) {
             let to_bare = match (v, bare) {
