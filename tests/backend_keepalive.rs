@@ -29,6 +29,9 @@ enum Behaviour {
     Announces(u64),
     /// Answers every request and closes a connection idle for this long, announcing nothing.
     ClosesIdleAfter(Duration),
+    /// Reads requests and never answers: the connection stays open until the gateway
+    /// closes it.
+    NeverAnswers,
 }
 
 struct RawBackend {
@@ -38,6 +41,8 @@ struct RawBackend {
     requests: Arc<Mutex<Vec<String>>>,
     /// The whole head of every request read, in order.
     heads: Arc<Mutex<Vec<String>>>,
+    /// Connections the gateway closed (read to their end).
+    ended: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -54,14 +59,25 @@ impl RawBackend {
         let accepted = Arc::new(AtomicUsize::new(0));
         let requests: Arc<Mutex<Vec<String>>> = Arc::default();
         let heads: Arc<Mutex<Vec<String>>> = Arc::default();
-        let (acc, reqs, hds) = (accepted.clone(), requests.clone(), heads.clone());
+        let ended = Arc::new(AtomicUsize::new(0));
+        let (acc, reqs, hds, end) = (
+            accepted.clone(),
+            requests.clone(),
+            heads.clone(),
+            ended.clone(),
+        );
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
                 acc.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(serve(stream, behaviour, reqs.clone(), hds.clone()));
+                let (reqs, hds, end) = (reqs.clone(), hds.clone(), end.clone());
+                tokio::spawn(async move {
+                    if serve(stream, behaviour, reqs, hds).await {
+                        end.fetch_add(1, Ordering::SeqCst);
+                    }
+                });
             }
         });
         RawBackend {
@@ -69,6 +85,7 @@ impl RawBackend {
             accepted,
             requests,
             heads,
+            ended,
             task,
         }
     }
@@ -127,12 +144,13 @@ async fn read_request(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<(String, S
     }
 }
 
+/// Serves one connection; true when the gateway closed it (read to its end).
 async fn serve(
     mut s: TcpStream,
     behaviour: Behaviour,
     seen: Arc<Mutex<Vec<String>>>,
     heads: Arc<Mutex<Vec<String>>>,
-) {
+) -> bool {
     let mut buf = Vec::new();
     let mut answered = 0usize;
     loop {
@@ -140,16 +158,21 @@ async fn serve(
             Behaviour::ClosesIdleAfter(idle) => {
                 match tokio::time::timeout(idle, read_request(&mut s, &mut buf)).await {
                     Ok(r) => r,
-                    Err(_) => return, // idle too long: close, announcing nothing
+                    Err(_) => return false, // idle too long: close, announcing nothing
                 }
             }
             _ => read_request(&mut s, &mut buf).await,
         };
-        let Some((request, head)) = next else { return };
+        let Some((request, head)) = next else {
+            return true;
+        };
         seen.lock().unwrap().push(request);
         heads.lock().unwrap().push(head);
         if matches!(behaviour, Behaviour::AnswerFirstThenDrop) && answered == 1 {
-            return; // read, never answered: the connection closes
+            return false; // read, never answered: the connection closes
+        }
+        if matches!(behaviour, Behaviour::NeverAnswers) {
+            continue;
         }
         let extra = match behaviour {
             Behaviour::Announces(n) => format!("Keep-Alive: timeout={n}\r\n"),
@@ -157,7 +180,7 @@ async fn serve(
         };
         let answer = format!("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n{extra}\r\nok");
         if s.write_all(answer.as_bytes()).await.is_err() {
-            return;
+            return false;
         }
         answered += 1;
     }
@@ -334,4 +357,55 @@ async fn soak_against_a_backend_closing_idle_connections() {
         [(200u16, CLIENTS * ROUNDS)].into_iter().collect(),
         "every request answered 200"
     );
+}
+
+/// Polls `done` every 20 ms until it holds or `within` has passed; whether it held.
+async fn eventually(within: Duration, done: impl Fn() -> bool) -> bool {
+    let start = std::time::Instant::now();
+    while !done() {
+        if start.elapsed() > within {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    true
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_gone_while_its_request_waits_cancels_the_backend_call() {
+    // The gateway notices a client's end while the client's request waits on the backend
+    // (hyper's read for the end of the connection, made while a request is in flight; the
+    // vendored hyper makes it without growing the read buffer, vendor/hyper/PATCHED.md),
+    // and drops the backend call: the backend connection, which could not be reused with
+    // an answer outstanding, is closed long before the integration timeout.
+    let b = RawBackend::start(Behaviour::NeverAnswers).await;
+    let api = SnapshotBuilder::new("api1", &[HOST])
+        .resource("/orders", &[("GET", &b.url("/orders"))])
+        .stage(|s| s["integration_timeout_ms"] = serde_json::json!(60_000))
+        .build();
+    let gw = Gateway::start(&[("api1.json", &api)], ONE_WORKER);
+    let mut client = TcpStream::connect(gw.addr).await.unwrap();
+    client
+        .write_all(format!("GET /prod/orders HTTP/1.1\r\nHost: {HOST}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || b.requests().len() == 1).await,
+        "the backend got the request"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        b.ended.load(Ordering::SeqCst),
+        0,
+        "the backend connection stays open while the client waits"
+    );
+    drop(client);
+    assert!(
+        eventually(Duration::from_secs(20), || b.ended.load(Ordering::SeqCst)
+            == 1)
+        .await,
+        "the gateway closed the backend connection after the client left (the integration \
+         timeout is 60 s)"
+    );
+    assert_eq!(b.accepted.load(Ordering::SeqCst), 1);
 }
