@@ -1614,35 +1614,31 @@ fn main() {
             show(fl_headers),
             vs(fl_headers)
         );
+        // `, 1.234× the bare route`, when both counts were taken.
+        let ratio_to = |v: Option<f64>, base: Option<f64>, name: &str| match (v, base) {
+            (Some(v), Some(b)) => format!(", {:.3}× the {name}", v / b),
+            _ => String::new(),
+        };
         println!("  gateway, bare route {}{}", show(bare), vs(bare));
         println!("  gateway, full chain {}{}", show(full), vs(full));
-        let to_full = match (fleet, full) {
-            (Some(v), Some(f)) => format!(", {:.3}× the full chain", v / f),
-            _ => String::new(),
-        };
         println!(
-            "  gateway, full chain, fleet/Redis {}{}{to_full}",
+            "  gateway, full chain, fleet/Redis {}{}{}",
             show(fleet),
-            vs(fleet)
+            vs(fleet),
+            ratio_to(fleet, full, "full chain")
         );
-        let to_bare = match (many_count, bare) {
-            (Some(v), Some(b)) => format!(", {:.3}× the bare route", v / b),
-            _ => String::new(),
-        };
         println!(
-            "  gateway, bare route among {apis} APIs × 300 resources {}{}{to_bare}",
+            "  gateway, bare route among {apis} APIs × 300 resources {}{}{}",
             show(many_count),
-            vs(many_count)
+            vs(many_count),
+            ratio_to(many_count, bare, "bare route")
         );
         for (ratio, v) in ["0 (unsampled)", "1 (every request)"].iter().zip(traced) {
-            let to_bare = match (v, bare) {
-                (Some(v), Some(b)) => format!(", {:.3}× the bare route", v / b),
-                _ => String::new(),
-            };
             println!(
-                "  gateway, bare route, tracing sample_ratio {ratio} {}{}{to_bare}",
+                "  gateway, bare route, tracing sample_ratio {ratio} {}{}{}",
                 show(v),
-                vs(v)
+                vs(v),
+                ratio_to(v, bare, "bare route")
             );
         }
         println!("  nginx {}{}", show(ng), vs(ng));
