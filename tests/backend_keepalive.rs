@@ -359,18 +359,6 @@ async fn soak_against_a_backend_closing_idle_connections() {
     );
 }
 
-/// Polls `done` every 20 ms until it holds or `within` has passed; whether it held.
-async fn eventually(within: Duration, done: impl Fn() -> bool) -> bool {
-    let start = std::time::Instant::now();
-    while !done() {
-        if start.elapsed() > within {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    true
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_gone_while_its_request_waits_cancels_the_backend_call() {
     // The gateway notices a client's end while the client's request waits on the backend
@@ -390,7 +378,9 @@ async fn a_client_gone_while_its_request_waits_cancels_the_backend_call() {
         .await
         .unwrap();
     assert!(
-        eventually(Duration::from_secs(10), || b.requests().len() == 1).await,
+        eventually(Duration::from_secs(10), async || b.requests().len() == 1)
+            .await
+            .is_some(),
         "the backend got the request"
     );
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -401,9 +391,12 @@ async fn a_client_gone_while_its_request_waits_cancels_the_backend_call() {
     );
     drop(client);
     assert!(
-        eventually(Duration::from_secs(20), || b.ended.load(Ordering::SeqCst)
+        eventually(Duration::from_secs(20), async || b
+            .ended
+            .load(Ordering::SeqCst)
             == 1)
-        .await,
+        .await
+        .is_some(),
         "the gateway closed the backend connection after the client left (the integration \
          timeout is 60 s)"
     );

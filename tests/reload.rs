@@ -50,18 +50,6 @@ async fn put(gw: &Gateway, id: &str, doc: &Value) -> (u16, Value) {
     .await
 }
 
-/// Polls until `f` holds or `limit` passes; returns how long it took.
-async fn eventually(limit: Duration, mut f: impl AsyncFnMut() -> bool) -> Option<Duration> {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if f().await {
-            return Some(start.elapsed());
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    None
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_api_statuses_persistence_and_redaction() {
     let a = Backend::start("a").await;

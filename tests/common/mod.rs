@@ -627,3 +627,15 @@ pub async fn tls_backend() -> (std::net::SocketAddr, String, tokio::task::JoinHa
     });
     (addr, ca.pem(), task)
 }
+
+/// Polls until `f` holds (every 20 ms) or `limit` passes; returns how long it took.
+pub async fn eventually(limit: Duration, mut f: impl AsyncFnMut() -> bool) -> Option<Duration> {
+    let start = std::time::Instant::now();
+    while start.elapsed() < limit {
+        if f().await {
+            return Some(start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    None
+}
