@@ -813,6 +813,16 @@ fn integrate<'a>(
         }
         _ => None,
     };
+    // A plain `http` backend is only ever spoken to over HTTP/1.1: the headers the gateway
+    // adds are written after the map instead of hashed into it (see `Added::Appended`).
+    let mut appended = match &m.integration {
+        Integration::Http { upstream, .. } | Integration::PrivateLink { upstream, .. }
+            if !upstream.tls =>
+        {
+            Some(http_integration::AppendedHeaders::with_capacity(256))
+        }
+        _ => None,
+    };
     http_integration::rewrite_request_headers(
         &mut parts.headers,
         &ForwardInfo {
@@ -829,7 +839,14 @@ fn integrate<'a>(
             host_overwritten: backend_uri.is_some(),
             traceparent: client_span.as_ref().map(|(_, tp)| tp),
         },
+        match appended.as_mut() {
+            Some(a) => http_integration::Added::Appended(a),
+            None => http_integration::Added::Map,
+        },
     );
+    if let Some(a) = appended.filter(|a| !a.is_empty()) {
+        parts.extensions.insert(a);
+    }
     let client_span = client_span.and_then(|(span, _)| span);
     let frame_body = |h: &mut http::HeaderMap| {
         if chunked_get {

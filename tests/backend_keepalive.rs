@@ -246,6 +246,14 @@ async fn a_dropped_reused_connection_is_retried_for_idempotent_requests_only() {
     );
     let heads = b.heads();
     assert_eq!(heads[2], heads[1], "the retry repeats the first try's head");
+    // ... with the headers the gateway adds (written after the client's on HTTP/1.1).
+    for added in [
+        "x-forwarded-for: ",
+        "x-scp-request-id: ",
+        "x-scp-stage: prod\r\n",
+    ] {
+        assert_eq!(heads[2].matches(added).count(), 1, "{added}: {}", heads[2]);
+    }
     assert!(
         heads[2].contains("x-client: one\r\n") && heads[2].contains("x-client: two\r\n"),
         "{}",

@@ -158,6 +158,20 @@ async fn forwards_headers_by_the_rules() {
     assert_eq!(h["x-scp-request-id"], rid.as_str());
     assert_eq!(h["host"], b.addr.to_string().as_str());
     assert!(h.contains_key("traceparent"));
+    // Each header the gateway sets reaches the backend once (the ones new to the request
+    // are written after the client's; a name must never be sent twice).
+    for set in [
+        "host",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-scp-stage",
+        "x-scp-api-id",
+        "x-scp-request-id",
+        "traceparent",
+    ] {
+        assert_eq!(h.get_all(set).iter().count(), 1, "{set}: {h:?}");
+    }
 
     // HTTP/2 has no Host header: the client's `:authority` is the forwarded host.
     let h2 = reqwest::Client::builder()

@@ -11,8 +11,10 @@
 //! Started with `headers`, it also adds the headers the contract puts on every forwarded
 //! request (`X-Forwarded-For/-Proto/-Host`, `x-scp-request-id`, `x-scp-api-id`,
 //! `x-scp-stage`, `traceparent`) and on every answer (`x-scp-request-id`), with values made
-//! once: a reference for how much of the gateway's gap is the header map work the contract
-//! asks for (http's `HeaderMap` hashes each custom name byte by byte on every insertion).
+//! once, the way the gateway adds them for a plain `http` backend (written after the
+//! request's map by hyper's HTTP/1.1 client, see `vendor/hyper/PATCHED.md`; the answer's
+//! goes into its map): a reference for how much of the gateway's gap is the header work the
+//! contract asks for.
 
 use std::cell::RefCell;
 use std::convert::Infallible;
@@ -123,15 +125,18 @@ static ADDED: [(http::HeaderName, HeaderValue); 5] = [
 ];
 
 impl ContractHeaders {
-    fn add(&self, h: &mut http::HeaderMap) {
-        h.reserve(8);
-        h.append(&X_FORWARDED_FOR, self.forwarded_for.clone());
-        if let Some(host) = h.get(http::header::HOST).cloned() {
-            h.append(&X_FORWARDED_HOST, host);
+    /// As the gateway adds them for a plain `http` backend: written after the request's
+    /// map by hyper's HTTP/1.1 client, not inserted into it (`hyper::ext::AppendedHeaders`).
+    fn add<B>(&self, req: &mut Request<B>) {
+        let mut added = hyper::ext::AppendedHeaders::with_capacity(256);
+        added.push(&X_FORWARDED_FOR, &self.forwarded_for);
+        if let Some(host) = req.headers().get(http::header::HOST) {
+            added.push(&X_FORWARDED_HOST, host);
         }
         for (name, value) in &ADDED {
-            h.append(name, value.clone());
+            added.push(name, value);
         }
+        req.extensions_mut().insert(added);
     }
 }
 
@@ -221,7 +226,7 @@ pub fn main(listen: SocketAddr, backend: SocketAddr, workers: usize, headers: bo
                                     let svc = hyper::service::service_fn(
                                         move |mut req: Request<Incoming>| {
                                             use futures_util::FutureExt;
-                                            c.add(req.headers_mut());
+                                            c.add(&mut req);
                                             proxy(req, backend, host.clone()).map(|mut answer| {
                                                 answer
                                                     .headers_mut()

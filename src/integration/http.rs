@@ -16,6 +16,7 @@ use crate::config::UpstreamConfig;
 use crate::hop_by_hop::{is_hop_by_hop, Removals};
 use crate::rejection::Rejection;
 use crate::upstream::{SendError, Settings, Upstream, UpstreamBody};
+pub use hyper::ext::AppendedHeaders;
 
 pub static X_SCP_REQUEST_ID: HeaderName = HeaderName::from_static("x-scp-request-id");
 pub static X_SCP_API_ID: HeaderName = HeaderName::from_static("x-scp-api-id");
@@ -101,9 +102,33 @@ fn to_remove(name: &HeaderName) -> Cow<'static, HeaderName> {
     Cow::Borrowed(own)
 }
 
+/// Where the headers the gateway adds to a forwarded request go.
+pub enum Added<'a> {
+    /// Into the request's map (a function's event reads them there; HTTP/2 sends the map).
+    Map,
+    /// For a request that goes out over HTTP/1.1 only (a plain `http` backend): the headers
+    /// that are new to the map are written after it by the backend connection, unhashed
+    /// (`hyper::ext::AppendedHeaders`, see `vendor/hyper/PATCHED.md`). Those that replace a
+    /// client's value (a trusted proxy's `X-Forwarded-For` extended, a `traceparent`
+    /// replaced) still go into the map, so a name is never sent twice.
+    Appended(&'a mut AppendedHeaders),
+}
+
+impl Added<'_> {
+    /// Adds a header the map does not hold.
+    fn new_header(&mut self, h: &mut HeaderMap, name: &'static HeaderName, value: &HeaderValue) {
+        match self {
+            Added::Map => {
+                h.append(name, value.clone());
+            }
+            Added::Appended(a) => a.push(name, value),
+        }
+    }
+}
+
 /// Applies the request header rules in place: drops what a client must not pass on (and
-/// anything it could forge), then adds the gateway's own headers.
-pub fn rewrite_request_headers(h: &mut HeaderMap, info: &ForwardInfo<'_>) {
+/// anything it could forge), then adds the gateway's own headers (to `added`).
+pub fn rewrite_request_headers(h: &mut HeaderMap, info: &ForwardInfo<'_>, mut added: Added<'_>) {
     // One pass over the client's headers finds what goes and what is already there, so
     // that each header below costs one map operation (a request's headers are few; a
     // probe per name would hash each name again).
@@ -139,8 +164,10 @@ pub fn rewrite_request_headers(h: &mut HeaderMap, info: &ForwardInfo<'_>) {
     }
     // Forwarding headers of an untrusted peer were just removed.
     let (xfp, xfh) = (xfp && info.trusted_peer, xfh && info.trusted_peer);
-    // Room for what is added below, so that the map grows (and rehashes) once at most.
-    h.reserve(8);
+    if let Added::Map = added {
+        // Room for what is added below, so that the map grows (and rehashes) once at most.
+        h.reserve(8);
+    }
     if cookies > 1 {
         join_cookie_crumbs(h);
     }
@@ -157,49 +184,41 @@ pub fn rewrite_request_headers(h: &mut HeaderMap, info: &ForwardInfo<'_>) {
             HeaderValue::from_bytes(&s).unwrap_or_else(|_| ip.clone()),
         );
     } else {
-        h.append(&X_FORWARDED_FOR, ip.clone());
+        added.new_header(h, &X_FORWARDED_FOR, ip);
     }
     // A trusted proxy's own values are kept; otherwise they were removed above.
     if !xfp {
-        h.append(&X_FORWARDED_PROTO, HeaderValue::from_static(info.proto));
+        added.new_header(h, &X_FORWARDED_PROTO, &HeaderValue::from_static(info.proto));
     }
     if !xfh {
         let host = host.or_else(|| info.authority.and_then(|a| HeaderValue::from_str(a).ok()));
         if let Some(host) = host {
-            h.append(&X_FORWARDED_HOST, host);
+            added.new_header(h, &X_FORWARDED_HOST, &host);
         }
     }
-    // Client copies of these were removed above: appending is inserting.
-    h.append(&X_SCP_REQUEST_ID, info.request_id.clone());
-    if let Some(v) = info.api_id {
-        h.append(&X_SCP_API_ID, v.clone());
-    }
-    if let Some(v) = info.stage {
-        h.append(&X_SCP_STAGE, v.clone());
-    }
-    if let Some(v) = info.api_key_id {
-        h.append(&X_SCP_API_KEY_ID, v.clone());
-    }
-    if let Some(v) = info.jwt_sub {
-        h.append(&X_SCP_JWT_SUB, v.clone());
-    }
-    if let Some(tp) = info.traceparent {
-        // Replaces the client's, if it sent one.
-        if traceparent {
-            h.insert(&TRACEPARENT, tp.clone());
-        } else {
-            h.append(&TRACEPARENT, tp.clone());
+    // Client copies of these were removed above: they are new to the map.
+    added.new_header(h, &X_SCP_REQUEST_ID, info.request_id);
+    for (name, value) in [
+        (&X_SCP_API_ID, info.api_id),
+        (&X_SCP_STAGE, info.stage),
+        (&X_SCP_API_KEY_ID, info.api_key_id),
+        (&X_SCP_JWT_SUB, info.jwt_sub),
+    ] {
+        if let Some(v) = value {
+            added.new_header(h, name, v);
         }
-        return;
     }
-    match (traceparent, traceparent_ok) {
-        (true, true) => {}
-        (true, false) => {
-            h.insert(&TRACEPARENT, new_traceparent());
-        }
-        (false, _) => {
-            h.append(&TRACEPARENT, new_traceparent());
-        }
+    // The tracing span's `traceparent` replaces the client's; without tracing, a valid
+    // one is passed on and an invalid one replaced.
+    let ours = match (info.traceparent, traceparent, traceparent_ok) {
+        (Some(tp), _, _) => Cow::Borrowed(tp),
+        (None, true, true) => return,
+        (None, _, _) => Cow::Owned(new_traceparent()),
+    };
+    if traceparent {
+        h.insert(&TRACEPARENT, ours.into_owned());
+    } else {
+        added.new_header(h, &TRACEPARENT, &ours);
     }
 }
 
@@ -399,7 +418,7 @@ mod tests {
         h.insert("x-custom", HeaderValue::from_static("kept"));
         let rid = HeaderValue::from_static("rid");
         let host = HeaderValue::from_static("api.example.com");
-        rewrite_request_headers(&mut h, &info(&rid, &host));
+        rewrite_request_headers(&mut h, &info(&rid, &host), Added::Map);
         for gone in [
             "connection",
             "x-secret-hop",
@@ -432,10 +451,10 @@ mod tests {
         h.insert("host", host.clone());
         let mut forwarded = info(&rid, &host);
         forwarded.host_overwritten = true;
-        rewrite_request_headers(&mut h, &forwarded);
+        rewrite_request_headers(&mut h, &forwarded, Added::Map);
         assert_eq!(h["host"], "api.example.com");
         assert_eq!(h["x-forwarded-host"], "api.example.com");
-        rewrite_request_headers(&mut h, &info(&rid, &host));
+        rewrite_request_headers(&mut h, &info(&rid, &host), Added::Map);
         assert!(!h.contains_key("host"));
     }
 
@@ -446,7 +465,7 @@ mod tests {
         h.insert("traceparent", HeaderValue::from_static(tp));
         let rid = HeaderValue::from_static("rid");
         let host = HeaderValue::from_static("h");
-        rewrite_request_headers(&mut h, &info(&rid, &host));
+        rewrite_request_headers(&mut h, &info(&rid, &host), Added::Map);
         assert_eq!(h["traceparent"], tp);
         assert!(!valid_traceparent(
             b"00-00000000000000000000000000000000-00f067aa0ba902b7-01"
@@ -470,7 +489,7 @@ mod tests {
             if let Some(tp) = client {
                 h.append("traceparent", HeaderValue::from_static(tp));
             }
-            rewrite_request_headers(&mut h, &traced);
+            rewrite_request_headers(&mut h, &traced, Added::Map);
             let all: Vec<_> = h.get_all("traceparent").iter().collect();
             assert_eq!(all, [&ours], "client sent {client:?}");
         }

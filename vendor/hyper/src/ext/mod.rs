@@ -54,6 +54,12 @@ mod h1_reason_phrase;
 #[cfg(any(feature = "http1", feature = "ffi"))]
 pub use h1_reason_phrase::ReasonPhrase;
 
+// scp-gateway patch (see PATCHED.md): header fields an HTTP/1 client appends unhashed.
+#[cfg(all(feature = "http1", feature = "client"))]
+mod appended_headers;
+#[cfg(all(feature = "http1", feature = "client"))]
+pub use appended_headers::AppendedHeaders;
+
 #[cfg(all(feature = "http1", feature = "client"))]
 mod informational;
 #[cfg(all(feature = "http1", feature = "client"))]

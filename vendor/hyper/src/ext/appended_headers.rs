@@ -1,0 +1,50 @@
+// scp-gateway patch (see PATCHED.md): the whole file.
+
+use http::header::{HeaderName, HeaderValue};
+
+/// Header fields an HTTP/1 client writes after the request's [`http::HeaderMap`], in the
+/// order they were pushed, without being put in the map.
+///
+/// A proxy adds the same few fields to every request it forwards (forwarding headers, a
+/// request id); putting each in the map hashes its name and may grow the map, and writing
+/// it walks the map again. Fields pushed here are written out once, as they were pushed:
+/// the name as given (lowercase, as every [`HeaderName`] is; title-case and original-case
+/// settings of the connection do not apply to them), `": "`, the value, CRLF. A name and a
+/// value are valid by construction, so the bytes are always well-formed fields.
+///
+/// The caller keeps the map and these fields apart: a name pushed here should not also be
+/// in the map (nothing merges or checks them). Only HTTP/1 client connections read this
+/// extension; an HTTP/2 connection and a server ignore it, so a request that may go out
+/// over HTTP/2 must carry its fields in the map.
+#[derive(Clone, Debug, Default)]
+pub struct AppendedHeaders {
+    bytes: Vec<u8>,
+}
+
+impl AppendedHeaders {
+    /// Room for `bytes` bytes of fields (names, values, and 4 bytes per field).
+    pub fn with_capacity(bytes: usize) -> Self {
+        AppendedHeaders {
+            bytes: Vec::with_capacity(bytes),
+        }
+    }
+
+    /// Appends one field.
+    pub fn push(&mut self, name: &HeaderName, value: &HeaderValue) {
+        let b = &mut self.bytes;
+        b.extend_from_slice(name.as_str().as_bytes());
+        b.extend_from_slice(b": ");
+        b.extend_from_slice(value.as_bytes());
+        b.extend_from_slice(b"\r\n");
+    }
+
+    /// No field was pushed.
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    /// The fields as they will be written: `name: value\r\n` each.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+}
