@@ -601,4 +601,22 @@ async fn https_backends_with_an_extra_ca_and_h2() {
     // Over HTTP/2 the backend sees the absolute URI (scheme and authority from the URL).
     assert!(v["uri"].as_str().unwrap().ends_with("/secure/5"), "{v}");
     assert_eq!(v["version"], "HTTP/2.0");
+    // The headers the gateway adds reach an HTTP/2 backend too, once each (they travel in
+    // the request's map there, not after it as for a plain `http` backend).
+    let h = &v["headers"];
+    assert_eq!(h["x-scp-stage"], serde_json::json!(["prod"]), "{v}");
+    assert_eq!(h["x-scp-api-id"], serde_json::json!(["api1"]), "{v}");
+    assert_eq!(h["x-forwarded-proto"], serde_json::json!(["http"]), "{v}");
+    assert_eq!(
+        h["x-forwarded-for"],
+        serde_json::json!(["127.0.0.1"]),
+        "{v}"
+    );
+    assert_eq!(h["x-forwarded-host"], serde_json::json!([HOST]), "{v}");
+    assert_eq!(
+        h["x-scp-request-id"].as_array().map(Vec::len),
+        Some(1),
+        "{v}"
+    );
+    assert_eq!(h["traceparent"].as_array().map(Vec::len), Some(1), "{v}");
 }

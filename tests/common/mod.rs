@@ -607,11 +607,22 @@ pub async fn tls_backend() -> (std::net::SocketAddr, String, tokio::task::JoinHa
                 };
                 let svc = hyper::service::service_fn(
                     |req: http::Request<hyper::body::Incoming>| async move {
-                        let body = format!(
-                            "{{\"version\":\"{:?}\",\"uri\":\"{}\"}}",
-                            req.version(),
-                            req.uri()
-                        );
+                        // The version, the URI, and every header as a list of values.
+                        let mut headers = serde_json::Map::new();
+                        for (name, value) in req.headers() {
+                            let values = headers
+                                .entry(name.as_str())
+                                .or_insert_with(|| serde_json::json!([]));
+                            if let Some(list) = values.as_array_mut() {
+                                list.push(String::from_utf8_lossy(value.as_bytes()).into());
+                            }
+                        }
+                        let body = serde_json::json!({
+                            "version": format!("{:?}", req.version()),
+                            "uri": req.uri().to_string(),
+                            "headers": headers,
+                        })
+                        .to_string();
                         Ok::<_, std::convert::Infallible>(http::Response::new(
                             http_body_util::Full::new(bytes::Bytes::from(body)),
                         ))
