@@ -815,13 +815,13 @@ fn integrate<'a>(
     };
     // A plain `http` backend is only ever spoken to over HTTP/1.1: the headers the gateway
     // adds are written after the map instead of hashed into it (see `Added::Appended`).
+    // Room for the usual fields (about 250 bytes with short names and ids; a key id and a
+    // token's subject add theirs) without growing: any size up to 1 KiB costs the same.
     let mut appended = match &m.integration {
-        Integration::Http { upstream, .. } | Integration::PrivateLink { upstream, .. }
-            if !upstream.tls =>
-        {
-            Some(http_integration::AppendedHeaders::with_capacity(256))
+        Integration::Http { upstream, .. } | Integration::PrivateLink { upstream, .. } => {
+            (!upstream.tls).then(|| http_integration::AppendedHeaders::with_capacity(512))
         }
-        _ => None,
+        Integration::Function { .. } => None,
     };
     http_integration::rewrite_request_headers(
         &mut parts.headers,
