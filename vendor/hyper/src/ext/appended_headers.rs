@@ -10,7 +10,8 @@ use http::header::{HeaderName, HeaderValue};
 /// it walks the map again. Fields pushed here are written out once, as they were pushed:
 /// the name as given (lowercase, as every [`HeaderName`] is; title-case and original-case
 /// settings of the connection do not apply to them), `": "`, the value, CRLF. A name and a
-/// value are valid by construction, so the bytes are always well-formed fields.
+/// value are valid by construction (unless made with `from_maybe_shared_unchecked`, whose
+/// caller vouches for it, as for the map's own fields), so the bytes are well-formed fields.
 ///
 /// The caller keeps the map and these fields apart: a name pushed here should not also be
 /// in the map (nothing merges or checks them). Only HTTP/1 client connections read this
