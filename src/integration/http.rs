@@ -443,6 +443,14 @@ mod tests {
         assert!(valid_traceparent(h["traceparent"].as_bytes()));
     }
 
+    /// Rewrites `h` for a plain backend: the appended fields' lines.
+    fn rewrite_appending(h: &mut HeaderMap, info: &ForwardInfo<'_>) -> Vec<String> {
+        let mut appended = AppendedHeaders::with_capacity(512);
+        rewrite_request_headers(h, info, Added::Appended(&mut appended));
+        let text = std::str::from_utf8(appended.as_bytes()).unwrap();
+        text.split_terminator("\r\n").map(str::to_owned).collect()
+    }
+
     #[test]
     fn headers_new_to_the_map_are_appended_replacements_stay_in_it() {
         let rid = HeaderValue::from_static("rid");
@@ -452,14 +460,11 @@ mod tests {
         h.append("x-forwarded-for", HeaderValue::from_static("198.51.100.1"));
         h.insert("x-scp-stage", HeaderValue::from_static("forged"));
         h.insert("traceparent", HeaderValue::from_static("garbage"));
-        let mut appended = AppendedHeaders::with_capacity(512);
-        rewrite_request_headers(&mut h, &info(&rid, &host), Added::Appended(&mut appended));
+        let lines = rewrite_appending(&mut h, &info(&rid, &host));
         // Extended or replaced: in the map, where the client's were.
         assert_eq!(h["x-forwarded-for"], "198.51.100.1, 203.0.113.9");
         assert!(valid_traceparent(h["traceparent"].as_bytes()));
         // New (the client's forged copy removed): appended, in order, each once.
-        let text = std::str::from_utf8(appended.as_bytes()).unwrap();
-        let lines: Vec<&str> = text.split_terminator("\r\n").collect();
         assert_eq!(
             lines,
             [
@@ -471,20 +476,17 @@ mod tests {
                 "x-scp-api-key-id: k01",
             ]
         );
-        for line in lines {
+        for line in &lines {
             let (name, _) = line.split_once(": ").unwrap();
             assert!(!h.contains_key(name), "{name} is in the map too");
         }
 
         // Nothing in the map: every added header is appended, a new traceparent last.
         let mut h = HeaderMap::new();
-        let mut appended = AppendedHeaders::with_capacity(512);
-        rewrite_request_headers(&mut h, &info(&rid, &host), Added::Appended(&mut appended));
+        let lines = rewrite_appending(&mut h, &info(&rid, &host));
         assert!(h.is_empty(), "{h:?}");
-        let text = std::str::from_utf8(appended.as_bytes()).unwrap();
-        let lines: Vec<&str> = text.split_terminator("\r\n").collect();
         assert_eq!(lines[0], "x-forwarded-for: 203.0.113.9");
-        assert_eq!(lines.len(), 8, "{text}");
+        assert_eq!(lines.len(), 8, "{lines:?}");
         let tp = lines[7].strip_prefix("traceparent: ").unwrap();
         assert!(valid_traceparent(tp.as_bytes()), "{tp}");
     }
