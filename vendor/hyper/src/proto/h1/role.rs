@@ -1,7 +1,6 @@
 use std::mem::MaybeUninit;
 
-#[cfg(feature = "client")]
-use std::fmt::{self, Write as _};
+// scp-gateway patch (see PATCHED.md): `std::fmt` no longer used (see `write_uri`).
 
 use bytes::Bytes;
 use bytes::BytesMut;
@@ -1228,8 +1227,10 @@ impl Http1Transaction for Client {
 
         extend(dst, msg.head.subject.0.as_str().as_bytes());
         extend(dst, b" ");
-        //TODO: add API to http::Uri to encode without std::fmt
-        let _ = write!(FastWrite(dst), "{} ", msg.head.subject.1);
+        // scp-gateway patch (see PATCHED.md): the request target written as `Uri`'s
+        // `Display` writes it, piece by piece, without `std::fmt`.
+        write_uri(dst, &msg.head.subject.1);
+        extend(dst, b" ");
 
         match msg.head.version {
             Version::HTTP_10 => extend(dst, b"HTTP/1.0"),
@@ -1676,20 +1677,21 @@ fn write_headers_original_case(
     }
 }
 
+// scp-gateway patch (see PATCHED.md): what `impl Display for http::Uri` writes (scheme and
+// `://`, authority, path, `?` and query, each when present), without `std::fmt`.
 #[cfg(feature = "client")]
-struct FastWrite<'data>(&'data mut Vec<u8>);
-
-#[cfg(feature = "client")]
-impl fmt::Write for FastWrite<'_> {
-    #[inline]
-    fn write_str(&mut self, s: &str) -> fmt::Result {
-        extend(self.0, s.as_bytes());
-        Ok(())
+fn write_uri(dst: &mut Vec<u8>, uri: &http::Uri) {
+    if let Some(scheme) = uri.scheme() {
+        extend(dst, scheme.as_str().as_bytes());
+        extend(dst, b"://");
     }
-
-    #[inline]
-    fn write_fmt(&mut self, args: fmt::Arguments<'_>) -> fmt::Result {
-        fmt::write(self, args)
+    if let Some(authority) = uri.authority() {
+        extend(dst, authority.as_str().as_bytes());
+    }
+    extend(dst, uri.path().as_bytes());
+    if let Some(query) = uri.query() {
+        extend(dst, b"?");
+        extend(dst, query.as_bytes());
     }
 }
 
