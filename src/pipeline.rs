@@ -836,7 +836,12 @@ fn integrate<'a>(
             api_key_id: ctx.api_key.as_ref().and_then(|(_, k)| k.header.as_ref()),
             jwt_sub,
             trusted_peer: ctx.conn.trusted_peer,
-            host_overwritten: backend_uri.is_some(),
+            backend_host: match &m.integration {
+                Integration::Http { upstream, .. } | Integration::PrivateLink { upstream, .. } => {
+                    Some(&upstream.host_header)
+                }
+                Integration::Function { .. } => None,
+            },
             traceparent: client_span.as_ref().map(|(_, tp)| tp),
         },
         match appended.as_mut() {

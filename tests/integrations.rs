@@ -33,6 +33,13 @@ async fn function_host() -> (std::net::SocketAddr, Arc<Mutex<Vec<Value>>>) {
                         async move {
                             let path = req.uri().path().to_owned();
                             let ct = req.headers().get("content-type").cloned();
+                            // The function endpoint's own Host, never the client's.
+                            assert_eq!(
+                                req.headers()
+                                    .get("host")
+                                    .map(|v| v.to_str().unwrap().to_owned()),
+                                Some(addr.to_string())
+                            );
                             let raw = req.into_body().collect().await.unwrap().to_bytes();
                             let event: Value = serde_json::from_slice(&raw).unwrap_or(Value::Null);
                             assert_eq!(

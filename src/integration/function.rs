@@ -241,8 +241,10 @@ pub async fn invoke(
     let mut req = Request::new(ForwardBody::Full(Some(Bytes::from(event))));
     *req.method_mut() = http::Method::POST;
     *req.uri_mut() = function.target.clone();
-    req.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    let h = req.headers_mut();
+    // The function endpoint's Host: `forward` sends a request's own (see `upstream::send`).
+    h.insert(http::header::HOST, function.upstream.host_header.clone());
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     let started = Instant::now();
     let mut deadline = Deadline::new(tokio::time::Instant::from_std(started) + timeout);
     let forwarded = match forward(

@@ -49,17 +49,18 @@ pub struct ForwardInfo<'a> {
     pub jwt_sub: Option<&'a HeaderValue>,
     /// The socket peer is a trusted proxy: its forwarding headers are kept.
     pub trusted_peer: bool,
-    /// The request goes to an HTTP backend through [`forward`], which sets `Host` to the
-    /// backend's: the client's is left for it to overwrite (one map operation instead of a
-    /// removal and an insertion). Otherwise (a function's event) the client's is removed.
-    pub host_overwritten: bool,
+    /// The request goes to an HTTP backend, whose `Host` this is: it replaces the client's
+    /// in place (found in the pass over the headers: no map operation of its own), or is
+    /// inserted when the client sent none. `None` (a function's event): the client's is
+    /// removed, and [`forward`] sets the function endpoint's.
+    pub backend_host: Option<&'a HeaderValue>,
     /// With tracing on: the `traceparent` naming the integration call's client span,
     /// replacing the client's.
     pub traceparent: Option<&'a HeaderValue>,
 }
 
 /// Headers a client must not pass on: hop-by-hop, `Host` (the backend's is set from its
-/// URL; left in place when the backend call overwrites it), the gateway's own `x-scp-*` (a
+/// URL; the client's value is replaced in place when the backend's is known), the gateway's own `x-scp-*` (a
 /// client could forge them), names with `_` (dropped as nginx does, so that
 /// `x_scp_apikey`-style spellings can never be read as another header downstream), and
 /// forwarding headers unless the peer is a trusted proxy.
@@ -69,7 +70,7 @@ fn dropped_on_forward(s: &str, info: &ForwardInfo<'_>) -> bool {
         return true;
     }
     if s == "host" {
-        return !info.host_overwritten;
+        return info.backend_host.is_none();
     }
     if let Some(own) = s.strip_prefix("x-scp-") {
         return match own {
@@ -137,10 +138,15 @@ pub fn rewrite_request_headers(h: &mut HeaderMap, info: &ForwardInfo<'_>, mut ad
     let mut host: Option<HeaderValue> = None;
     let mut traceparent_ok = false;
     let mut traceparent = false;
-    for (name, value) in h.iter() {
+    for (name, value) in h.iter_mut() {
         let s = name.as_str();
         match s {
-            "host" => host = Some(value.clone()),
+            "host" => {
+                host = Some(match info.backend_host {
+                    Some(backend) => std::mem::replace(value, backend.clone()),
+                    None => value.clone(),
+                })
+            }
             "x-forwarded-for" => xff = true,
             "x-forwarded-proto" => xfp = true,
             "x-forwarded-host" => xfh = true,
@@ -161,6 +167,11 @@ pub fn rewrite_request_headers(h: &mut HeaderMap, info: &ForwardInfo<'_>, mut ad
     }
     for n in doomed.iter() {
         h.remove(n);
+    }
+    if let (Some(backend), None) = (info.backend_host, &host) {
+        // No `Host` from the client (HTTP/1.0, or HTTP/2's `:authority`): the backend's
+        // goes into the map all the same, where a `Host` is expected first.
+        h.insert(header::HOST, backend.clone());
     }
     // Forwarding headers of an untrusted peer were just removed.
     let (xfp, xfh) = (xfp && info.trusted_peer, xfh && info.trusted_peer);
@@ -318,7 +329,7 @@ pub struct NotForwarded {
     pub retried: bool,
 }
 
-/// Sends the request (origin-form URI) to `upstream` and waits for the response head within
+/// Sends the request (origin-form URI, `upstream`'s `Host`) to `upstream` and waits for the response head within
 /// `timeout`, which covers a retry too. The answer comes without its hop-by-hop headers
 /// (the backend connection's layer removes them, see [`crate::upstream::Sent`]).
 ///
@@ -389,7 +400,7 @@ mod tests {
             api_key_id: Some(Box::leak(Box::new(HeaderValue::from_static("k01")))),
             jwt_sub: None,
             trusted_peer: false,
-            host_overwritten: false,
+            backend_host: None,
             traceparent: None,
         }
     }
@@ -492,18 +503,51 @@ mod tests {
     }
 
     #[test]
-    fn host_is_left_for_the_backend_call_to_overwrite() {
+    fn host_becomes_the_backends_and_the_clients_is_forwarded_host() {
         let rid = HeaderValue::from_static("rid");
         let host = HeaderValue::from_static("api.example.com");
+        let backend = HeaderValue::from_static("orders.internal:8080");
+        let mut forwarded = info(&rid, &host);
+        forwarded.backend_host = Some(&backend);
+        for added in [false, true] {
+            // The client's Host, replaced in place; it is the X-Forwarded-Host.
+            let mut h = HeaderMap::new();
+            h.insert("accept", HeaderValue::from_static("*/*"));
+            h.insert("host", host.clone());
+            let lines = if added {
+                rewrite_appending(&mut h, &forwarded)
+            } else {
+                rewrite_request_headers(&mut h, &forwarded, Added::Map);
+                Vec::new()
+            };
+            assert_eq!(h.get_all("host").iter().count(), 1);
+            assert_eq!(h["host"], "orders.internal:8080");
+            let xfh = h
+                .get("x-forwarded-host")
+                .map(|v| v.to_str().unwrap().to_owned());
+            let xfh = xfh.or_else(|| {
+                lines
+                    .iter()
+                    .find_map(|l| l.strip_prefix("x-forwarded-host: ").map(str::to_owned))
+            });
+            assert_eq!(xfh.as_deref(), Some("api.example.com"));
+            // No Host from the client: the backend's goes into the map, never appended.
+            let mut h = HeaderMap::new();
+            let lines = if added {
+                rewrite_appending(&mut h, &forwarded)
+            } else {
+                rewrite_request_headers(&mut h, &forwarded, Added::Map);
+                Vec::new()
+            };
+            assert_eq!(h["host"], "orders.internal:8080");
+            assert!(lines.iter().all(|l| !l.starts_with("host:")), "{lines:?}");
+        }
+        // A function's event: the client's Host goes, nothing replaces it here.
         let mut h = HeaderMap::new();
         h.insert("host", host.clone());
-        let mut forwarded = info(&rid, &host);
-        forwarded.host_overwritten = true;
-        rewrite_request_headers(&mut h, &forwarded, Added::Map);
-        assert_eq!(h["host"], "api.example.com");
-        assert_eq!(h["x-forwarded-host"], "api.example.com");
         rewrite_request_headers(&mut h, &info(&rid, &host), Added::Map);
         assert!(!h.contains_key("host"));
+        assert_eq!(h["x-forwarded-host"], "api.example.com");
     }
 
     #[test]

@@ -180,7 +180,8 @@ impl RetryCopy {
     }
 }
 
-/// Sends `req` (origin-form URI) to `up` and waits for the answer's head until `deadline`.
+/// Sends `req` (origin-form URI, with `up`'s `Host`: over HTTP/2 it becomes `:authority`) to
+/// `up` and waits for the answer's head until `deadline`.
 /// `now` is the caller's clock read as it made the call (idle connections are judged by it:
 /// one clock read per call rather than one per step).
 ///
@@ -272,8 +273,10 @@ pub fn send<'a>(
                     },
                 };
                 // HTTP/1.1 on `conn`.
+                // HTTP/1.1 with the request's own `Host`, the backend's: the integration set it
+                // (in place of the client's, see `ForwardInfo::backend_host`, or in the
+                // event it built for a function).
                 *req.version_mut() = Version::HTTP_11;
-                req.headers_mut().insert(HOST, up.host_header.clone());
                 // A request that may go again: the connection keeps what it writes for it
                 // (see `wire`), and its body (none, or whole) is kept here.
                 let resend = if reused && idempotent(req.method()) {
