@@ -862,9 +862,7 @@ fn integrate<'a>(
             None => http_integration::Added::Map,
         },
     );
-    if let Some(a) = appended.filter(|a| !a.is_empty()) {
-        parts.extensions.insert(a);
-    }
+    let appended = appended.filter(|a| !a.is_empty());
     let client_span = client_span.and_then(|(span, _)| span);
     let frame_body = |h: &mut http::HeaderMap| {
         if chunked_get {
@@ -887,6 +885,7 @@ fn integrate<'a>(
                     &app.upstream,
                     upstream,
                     req,
+                    appended,
                     timeout,
                     forwarded,
                 ))

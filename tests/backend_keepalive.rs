@@ -365,6 +365,18 @@ async fn soak_against_a_backend_closing_idle_connections() {
         [(200u16, CLIENTS * ROUNDS)].into_iter().collect(),
         "every request answered 200"
     );
+    // Every head the backend read carries the gateway's headers once, whichever way it went:
+    // first try, again from the bytes a failed try wrote, or again unwritten (its fields
+    // taken back from the connection it was not written on).
+    for head in b.heads() {
+        for added in [
+            "x-forwarded-for: ",
+            "x-scp-request-id: ",
+            "x-scp-stage: prod\r\n",
+        ] {
+            assert_eq!(head.matches(added).count(), 1, "{added}: {head}");
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

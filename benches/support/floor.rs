@@ -33,14 +33,66 @@ use hyper_util::server::conn::auto;
 
 type Sender = http1::SendRequest<Incoming>;
 
+/// Where the floor adding the contract's headers puts them for the request about to be
+/// written on a connection: hyper's HTTP/1 client takes them from the connection's
+/// transport (`FieldsIo`), as the gateway's does (see `vendor/hyper/PATCHED.md`).
+type Slot = Arc<std::sync::Mutex<Option<hyper::ext::AppendedHeaders>>>;
+
 thread_local! {
-    static POOL: RefCell<Vec<Sender>> = const { RefCell::new(Vec::new()) };
+    static POOL: RefCell<Vec<(Sender, Option<Slot>)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A backend socket whose transport hands hyper the fields in its [`Slot`], if it has one
+/// (the plain floor's connections have none: one transport type for both floors, so that
+/// the client's code is compiled once, as the gateway's is).
+struct FieldsIo {
+    io: TokioIo<tokio::net::TcpStream>,
+    slot: Option<Slot>,
+}
+
+impl hyper::rt::Read for FieldsIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for FieldsIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, data)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+    fn take_appended_headers(self: Pin<&mut Self>) -> Option<hyper::ext::AppendedHeaders> {
+        self.slot.as_ref()?.lock().ok()?.take()
+    }
 }
 
 /// The backend's answer body; gives its connection back to the worker's pool at its end.
 struct Pooled {
     inner: Incoming,
-    sender: Option<Sender>,
+    sender: Option<(Sender, Option<Slot>)>,
 }
 
 impl Pooled {
@@ -76,21 +128,26 @@ impl Body for Pooled {
     }
 }
 
-async fn sender(backend: SocketAddr) -> Result<Sender, String> {
-    while let Some(mut s) = POOL.with_borrow_mut(Vec::pop) {
+/// A pooled or new connection; a new one has a [`Slot`] for the contract's headers if
+/// `fields`.
+async fn sender(backend: SocketAddr, fields: bool) -> Result<(Sender, Option<Slot>), String> {
+    while let Some((mut s, slot)) = POOL.with_borrow_mut(Vec::pop) {
         if s.ready().await.is_ok() {
-            return Ok(s);
+            return Ok((s, slot));
         }
     }
     let tcp = tokio::net::TcpStream::connect(backend)
         .await
         .map_err(|e| e.to_string())?;
     let _ = tcp.set_nodelay(true);
-    let (s, conn) = http1::handshake(TokioIo::new(tcp))
-        .await
-        .map_err(|e| e.to_string())?;
+    let slot = fields.then(Slot::default);
+    let io = FieldsIo {
+        io: TokioIo::new(tcp),
+        slot: slot.clone(),
+    };
+    let (s, conn) = http1::handshake(io).await.map_err(|e| e.to_string())?;
     tokio::spawn(conn);
-    Ok(s)
+    Ok((s, slot))
 }
 
 /// The contract's forwarding headers, values made once (see the module docs).
@@ -126,8 +183,9 @@ static ADDED: [(http::HeaderName, HeaderValue); 5] = [
 
 impl ContractHeaders {
     /// As the gateway adds them for a plain `http` backend: written after the request's
-    /// map by hyper's HTTP/1.1 client, not inserted into it (`hyper::ext::AppendedHeaders`).
-    fn add<B>(&self, req: &mut Request<B>) {
+    /// map by hyper's HTTP/1.1 client, not inserted into it (`hyper::ext::AppendedHeaders`,
+    /// handed to the connection the request goes on).
+    fn fields<B>(&self, req: &Request<B>) -> hyper::ext::AppendedHeaders {
         let mut added = hyper::ext::AppendedHeaders::with_capacity(256);
         added.push(&X_FORWARDED_FOR, &self.forwarded_for);
         if let Some(host) = req.headers().get(http::header::HOST) {
@@ -136,13 +194,18 @@ impl ContractHeaders {
         for (name, value) in &ADDED {
             added.push(name, value);
         }
-        req.extensions_mut().insert(added);
+        added
     }
 }
 
 type Answer = Response<http_body_util::Either<Pooled, http_body_util::Full<Bytes>>>;
 
-async fn proxy(mut req: Request<Incoming>, backend: SocketAddr, host: HeaderValue) -> Answer {
+async fn proxy(
+    mut req: Request<Incoming>,
+    backend: SocketAddr,
+    host: HeaderValue,
+    fields: Option<hyper::ext::AppendedHeaders>,
+) -> Answer {
     let bad = || {
         let mut r = Response::new(http_body_util::Either::Right(http_body_util::Full::new(
             Bytes::from_static(b"bad gateway"),
@@ -155,15 +218,20 @@ async fn proxy(mut req: Request<Incoming>, backend: SocketAddr, host: HeaderValu
     }
     req.headers_mut().insert(http::header::HOST, host);
     *req.version_mut() = http::Version::HTTP_11;
-    let Ok(mut s) = sender(backend).await else {
+    let Ok((mut s, slot)) = sender(backend, fields.is_some()).await else {
         return bad();
     };
+    if let (Some(slot), Some(fields)) = (&slot, fields) {
+        if let Ok(mut f) = slot.lock() {
+            *f = Some(fields);
+        }
+    }
     match s.send_request(req).await {
         Ok(resp) => {
             let (parts, body) = resp.into_parts();
             let mut body = Pooled {
                 inner: body,
-                sender: Some(s),
+                sender: Some((s, slot)),
             };
             if body.inner.is_end_stream() {
                 body.release();
@@ -215,7 +283,9 @@ pub fn main(listen: SocketAddr, backend: SocketAddr, workers: usize, headers: bo
                                     let svc = hyper::service::service_fn(move |req| {
                                         let host = host.clone();
                                         async move {
-                                            Ok::<_, Infallible>(proxy(req, backend, host).await)
+                                            Ok::<_, Infallible>(
+                                                proxy(req, backend, host, None).await,
+                                            )
                                         }
                                     });
                                     let _ = b.serve_connection(io, svc).await;
@@ -224,15 +294,18 @@ pub fn main(listen: SocketAddr, backend: SocketAddr, workers: usize, headers: bo
                                     // The request's headers are added before its future
                                     // starts, the answer's by a `map`: no layer of its own.
                                     let svc = hyper::service::service_fn(
-                                        move |mut req: Request<Incoming>| {
+                                        move |req: Request<Incoming>| {
                                             use futures_util::FutureExt;
-                                            c.add(&mut req);
-                                            proxy(req, backend, host.clone()).map(|mut answer| {
-                                                answer
-                                                    .headers_mut()
-                                                    .insert(&X_SCP_REQUEST_ID, ADDED[1].1.clone());
-                                                Ok::<_, Infallible>(answer)
-                                            })
+                                            let fields = Some(c.fields(&req));
+                                            proxy(req, backend, host.clone(), fields).map(
+                                                |mut answer| {
+                                                    answer.headers_mut().insert(
+                                                        &X_SCP_REQUEST_ID,
+                                                        ADDED[1].1.clone(),
+                                                    );
+                                                    Ok::<_, Infallible>(answer)
+                                                },
+                                            )
                                         },
                                     );
                                     let _ = b.serve_connection(io, svc).await;

@@ -251,6 +251,7 @@ pub async fn invoke(
         settings,
         &function.upstream,
         req,
+        None,
         timeout,
         std::convert::identity,
     )

@@ -109,7 +109,8 @@ pub enum Added<'a> {
     Map,
     /// For a request that goes out over HTTP/1.1 only (a plain `http` backend): the headers
     /// that are new to the map are written after it by the backend connection, unhashed
-    /// (`hyper::ext::AppendedHeaders`, see `vendor/hyper/PATCHED.md`). Those that replace a
+    /// (`hyper::ext::AppendedHeaders`, handed to the connection with the request: see
+    /// [`forward`] and `vendor/hyper/PATCHED.md`). Those that replace a
     /// client's value (a trusted proxy's `X-Forwarded-For` extended, a `traceparent`
     /// replaced) still go into the map, so a name is never sent twice.
     Appended(&'a mut AppendedHeaders),
@@ -329,8 +330,9 @@ pub struct NotForwarded {
     pub retried: bool,
 }
 
-/// Sends the request (origin-form URI, `upstream`'s `Host`) to `upstream` and waits for the response head within
-/// `timeout`, which covers a retry too. The answer comes without its hop-by-hop headers
+/// Sends the request (origin-form URI, `upstream`'s `Host`; `appended`: header fields written
+/// after its map, for a plain `http` backend only) to `upstream` and waits for the response
+/// head within `timeout`, which covers a retry too. The answer comes without its hop-by-hop headers
 /// (the backend connection's layer removes them, see [`crate::upstream::Sent`]).
 ///
 /// Not an async function on purpose: the future is `upstream::send`'s own, mapped once
@@ -340,13 +342,14 @@ pub fn forward<'a, T>(
     settings: &'a Settings,
     upstream: &'a Upstream,
     req: Request<ForwardBody>,
+    appended: Option<AppendedHeaders>,
     timeout: Duration,
     then: impl FnOnce(Result<Forwarded, NotForwarded>) -> T + Send + 'a,
 ) -> impl std::future::Future<Output = T> + Send + 'a {
     use futures_util::FutureExt;
     let started = Instant::now();
     let deadline = tokio::time::Instant::from_std(started + timeout);
-    crate::upstream::send(settings, upstream, req, started, deadline).map(move |r| then(match r {
+    crate::upstream::send(settings, upstream, req, appended, started, deadline).map(move |r| then(match r {
         Ok(sent) => {
             Ok(Forwarded {
                 response: sent.response,

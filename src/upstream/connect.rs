@@ -118,10 +118,10 @@ async fn open_addr(
         }
         _ => (BackendIo::Plain(tcp), false),
     };
-    let io = TokioIo::new(Counted {
+    let io = Transport(TokioIo::new(Counted {
         inner: io,
         wire: wire.clone(),
-    });
+    }));
     let handle = if h2 {
         let (send, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
@@ -147,6 +147,50 @@ async fn open_addr(
         Handle::H1(send)
     };
     Ok(Fresh { handle, wire })
+}
+
+/// A backend connection's transport as hyper sees it: the counted socket, which also hands
+/// hyper's HTTP/1 client the header fields its [`Wire`] holds for the request head being
+/// written ([`hyper::rt::Write::take_appended_headers`], see `vendor/hyper/PATCHED.md`).
+struct Transport(TokioIo<Counted>);
+
+impl hyper::rt::Read for Transport {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for Transport {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, data)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+    fn take_appended_headers(self: Pin<&mut Self>) -> Option<hyper::ext::AppendedHeaders> {
+        self.0.inner().wire.take_appended()
+    }
 }
 
 /// A backend socket: plain TCP or TLS.

@@ -12,6 +12,7 @@ use http::header::{HeaderValue, HOST};
 use http::{Method, Request, Response, Version};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use hyper::ext::AppendedHeaders;
 use tokio::time::Instant;
 
 use super::connect::{self, ConnectError, Handle};
@@ -196,6 +197,7 @@ pub fn send<'a>(
     settings: &'a Settings,
     up: &'a Upstream,
     mut req: Request<ForwardBody>,
+    mut appended: Option<AppendedHeaders>,
     now: std::time::Instant,
     deadline: Instant,
 ) -> impl std::future::Future<Output = Result<Sent, SendError>> + Send + 'a {
@@ -288,6 +290,9 @@ pub fn send<'a>(
                     conn.wire.arm();
                 }
                 let before = conn.wire.received();
+                // The fields written after the map go by the connection (see `wire`); set
+                // for every request, so that none is left from one that was not written.
+                conn.wire.set_appended(appended.take());
                 let sent = conn.sender.try_send_request(req);
                 match deadline.wait(sent).await {
                     Err(_) => Outcome::Timeout,
@@ -308,10 +313,16 @@ pub fn send<'a>(
                         );
                         Outcome::Answer(Response::from_parts(parts, body), answered)
                     }
-                    Ok(Err(mut e)) => failed(&mut e, reused, &conn.wire, before, || {
-                        let body = resend?;
-                        wire::request_again(&conn.wire.take_written(), body)
-                    }),
+                    Ok(Err(mut e)) => {
+                        // Unwritten, the request's appended fields are still on the
+                        // connection: they go with it if it is sent again (a request sent
+                        // again from its written bytes has them in those bytes).
+                        appended = conn.wire.take_appended();
+                        failed(&mut e, reused, &conn.wire, before, || {
+                            let body = resend?;
+                            wire::request_again(&conn.wire.take_written(), body)
+                        })
+                    }
                 }
             };
             match outcome {

@@ -11,9 +11,14 @@
 //! anyway is one copy of the encoded head (a few hundred bytes, one `memcpy`), and the
 //! head is parsed back only on the rare retry.
 //!
+//! It also carries, from the request to the socket, the header fields the gateway adds to
+//! a request for a plain `http` backend ([`AppendedHeaders`]): hyper's HTTP/1 client takes
+//! them from the connection's transport as it writes the request's head (see
+//! `vendor/hyper/PATCHED.md`), after the header map, unhashed.
+//!
 //! The connection's driver task (its socket) writes here; the request's task reads. Both
-//! run on the worker that opened the connection, so the lock is never contended; it is
-//! there because the types must be `Sync`.
+//! run on the worker that opened the connection, so the locks are never contended; they
+//! are there because the types must be `Sync`.
 
 use std::io::IoSlice;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -21,6 +26,7 @@ use std::sync::{Mutex, PoisonError};
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Method, Request, Uri, Version};
+use hyper::ext::AppendedHeaders;
 
 use crate::body::ForwardBody;
 
@@ -35,6 +41,8 @@ pub struct Wire {
     /// The request being written may be sent again: keep what is written.
     armed: AtomicBool,
     written: Mutex<Vec<u8>>,
+    /// The fields to append to the next request head written on the connection.
+    appended: Mutex<Option<AppendedHeaders>>,
 }
 
 impl Wire {
@@ -96,6 +104,20 @@ impl Wire {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<u8>> {
         self.written.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Sets the fields the next request head written on the connection gets after its
+    /// header map (the request about to be sent on it), replacing any left unwritten.
+    pub fn set_appended(&self, fields: Option<AppendedHeaders>) {
+        let mut a = self.appended.lock().unwrap_or_else(PoisonError::into_inner);
+        *a = fields;
+    }
+
+    /// Takes the fields set for the next request head: the connection's socket, writing
+    /// that head; or the request, taking back the fields of a request that was not written.
+    pub fn take_appended(&self) -> Option<AppendedHeaders> {
+        let mut a = self.appended.lock().unwrap_or_else(PoisonError::into_inner);
+        a.take()
     }
 }
 

@@ -13,10 +13,16 @@ use http::header::{HeaderName, HeaderValue};
 /// value are valid by construction (unless made with `from_maybe_shared_unchecked`, whose
 /// caller vouches for it, as for the map's own fields), so the bytes are well-formed fields.
 ///
+/// They reach the connection through its transport, not the request: an HTTP/1 client
+/// connection asks its transport for them ([`crate::rt::Write::take_appended_headers`]) as
+/// it encodes each request head, so the caller that owns the transport puts there the
+/// fields of the request it sends next on it (a request extension would cost http's
+/// extension map, its table and a box per request).
+///
 /// The caller keeps the map and these fields apart: a name pushed here should not also be
-/// in the map (nothing merges or checks them). Only HTTP/1 client connections read this
-/// extension; an HTTP/2 connection and a server ignore it, so a request that may go out
-/// over HTTP/2 must carry its fields in the map.
+/// in the map (nothing merges or checks them). Only HTTP/1 client connections ask for
+/// them; HTTP/2 connections and servers never do, so a request that may go out over
+/// HTTP/2 must carry its fields in the map.
 #[derive(Clone, Debug, Default)]
 pub struct AppendedHeaders {
     bytes: Vec<u8>,

@@ -143,6 +143,19 @@ pub trait Write {
             .map_or(&[][..], |b| &**b);
         self.poll_write(cx, buf)
     }
+
+    // scp-gateway patch (see PATCHED.md): header fields from the transport.
+    /// Header fields an HTTP/1 client connection writes after the header map of the request
+    /// head it is encoding now (see [`crate::ext::AppendedHeaders`]), taken from this
+    /// transport: a caller that owns the transport puts there the fields of the request it
+    /// sends next on it. Called once per request head an HTTP/1 client connection encodes;
+    /// servers and HTTP/2 never call it.
+    ///
+    /// The default implementation returns `None`.
+    #[cfg(all(feature = "http1", feature = "client"))]
+    fn take_appended_headers(self: Pin<&mut Self>) -> Option<crate::ext::AppendedHeaders> {
+        None
+    }
 }
 
 /// A wrapper around a byte buffer that is incrementally filled and initialized.
@@ -495,6 +508,14 @@ macro_rules! deref_async_write {
         ) -> Poll<std::io::Result<()>> {
             Pin::new(&mut **self).poll_shutdown(cx)
         }
+
+        // scp-gateway patch (see PATCHED.md).
+        #[cfg(all(feature = "http1", feature = "client"))]
+        fn take_appended_headers(
+            mut self: Pin<&mut Self>,
+        ) -> Option<crate::ext::AppendedHeaders> {
+            Pin::new(&mut **self).take_appended_headers()
+        }
     };
 }
 
@@ -537,6 +558,12 @@ where
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         pin_as_deref_mut(self).poll_shutdown(cx)
+    }
+
+    // scp-gateway patch (see PATCHED.md).
+    #[cfg(all(feature = "http1", feature = "client"))]
+    fn take_appended_headers(self: Pin<&mut Self>) -> Option<crate::ext::AppendedHeaders> {
+        pin_as_deref_mut(self).take_appended_headers()
     }
 }
 

@@ -656,6 +656,19 @@ where
                 debug_assert!(head.headers.is_empty());
                 self.state.cached_headers = Some(head.headers);
 
+                // scp-gateway patch (see PATCHED.md): fields the transport holds for this
+                // request go after the map's, before the blank line that ends the head.
+                #[cfg(feature = "client")]
+                if T::is_client() {
+                    if let Some(appended) = self.io.take_appended_headers() {
+                        let buf = self.io.headers_buf();
+                        debug_assert!(buf.ends_with(b"\r\n\r\n"));
+                        buf.truncate(buf.len() - 2);
+                        buf.extend_from_slice(appended.as_bytes());
+                        buf.extend_from_slice(b"\r\n");
+                    }
+                }
+
                 #[cfg(feature = "client")]
                 {
                     self.state.on_informational =

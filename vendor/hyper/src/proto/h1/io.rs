@@ -136,6 +136,13 @@ where
         !self.write_buf.queue.has_remaining()
     }
 
+    // scp-gateway patch (see PATCHED.md): the fields the transport holds for the request
+    // head being encoded.
+    #[cfg(all(feature = "http1", feature = "client"))]
+    pub(crate) fn take_appended_headers(&mut self) -> Option<crate::ext::AppendedHeaders> {
+        Pin::new(&mut self.io).take_appended_headers()
+    }
+
     pub(crate) fn headers_buf(&mut self) -> &mut Vec<u8> {
         let buf = self.write_buf.headers_mut();
         &mut buf.bytes

@@ -1256,11 +1256,6 @@ impl Http1Transaction for Client {
         } else {
             write_headers(&msg.head.headers, dst);
         }
-        // scp-gateway patch (see PATCHED.md): fields kept out of the map, written after it.
-        if let Some(appended) = msg.head.extensions.get::<crate::ext::AppendedHeaders>() {
-            extend(dst, appended.as_bytes());
-        }
-
         extend(dst, b"\r\n");
         msg.head.headers.clear(); //TODO: remove when switching to drain()
 
