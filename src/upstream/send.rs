@@ -213,6 +213,7 @@ pub fn send<'a>(
                 if !retried {
                     if up.tls {
                         if let Some((h2, wire)) = pool::h2(up.id) {
+                            debug_assert!(appended.is_none(), "HTTP/1.1 only");
                             break 'attempt Box::pin(send_h2(
                                 up,
                                 h2,
@@ -261,6 +262,7 @@ pub fn send<'a>(
                             }
                             Handle::H2(sender) => {
                                 pool::set_h2(up.id, sender.clone(), fresh.wire.clone());
+                                debug_assert!(appended.is_none(), "HTTP/1.1 only");
                                 break 'attempt Box::pin(send_h2(
                                     up,
                                     sender,
@@ -274,10 +276,9 @@ pub fn send<'a>(
                         },
                     },
                 };
-                // HTTP/1.1 on `conn`.
-                // HTTP/1.1 with the request's own `Host`, the backend's: the integration set it
-                // (in place of the client's, see `ForwardInfo::backend_host`, or in the
-                // event it built for a function).
+                // HTTP/1.1 on `conn`, with the request's own `Host`, the backend's: the
+                // integration set it (in place of the client's, see
+                // `ForwardInfo::backend_host`, or in the event it built for a function).
                 *req.version_mut() = Version::HTTP_11;
                 // A request that may go again: the connection keeps what it writes for it
                 // (see `wire`), and its body (none, or whole) is kept here.
@@ -363,6 +364,8 @@ enum Outcome {
     ClientBody(Rejection),
 }
 
+/// An HTTP/2 try. Appended fields are for HTTP/1.1 only: a request that may go out over
+/// HTTP/2 (to a TLS backend) carries all of its fields in its map.
 async fn send_h2(
     up: &Upstream,
     mut sender: hyper::client::conn::http2::SendRequest<ForwardBody>,
