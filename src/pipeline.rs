@@ -812,12 +812,7 @@ fn integrate<'a>(
     };
     let client_span = match (&app.tracing, &ctx.trace) {
         (Some(t), Some(request)) => {
-            let backend = match &m.integration {
-                Integration::Http { upstream, .. } | Integration::PrivateLink { upstream, .. } => {
-                    Some((&upstream.host, upstream.port))
-                }
-                Integration::Function { .. } => None,
-            };
+            let backend = m.integration.http_upstream().map(|u| (&u.host, u.port));
             Some(t.start_client(
                 request,
                 crate::observe::metrics::method_label(&ctx.method),
@@ -830,12 +825,11 @@ fn integrate<'a>(
     // adds are written after the map instead of hashed into it (see `Added::Appended`).
     // Room for the usual fields (about 250 bytes with short names and ids; a key id and a
     // token's subject add theirs) without growing: any size up to 1 KiB costs the same.
-    let mut appended = match &m.integration {
-        Integration::Http { upstream, .. } | Integration::PrivateLink { upstream, .. } => {
-            (!upstream.tls).then(|| http_integration::AppendedHeaders::with_capacity(512))
-        }
-        Integration::Function { .. } => None,
-    };
+    let mut appended = m
+        .integration
+        .http_upstream()
+        .filter(|u| !u.tls)
+        .map(|_| http_integration::AppendedHeaders::with_capacity(512));
     http_integration::rewrite_request_headers(
         &mut parts.headers,
         &ForwardInfo {
@@ -849,12 +843,7 @@ fn integrate<'a>(
             api_key_id: ctx.api_key.as_ref().and_then(|(_, k)| k.header.as_ref()),
             jwt_sub,
             trusted_peer: ctx.conn.trusted_peer,
-            backend_host: match &m.integration {
-                Integration::Http { upstream, .. } | Integration::PrivateLink { upstream, .. } => {
-                    Some(&upstream.host_header)
-                }
-                Integration::Function { .. } => None,
-            },
+            backend_host: m.integration.http_upstream().map(|u| &u.host_header),
             traceparent: client_span.as_ref().map(|(_, tp)| tp),
         },
         match appended.as_mut() {

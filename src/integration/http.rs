@@ -60,10 +60,10 @@ pub struct ForwardInfo<'a> {
 }
 
 /// Headers a client must not pass on: hop-by-hop, `Host` (the backend's is set from its
-/// URL; the client's value is replaced in place when the backend's is known), the gateway's own `x-scp-*` (a
-/// client could forge them), names with `_` (dropped as nginx does, so that
-/// `x_scp_apikey`-style spellings can never be read as another header downstream), and
-/// forwarding headers unless the peer is a trusted proxy.
+/// URL; the client's value is replaced in place when the backend's is known), the
+/// gateway's own `x-scp-*` (a client could forge them), names with `_` (dropped as nginx
+/// does, so that `x_scp_apikey`-style spellings can never be read as another header
+/// downstream), and forwarding headers unless the peer is a trusted proxy.
 fn dropped_on_forward(s: &str, info: &ForwardInfo<'_>) -> bool {
     let trusted_peer = info.trusted_peer;
     if is_hop_by_hop(s) || s.as_bytes().contains(&b'_') {
@@ -171,7 +171,7 @@ pub fn rewrite_request_headers(h: &mut HeaderMap, info: &ForwardInfo<'_>, mut ad
     }
     if let (Some(backend), None) = (info.backend_host, &host) {
         // No `Host` from the client (HTTP/1.0, or HTTP/2's `:authority`): the backend's
-        // goes into the map all the same, where a `Host` is expected first.
+        // goes into the map all the same, so that it is written before any appended field.
         h.insert(header::HOST, backend.clone());
     }
     // Forwarding headers of an untrusted peer were just removed.
@@ -330,10 +330,11 @@ pub struct NotForwarded {
     pub retried: bool,
 }
 
-/// Sends the request (origin-form URI, `upstream`'s `Host`; `appended`: header fields written
-/// after its map, for a plain `http` backend only) to `upstream` and waits for the response
-/// head within `timeout`, which covers a retry too. The answer comes without its hop-by-hop headers
-/// (the backend connection's layer removes them, see [`crate::upstream::Sent`]).
+/// Sends the request (origin-form URI, `upstream`'s `Host`; `appended`: header fields
+/// written after its map, for a plain `http` backend only) to `upstream` and waits for the
+/// response head within `timeout`, which covers a retry too. The answer comes without its
+/// hop-by-hop headers (the backend connection's layer removes them, see
+/// [`crate::upstream::Sent`]).
 ///
 /// Not an async function on purpose: the future is `upstream::send`'s own, mapped once
 /// through `then` (the caller's conversion of the result), so that neither the request nor

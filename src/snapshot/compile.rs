@@ -66,6 +66,17 @@ impl Integration {
             Integration::PrivateLink { .. } => IntegrationType::PrivateLink,
         }
     }
+
+    /// The HTTP backend a request is forwarded to (`http` and PrivateLink integrations);
+    /// `None` for a function, whose request the gateway builds itself.
+    pub fn http_upstream(&self) -> Option<&Upstream> {
+        match self {
+            Integration::Http { upstream, .. } | Integration::PrivateLink { upstream, .. } => {
+                Some(upstream)
+            }
+            Integration::Function { .. } => None,
+        }
+    }
 }
 
 #[derive(Debug)]
