@@ -1,5 +1,6 @@
 //! Load benchmark: a minimal backend direct, through nginx, HAProxy, the floor (a minimal
-//! proxy built the way the data plane is built, `support/floor.rs`) and scp-gateway (bare
+//! proxy built the way the data plane is built, `support/floor.rs`; with 1 worker also as
+//! it adds the contract's headers) and scp-gateway (bare
 //! route, full policy chain, fleet mode, 1,000 APIs × 300 resources), measured side by side
 //! in one run with wrk over keep-alive connections, rounds interleaved (rows in a shuffled
 //! order per round), medians reported, with the proxy's CPU time per request (its
@@ -281,6 +282,9 @@ fn start_gateway(
         .and_then(|a| a.parse().ok());
     (p, addr)
 }
+
+/// The row of the floor that adds the contract's headers (see `start_floor`).
+const FLOOR_HEADERS: &str = "floor adding the contract's headers";
 
 /// Starts the floor proxy (this executable with `--floor-proxy`); with `headers`, the
 /// floor that adds the contract's headers.
@@ -1145,6 +1149,18 @@ fn main() {
             "bare.test",
             &[],
         );
+        // The floor doing what the contract has every proxy do to each request and answer
+        // (the gateway's headers, values made once): what of the gap to the floor is the
+        // contract's rather than the gateway's own work. One worker: the comparison is made
+        // there.
+        if workers == 1 {
+            add(
+                format!("{FLOOR_HEADERS} ({w})"),
+                start_floor(&pin, workers, backend, true),
+                "bare.test",
+                &[],
+            );
+        }
         let p = start_gateway(&single, &format!("bare-{w}"), &pin, workers, false, "");
         add(format!("gateway, bare route ({w})"), p, "bare.test", &[]);
         let p = start_gateway(&single, &format!("full-{w}"), &pin, workers, true, "");
@@ -1323,6 +1339,7 @@ fn main() {
     };
     for w in ["1w", "2w"] {
         let bare_row = format!("gateway, bare route ({w})");
+        let headers_row = format!("{FLOOR_HEADERS} ({w})");
         if let Some(to_floor) = vs(&bare_row, &format!("floor ({w})")) {
             print!("{w}: bare route {to_floor} the floor");
             if let Some(to_nginx) = vs(&bare_row, &format!("nginx ({w})")) {
@@ -1332,6 +1349,16 @@ fn main() {
                 print!("; full chain {to_bare} the bare route");
             }
             println!();
+            // The gap split: the contract's part (the floor adding its headers, against the
+            // floor) and the gateway's own (the bare route against that floor).
+            if let (Some(contract), Some(own)) = (
+                vs(&headers_row, &format!("floor ({w})")),
+                vs(&bare_row, &headers_row),
+            ) {
+                println!(
+                    "{w}: the floor adding the contract's headers {contract} the floor; bare route {own} that floor"
+                );
+            }
             // The same comparison in the proxy's CPU time per request (lower is better).
             if let (Some(bare), Some(floor)) = (
                 cpu(&format!("gateway, bare route ({w})")),
@@ -1343,6 +1370,12 @@ fn main() {
                 );
                 if let Some(ng) = cpu(&format!("nginx ({w})")) {
                     print!(", {:.2}× nginx's", bare / ng);
+                }
+                if let Some(h) = cpu(&headers_row) {
+                    print!(
+                        " (the floor adding the contract's headers {:.2}× the floor's)",
+                        h / floor
+                    );
                 }
                 if let Some(full) = cpu(&format!("gateway, full chain ({w})")) {
                     print!("; full chain {:.2}× the bare route's", full / bare);
@@ -1420,7 +1453,10 @@ fn main() {
         let targets: Vec<&Row> = rows
             .iter()
             .filter(|r| {
-                r.name.ends_with("(1w)") && !r.name.contains("fleet") && !r.name.contains("APIs")
+                r.name.ends_with("(1w)")
+                    && !r.name.contains("fleet")
+                    && !r.name.contains("APIs")
+                    && !r.name.starts_with(FLOOR_HEADERS)
             })
             .collect();
         let spans_before: Vec<_> = targets
