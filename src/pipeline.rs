@@ -11,6 +11,7 @@ use std::time::Instant;
 use http::header::{HeaderValue, AUTHORIZATION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
 use http::{Method, Request, Response};
 use hyper::body::Incoming;
+use hyper::ext::AmbiguousLength;
 
 use std::sync::Arc;
 
@@ -35,11 +36,6 @@ use crate::routing::{Params, Route};
 use crate::snapshot::model::EndpointType;
 use crate::snapshot::{CompiledApi, CompiledDeployment, CompiledStage, Integration, MethodRoute};
 use crate::state::{host_key, GatewayState};
-
-/// Request extension set by the listener: the raw head carried both `Content-Length` and
-/// `Transfer-Encoding` (hyper keeps only the latter in the parsed headers).
-#[derive(Debug, Clone, Copy)]
-pub struct AmbiguousLength;
 
 /// What the listener knows about a connection.
 #[derive(Debug, Clone)]
@@ -625,8 +621,10 @@ fn check_framing<'r>(req: &'r Request<Incoming>, limits: &Limits) -> Result<Foun
     if head > limits.max_head_bytes {
         return Err(Rejection::HeadersTooLarge);
     }
-    // `AmbiguousLength` also marks a repeated Content-Length, even with equal values (hyper
-    // keeps one copy silently; nginx refuses them): the listener saw it in the raw head.
+    // hyper's parser resolves an ambiguous head on its own and keeps one field (it drops
+    // `Content-Length` next to `Transfer-Encoding`, and a second `Content-Length` equal to
+    // the first; nginx refuses both): its `AmbiguousLength` marker says it did (see
+    // `vendor/hyper/PATCHED.md`). The map check stays for a head that kept both.
     if (te.is_some() && cl.is_some()) || req.extensions().get::<AmbiguousLength>().is_some() {
         return Err(Rejection::BadRequest(BadRequest::AmbiguousLength));
     }

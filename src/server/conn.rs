@@ -58,10 +58,9 @@ impl pipeline::Serving for InFlight {
 }
 
 impl InFlight {
-    /// Returns the request and whether its head was ambiguous.
-    fn start(conn: &Arc<Conn>) -> (Self, bool) {
-        let ambiguous = conn.activity.request_started();
-        (InFlight(conn.clone()), ambiguous)
+    fn start(conn: &Arc<Conn>) -> Self {
+        conn.activity.request_started();
+        InFlight(conn.clone())
     }
 }
 
@@ -94,14 +93,7 @@ pub async fn serve_connection<S: Stream>(
         info,
         activity: activity.clone(),
     });
-    let svc = service_fn(move |req| {
-        let (request, ambiguous) = InFlight::start(&shared);
-        let mut req = req;
-        if ambiguous {
-            req.extensions_mut().insert(pipeline::AmbiguousLength);
-        }
-        pipeline::handle(request, req)
-    });
+    let svc = service_fn(move |req| pipeline::handle(InFlight::start(&shared), req));
     let conn = builder.serve_connection(io, svc);
     tokio::pin!(conn);
     // Obey the watchdog: a graceful close when told to close (hyper finishes the request in

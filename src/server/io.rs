@@ -1,6 +1,5 @@
 //! A client connection's byte stream as the listener sees it: what it tells the worker's
-//! watchdog ([`Activity`], see `watchdog.rs`), the raw-head scan for ambiguous framing
-//! ([`HeadScan`]), and the lingering close.
+//! watchdog ([`Activity`], see `watchdog.rs`), and the lingering close.
 
 use std::io;
 use std::pin::Pin;
@@ -29,8 +28,6 @@ pub struct Activity {
     h2: AtomicBool,
     /// Requests whose service has started (a new head begins after each).
     requests: AtomicU64,
-    /// The head being read carries both Content-Length and Transfer-Encoding.
-    ambiguous_length: AtomicBool,
     /// What the watchdog ordered ([`Order`] as a number), and the connection task to wake
     /// for it.
     order: AtomicU8,
@@ -61,7 +58,6 @@ impl Activity {
             saw_first_read: AtomicBool::new(false),
             h2: AtomicBool::new(false),
             requests: AtomicU64::new(0),
-            ambiguous_length: AtomicBool::new(false),
             order: AtomicU8::new(0),
             waker: AtomicWaker::new(),
         }
@@ -148,18 +144,13 @@ impl Default for Activity {
 }
 
 impl Activity {
-    /// A request's head is complete (its service runs); returns whether that head was
-    /// ambiguous. Pair with [`Activity::request_ended`].
-    pub fn request_started(&self) -> bool {
+    /// A request's head is complete (its service runs). Pair with
+    /// [`Activity::request_ended`].
+    pub fn request_started(&self) {
         let n = self.in_flight.load(Ordering::Relaxed);
         self.in_flight.store(n + 1, Ordering::Relaxed);
         self.head_started.store(0, Ordering::Relaxed);
         bump(&self.requests);
-        let ambiguous = self.ambiguous_length.load(Ordering::Relaxed);
-        if ambiguous {
-            self.ambiguous_length.store(false, Ordering::Relaxed);
-        }
-        ambiguous
     }
 
     /// A request's answer is done, or the request was dropped.
@@ -170,149 +161,19 @@ impl Activity {
     }
 }
 
-/// Finds `Content-Length` and `Transfer-Encoding` together in an HTTP/1 request head.
-///
-/// hyper drops `Content-Length` from the parsed headers when `Transfer-Encoding` is present
-/// (and only stops keeping the connection alive), so the pipeline could not refuse such a
-/// request as `request-pipeline.md` demands. This scanner looks at the raw head bytes: it
-/// compares the first bytes of each line with the two names and stops at the blank line
-/// that ends the head. Body bytes are never scanned.
-pub struct HeadScan {
-    generation: u64,
-    line_len: usize,
-    cl_match: bool,
-    te_match: bool,
-    cl_lines: u8,
-    saw_te: bool,
-    done: bool,
-}
-
-const CL_NAME: &[u8] = b"content-length:";
-const TE_NAME: &[u8] = b"transfer-encoding:";
-
-impl HeadScan {
-    /// A scanner for the head that follows `generation` started requests.
-    pub fn new(generation: u64) -> Self {
-        Self {
-            generation,
-            line_len: 0,
-            cl_match: true,
-            te_match: true,
-            cl_lines: 0,
-            saw_te: false,
-            done: false,
-        }
-    }
-
-    /// Scans `bytes`; true when the head ended with both headers present, or with
-    /// `Content-Length` more than once (hyper keeps one of equal copies, silently).
-    ///
-    /// A line that starts and ends in `bytes` (nearly every line: a head usually comes in
-    /// one read) is looked at whole: its end found with `memchr`, its start compared with
-    /// the two names. A line split across reads goes byte by byte, where only the first
-    /// bytes of a line can match; once both names are ruled out the rest of the line is
-    /// skipped with `memchr`.
-    pub fn feed(&mut self, bytes: &[u8]) -> bool {
-        let mut i = 0;
-        while i < bytes.len() && !self.done {
-            if self.line_len == 0 {
-                if let Some(p) = memchr::memchr(b'\n', &bytes[i..]) {
-                    let line = &bytes[i..i + p];
-                    i += p + 1;
-                    if let Some(ambiguous) = self.whole_line(line) {
-                        return ambiguous;
-                    }
-                    continue;
-                }
-            }
-            if self.line_len > 0 && !self.cl_match && !self.te_match {
-                match memchr::memchr(b'\n', &bytes[i..]) {
-                    Some(p) => i += p,
-                    None => {
-                        self.line_len += bytes.len() - i;
-                        return false;
-                    }
-                }
-            }
-            let b = bytes[i];
-            i += 1;
-            match b {
-                b'\n' => {
-                    if self.line_len == 0 {
-                        self.done = true;
-                        return (self.cl_lines > 0 && self.saw_te) || self.cl_lines > 1;
-                    }
-                    self.line_len = 0;
-                    self.cl_match = true;
-                    self.te_match = true;
-                }
-                b'\r' if self.line_len == 0 => {}
-                _ => {
-                    let at = self.line_len;
-                    let l = b.to_ascii_lowercase();
-                    if self.cl_match {
-                        self.cl_match = CL_NAME.get(at) == Some(&l);
-                        if self.cl_match && at + 1 == CL_NAME.len() {
-                            self.cl_lines = self.cl_lines.saturating_add(1);
-                            self.cl_match = false;
-                        }
-                    }
-                    if self.te_match {
-                        self.te_match = TE_NAME.get(at) == Some(&l);
-                        if self.te_match && at + 1 == TE_NAME.len() {
-                            self.saw_te = true;
-                            self.te_match = false;
-                        }
-                    }
-                    self.line_len += 1;
-                }
-            }
-        }
-        false
-    }
-
-    /// A whole line, without its `\n`; the head's verdict if it was the empty line that
-    /// ends the head. Leading `\r`s are skipped, as the byte-wise scan does.
-    fn whole_line(&mut self, mut line: &[u8]) -> Option<bool> {
-        while let [b'\r', rest @ ..] = line {
-            line = rest;
-        }
-        // Most lines are ruled out by their first byte, the rest at their first difference.
-        let starts = |name: &[u8]| {
-            line.len() >= name.len()
-                && line
-                    .iter()
-                    .zip(name)
-                    .all(|(b, n)| b.to_ascii_lowercase() == *n)
-        };
-        match line.first().map(u8::to_ascii_lowercase) {
-            None => {
-                self.done = true;
-                return Some((self.cl_lines > 0 && self.saw_te) || self.cl_lines > 1);
-            }
-            Some(b'c') if starts(CL_NAME) => self.cl_lines = self.cl_lines.saturating_add(1),
-            Some(b't') if starts(TE_NAME) => self.saw_te = true,
-            Some(_) => {}
-        }
-        None
-    }
-}
-
 /// A client connection's byte stream: plain TCP, or TLS over TCP.
 pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for S {}
 
-/// A client socket that reports its reads and writes to an [`Activity`], scans request
-/// heads ([`HeadScan`]), and closes lingeringly: when the gateway closes a connection whose
-/// client may still be sending (a 413 mid-upload, a timeout), the socket is half-closed and
-/// drained for a short while before it is dropped, as nginx's `lingering_close` does.
-/// Closing with unread data would make the kernel send a reset that can destroy the
-/// response before the client reads it.
+/// A client socket that reports its reads and writes to an [`Activity`] and closes
+/// lingeringly: when the gateway closes a connection whose client may still be sending (a
+/// 413 mid-upload, a timeout), the socket is half-closed and drained for a short while
+/// before it is dropped, as nginx's `lingering_close` does. Closing with unread data would
+/// make the kernel send a reset that can destroy the response before the client reads it.
 pub struct TrackedIo<S: Stream> {
     inner: Option<S>,
     activity: Arc<Activity>,
     read_eof: bool,
-    scan: HeadScan,
 }
 
 /// Lingering close: at most this long in all, and this long without any data.
@@ -325,22 +186,6 @@ impl<S: Stream> TrackedIo<S> {
             inner: Some(stream),
             activity,
             read_eof: false,
-            scan: HeadScan::new(0),
-        }
-    }
-
-    /// Feeds head bytes (read while no request is in flight) to the [`HeadScan`].
-    fn scan_head(&mut self, bytes: &[u8]) {
-        let a = &self.activity;
-        if a.h2.load(Ordering::Relaxed) || a.in_flight.load(Ordering::Relaxed) > 0 {
-            return;
-        }
-        let generation = a.requests.load(Ordering::Relaxed);
-        if self.scan.generation != generation {
-            self.scan = HeadScan::new(generation);
-        }
-        if self.scan.feed(bytes) {
-            a.ambiguous_length.store(true, Ordering::Relaxed);
         }
     }
 
@@ -390,9 +235,7 @@ impl<S: Stream> AsyncRead for TrackedIo<S> {
         let r = this.io().poll_read(cx, buf);
         if matches!(r, Poll::Ready(Ok(()))) {
             if buf.filled().len() > before {
-                let new = &buf.filled()[before..];
-                this.activity.on_read(new);
-                this.scan_head(new);
+                this.activity.on_read(&buf.filled()[before..]);
             } else if buf.remaining() > 0 {
                 this.read_eof = true;
             }
@@ -434,75 +277,5 @@ impl<S: Stream> AsyncWrite for TrackedIo<S> {
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.get_mut().io().poll_shutdown(cx)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::HeadScan;
-
-    fn scan(parts: &[&[u8]]) -> bool {
-        let mut s = HeadScan::new(0);
-        parts.iter().any(|p| s.feed(p))
-    }
-
-    #[test]
-    fn finds_cl_and_te_in_either_order_and_split_reads() {
-        assert!(scan(&[
-            b"POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
-        ]));
-        assert!(scan(&[
-            b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\nCONTENT-LENGTH: 5\r\n\r\n"
-        ]));
-        assert!(scan(&[
-            b"POST / HTTP/1.1\r\nContent-Len",
-            b"gth: 5\r\nTransfer-Encoding: chunked\r\n",
-            b"\r\n"
-        ]));
-        assert!(scan(&[
-            b"POST / HTTP/1.1\nContent-Length: 5\nTransfer-Encoding: chunked\n\n"
-        ]));
-        // A repeated Content-Length, equal values included.
-        assert!(scan(&[
-            b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n"
-        ]));
-        assert!(!scan(&[b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\n"]));
-    }
-
-    #[test]
-    fn a_head_split_anywhere_gets_the_same_verdict() {
-        let heads: [&[u8]; 5] = [
-            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
-            b"POST / HTTP/1.1\r\nContent-Length: 5\r\ncontent-length: 5\r\n\r\n",
-            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nTransfer-Encoding: x\r\n\r\n",
-            b"GET / HTTP/1.1\nX-Transfer-Encoding: chunked\nContent-Length: 0\n\n",
-            b"POST / HTTP/1.1\r\n\rTransfer-Encoding: chunked\r\nContent-Length: 1\r\n\r\n",
-        ];
-        for head in heads {
-            let whole = scan(&[head]);
-            for k in 0..=head.len() {
-                assert_eq!(
-                    scan(&[&head[..k], &head[k..]]),
-                    whole,
-                    "split at {k}: {}",
-                    String::from_utf8_lossy(head)
-                );
-            }
-        }
-        assert!(scan(&[heads[0]]) && scan(&[heads[1]]) && scan(&[heads[4]]));
-        assert!(!scan(&[heads[2]]) && !scan(&[heads[3]]));
-    }
-
-    #[test]
-    fn ignores_bodies_and_lookalikes() {
-        assert!(!scan(&[
-            b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nTransfer-Encoding: chunked\r\n\r\n"
-        ]));
-        assert!(!scan(&[
-            b"POST / HTTP/1.1\r\nX-Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
-        ]));
-        assert!(!scan(&[
-            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nContent-Length: 1\r\n"
-        ]));
     }
 }

@@ -60,6 +60,19 @@ mod appended_headers;
 #[cfg(all(feature = "http1", feature = "client"))]
 pub use appended_headers::AppendedHeaders;
 
+// scp-gateway patch (see PATCHED.md): a request head whose framing was ambiguous.
+/// Marks a request (in its extensions) whose HTTP/1 head framed its body ambiguously:
+/// `Content-Length` together with `Transfer-Encoding`, or `Content-Length` more than once
+/// with the same value (different values are refused by the parser).
+///
+/// The parser resolves both on its own, keeping one field (`Transfer-Encoding`, or one
+/// copy of the length), so the parsed headers no longer show what the client sent. A
+/// server that must refuse such a request rather than guess (a proxy: another hop may
+/// frame the body differently, the classic request-smuggling setup, RFC 9112 §6.1 and
+/// §6.3) looks for this marker. Only HTTP/1 server connections set it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AmbiguousLength;
+
 #[cfg(all(feature = "http1", feature = "client"))]
 mod informational;
 #[cfg(all(feature = "http1", feature = "client"))]

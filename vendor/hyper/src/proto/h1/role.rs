@@ -244,6 +244,8 @@ impl Http1Transaction for Server {
         let mut is_cl = false;
         let mut is_te = false;
         let mut is_te_chunked = false;
+        // scp-gateway patch (see PATCHED.md): a second Content-Length with the same value.
+        let mut repeated_cl = false;
         let mut wants_upgrade = subject.0 == Method::CONNECT;
 
         let mut header_case_map = if ctx.preserve_header_case {
@@ -306,6 +308,8 @@ impl Http1Transaction for Server {
                             );
                             return Err(Parse::content_length_invalid());
                         }
+                        // scp-gateway patch (see PATCHED.md): the repeat is marked.
+                        repeated_cl = true;
                         // we don't need to append this secondary length
                         continue;
                     }
@@ -360,6 +364,12 @@ impl Http1Transaction for Server {
         }
 
         let mut extensions = http::Extensions::default();
+
+        // scp-gateway patch (see PATCHED.md): a head whose framing was ambiguous, which
+        // the parser resolved by dropping a header, says so.
+        if (is_te && is_cl) || repeated_cl {
+            extensions.insert(crate::ext::AmbiguousLength);
+        }
 
         if let Some(header_case_map) = header_case_map {
             extensions.insert(header_case_map);
