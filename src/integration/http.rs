@@ -467,6 +467,23 @@ mod tests {
     }
 
     #[test]
+    fn appended_fields_are_written_whole_as_their_buffer_grows() {
+        // hyper's `AppendedHeaders::push` (vendored patch) writes a field with one check
+        // for room: from no room at all, through many growths, the bytes must be exact.
+        let mut appended = AppendedHeaders::with_capacity(0);
+        let mut want = String::new();
+        for i in 0..60 {
+            let name = HeaderName::try_from(format!("x-field-{i}")).unwrap();
+            let value = HeaderValue::try_from("v".repeat(i * 7)).unwrap();
+            appended.push(&name, &value);
+            want.push_str(&format!("{name}: {}\r\n", value.to_str().unwrap()));
+        }
+        appended.push(&http::header::HOST, &HeaderValue::from_static(""));
+        want.push_str("host: \r\n");
+        assert_eq!(std::str::from_utf8(appended.as_bytes()).unwrap(), want);
+    }
+
+    #[test]
     fn headers_new_to_the_map_are_appended_replacements_stay_in_it() {
         let rid = HeaderValue::from_static("rid");
         let host = HeaderValue::from_static("api.example.com");
