@@ -15,6 +15,22 @@ fn api(b: &Backend) -> Value {
     orders_api(b).build()
 }
 
+/// Sends `pieces` as separate writes, a moment apart, and reads the whole answer (the
+/// gateway closes, or 2 s pass).
+fn raw_in_pieces(addr: std::net::SocketAddr, pieces: &[&[u8]]) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_nodelay(true).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    for p in pieces {
+        s.write_all(p).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// A POST head with extra header lines, then `body`.
 fn post(extra: &str, body: &str) -> String {
     format!("POST /prod/orders HTTP/1.1\r\nHost: {HOST}\r\n{extra}\r\n{body}")
@@ -28,6 +44,13 @@ async fn smuggling_and_malformed_framing_are_refused() {
         ("CL then TE", post("Content-Length: 5\r\nTransfer-Encoding: chunked\r\n", "0\r\n\r\n"), 400),
         ("TE then CL", post("Transfer-Encoding: chunked\r\nContent-Length: 5\r\n", "0\r\n\r\n"), 400),
         ("duplicated equal Content-Length", post("Content-Length: 5\r\nContent-Length: 5\r\n", "hello"), 400),
+        ("CL then TE, other cases", post("CONTENT-LENGTH: 5\r\ntransfer-encoding: chunked\r\n", "0\r\n\r\n"), 400),
+        ("duplicated Content-Length, other cases", post("content-length: 5\r\nCONTENT-LENGTH: 5\r\n", "hello"), 400),
+        (
+            "TE then CL, bare LF line ends",
+            format!("POST /prod/orders HTTP/1.1\nHost: {HOST}\nTransfer-Encoding: chunked\nContent-Length: 5\n\n0\n\n"),
+            400,
+        ),
         ("conflicting Content-Length", post("Content-Length: 5\r\nContent-Length: 6\r\n", "hello!"), 400),
         ("Content-Length list", post("Content-Length: 5, 5\r\n", "hello"), 400),
         ("signed Content-Length", post("Content-Length: +5\r\n", "hello"), 400),
@@ -66,6 +89,27 @@ async fn smuggling_and_malformed_framing_are_refused() {
         "nothing ambiguous reached the backend: {:?}",
         b.seen()
     );
+    // An ambiguous head after a clean request on the same connection, and one whose bytes
+    // come in pieces (the second `Content-Length` split across writes): refused all the
+    // same; only the clean request reaches the backend.
+    let answer = raw(
+        gw.addr,
+        format!(
+            "GET /prod/orders HTTP/1.1\r\nHost: {HOST}\r\n\r\n{}",
+            post(
+                "Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",
+                "0\r\n\r\n"
+            )
+        )
+        .as_bytes(),
+    );
+    assert_eq!(answer.matches("HTTP/1.1 200").count(), 1, "{answer}");
+    assert_eq!(answer.matches("HTTP/1.1 400").count(), 1, "{answer}");
+    let head = post("Content-Length: 5\r\nContent-Length: 5\r\n", "hello");
+    let cut = head.find("Length: 5\r\n\r\n").unwrap() + 3;
+    let answer = raw_in_pieces(gw.addr, &[&head.as_bytes()[..cut], &head.as_bytes()[cut..]]);
+    assert_eq!(raw_status(&answer), 400, "{answer}");
+    assert_eq!(b.seen().len(), 1, "{:?}", b.seen());
     // The gateway is still serving.
     let r = gw.get(&client(), HOST, "/prod/orders").await;
     assert_eq!(r.status(), 200);
