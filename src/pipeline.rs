@@ -316,7 +316,7 @@ fn finish(ctx: &RequestContext<'_>, h: &mut http::HeaderMap) {
         );
         h.insert(
             &RATELIMIT_RESET,
-            crate::request_id::number_value(a.reset_secs),
+            crate::request_id::repeated_number_value(a.reset_secs),
         );
     }
     if let (Some(cors), false) = (ctx.stage.and_then(|s| s.cors.as_ref()), ctx.preflight) {

@@ -58,6 +58,23 @@ pub fn number_value(n: u64) -> HeaderValue {
     token_value(buf.format(n).as_bytes())
 }
 
+/// [`number_value`] for a number that repeats from one request to the next (the seconds
+/// until a quota window resets: the same for every request of a second): the value made
+/// last on this thread is handed out again while the number is the same.
+pub fn repeated_number_value(n: u64) -> HeaderValue {
+    thread_local! {
+        static LAST: RefCell<Option<(u64, HeaderValue)>> = const { RefCell::new(None) };
+    }
+    LAST.with_borrow_mut(|last| match last {
+        Some((m, v)) if *m == n => v.clone(),
+        _ => {
+            let v = number_value(n);
+            *last = Some((n, v.clone()));
+            v
+        }
+    })
+}
+
 /// A W3C `traceparent` value, `00-<trace id>-<span id>-<flags>`, in lower-case hex: built
 /// for every forwarded request (a new one when the client sent none), and `fmt` costs
 /// several times more.
@@ -160,6 +177,9 @@ mod tests {
         assert_eq!(super::traceparent(&[0; 16], &[0; 8], 0).len(), 55);
         assert_eq!(super::number_value(0), "0");
         assert_eq!(super::number_value(u64::MAX), "18446744073709551615");
+        for n in [30, 30, 29, 30, 0, 0, u64::MAX] {
+            assert_eq!(super::repeated_number_value(n), n.to_string().as_str());
+        }
     }
 
     #[test]
