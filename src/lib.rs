@@ -7,6 +7,7 @@
 //! place.
 
 pub mod admin;
+pub mod answer_fields;
 pub mod app;
 pub mod body;
 pub mod cli;

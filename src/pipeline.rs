@@ -11,13 +11,14 @@ use std::time::Instant;
 use http::header::{HeaderValue, AUTHORIZATION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
 use http::{Method, Request, Response};
 use hyper::body::Incoming;
-use hyper::ext::AmbiguousLength;
+use hyper::ext::{AmbiguousLength, AppendedHeaders};
 
 use std::sync::Arc;
 
 use http::header::ORIGIN;
 use http::StatusCode;
 
+use crate::answer_fields::FieldSink;
 use crate::app::App;
 use crate::body::{ForwardBody, GatewayBody, LimitedBody};
 use crate::config::{FailureMode, Limits};
@@ -27,7 +28,7 @@ use crate::integration::http::{
 use crate::path::{self, NormalizedPath};
 use crate::policy::apikey::{self, ApiKey, CompiledPlan};
 use crate::policy::client_addr;
-use crate::policy::cors::{is_preflight, Preflight};
+use crate::policy::cors::{is_preflight, CorsPolicy, Preflight};
 use crate::policy::jwt::{bearer, Verified};
 use crate::policy::quota::{self, Admission};
 use crate::policy::resource_policy::Caller;
@@ -93,6 +94,9 @@ pub struct RequestContext<'s> {
     pub rate_limit: Option<Admission>,
     /// The request was a CORS preflight the gateway answered.
     pub preflight: bool,
+    /// The request came over HTTP/1 (its answer's own fields are appended after the map,
+    /// see [`finish`]).
+    pub http1: bool,
     /// The code of a gateway-made error response (index into [`crate::rejection::CODES`];
     /// a byte: this context is part of every request's future, see [`handle`]).
     pub error_code: Option<u8>,
@@ -154,6 +158,7 @@ impl<'s> RequestContext<'s> {
             api_key: None,
             rate_limit: None,
             preflight: false,
+            http1: req.version() <= http::Version::HTTP_11,
             error_code: None,
             auth_failure: None,
             route_id: 0,
@@ -302,25 +307,67 @@ static RATELIMIT_RESET: http::HeaderName = http::HeaderName::from_static("rateli
 
 /// Headers every response gets, forwarded or gateway-made: the request id, the quota's
 /// `RateLimit-*`, and the stage's CORS headers (so that a browser can read errors too).
+///
+/// They replace the answer's own (a backend's, a Cloud Function's): one pass over the
+/// answer's names finds whether it has any, and only then are they removed. For an
+/// HTTP/1 request they are not put in the map at all but pushed to hyper's per-thread
+/// buffer for the head its server writes next ([`AppendedHeaders::for_next_response`]):
+/// this is the last thing the request's future does, and hyper's HTTP/1 dispatcher writes
+/// the answer's head in the same poll that sees the future ready (the connection's poll
+/// wrapper in `server::conn` clears the buffer after every poll, so nothing pushed can
+/// reach another answer). An HTTP/2 stream's future runs in a task of its own: its fields
+/// go in the map.
 fn finish(ctx: &RequestContext<'_>, h: &mut http::HeaderMap) {
-    h.insert(&X_SCP_REQUEST_ID, ctx.request_id.clone());
+    let cors = match ctx.stage.and_then(|s| s.cors.as_ref()) {
+        Some(cors) if !ctx.preflight => Some(cors),
+        _ => None,
+    };
+    let quota = ctx.rate_limit.is_some();
+    let replaced = h.keys().any(|k| {
+        let n = k.as_str();
+        n == X_SCP_REQUEST_ID.as_str()
+            || (quota && n.starts_with("ratelimit-"))
+            || (cors.is_some() && crate::policy::cors::is_cors_name(n))
+    });
+    if replaced {
+        h.remove(&X_SCP_REQUEST_ID);
+        if quota {
+            for n in [&RATELIMIT_LIMIT, &RATELIMIT_REMAINING, &RATELIMIT_RESET] {
+                h.remove(n);
+            }
+        }
+        if cors.is_some() {
+            crate::policy::cors::remove_backend_fields(h);
+        }
+    }
+    if ctx.http1 {
+        AppendedHeaders::for_next_response(|a| add_fields(ctx, cors, a));
+    } else {
+        add_fields(ctx, cors, h);
+    }
+}
+
+/// The fields of [`finish`], to wherever they go.
+#[inline]
+fn add_fields(ctx: &RequestContext<'_>, cors: Option<&CorsPolicy>, out: &mut impl FieldSink) {
+    out.add(&X_SCP_REQUEST_ID, &ctx.request_id);
     if let Some(a) = ctx.rate_limit {
         let limit = match &ctx.api_key {
             Some((plan, _)) if plan.limit == a.limit => plan.limit_header.clone(),
             _ => crate::request_id::number_value(a.limit),
         };
-        h.insert(&RATELIMIT_LIMIT, limit);
-        h.insert(
+        out.add(&RATELIMIT_LIMIT, &limit);
+        out.add(
             &RATELIMIT_REMAINING,
-            crate::request_id::number_value(a.remaining),
+            &crate::request_id::number_value(a.remaining),
         );
-        h.insert(
+        out.add(
             &RATELIMIT_RESET,
-            crate::request_id::repeated_number_value(a.reset_secs),
+            &crate::request_id::repeated_number_value(a.reset_secs),
         );
     }
-    if let (Some(cors), false) = (ctx.stage.and_then(|s| s.cors.as_ref()), ctx.preflight) {
-        cors.apply(ctx.origin.as_ref(), h);
+    if let Some(cors) = cors {
+        cors.add_fields(ctx.origin.as_ref(), out);
     }
 }
 

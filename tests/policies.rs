@@ -905,3 +905,181 @@ async fn cors_preflight_and_response_headers() {
         "{m}"
     );
 }
+
+/// One answer of a raw HTTP/1 exchange: its status, its fields as (lowercase name, value)
+/// in the order written, and its body.
+type RawAnswer = (u16, Vec<(String, String)>, String);
+
+/// The answers of a raw HTTP/1 exchange, in order (bodies framed by `Content-Length`).
+fn raw_answers(mut raw: &str) -> Vec<RawAnswer> {
+    let mut out = Vec::new();
+    while !raw.is_empty() {
+        let (head, rest) = raw.split_once("\r\n\r\n").expect("a whole head");
+        let mut lines = head.split("\r\n");
+        let status = raw_status(lines.next().unwrap());
+        let fields: Vec<(String, String)> = lines
+            .map(|l| {
+                let (n, v) = l.split_once(':').expect("a field line");
+                (n.to_ascii_lowercase(), v.trim().to_owned())
+            })
+            .collect();
+        let len: usize = fields
+            .iter()
+            .find(|(n, _)| n == "content-length")
+            .map(|(_, v)| v.parse().unwrap())
+            .expect("a Content-Length");
+        out.push((status, fields, rest[..len].to_owned()));
+        raw = &rest[len..];
+    }
+    out
+}
+
+fn values<'a>(fields: &'a [(String, String)], name: &str) -> Vec<&'a str> {
+    fields
+        .iter()
+        .filter(|(n, _)| n == name)
+        .map(|(_, v)| v.as_str())
+        .collect()
+}
+
+/// The fields the gateway writes on its answers (`x-scp-request-id`, `RateLimit-*`, the
+/// stage's CORS fields) replace a backend's own of the same name: each is written once,
+/// with the gateway's value, over HTTP/1 (where they follow the answer's other fields,
+/// see `pipeline::finish`) as over HTTP/2; other fields of the backend stay, and its
+/// `Vary` is kept next to the gateway's. Each answer of a connection has its own request
+/// id, gateway-made answers included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateways_answer_fields_replace_a_backends_own_once_each() {
+    let b = Backend::start("b").await;
+    let mut doc = keyed_api(&b, 1000);
+    let st = &mut doc["stages"][0];
+    st["cors_enabled"] = json!(true);
+    st["allow_origins"] = json!(["https://app.example.com"]);
+    st["allow_methods"] = json!(["GET"]);
+    st["expose_headers"] = json!(["x-scp-request-id"]);
+    st["allow_credentials"] = json!(true);
+    let gw = Gateway::start(&[("api1.json", &doc)], "");
+
+    // HTTP/1: two answers from the backend and a gateway-made one (an unknown key), on
+    // one connection.
+    let request = |key: &str, last: bool| {
+        format!(
+            "GET /prod/orders?own_fields=1 HTTP/1.1\r\nHost: {HOST}\r\n\
+             Origin: https://app.example.com\r\nx-scp-apikey: {key}\r\n{}\r\n",
+            if last { "Connection: close\r\n" } else { "" }
+        )
+    };
+    let sent = [
+        request("key-one-value", false),
+        request("key-one-value", false),
+        request("not-a-key", true),
+    ]
+    .concat();
+    let raw = tokio::task::spawn_blocking({
+        let addr = gw.addr;
+        move || raw(addr, sent.as_bytes())
+    })
+    .await
+    .unwrap();
+    let answers = raw_answers(&raw);
+    assert_eq!(
+        answers.iter().map(|a| a.0).collect::<Vec<_>>(),
+        [200, 200, 403],
+        "{raw}"
+    );
+    let mut ids = Vec::new();
+    for (i, (status, fields, body)) in answers.iter().enumerate() {
+        let id = values(fields, "x-scp-request-id");
+        assert_eq!(id.len(), 1, "answer {i}: one request id: {fields:?}");
+        assert_ne!(id[0], "from-backend", "answer {i}");
+        ids.push(id[0].to_owned());
+        assert_eq!(
+            values(fields, "access-control-allow-origin"),
+            ["https://app.example.com"],
+            "answer {i}"
+        );
+        assert_eq!(
+            values(fields, "access-control-expose-headers"),
+            ["x-scp-request-id"],
+            "answer {i}"
+        );
+        assert_eq!(
+            values(fields, "access-control-allow-credentials"),
+            ["true"],
+            "answer {i}"
+        );
+        if *status == 200 {
+            assert_eq!(values(fields, "x-backend"), ["b"], "answer {i}");
+            assert_eq!(values(fields, "ratelimit-limit"), ["1000"], "answer {i}");
+            assert_eq!(values(fields, "ratelimit-remaining").len(), 1, "answer {i}");
+            assert_eq!(values(fields, "ratelimit-reset").len(), 1, "answer {i}");
+            assert_ne!(values(fields, "ratelimit-reset"), ["5"], "answer {i}");
+            assert_eq!(
+                values(fields, "ratelimit-policy"),
+                ["7;w=60"],
+                "answer {i}: a field the gateway does not write passes"
+            );
+            assert_eq!(
+                values(fields, "vary"),
+                ["Accept-Encoding", "Origin"],
+                "answer {i}"
+            );
+            let v: Value = serde_json::from_str(body).unwrap();
+            assert_eq!(v["backend"], "b", "answer {i}");
+        } else {
+            let v: Value = serde_json::from_str(body).unwrap();
+            assert_eq!(v["request_id"], id[0], "answer {i}: the body names its id");
+            assert_eq!(values(fields, "vary"), ["Origin"], "answer {i}");
+        }
+    }
+    assert_eq!(
+        values(&answers[0].1, "ratelimit-remaining"),
+        ["999"],
+        "{raw}"
+    );
+    assert_eq!(
+        values(&answers[1].1, "ratelimit-remaining"),
+        ["998"],
+        "{raw}"
+    );
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 3, "each answer its own id: {ids:?}");
+
+    // HTTP/2 (h2c): the same fields, in the answer's map.
+    let stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::builder()
+        .uri(format!("http://{HOST}/prod/orders?own_fields=1"))
+        .version(http::Version::HTTP_2)
+        .header("origin", "https://app.example.com")
+        .header("x-scp-apikey", "key-one-value")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let h = resp.headers();
+    let all = |name: &str| -> Vec<&str> {
+        h.get_all(name)
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect()
+    };
+    assert_eq!(all("x-scp-request-id").len(), 1, "{h:?}");
+    assert_ne!(all("x-scp-request-id"), ["from-backend"]);
+    assert_eq!(all("ratelimit-limit"), ["1000"]);
+    assert_eq!(all("ratelimit-remaining"), ["997"]);
+    assert_eq!(all("ratelimit-policy"), ["7;w=60"]);
+    assert_eq!(
+        all("access-control-allow-origin"),
+        ["https://app.example.com"]
+    );
+    assert_eq!(all("access-control-allow-credentials"), ["true"]);
+    assert_eq!(all("vary"), ["Accept-Encoding", "Origin"]);
+}

@@ -4,6 +4,7 @@
 
 use http::header::{self, HeaderMap, HeaderValue};
 
+use crate::answer_fields::FieldSink;
 use crate::snapshot::model::Stage;
 
 #[derive(Debug)]
@@ -155,32 +156,53 @@ impl CorsPolicy {
         Preflight::Allowed(h)
     }
 
-    /// Applies the actual-response headers: backend CORS headers are removed, and an
-    /// allowed origin gets the stage's.
+    /// Applies the actual-response headers to a map: backend CORS headers are removed, and
+    /// an allowed origin gets the stage's ([`remove_backend_fields`], then
+    /// [`CorsPolicy::add_fields`]).
     pub fn apply(&self, origin: Option<&HeaderValue>, resp: &mut HeaderMap) {
-        // One pass over the (few) response headers instead of a probe per CORS name.
-        if resp
-            .keys()
-            .any(|k| k.as_str().starts_with("access-control-"))
-        {
-            for h in &CORS_RESPONSE_HEADERS {
-                resp.remove(h);
-            }
+        if has_cors_field(resp) {
+            remove_backend_fields(resp);
         }
+        self.add_fields(origin, resp);
+    }
+
+    /// The stage's actual-response fields, for an allowed origin. The answer holds no CORS
+    /// field by now ([`remove_backend_fields`]); `Vary: Origin` is added next to any
+    /// `Vary` it has.
+    pub fn add_fields(&self, origin: Option<&HeaderValue>, out: &mut impl FieldSink) {
         let Some(allow) = origin.and_then(|o| self.allow_origin(o)) else {
             return;
         };
-        resp.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, allow);
+        out.add(&header::ACCESS_CONTROL_ALLOW_ORIGIN, &allow);
         if let Some(v) = &self.expose_headers {
-            resp.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, v.clone());
+            out.add(&header::ACCESS_CONTROL_EXPOSE_HEADERS, v);
         }
         if self.credentials {
-            resp.insert(
-                header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
-                HeaderValue::from_static("true"),
+            out.add(
+                &header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+                &HeaderValue::from_static("true"),
             );
         }
-        resp.append(header::VARY, HeaderValue::from_static("Origin"));
+        out.add(&header::VARY, &HeaderValue::from_static("Origin"));
+    }
+}
+
+/// True for a name of the CORS family (`access-control-*`): one such in an answer means
+/// [`remove_backend_fields`] has work (one pass over the few names of an answer instead of
+/// a probe per CORS name).
+#[inline]
+pub fn is_cors_name(name: &str) -> bool {
+    name.starts_with("access-control-")
+}
+
+fn has_cors_field(resp: &HeaderMap) -> bool {
+    resp.keys().any(|k| is_cors_name(k.as_str()))
+}
+
+/// Removes a backend's CORS response fields: on a CORS stage the stage's replace them.
+pub fn remove_backend_fields(resp: &mut HeaderMap) {
+    for h in &CORS_RESPONSE_HEADERS {
+        resp.remove(h);
     }
 }
 

@@ -110,7 +110,12 @@ pub async fn serve_connection<S: Stream>(
             }
             Order::Close | Order::None => {}
         }
-        conn.as_mut().poll(cx)
+        let polled = conn.as_mut().poll(cx);
+        // The answer fields a request's future pushed for the head hyper writes in the same
+        // poll (see `pipeline::finish`) never outlive this poll: an answer hyper did not
+        // write (the connection was closing) must not lend them to another connection's.
+        hyper::ext::AppendedHeaders::clear_next_response();
+        polled
     })
     .await;
     if let Err(e) = result {

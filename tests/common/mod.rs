@@ -61,6 +61,8 @@ type BoxBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 /// A backend in the test process. Paths it understands (anything else echoes):
 /// - `/big?mb=N`: streams N MiB of body;
 /// - `/slow?ms=N`: answers after N ms;
+/// - a query with `own_fields=1`: the answer also carries fields the gateway writes on its
+///   answers (`x-scp-request-id`, `RateLimit-*`, CORS) and a `Vary`, as a backend's own;
 /// - every response carries `x-backend: <name>` and a JSON body with uri and body length.
 pub struct Backend {
     pub addr: SocketAddr,
@@ -172,6 +174,21 @@ async fn respond(
         "access-control-allow-origin",
         "https://backend.example".parse().unwrap(),
     );
+    if query_num(&parts.uri, "own_fields") == Some(1) {
+        for (name, value) in [
+            ("x-scp-request-id", "from-backend"),
+            ("ratelimit-limit", "7"),
+            ("ratelimit-remaining", "6"),
+            ("ratelimit-reset", "5"),
+            ("ratelimit-policy", "7;w=60"),
+            ("access-control-expose-headers", "x-backend"),
+            ("access-control-allow-credentials", "false"),
+            ("vary", "Accept-Encoding"),
+        ] {
+            resp.headers_mut()
+                .append(name, http::HeaderValue::from_static(value));
+        }
+    }
     resp
 }
 

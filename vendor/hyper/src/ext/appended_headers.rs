@@ -21,8 +21,12 @@ use http::header::{HeaderName, HeaderValue};
 ///
 /// The caller keeps the map and these fields apart: a name pushed here should not also be
 /// in the map (nothing merges or checks them). Only HTTP/1 client connections ask for
-/// them; HTTP/2 connections and servers never do, so a request that may go out over
-/// HTTP/2 must carry its fields in the map.
+/// them; HTTP/2 connections never do, so a request that may go out over HTTP/2 must carry
+/// its fields in the map.
+///
+/// An HTTP/1 server writes such fields after a response's map too: those the service
+/// pushed on its thread ([`AppendedHeaders::for_next_response`]) as its future finished,
+/// see there.
 #[derive(Clone, Debug, Default)]
 pub struct AppendedHeaders {
     bytes: Vec<u8>,
@@ -70,4 +74,57 @@ impl AppendedHeaders {
     pub fn as_bytes(&self) -> &[u8] {
         &self.bytes
     }
+
+    /// Gives `f` the fields that the next HTTP/1 response head encoded on this thread ends
+    /// with (after the response's map, before the blank line).
+    ///
+    /// An HTTP/1 server connection polls its service's future inside the connection's own
+    /// poll and, in the same poll that sees the future ready, encodes the response's head;
+    /// nothing else runs on the thread in between. So a service that pushes its answer's
+    /// fields here as the last thing its future does, for a request that came over HTTP/1,
+    /// has them written on that answer, without putting them in its map. Every server head
+    /// encoded takes what is here (an answer whose head fails to encode drops it), so the
+    /// fields never reach a later answer through the head they were meant for. The caller
+    /// still makes sure that nothing set here outlives the poll it was set in: an answer
+    /// that never reaches the encoder (the connection was closing, the service returned an
+    /// error) leaves its fields behind, and [`AppendedHeaders::clear_next_response`] after
+    /// each poll of the connection drops them. HTTP/2 streams run in tasks of their own and
+    /// never look here: an HTTP/2 answer's fields go in its map.
+    ///
+    /// The buffer is the thread's and is kept (emptied, not freed) when a head takes its
+    /// fields: pushing costs no allocation once it has grown to the largest answer's.
+    #[cfg(feature = "server")]
+    pub fn for_next_response<R>(f: impl FnOnce(&mut AppendedHeaders) -> R) -> R {
+        NEXT_RESPONSE.with_borrow_mut(f)
+    }
+
+    /// Drops whatever was pushed for the next response head on this thread (see
+    /// [`AppendedHeaders::for_next_response`]).
+    #[cfg(feature = "server")]
+    pub fn clear_next_response() {
+        NEXT_RESPONSE.with_borrow_mut(|a| a.bytes.clear());
+    }
+
+    /// Writes the fields pushed for the next response head into `head`, an encoded head
+    /// that ends with its blank line, and empties the thread's buffer.
+    #[cfg(feature = "server")]
+    pub(crate) fn write_next_response(head: &mut Vec<u8>) {
+        NEXT_RESPONSE.with_borrow_mut(|a| {
+            if a.bytes.is_empty() {
+                return;
+            }
+            debug_assert!(head.ends_with(b"\r\n\r\n"));
+            head.truncate(head.len() - 2);
+            head.extend_from_slice(&a.bytes);
+            head.extend_from_slice(b"\r\n");
+            a.bytes.clear();
+        });
+    }
+}
+
+#[cfg(feature = "server")]
+std::thread_local! {
+    /// The fields of the next HTTP/1 response head this thread encodes.
+    static NEXT_RESPONSE: std::cell::RefCell<AppendedHeaders> =
+        const { std::cell::RefCell::new(AppendedHeaders { bytes: Vec::new() }) };
 }

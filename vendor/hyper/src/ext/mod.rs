@@ -54,10 +54,11 @@ mod h1_reason_phrase;
 #[cfg(any(feature = "http1", feature = "ffi"))]
 pub use h1_reason_phrase::ReasonPhrase;
 
-// scp-gateway patch (see PATCHED.md): header fields an HTTP/1 client appends unhashed.
-#[cfg(all(feature = "http1", feature = "client"))]
+// scp-gateway patch (see PATCHED.md): header fields an HTTP/1 client or server appends
+// unhashed.
+#[cfg(all(feature = "http1", any(feature = "client", feature = "server")))]
 mod appended_headers;
-#[cfg(all(feature = "http1", feature = "client"))]
+#[cfg(all(feature = "http1", any(feature = "client", feature = "server")))]
 pub use appended_headers::AppendedHeaders;
 
 // scp-gateway patch (see PATCHED.md): a request head whose framing was ambiguous.

@@ -669,6 +669,13 @@ where
                     }
                 }
 
+                // scp-gateway patch (see PATCHED.md): fields the service pushed on this
+                // thread for its answer go after the map's.
+                #[cfg(feature = "server")]
+                if T::is_server() {
+                    crate::ext::AppendedHeaders::write_next_response(self.io.headers_buf());
+                }
+
                 #[cfg(feature = "client")]
                 {
                     self.state.on_informational =
@@ -678,6 +685,11 @@ where
                 Some(encoder)
             }
             Err(err) => {
+                // scp-gateway patch (see PATCHED.md): an answer not written drops its fields.
+                #[cfg(feature = "server")]
+                if T::is_server() {
+                    crate::ext::AppendedHeaders::clear_next_response();
+                }
                 self.state.error = Some(err);
                 self.state.writing = Writing::Closed;
                 None
