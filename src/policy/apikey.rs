@@ -3,7 +3,7 @@
 //! Lookup by digest leaks at most which digests share a prefix with the digest of the
 //! presented value, which says nothing about any key (SHA-256 has no usable preimages).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::HeaderValue;
@@ -48,6 +48,81 @@ pub struct CompiledPlan {
     /// SHA-256 digest → key. Fx hashing: the digests are uniform and cannot be steered
     /// (SipHash, std's default against chosen keys, costs ten times more per request).
     keys: FxHashMap<[u8; 32], Arc<ApiKey>>,
+    /// Values presented before and found, per worker: a value's SHA-256 is made once per
+    /// worker, not per request.
+    found: FoundKeys,
+}
+
+/// The values of a plan's keys that requests presented and that were found, one map per
+/// worker (see [`crate::worker`]): the value's tag → the key's digest.
+///
+/// Why: SHA-256 of the presented value is the one expensive step of a key check. With
+/// the CPU's SHA extensions it is ~100 ns; without them (Intel before Ice Lake, still
+/// common in clouds; and under valgrind, which the load bench's instruction count runs
+/// in) it is ~3,600 instructions, a tenth of a whole proxied request with a key.
+/// A tag is SipHash-1-3, 128 bits, keyed with random keys made for each compiled plan
+/// (~100 instructions for a usual key).
+///
+/// What it holds, and why that is safe:
+/// - only values that were found: a value that is no key never enters, so a client
+///   sending random values cannot fill it; it holds at most one entry per secret of the
+///   plan's keys (a value is found only if it is one, byte for byte);
+/// - tags, not values: nothing here is a key's secret, and a tag says no more about one
+///   than the digests the plan keeps anyway (and less: its SipHash keys are random per
+///   process and snapshot). Two values with one tag (2^-128 for a chosen pair under an
+///   unknown key) are out of reach of a client, who cannot compute tags;
+/// - per compiled plan: a new snapshot (a key revoked, a secret rotated) starts empty.
+///
+/// Each worker has its own map behind its own lock (the lock is never contended: the
+/// threads that are not workers share the extra one), on its own cache line.
+struct FoundKeys {
+    tagger: siphasher::sip128::SipHasher13,
+    shards: Box<[FoundShard]>,
+}
+
+#[repr(align(64))]
+#[derive(Default)]
+struct FoundShard(Mutex<FxHashMap<u128, [u8; 32]>>);
+
+impl FoundKeys {
+    fn new() -> Self {
+        Self {
+            tagger: siphasher::sip128::SipHasher13::new_with_keys(rand::random(), rand::random()),
+            shards: (0..crate::worker::shards())
+                .map(|_| FoundShard::default())
+                .collect(),
+        }
+    }
+
+    fn tag(&self, presented: &[u8]) -> u128 {
+        self.tagger.hash(presented).into()
+    }
+
+    /// The current worker's map.
+    fn shard(&self) -> std::sync::MutexGuard<'_, FxHashMap<u128, [u8; 32]>> {
+        let shard = &self.shards[crate::worker::index().min(self.shards.len() - 1)];
+        // A panic while held cannot leave the map half-changed (one insert or get).
+        shard
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl std::fmt::Debug for FoundKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Counts only: tags and digests have no place in a log.
+        f.debug_struct("FoundKeys")
+            .field(
+                "entries",
+                &self
+                    .shards
+                    .iter()
+                    .map(|s| s.0.lock().map_or(0, |m| m.len()))
+                    .sum::<usize>(),
+            )
+            .finish()
+    }
 }
 
 /// A key of a usage plan, as requests that present it need it.
@@ -87,11 +162,25 @@ impl CompiledPlan {
                 .unwrap_or_else(|| HeaderValue::from(p.limit)),
             window: Default::default(),
             keys,
+            found: FoundKeys::new(),
         }
     }
 
-    /// The key whose value is `presented`.
+    /// The key whose value is `presented`: from the worker's values found before
+    /// ([`FoundKeys`]), else by its digest (and then remembered).
     pub fn find(&self, presented: &[u8]) -> Option<&Arc<ApiKey>> {
+        let tag = self.found.tag(presented);
+        let known = self.found.shard().get(&tag).copied();
+        if let Some(digest) = known {
+            return self.keys.get(&digest);
+        }
+        let (digest, key) = self.find_by_digest(presented)?;
+        self.found.shard().insert(tag, digest);
+        Some(key)
+    }
+
+    /// The key whose value is `presented`, by the value's SHA-256 digest, and that digest.
+    fn find_by_digest(&self, presented: &[u8]) -> Option<([u8; 32], &Arc<ApiKey>)> {
         let digest = crate::snapshot::model::sha256(presented);
         let (stored, id) = self.keys.get_key_value(&digest)?;
         // Compared a word at a time (subtle compares a byte slice byte by byte).
@@ -102,7 +191,7 @@ impl CompiledPlan {
                 u64::from_ne_bytes(w)
             })
         };
-        bool::from(words(stored)[..].ct_eq(&words(&digest)[..])).then_some(id)
+        bool::from(words(stored)[..].ct_eq(&words(&digest)[..])).then_some((digest, id))
     }
 }
 
@@ -153,6 +242,35 @@ mod tests {
 
     fn hdr(v: &str) -> Option<http::HeaderValue> {
         Some(v.parse().unwrap())
+    }
+
+    fn found_entries(p: &CompiledPlan) -> usize {
+        p.found
+            .shards
+            .iter()
+            .map(|s| s.0.lock().unwrap().len())
+            .sum()
+    }
+
+    #[test]
+    fn values_found_are_remembered_and_no_other_value_enters() {
+        let p = plan();
+        assert_eq!(found_entries(&p), 0);
+        for _ in 0..3 {
+            assert_eq!(&*p.find(b"plain-key-value").unwrap().id, "k02");
+        }
+        assert_eq!(found_entries(&p), 1, "one entry for a value found thrice");
+        for v in ["nope", "plain-key-valuE", "plain-key-value ", ""] {
+            assert!(p.find(v.as_bytes()).is_none(), "{v:?}");
+        }
+        assert_eq!(found_entries(&p), 1, "values that are no key never enter");
+        assert_eq!(&*p.find(b"mobile-app-key-0001").unwrap().id, "k01");
+        assert_eq!(&*p.find(b"mobile-app-key-0001").unwrap().id, "k01");
+        assert_eq!(&*p.find(b"plain-key-value").unwrap().id, "k02");
+        assert_eq!(found_entries(&p), 2);
+        // The debug view shows how many, never what.
+        let shown = format!("{p:?}");
+        assert!(shown.contains("entries: 2"), "{shown}");
     }
 
     #[test]
