@@ -182,6 +182,10 @@ pub trait Serving: Send + Sync + 'static {
 /// Serves one request with the state current at its arrival, start to end; `serving` is
 /// dropped as soon as the answer's head is ready.
 ///
+/// Its future is for hyper's server to poll (`server::conn`): for an HTTP/1 request the
+/// answer's own fields (request id, `RateLimit-*`, CORS) are not in the returned map but
+/// pushed for the head hyper's HTTP/1 server writes in the same poll (see [`finish`]).
+///
 /// The phases that can only refuse run as plain functions; this is the one async frame
 /// that holds the request (a request moved through nested async functions would be stored
 /// once per level). An async block rather than an async function: a function's arguments
