@@ -1083,3 +1083,69 @@ async fn the_gateways_answer_fields_replace_a_backends_own_once_each() {
     assert_eq!(all("access-control-allow-credentials"), ["true"]);
     assert_eq!(all("vary"), ["Accept-Encoding", "Origin"]);
 }
+
+/// Many HTTP/1 connections at once on one worker: each answer carries, once, the request
+/// id of its own request, the one its backend received. (An HTTP/1 answer's own fields are
+/// handed to hyper's server on the worker's thread, see `pipeline::finish`: they must
+/// never reach another connection's answer.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_answers_each_carry_their_own_request_id() {
+    let b = Backend::start("b").await;
+    let gw = Gateway::start(
+        &[("api1.json", &orders_api(&b).build())],
+        "[runtime]\nworkers = 1\n",
+    );
+    let (connections, each) = (32, 20);
+    let mut tasks = Vec::new();
+    for conn in 0..connections {
+        // One client per task: its own keep-alive connection.
+        let (c, url) = (client(), gw.url("/prod/orders"));
+        tasks.push(tokio::spawn(async move {
+            let mut answers = Vec::new();
+            for i in 0..each {
+                let n = format!("{conn}-{i}");
+                let r = c
+                    .get(&url)
+                    .header("host", HOST)
+                    .query(&[("n", &n)])
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 200);
+                assert_eq!(r.version(), reqwest::Version::HTTP_11);
+                let ids: Vec<String> = r
+                    .headers()
+                    .get_all("x-scp-request-id")
+                    .iter()
+                    .map(|v| v.to_str().unwrap().to_owned())
+                    .collect();
+                assert_eq!(ids.len(), 1, "request {n}: {ids:?}");
+                answers.push((n, ids[0].clone()));
+            }
+            answers
+        }));
+    }
+    let mut answered = std::collections::HashMap::new();
+    for t in tasks {
+        answered.extend(t.await.unwrap());
+    }
+    assert_eq!(answered.len(), connections * each);
+    // What the backend received: each request's `n` and the id forwarded with it.
+    let seen: std::collections::HashMap<String, String> = b
+        .seen()
+        .iter()
+        .map(|s| {
+            let n = s.uri.split("n=").nth(1).unwrap().to_owned();
+            let id = s.headers["x-scp-request-id"].to_str().unwrap().to_owned();
+            (n, id)
+        })
+        .collect();
+    assert_eq!(seen.len(), connections * each);
+    for (n, id) in &answered {
+        assert_eq!(
+            Some(id),
+            seen.get(n),
+            "request {n}: the answer's id is another's"
+        );
+    }
+}
