@@ -357,14 +357,7 @@ async fn h2_cookie_crumbs_are_joined_and_get_bodies_are_forwarded() {
         .resource("/any", &[("ANY", &b.url("/any"))])
         .build();
     let gw = Gateway::start(&[("api1.json", &doc)], "");
-    let stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-    let (mut send, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let mut send = h2c_sender(gw.addr).await;
     let req = http::Request::builder()
         .uri(format!("http://{HOST}/prod/orders"))
         .version(http::Version::HTTP_2)

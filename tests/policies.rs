@@ -1047,14 +1047,7 @@ async fn the_gateways_answer_fields_replace_a_backends_own_once_each() {
     assert_eq!(ids.len(), 3, "each answer its own id: {ids:?}");
 
     // HTTP/2 (h2c): the same fields, in the answer's map.
-    let stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-    let (mut send, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let mut send = h2c_sender(gw.addr).await;
     let req = http::Request::builder()
         .uri(format!("http://{HOST}/prod/orders?own_fields=1"))
         .version(http::Version::HTTP_2)

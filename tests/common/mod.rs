@@ -563,15 +563,24 @@ pub fn write_json(path: &Path, v: &Value) {
     std::fs::write(path, serde_json::to_vec_pretty(v).unwrap()).unwrap();
 }
 
-/// One HTTP/2 prior-knowledge (h2c) request whose `:authority` is the URI's authority,
-/// sent over a TCP connection to `addr`.
-pub async fn h2c_get(addr: SocketAddr, uri: &str) -> (http::StatusCode, http::HeaderMap, Bytes) {
+/// An HTTP/2 connection with prior knowledge (h2c) to `addr`, driven in the background:
+/// its sender, for requests with empty bodies.
+pub async fn h2c_sender(
+    addr: SocketAddr,
+) -> hyper::client::conn::http2::SendRequest<http_body_util::Empty<Bytes>> {
     let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut send, conn) =
+    let (send, conn) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
             .await
             .unwrap();
     tokio::spawn(conn);
+    send
+}
+
+/// One HTTP/2 prior-knowledge (h2c) request whose `:authority` is the URI's authority,
+/// sent over a TCP connection to `addr`.
+pub async fn h2c_get(addr: SocketAddr, uri: &str) -> (http::StatusCode, http::HeaderMap, Bytes) {
+    let mut send = h2c_sender(addr).await;
     let req = http::Request::builder()
         .uri(uri)
         .version(http::Version::HTTP_2)
