@@ -401,7 +401,7 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Response<GatewayB
         }
         (_, p) if (p.starts_with("/admin/") || p.starts_with("/v1/")) && !authorized(app, &req) => {
             let mut r = Rejection::Unauthorized(crate::rejection::AuthFailure::MissingToken)
-                .into_response(&rid);
+                .into_response(rid.to_str().unwrap_or(""));
             r.headers_mut().remove(http::header::WWW_AUTHENTICATE);
             r.headers_mut().insert(
                 http::header::WWW_AUTHENTICATE,

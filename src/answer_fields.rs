@@ -14,10 +14,15 @@
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use hyper::ext::AppendedHeaders;
 
+use crate::request_id::RequestId;
+
 /// Takes the gateway's fields of one answer.
 pub trait FieldSink {
     /// Adds a field; its name is not in the answer's map (see the module docs).
     fn add(&mut self, name: &HeaderName, value: &HeaderValue);
+
+    /// Adds the request id (a header value is made of it only for a map).
+    fn add_id(&mut self, name: &HeaderName, id: &RequestId);
 }
 
 /// An HTTP/2 answer (or any answer built for a test): its map.
@@ -25,6 +30,11 @@ impl FieldSink for HeaderMap {
     #[inline]
     fn add(&mut self, name: &HeaderName, value: &HeaderValue) {
         self.append(name, value.clone());
+    }
+
+    #[inline]
+    fn add_id(&mut self, name: &HeaderName, id: &RequestId) {
+        self.append(name, id.to_value());
     }
 }
 
@@ -34,6 +44,11 @@ impl FieldSink for AppendedHeaders {
     fn add(&mut self, name: &HeaderName, value: &HeaderValue) {
         self.push(name, value);
     }
+
+    #[inline]
+    fn add_id(&mut self, name: &HeaderName, id: &RequestId) {
+        id.push_to(self, name);
+    }
 }
 
 #[cfg(test)]
@@ -41,9 +56,9 @@ mod tests {
     use super::*;
 
     fn fill(sink: &mut impl FieldSink) {
-        sink.add(
+        sink.add_id(
             &HeaderName::from_static("x-scp-request-id"),
-            &HeaderValue::from_static("r-1"),
+            &RequestId::Kept(HeaderValue::from_static("r-1")),
         );
         sink.add(&http::header::VARY, &HeaderValue::from_static("Origin"));
     }
@@ -59,6 +74,21 @@ mod tests {
         assert_eq!(h["x-scp-request-id"], "r-1");
         let vary: Vec<_> = h.get_all(http::header::VARY).iter().collect();
         assert_eq!(vary, ["Accept-Encoding", "Origin"]);
+    }
+
+    #[test]
+    fn a_made_request_id_reads_the_same_from_either_sink() {
+        let name = HeaderName::from_static("x-scp-request-id");
+        let id = crate::request_id::next_id();
+        assert!(matches!(id, RequestId::Made(_)));
+        let (mut h, mut a) = (HeaderMap::new(), AppendedHeaders::default());
+        h.add_id(&name, &id);
+        a.add_id(&name, &id);
+        assert_eq!(h[&name], id.as_str());
+        assert_eq!(
+            a.as_bytes(),
+            format!("x-scp-request-id: {}\r\n", id.as_str()).as_bytes()
+        );
     }
 
     #[test]

@@ -33,6 +33,7 @@ use crate::policy::jwt::{bearer, Verified};
 use crate::policy::quota::{self, Admission};
 use crate::policy::resource_policy::Caller;
 use crate::rejection::{AuthFailure, BadRequest, Rejection};
+use crate::request_id::RequestId;
 use crate::routing::{Params, Route};
 use crate::snapshot::model::EndpointType;
 use crate::snapshot::{CompiledApi, CompiledDeployment, CompiledStage, Integration, MethodRoute};
@@ -68,7 +69,7 @@ pub struct ProxyInfo {
 
 /// Everything the phases learn about one request, borrowed from the state it is served with.
 pub struct RequestContext<'s> {
-    pub request_id: HeaderValue,
+    pub request_id: RequestId,
     pub started: Instant,
     /// See [`RequestContext::unix_secs`]; read on first use.
     unix_secs: Option<i64>,
@@ -127,8 +128,8 @@ impl<'s> RequestContext<'s> {
             .flatten()
             .filter(|v| !v.is_empty() && v.len() <= 128);
         let request_id = match trusted {
-            Some(v) => v.clone(),
-            None => crate::request_id::next(),
+            Some(v) => RequestId::Kept(v.clone()),
+            None => crate::request_id::next_id(),
         };
         // A PROXY v2 header names the client; otherwise the peer, or X-Forwarded-For
         // through trusted proxies.
@@ -244,7 +245,7 @@ pub fn handle(
                     ctx.auth_failure = Some(reason);
                     log_auth_failure(&ctx, reason);
                 }
-                rejection.into_response(&ctx.request_id)
+                rejection.into_response(ctx.request_id.as_str())
             }
         };
         finish(&ctx, resp.headers_mut());
@@ -273,7 +274,7 @@ fn boxed_in_place<F>(make: impl FnOnce() -> F) -> Pin<Box<F>> {
 #[cold]
 fn log_auth_failure(ctx: &RequestContext<'_>, reason: AuthFailure) {
     static INFO: crate::log_throttle::LogThrottle = crate::log_throttle::LogThrottle::new();
-    let request_id = ctx.request_id.to_str().unwrap_or("");
+    let request_id = ctx.request_id.as_str();
     let api_id = ctx.api.map_or("", |a| &*a.id);
     let stage = ctx.stage.map_or("", |s| &*s.name);
     match INFO.allow() {
@@ -354,7 +355,7 @@ fn finish(ctx: &RequestContext<'_>, h: &mut http::HeaderMap) {
 /// The fields of [`finish`], to wherever they go.
 #[inline]
 fn add_fields(ctx: &RequestContext<'_>, cors: Option<&CorsPolicy>, out: &mut impl FieldSink) {
-    out.add(&X_SCP_REQUEST_ID, &ctx.request_id);
+    out.add_id(&X_SCP_REQUEST_ID, &ctx.request_id);
     if let Some(a) = ctx.rate_limit {
         let limit = match &ctx.api_key {
             Some((plan, _)) if plan.limit == a.limit => plan.limit_header.clone(),
@@ -944,7 +945,7 @@ fn integrate<'a>(
                     )
                 })
                 .collect();
-            let request_id = ctx.request_id.to_str().unwrap_or("");
+            let request_id = ctx.request_id.as_str();
             let query = parts.uri.query().map(str::to_owned);
             let client_ip = ctx.client_ip;
             let api_key_id = ctx.api_key.as_ref().map(|(_, k)| k.id.clone());
@@ -1122,7 +1123,7 @@ fn end_server_span(
                 .as_ref()
                 .and_then(|v| v.sub_header.as_ref())
                 .and_then(|h| h.to_str().ok()),
-            request_id: &ctx.request_id,
+            request_id: ctx.request_id.as_str(),
             error_code: ctx
                 .error_code
                 .map(|c| crate::rejection::CODES[usize::from(c)]),

@@ -356,7 +356,7 @@ impl Rejection {
     }
 
     /// The gateway-made response: status, spec headers and the JSON error body.
-    pub fn into_response(self, request_id: &HeaderValue) -> Response<GatewayBody> {
+    pub fn into_response(self, request_id: &str) -> Response<GatewayBody> {
         #[derive(serde::Serialize)]
         struct ErrorBody<'a> {
             code: &'a str,
@@ -367,7 +367,7 @@ impl Rejection {
         let body = serde_json::to_vec(&ErrorBody {
             code: self.code(),
             message: &message,
-            request_id: request_id.to_str().unwrap_or(""),
+            request_id,
         })
         .unwrap_or_default();
         let mut resp = Response::new(GatewayBody::full(body));
@@ -427,20 +427,20 @@ mod tests {
 
     #[test]
     fn body_and_headers() {
-        let id = HeaderValue::from_static("abc");
+        let id = "abc";
         let r = Rejection::MethodNotAllowed {
             allow: HeaderValue::from_static("GET"),
         }
-        .into_response(&id);
+        .into_response(id);
         assert_eq!(r.status(), 405);
         assert_eq!(r.headers()[ALLOW], "GET");
         assert_eq!(r.headers()[CONTENT_TYPE], "application/json");
-        let r = Rejection::InvalidToken(AuthFailure::Signature).into_response(&id);
+        let r = Rejection::InvalidToken(AuthFailure::Signature).into_response(id);
         assert_eq!(
             r.headers()[WWW_AUTHENTICATE],
             "Bearer error=\"invalid_token\""
         );
-        let r = Rejection::InvalidToken(AuthFailure::Expired).into_response(&id);
+        let r = Rejection::InvalidToken(AuthFailure::Expired).into_response(id);
         assert_eq!(
             r.headers()[WWW_AUTHENTICATE],
             "Bearer error=\"invalid_token\", error_description=\"token expired\""
@@ -448,7 +448,7 @@ mod tests {
         let r = Rejection::QuotaExceeded {
             retry_after_secs: 7,
         }
-        .into_response(&id);
+        .into_response(id);
         assert_eq!(r.headers()[RETRY_AFTER], "7");
         assert!(Rejection::BadRequest(BadRequest::AmbiguousLength).closes_connection());
     }

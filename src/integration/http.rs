@@ -15,6 +15,7 @@ use crate::body::ForwardBody;
 use crate::config::UpstreamConfig;
 use crate::hop_by_hop::{is_hop_by_hop, Removals};
 use crate::rejection::Rejection;
+use crate::request_id::{RequestId, Token};
 use crate::upstream::{SendError, Settings, Upstream, UpstreamBody};
 pub use hyper::ext::AppendedHeaders;
 
@@ -39,7 +40,7 @@ pub struct ForwardInfo<'a> {
     /// The request target's authority (absolute form, or HTTP/2 `:authority`): the
     /// `X-Forwarded-Host` when the request has no `Host` header.
     pub authority: Option<&'a str>,
-    pub request_id: &'a HeaderValue,
+    pub request_id: &'a RequestId,
     /// `x-scp-api-id` and `x-scp-stage` values, built with the snapshot.
     pub api_id: Option<&'a HeaderValue>,
     pub stage: Option<&'a HeaderValue>,
@@ -126,6 +127,32 @@ impl Added<'_> {
             Added::Appended(a) => a.push(name, value),
         }
     }
+
+    /// Adds the request id, a header the map does not hold (a header value is made of it
+    /// only for the map).
+    fn new_id(&mut self, h: &mut HeaderMap, name: &'static HeaderName, id: &RequestId) {
+        match self {
+            Added::Map => {
+                h.append(name, id.to_value());
+            }
+            Added::Appended(a) => id.push_to(a, name),
+        }
+    }
+
+    /// Adds a value the gateway made, a header the map does not hold.
+    fn new_token<const N: usize>(
+        &mut self,
+        h: &mut HeaderMap,
+        name: &'static HeaderName,
+        token: &Token<N>,
+    ) {
+        match self {
+            Added::Map => {
+                h.append(name, token.to_value());
+            }
+            Added::Appended(a) => token.push_to(a, name),
+        }
+    }
 }
 
 /// Applies the request header rules in place: drops what a client must not pass on (and
@@ -209,7 +236,7 @@ pub fn rewrite_request_headers(h: &mut HeaderMap, info: &ForwardInfo<'_>, mut ad
         }
     }
     // Client copies of these were removed above: they are new to the map.
-    added.new_header(h, &X_SCP_REQUEST_ID, info.request_id);
+    added.new_id(h, &X_SCP_REQUEST_ID, info.request_id);
     for (name, value) in [
         (&X_SCP_API_ID, info.api_id),
         (&X_SCP_STAGE, info.stage),
@@ -222,15 +249,16 @@ pub fn rewrite_request_headers(h: &mut HeaderMap, info: &ForwardInfo<'_>, mut ad
     }
     // The tracing span's `traceparent` replaces the client's; without tracing, a valid
     // one is passed on and an invalid one replaced.
-    let ours = match (info.traceparent, traceparent, traceparent_ok) {
-        (Some(tp), _, _) => Cow::Borrowed(tp),
-        (None, true, true) => return,
-        (None, _, _) => Cow::Owned(new_traceparent()),
-    };
-    if traceparent {
-        h.insert(&TRACEPARENT, ours.into_owned());
-    } else {
-        added.new_header(h, &TRACEPARENT, &ours);
+    match (info.traceparent, traceparent, traceparent_ok) {
+        (Some(tp), true, _) => {
+            h.insert(&TRACEPARENT, tp.clone());
+        }
+        (Some(tp), false, _) => added.new_header(h, &TRACEPARENT, tp),
+        (None, true, true) => {}
+        (None, true, false) => {
+            h.insert(&TRACEPARENT, new_traceparent().to_value());
+        }
+        (None, false, _) => added.new_token(h, &TRACEPARENT, &new_traceparent()),
     }
 }
 
@@ -275,9 +303,13 @@ fn valid_traceparent(v: &[u8]) -> bool {
 
 /// A new `traceparent` with random trace and span ids (the worker's fast generator; these
 /// ids need to be unique, not secret).
-fn new_traceparent() -> HeaderValue {
+fn new_traceparent() -> Token<55> {
     let (trace, span) = crate::request_id::random_ids();
-    crate::request_id::traceparent(&(trace | 1).to_be_bytes(), &(span | 1).to_be_bytes(), 0x01)
+    crate::request_id::traceparent_token(
+        &(trace | 1).to_be_bytes(),
+        &(span | 1).to_be_bytes(),
+        0x01,
+    )
 }
 
 /// The TLS settings for backends: webpki roots plus the optional extra CA file.
@@ -393,7 +425,7 @@ pub fn forward<'a, T>(
 mod tests {
     use super::*;
 
-    fn info<'a>(rid: &'a HeaderValue, host: &'a HeaderValue) -> ForwardInfo<'a> {
+    fn info<'a>(rid: &'a RequestId, host: &'a HeaderValue) -> ForwardInfo<'a> {
         ForwardInfo {
             forwarded_for: Box::leak(Box::new(HeaderValue::from_static("203.0.113.9"))),
             proto: "http",
@@ -431,7 +463,7 @@ mod tests {
         h.insert("x_scp_apikey", HeaderValue::from_static("secret"));
         h.append("x-forwarded-for", HeaderValue::from_static("198.51.100.1"));
         h.insert("x-custom", HeaderValue::from_static("kept"));
-        let rid = HeaderValue::from_static("rid");
+        let rid = RequestId::Kept(HeaderValue::from_static("rid"));
         let host = HeaderValue::from_static("api.example.com");
         rewrite_request_headers(&mut h, &info(&rid, &host), Added::Map);
         for gone in [
@@ -485,7 +517,7 @@ mod tests {
 
     #[test]
     fn headers_new_to_the_map_are_appended_replacements_stay_in_it() {
-        let rid = HeaderValue::from_static("rid");
+        let rid = RequestId::Kept(HeaderValue::from_static("rid"));
         let host = HeaderValue::from_static("api.example.com");
         let mut h = HeaderMap::new();
         h.insert("host", host.clone());
@@ -524,8 +556,23 @@ mod tests {
     }
 
     #[test]
+    fn a_made_request_id_reaches_the_map_or_the_appended_fields_as_made() {
+        let rid = crate::request_id::next_id();
+        assert_eq!(rid.as_str().len(), 32);
+        let host = HeaderValue::from_static("api.example.com");
+        let mut h = HeaderMap::new();
+        let lines = rewrite_appending(&mut h, &info(&rid, &host));
+        let want = format!("x-scp-request-id: {}", rid.as_str());
+        assert_eq!(lines.iter().filter(|l| **l == want).count(), 1, "{lines:?}");
+        let mut h = HeaderMap::new();
+        rewrite_request_headers(&mut h, &info(&rid, &host), Added::Map);
+        assert_eq!(h["x-scp-request-id"], rid.as_str());
+        assert!(valid_traceparent(h["traceparent"].as_bytes()));
+    }
+
+    #[test]
     fn host_becomes_the_backends_and_the_clients_is_forwarded_host() {
-        let rid = HeaderValue::from_static("rid");
+        let rid = RequestId::Kept(HeaderValue::from_static("rid"));
         let host = HeaderValue::from_static("api.example.com");
         let backend = HeaderValue::from_static("orders.internal:8080");
         let mut forwarded = info(&rid, &host);
@@ -576,7 +623,7 @@ mod tests {
         let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         let mut h = HeaderMap::new();
         h.insert("traceparent", HeaderValue::from_static(tp));
-        let rid = HeaderValue::from_static("rid");
+        let rid = RequestId::Kept(HeaderValue::from_static("rid"));
         let host = HeaderValue::from_static("h");
         rewrite_request_headers(&mut h, &info(&rid, &host), Added::Map);
         assert_eq!(h["traceparent"], tp);
@@ -589,7 +636,7 @@ mod tests {
     fn the_tracing_traceparent_is_the_only_one() {
         let ours =
             HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-1111111111111111-01");
-        let rid = HeaderValue::from_static("rid");
+        let rid = RequestId::Kept(HeaderValue::from_static("rid"));
         let host = HeaderValue::from_static("h");
         let mut traced = info(&rid, &host);
         traced.traceparent = Some(&ours);

@@ -105,7 +105,7 @@ pub struct ServerSummary<'a> {
     pub stage: Option<&'a Arc<str>>,
     pub api_key_id: Option<&'a Arc<str>>,
     pub jwt_sub: Option<&'a str>,
-    pub request_id: &'a HeaderValue,
+    pub request_id: &'a str,
     pub error_code: Option<&'static str>,
 }
 
@@ -358,10 +358,8 @@ impl Tracing {
                 s.client_ip_text
                     .map_or_else(|| s.client_ip.to_string(), str::to_owned),
             )),
-            s.request_id
-                .to_str()
-                .ok()
-                .map(|v| KeyValue::new("scp.request_id", v.to_owned())),
+            (!s.request_id.is_empty())
+                .then(|| KeyValue::new("scp.request_id", s.request_id.to_owned())),
             kv("http.route", s.route),
             kv("scp.api_id", s.api_id),
             kv("scp.stage", s.stage),

@@ -45,7 +45,21 @@ impl AppendedHeaders {
     /// The field is written with one check for room, not one per part: a proxy pushes
     /// several fields on every request.
     pub fn push(&mut self, name: &HeaderName, value: &HeaderValue) {
-        let (name, value) = (name.as_str().as_bytes(), value.as_bytes());
+        // SAFETY: a `HeaderValue`'s bytes are a valid field value.
+        unsafe { self.push_unchecked(name, value.as_bytes()) }
+    }
+
+    /// Appends one field whose value is given as bytes, for a value the caller makes
+    /// itself on every request (a request id): a [`HeaderValue`] would hold it in a
+    /// reference-counted buffer, made and dropped for each field, or check it byte by byte.
+    ///
+    /// # Safety
+    ///
+    /// `value` must be a valid field value, as [`HeaderValue::from_bytes`] would accept it:
+    /// no CR, LF, NUL or other control byte but horizontal tab, and no DEL. The bytes are
+    /// written as they are; a CR or LF among them would end the field, and the head, early.
+    pub unsafe fn push_unchecked(&mut self, name: &HeaderName, value: &[u8]) {
+        let name = name.as_str().as_bytes();
         let len = name.len() + 2 + value.len() + 2;
         let b = &mut self.bytes;
         b.reserve(len);
