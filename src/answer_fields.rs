@@ -14,15 +14,16 @@
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use hyper::ext::AppendedHeaders;
 
-use crate::request_id::RequestId;
+use crate::request_id::FieldValue;
 
 /// Takes the gateway's fields of one answer.
 pub trait FieldSink {
     /// Adds a field; its name is not in the answer's map (see the module docs).
     fn add(&mut self, name: &HeaderName, value: &HeaderValue);
 
-    /// Adds the request id (a header value is made of it only for a map).
-    fn add_id(&mut self, name: &HeaderName, id: &RequestId);
+    /// Adds a value the gateway made (the request id): a header value is made of it only
+    /// for a map.
+    fn add_made(&mut self, name: &HeaderName, value: &impl FieldValue);
 }
 
 /// An HTTP/2 answer (or any answer built for a test): its map.
@@ -33,8 +34,8 @@ impl FieldSink for HeaderMap {
     }
 
     #[inline]
-    fn add_id(&mut self, name: &HeaderName, id: &RequestId) {
-        self.append(name, id.to_value());
+    fn add_made(&mut self, name: &HeaderName, value: &impl FieldValue) {
+        self.append(name, value.to_value());
     }
 }
 
@@ -46,17 +47,18 @@ impl FieldSink for AppendedHeaders {
     }
 
     #[inline]
-    fn add_id(&mut self, name: &HeaderName, id: &RequestId) {
-        id.push_to(self, name);
+    fn add_made(&mut self, name: &HeaderName, value: &impl FieldValue) {
+        value.push_to(self, name);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::request_id::RequestId;
 
     fn fill(sink: &mut impl FieldSink) {
-        sink.add_id(
+        sink.add_made(
             &HeaderName::from_static("x-scp-request-id"),
             &RequestId::Kept(HeaderValue::from_static("r-1")),
         );
@@ -82,8 +84,8 @@ mod tests {
         let id = crate::request_id::next_id();
         assert!(matches!(id, RequestId::Made(_)));
         let (mut h, mut a) = (HeaderMap::new(), AppendedHeaders::default());
-        h.add_id(&name, &id);
-        a.add_id(&name, &id);
+        h.add_made(&name, &id);
+        a.add_made(&name, &id);
         assert_eq!(h[&name], id.as_str());
         assert_eq!(
             a.as_bytes(),

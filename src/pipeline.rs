@@ -355,7 +355,7 @@ fn finish(ctx: &RequestContext<'_>, h: &mut http::HeaderMap) {
 /// The fields of [`finish`], to wherever they go.
 #[inline]
 fn add_fields(ctx: &RequestContext<'_>, cors: Option<&CorsPolicy>, out: &mut impl FieldSink) {
-    out.add_id(&X_SCP_REQUEST_ID, &ctx.request_id);
+    out.add_made(&X_SCP_REQUEST_ID, &ctx.request_id);
     if let Some(a) = ctx.rate_limit {
         let limit = match &ctx.api_key {
             Some((plan, _)) if plan.limit == a.limit => plan.limit_header.clone(),

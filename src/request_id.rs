@@ -131,6 +131,32 @@ impl<const N: usize> std::fmt::Debug for Token<N> {
     }
 }
 
+/// A value that is written either into a map (as a [`HeaderValue`] made for it) or into an
+/// HTTP/1 head's appended fields (as its bytes): a [`Token`] or a [`RequestId`].
+pub trait FieldValue {
+    fn to_value(&self) -> HeaderValue;
+    /// Appends the field `name: <this value>` to `fields`.
+    fn push_to(&self, fields: &mut AppendedHeaders, name: &HeaderName);
+}
+
+impl<const N: usize> FieldValue for Token<N> {
+    fn to_value(&self) -> HeaderValue {
+        Token::to_value(self)
+    }
+    fn push_to(&self, fields: &mut AppendedHeaders, name: &HeaderName) {
+        Token::push_to(self, fields, name)
+    }
+}
+
+impl FieldValue for RequestId {
+    fn to_value(&self) -> HeaderValue {
+        RequestId::to_value(self)
+    }
+    fn push_to(&self, fields: &mut AppendedHeaders, name: &HeaderName) {
+        RequestId::push_to(self, fields, name)
+    }
+}
+
 /// A request's `x-scp-request-id`: made by the worker, or kept from a trusted proxy.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RequestId {

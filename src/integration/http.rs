@@ -15,7 +15,7 @@ use crate::body::ForwardBody;
 use crate::config::UpstreamConfig;
 use crate::hop_by_hop::{is_hop_by_hop, Removals};
 use crate::rejection::Rejection;
-use crate::request_id::{RequestId, Token};
+use crate::request_id::{FieldValue, RequestId, Token};
 use crate::upstream::{SendError, Settings, Upstream, UpstreamBody};
 pub use hyper::ext::AppendedHeaders;
 
@@ -128,29 +128,14 @@ impl Added<'_> {
         }
     }
 
-    /// Adds the request id, a header the map does not hold (a header value is made of it
-    /// only for the map).
-    fn new_id(&mut self, h: &mut HeaderMap, name: &'static HeaderName, id: &RequestId) {
+    /// Adds a value the gateway made (the request id, a new `traceparent`), a header the
+    /// map does not hold: a header value is made of it only for the map.
+    fn new_made(&mut self, h: &mut HeaderMap, name: &'static HeaderName, value: &impl FieldValue) {
         match self {
             Added::Map => {
-                h.append(name, id.to_value());
+                h.append(name, value.to_value());
             }
-            Added::Appended(a) => id.push_to(a, name),
-        }
-    }
-
-    /// Adds a value the gateway made, a header the map does not hold.
-    fn new_token<const N: usize>(
-        &mut self,
-        h: &mut HeaderMap,
-        name: &'static HeaderName,
-        token: &Token<N>,
-    ) {
-        match self {
-            Added::Map => {
-                h.append(name, token.to_value());
-            }
-            Added::Appended(a) => token.push_to(a, name),
+            Added::Appended(a) => value.push_to(a, name),
         }
     }
 }
@@ -236,7 +221,7 @@ pub fn rewrite_request_headers(h: &mut HeaderMap, info: &ForwardInfo<'_>, mut ad
         }
     }
     // Client copies of these were removed above: they are new to the map.
-    added.new_id(h, &X_SCP_REQUEST_ID, info.request_id);
+    added.new_made(h, &X_SCP_REQUEST_ID, info.request_id);
     for (name, value) in [
         (&X_SCP_API_ID, info.api_id),
         (&X_SCP_STAGE, info.stage),
@@ -258,7 +243,7 @@ pub fn rewrite_request_headers(h: &mut HeaderMap, info: &ForwardInfo<'_>, mut ad
         (None, true, false) => {
             h.insert(&TRACEPARENT, new_traceparent().to_value());
         }
-        (None, false, _) => added.new_token(h, &TRACEPARENT, &new_traceparent()),
+        (None, false, _) => added.new_made(h, &TRACEPARENT, &new_traceparent()),
     }
 }
 
