@@ -254,7 +254,7 @@ pub fn compile(s: Snapshot) -> Result<CompiledApi, Vec<Issue>> {
 
     let mut deployments: HashMap<&str, Arc<CompiledDeployment>> = HashMap::new();
     for (d, dep) in s.deployments.iter().enumerate() {
-        let mut routes = RouteTable::default();
+        let mut routes = RouteTable::with_capacity(dep.resources.len());
         // Insert parents before children so conflicts are reported on the later path.
         let mut order: Vec<usize> = (0..dep.resources.len()).collect();
         order.sort_by_key(|&i| (dep.resources[i].path.matches('/').count(), i));
