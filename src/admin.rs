@@ -101,7 +101,7 @@ const JWK_SECRET_FIELDS: [&str; 8] = ["k", "d", "p", "q", "dp", "dq", "qi", "oth
 
 /// The active snapshot as the admin API shows it: key values and secrets removed.
 fn redacted(api: &crate::snapshot::CompiledApi) -> serde_json::Value {
-    let mut v = serde_json::to_value(&*api.snapshot).unwrap_or_default();
+    let mut v: serde_json::Value = serde_json::from_slice(&api.document).unwrap_or_default();
     if let Some(auths) = v.get_mut("auths").and_then(|a| a.as_array_mut()) {
         for auth in auths {
             if let Some(keys) = auth
@@ -317,7 +317,7 @@ async fn v1(app: &Arc<App>, path: &str, query: &str, rid: &HeaderValue) -> Respo
             let Some(api) = state.api(api_id) else {
                 return not_found("API_NOT_FOUND", "no such API is loaded");
             };
-            let Some(plan) = api.snapshot.usage_plans.iter().find(|p| p.id == *plan_id) else {
+            let Some(plan) = api.usage_plans.iter().find(|p| p.id == *plan_id) else {
                 return not_found(
                     "USAGE_PLAN_NOT_FOUND",
                     "the API's snapshot has no such usage plan",

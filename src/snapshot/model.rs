@@ -332,6 +332,20 @@ pub struct ApiKey {
 }
 
 impl ApiKey {
+    /// The key's id and name, without its values or digests.
+    pub fn without_secrets(&self) -> Self {
+        Self {
+            id: self.id.clone(),
+            name: self.name.clone(),
+            key: None,
+            key_sha256: None,
+            secondary_key: None,
+            secondary_key_sha256: None,
+        }
+    }
+}
+
+impl ApiKey {
     /// The key's secrets as SHA-256 digests: the primary, then the secondary if any.
     /// `None` for a secret that is not a valid digest (validation names it).
     pub fn digests(&self) -> impl Iterator<Item = Option<[u8; 32]>> + '_ {
