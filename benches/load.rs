@@ -1443,12 +1443,17 @@ fn main() {
         );
     }
 
-    // Row 6: open-loop runs at half nginx's maximum (1 worker), latency corrected for
-    // coordinated omission. In interleaved rounds, as the closed-loop rows (a p99 over a few
-    // seconds is what a slow stretch of this shared machine moves most): each round runs
-    // the backend directly and then every row, in a shuffled order; a row's added p99 is
-    // the median over rounds of its p99 less the same round's direct p99.
-    let rate = (find("nginx (1w)").or(find("floor (1w)")).unwrap_or(0.0) / 2.0).round() as u64;
+    // Row 6: open-loop runs at half nginx's maximum (1 worker; without an nginx row, not
+    // installed or left out by `LOAD_ROWS`, the floor's), latency corrected for coordinated
+    // omission. In interleaved rounds, as the closed-loop rows (a p99 over a few seconds is
+    // what a slow stretch of this shared machine moves most): each round runs the backend
+    // directly and then every row, in a shuffled order; a row's added p99 is the median
+    // over rounds of its p99 less the same round's direct p99.
+    let (rate_of, max) = match find("nginx (1w)") {
+        Some(r) => ("nginx", Some(r)),
+        None => ("the floor", find("floor (1w)")),
+    };
+    let rate = (max.unwrap_or(0.0) / 2.0).round() as u64;
     if has("oha") && rate > 0 {
         let targets: Vec<&Row> = rows
             .iter()
@@ -1498,7 +1503,7 @@ fn main() {
             }
         }
         println!();
-        println!("row 6, open loop: oha -q {rate} (half nginx's 1w maximum) -c{conns} -z{seconds}s --latency-correction, oha on CPU 1, {rounds} interleaved rounds, medians; added p99: median over rounds of (row p99 − that round's direct p99)");
+        println!("row 6, open loop: oha -q {rate} (half {rate_of}'s 1w maximum) -c{conns} -z{seconds}s --latency-correction, oha on CPU 1, {rounds} interleaved rounds, medians; added p99: median over rounds of (row p99 − that round's direct p99)");
         println!(
             "{:<50} {:>9} {:>8} {:>8} {:>9} {:>13}",
             "row", "req/s", "p50 ms", "p99 ms", "p99.9 ms", "added p99 ms"
