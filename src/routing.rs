@@ -36,12 +36,12 @@ pub enum RouteError {
 }
 
 /// The methods of one resource. `ANY` serves every standard method not defined explicitly.
-#[derive(Debug)]
 ///
 /// The methods a resource defines are stored once, densely, and found through a byte per
 /// slot: a deployment holds one table per resource (300,000 in a fleet of 1,000 APIs ×
 /// 300 resources), and a slot per method with the method inline (`[Option<M>; 8]`) cost
 /// ~3 KB per resource, most of it empty slots.
+#[derive(Debug)]
 pub struct MethodTable<M> {
     /// Per slot of [`method_slot`] and then `ANY` (index 7): 1 + the index into `methods`,
     /// 0 when that slot has no method.
