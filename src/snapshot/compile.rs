@@ -498,8 +498,12 @@ pub fn compile(s: Snapshot) -> Result<CompiledApi, Vec<Issue>> {
             .usage_plans
             .iter()
             .map(|p| UsagePlan {
+                id: p.id.clone(),
+                name: p.name.clone(),
+                limit: p.limit,
+                rate: p.rate,
                 api_keys: p.api_keys.iter().map(ApiKey::without_secrets).collect(),
-                ..p.clone()
+                throttle: p.throttle,
             })
             .collect(),
         document: serde_json::to_vec(&s)
