@@ -19,6 +19,8 @@
 //! rows are measured, e.g. `LOAD_ROWS=fleet,full chain (1w)`), `LOAD_CALLGRIND` (`0`: no
 //! instruction counts; or the counts to take, of `floor,bare,full,apis,fleet,trace,nginx`), `LOAD_KEEP`
 //! (a directory the callgrind profiles are copied to, for `callgrind_annotate`),
+//! `LOAD_CALLGRIND_ARGS` (more callgrind options, space-separated, e.g. `--dump-instr=yes`
+//! to find a cost's call site by address),
 //! `LOAD_GATEWAY` (the gateway executable to measure instead of this build's, e.g. the
 //! profile-guided build of `benches/pgo.sh`, which also trains with this bench).
 //!
@@ -643,10 +645,10 @@ fn callgrind_per_request(
     }
     let out = dir.join(format!("callgrind-{label}.out"));
     let out_arg = format!("--callgrind-out-file={}", out.display());
-    let (p, addr) = start(
-        &["valgrind", "--tool=callgrind", &out_arg],
-        &format!("cg-{label}"),
-    );
+    let extra = std::env::var("LOAD_CALLGRIND_ARGS").unwrap_or_default();
+    let mut prefix = vec!["valgrind", "--tool=callgrind", &out_arg];
+    prefix.extend(extra.split_whitespace());
+    let (p, addr) = start(&prefix, &format!("cg-{label}"));
     let control = |what: &str| {
         Command::new("callgrind_control")
             .args([what, &p.pid().to_string()])

@@ -71,8 +71,6 @@ pub struct ProxyInfo {
 pub struct RequestContext<'s> {
     pub request_id: RequestId,
     pub started: Instant,
-    /// See [`RequestContext::unix_secs`]; read on first use.
-    unix_secs: Option<i64>,
     pub conn: &'s ConnInfo,
     pub client_ip: IpAddr,
     pub method: Method,
@@ -113,10 +111,11 @@ pub struct RequestContext<'s> {
 }
 
 impl<'s> RequestContext<'s> {
-    /// The wall-clock second of the request's checks (JWT expiry, the quota window): one
-    /// clock read for both (~23 ns each on this machine's vDSO clock).
-    fn unix_secs(&mut self) -> i64 {
-        *self.unix_secs.get_or_insert_with(crate::clock::unix_secs)
+    /// The wall-clock second of the request's checks (JWT expiry, the quota window): the
+    /// second of its start, from the worker's clock cache (no clock read of its own, see
+    /// `clock`).
+    fn unix_secs(&self) -> i64 {
+        crate::clock::unix_secs_at(self.started)
     }
 
     fn new(app: &App, conn: &'s ConnInfo, req: &Request<Incoming>) -> Self {
@@ -142,7 +141,6 @@ impl<'s> RequestContext<'s> {
         Self {
             request_id,
             started: Instant::now(),
-            unix_secs: None,
             conn,
             client_ip,
             method: req.method().clone(),
@@ -1060,11 +1058,11 @@ fn record(app: &App, ctx: &RequestContext<'_>, resp: &Response<GatewayBody>) {
         ctx.auth_failure,
         ctx.retried,
     );
-    // One wall-clock read for the report's day and the log line's time.
-    let wall = (ctx.stage.is_some() || app.access_log.is_some()).then(std::time::SystemTime::now);
-    if let (Some(_), Some(wall)) = (ctx.stage, wall) {
+    if ctx.stage.is_some() {
+        // The report's day is the answer's, from the worker's clock cache (see `clock`):
+        // no wall-clock read per request.
         route_series.report(&series::ReportSample {
-            day: crate::clock::unix_day_of(wall),
+            day: crate::clock::unix_day_at(ended),
             method,
             status,
             latency,
@@ -1077,9 +1075,9 @@ fn record(app: &App, ctx: &RequestContext<'_>, resp: &Response<GatewayBody>) {
             end_server_span(t, request, ctx, status);
         }
     }
-    if let (Some(log), Some(wall)) = (&app.access_log, wall) {
+    if let Some(log) = &app.access_log {
         log.log(&crate::observe::access_log::Entry {
-            time: wall,
+            time: std::time::SystemTime::now(),
             request_id: ctx.request_id.as_bytes(),
             client_ip: ctx.client_ip,
             api_id: ctx.api.map(|a| a.id.as_bytes()),
