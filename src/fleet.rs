@@ -345,6 +345,11 @@ impl Fleet {
     }
 
     /// The longest a call waits for Redis (`quota.timeout`).
+    /// A standalone Redis (not a Redis Cluster): one call may carry keys of any slot.
+    pub fn is_standalone(&self) -> bool {
+        matches!(*self.connector, Connector::Single(_))
+    }
+
     pub fn timeout(&self) -> Duration {
         self.timeout
     }

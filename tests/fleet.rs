@@ -54,7 +54,15 @@ async fn two_instances_share_one_quota_and_one_report() {
     for gw in &gws {
         wait_connected(gw).await;
     }
+    let calls_before = common::redis::evalsha_calls(redis.port);
     one_exact_quota_for_two_instances(&gws, &b).await;
+    // The admissions a worker had at one time went to Redis together: fewer script calls
+    // than the 1,000 admissions, each one still exact (above).
+    let calls = common::redis::evalsha_calls(redis.port) - calls_before;
+    assert!(
+        (1..1000).contains(&calls),
+        "{calls} EVALSHA calls for 1,000 concurrent admissions"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

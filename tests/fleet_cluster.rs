@@ -33,7 +33,21 @@ async fn a_cluster_of_three_masters_holds_one_exact_quota_for_two_instances() {
         wait_connected(gw).await;
         assert!(gw.log().contains("Redis Cluster"), "{}", gw.log());
     }
+    let calls = || -> u64 {
+        cluster
+            .masters()
+            .into_iter()
+            .map(common::redis::evalsha_calls)
+            .sum()
+    };
+    let calls_before = calls();
     one_exact_quota_for_two_instances(&gws, &b).await;
+    // The admissions a worker had at one time went together (one plan: one slot).
+    let made = calls() - calls_before;
+    assert!(
+        (1..1000).contains(&made),
+        "{made} EVALSHA calls for 1,000 concurrent admissions"
+    );
 
     // Key layout: the counter and the usage hour of the plan share one slot (the `{up1}`
     // tag), so one master holds both; the stage's report key has a tag of its own.

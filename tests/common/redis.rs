@@ -78,6 +78,15 @@ fn wait_listening(port: u16) {
 }
 
 /// Runs `redis-cli -p port args...` and returns what it printed.
+/// EVALSHA calls the server on `port` has served (`INFO commandstats`).
+pub fn evalsha_calls(port: u16) -> u64 {
+    let info = cli(port, &["INFO", "commandstats"]);
+    info.lines()
+        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |n| n.parse().expect("a number of calls"))
+}
+
 pub fn cli(port: u16, args: &[&str]) -> String {
     let out = Command::new("redis-cli")
         .args(["-p", &port.to_string()])

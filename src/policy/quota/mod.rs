@@ -75,7 +75,7 @@ pub struct Admission {
     pub reset_secs: u64,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum QuotaError {
     #[error("quota store unavailable: {0}")]
     Unavailable(String),

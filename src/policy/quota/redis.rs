@@ -1,29 +1,33 @@
 //! Fleet-mode quota store: counters in Redis, shared by every instance of a fleet, so that a
 //! usage plan's limit holds for the fleet and not per instance.
 //!
-//! One admission is one round trip: a Lua script (EVALSHA) checks the window's counter and
-//! increments it only when under the limit, and counts the admission in the key's usage hour
-//! in the same atomic step. Keys are named from stable ids (usage plan, key, window start)
-//! and expire an hour after their window ends; usage hours expire after the retention
-//! period. Both keys of an admission carry the plan as their hash tag
-//! (`scpgw:quota:{plan}:key:window`, `scpgw:usage:{plan}:hour`): in a Redis Cluster they live
-//! in one slot, so the script stays one atomic step on one master, and different plans spread
-//! over the masters. Redis failures and timeouts surface as [`QuotaError::Unavailable`]; the pipeline
-//! applies `quota.failure_mode` and counts `apigw_quota_store_errors_total`.
+//! An admission is a step of a Lua script (EVALSHA) that checks the window's counter and
+//! increments it only when under the limit, and counts the admission in the key's usage
+//! hour, atomically. The admissions a worker has at one time go together, in one call of the
+//! script, which takes them in turn (see [`Batches`]): each one is still exact, and a busy
+//! worker makes one round trip for many requests instead of one each. Keys are named from
+//! stable ids (usage plan, key, window start) and expire an hour after their window ends;
+//! usage hours expire after the retention period. Both keys of an admission carry the plan as their hash tag
+//! (`scpgw:quota:{plan}:key:window`, `scpgw:usage:{plan}:hour`): in a Redis Cluster they
+//! live in one slot, so the script stays one atomic step on one master, and different plans
+//! spread over the masters. Redis failures and timeouts surface as
+//! [`QuotaError::Unavailable`]; the pipeline applies `quota.failure_mode` and counts
+//! `apigw_quota_store_errors_total`.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use futures_util::future::BoxFuture;
 
 use super::{CounterSlot, QuotaError, QuotaStore, UsageRow, Window};
 use crate::fleet::{key_part, Fleet, FleetError, PREFIX};
 
-/// KEYS[1]: the window counter, KEYS[2]: the usage hour (a hash of key id → count).
-/// ARGV: limit, counter expiry (Unix s), key id, usage expiry (Unix s).
-/// Returns the count after the call if admitted (≥ 1), its negation if refused (≤ 0): one
-/// integer, which the client parses several times faster than a two-element array (the
-/// reply is parsed on the worker, once per admission).
+/// The admissions of one call, one after the other, each as if it were a call of its own.
+/// KEYS: each admission's window counter and usage hour (a hash of key id → count) in
+/// turn; ARGV: each admission's limit, counter expiry (Unix s), key id and usage expiry
+/// (Unix s) in turn. Returns one integer per admission, comma-separated in one string: the
+/// count after it if admitted (≥ 1), its negation if refused (≤ 0) (the reply is parsed on
+/// the worker, and the client parses a string several times faster than an array).
 ///
 /// Each key's expiry is set when the script makes it (the counter's first admission, a key
 /// id's first in the usage hour; the same time for every key id of an hour): a key never
@@ -31,21 +35,30 @@ use crate::fleet::{key_part, Fleet, FleetError, PREFIX};
 /// every other admission take about a fifth off Redis's time per admission (measured with
 /// `redis-benchmark` and `INFO commandstats`: 5.4–6.9 µs → 3.7–5.0 µs per call).
 const ADMIT: &str = r"
-local count = tonumber(redis.call('GET', KEYS[1]) or '0')
-if count < tonumber(ARGV[1]) then
-  count = redis.call('INCR', KEYS[1])
-  if count == 1 then
-    redis.call('EXPIREAT', KEYS[1], ARGV[2])
+local out = {}
+for i = 1, #KEYS, 2 do
+  local a = (i - 1) * 2
+  local count = tonumber(redis.call('GET', KEYS[i]) or '0')
+  if count < tonumber(ARGV[a + 1]) then
+    count = redis.call('INCR', KEYS[i])
+    if count == 1 then
+      redis.call('EXPIREAT', KEYS[i], ARGV[a + 2])
+    end
+    if redis.call('HINCRBY', KEYS[i + 1], ARGV[a + 3], 1) == 1 then
+      redis.call('EXPIREAT', KEYS[i + 1], ARGV[a + 4])
+    end
+    out[#out + 1] = count
+  else
+    out[#out + 1] = -count
   end
-  if redis.call('HINCRBY', KEYS[2], ARGV[3], 1) == 1 then
-    redis.call('EXPIREAT', KEYS[2], ARGV[4])
-  end
-  return count
 end
-return -count
+return table.concat(out, ',')
 ";
 
-/// The count and the decision that [`ADMIT`] returned.
+/// Admissions one call carries at most (more go in more calls).
+const BATCH_MAX: usize = 256;
+
+/// The count and the decision that [`ADMIT`] returned for one admission.
 fn admission(reply: i64) -> (u64, bool) {
     (reply.unsigned_abs(), reply > 0)
 }
@@ -54,54 +67,227 @@ fn admission(reply: i64) -> (u64, bool) {
 const COUNTER_GRACE_SECS: i64 = 3600;
 
 pub struct RedisQuotaStore {
-    fleet: Arc<Fleet>,
-    admit: redis::Script,
     retention_secs: i64,
+    batches: Arc<Batches>,
 }
 
 impl RedisQuotaStore {
     pub fn new(fleet: Arc<Fleet>, retention_secs: i64) -> Arc<Self> {
         Arc::new(Self {
-            fleet,
-            admit: redis::Script::new(ADMIT),
             retention_secs,
+            batches: Arc::new(Batches {
+                queues: (0..crate::worker::shards())
+                    .map(|_| Mutex::new(Queue::default()))
+                    .collect(),
+                admit: redis::Script::new(ADMIT),
+                fleet,
+            }),
         })
     }
+
+    fn fleet(&self) -> &Fleet {
+        &self.batches.fleet
+    }
 }
 
-/// The fixed parts of one (plan, key)'s key names, kept in the compiled key's
-/// [`CounterSlot`]: the ids are encoded once, not on every admission.
-pub struct FleetKeys {
-    /// `scpgw:quota:{plan}:key:`
-    counter: Box<str>,
-    /// `scpgw:usage:{plan}:`
-    usage: Box<str>,
+/// `cmd`, an EVALSHA of `script`; a Redis that has not seen the script (restarted,
+/// flushed, a new master) is given it and asked again, as `Script::invoke_async` does.
+async fn query_loading<T: redis::FromRedisValue>(
+    cmd: &redis::Cmd,
+    script: &str,
+    conn: &mut crate::fleet::FleetConn,
+) -> redis::RedisResult<T> {
+    match cmd.query_async(conn).await {
+        Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
+            redis::cmd("SCRIPT")
+                .arg("LOAD")
+                .arg(script)
+                .exec_async(conn)
+                .await?;
+            cmd.query_async(conn).await
+        }
+        r => r,
+    }
 }
 
-impl FleetKeys {
-    fn new(plan_id: &str, key_id: &str) -> Self {
-        let usage = usage_prefix(plan_id);
-        let (plan, key) = (key_part(plan_id), key_part(key_id));
-        let counter = [PREFIX, ":quota:{", &plan, "}:", &key, ":"].concat();
-        Self {
-            counter: counter.into(),
-            usage: usage.into(),
+/// Where an admission's answer goes.
+type Answer = tokio::sync::oneshot::Sender<Result<i64, QuotaError>>;
+
+/// The admissions one call will carry: their keys and arguments already written as the
+/// call's KEYS and ARGV (see [`ADMIT`]; no string of their own), and where each one's
+/// answer goes, in the same order.
+struct Pending {
+    /// The slot of every key here (in a Redis Cluster; 0 for a standalone Redis).
+    slot: u16,
+    keys: redis::Cmd,
+    argv: redis::Cmd,
+    answers: Vec<Answer>,
+}
+
+/// Admissions of one worker waiting for their call to Redis.
+#[derive(Default)]
+struct Queue {
+    /// A task is on its way to send what waits here.
+    flush: bool,
+    pending: Vec<Pending>,
+}
+
+/// Group commit of admissions, per worker.
+///
+/// An admission waits in its worker's [`Queue`]; the first one of an empty queue starts a
+/// task that sends everything waiting then, in one call of [`ADMIT`] (in a Redis Cluster,
+/// one call per slot: the keys of one call must share one). That task runs after the tasks
+/// already woken on the worker (a worker is one `current_thread` runtime, whose queue is
+/// first in, first out), so the admissions of every request the worker handles in that
+/// round go together: a lone request's call goes out as soon as its task yields, and under
+/// load a worker makes one round trip per round instead of one per request, sharing the
+/// redis crate's work per call (command, channel, reply, wake-ups: most of the fleet
+/// mode's cost per request). Each admission is still checked and counted on its own, in
+/// arrival order, in one atomic script. An admission waits at most `quota.timeout` for its
+/// answer, as its own call would.
+///
+/// Shared: the queues are one per worker (indexed by `worker::index`, the last one for
+/// threads that are not workers), each behind a mutex that only its worker takes on the
+/// request path (the shared one is also taken by control-thread calls and tests).
+struct Batches {
+    queues: Box<[Mutex<Queue>]>,
+    admit: redis::Script,
+    fleet: Arc<Fleet>,
+}
+
+impl Batches {
+    fn queue(&self, i: usize) -> std::sync::MutexGuard<'_, Queue> {
+        self.queues[i.min(self.queues.len() - 1)]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues an admission on queue `i` (see [`Batches`]): its keys (`keys`'s counter for
+    /// `window`, usage hour `hour`) and arguments go into the call that will carry it; the
+    /// answer comes on the receiver.
+    fn enqueue(
+        self: &Arc<Self>,
+        i: usize,
+        keys: &FleetKeys,
+        (window, hour): (Window, i64),
+        argv: (u64, i64, &str, i64),
+    ) -> tokio::sync::oneshot::Receiver<Result<i64, QuotaError>> {
+        let (answer, wait) = tokio::sync::oneshot::channel();
+        let slot = if self.fleet.is_standalone() {
+            0
+        } else {
+            keys.slot
+        };
+        let first = {
+            let mut q = self.queue(i);
+            let at = q
+                .pending
+                .iter()
+                .rposition(|p| p.slot == slot && p.answers.len() < BATCH_MAX)
+                .unwrap_or_else(|| {
+                    q.pending.push(Pending {
+                        slot,
+                        keys: redis::Cmd::with_capacity(2, 96),
+                        argv: redis::Cmd::with_capacity(4, 64),
+                        answers: Vec::new(),
+                    });
+                    q.pending.len() - 1
+                });
+            let p = &mut q.pending[at];
+            p.keys
+                .arg(keys.counter_key(window))
+                .arg(keys.usage_key(hour));
+            p.argv.arg(argv.0).arg(argv.1).arg(argv.2).arg(argv.3);
+            p.answers.push(answer);
+            !std::mem::replace(&mut q.flush, true)
+        };
+        if first {
+            self.flush(i);
+        }
+        wait
+    }
+
+    /// Sends what waits in queue `i`, from a task of its own.
+    fn flush(self: &Arc<Self>, i: usize) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // No runtime (it is gone): nothing can be sent; the waiting admissions learn
+            // it from their dropped answers.
+            let mut q = self.queue(i);
+            q.flush = false;
+            q.pending.clear();
+            return;
+        };
+        let this = self.clone();
+        runtime.spawn(async move {
+            let mut pending = {
+                let mut q = this.queue(i);
+                q.flush = false;
+                std::mem::take(&mut q.pending)
+            };
+            if pending.len() == 1 {
+                if let Some(p) = pending.pop() {
+                    this.send(p).await;
+                }
+            } else {
+                futures_util::future::join_all(pending.into_iter().map(|p| this.send(p))).await;
+            }
+        });
+    }
+
+    /// One call of [`ADMIT`] for the admissions of `p`; each one gets its answer.
+    async fn send(&self, p: Pending) {
+        let n = p.answers.len();
+        let mut eval = redis::Cmd::with_capacity(3 + 6 * n, 64 + 96 * n);
+        eval.arg("EVALSHA").arg(self.admit.get_hash()).arg(2 * n);
+        for arg in p.keys.args_iter().chain(p.argv.args_iter()) {
+            if let redis::Arg::Simple(bytes) = arg {
+                eval.arg(bytes);
+            }
+        }
+        let replies = self
+            .fleet
+            .call(|mut conn| async move { query_loading::<String>(&eval, ADMIT, &mut conn).await })
+            .await
+            .map_err(unavailable)
+            .and_then(|r| counts(&r, n));
+        match replies {
+            Ok(replies) => {
+                for (answer, reply) in p.answers.into_iter().zip(replies) {
+                    let _ = answer.send(Ok(reply));
+                }
+            }
+            Err(e) => {
+                for answer in p.answers {
+                    let _ = answer.send(Err(e.clone()));
+                }
+            }
         }
     }
+}
 
-    /// `scpgw:quota:{plan}:key:window-start`.
-    fn counter_key(&self, window: Window) -> Numbered<'_> {
-        Numbered(&self.counter, window.start)
-    }
-
-    /// `scpgw:usage:{plan}:hour-start`.
-    fn usage_key(&self, hour: i64) -> Numbered<'_> {
-        Numbered(&self.usage, hour)
+/// The `n` comma-separated integers of an [`ADMIT`] reply.
+fn counts(reply: &str, n: usize) -> Result<Vec<i64>, QuotaError> {
+    let counts: Vec<i64> = reply
+        .split(',')
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .map_err(|_| {
+            QuotaError::Unavailable(
+                "the fleet's Redis answered an admission that is not a number".into(),
+            )
+        })?;
+    if counts.len() == n {
+        Ok(counts)
+    } else {
+        Err(QuotaError::Unavailable(format!(
+            "the fleet's Redis answered {} admissions for {n}",
+            counts.len()
+        )))
     }
 }
 
 /// A key name: a prefix and a number in decimal, written into the command as one argument
-/// without a `String` of its own (two allocations fewer per admission).
+/// without a `String` of its own.
 struct Numbered<'a>(&'a str, i64);
 
 impl redis::ToRedisArgs for Numbered<'_> {
@@ -117,6 +303,40 @@ impl redis::ToRedisArgs for Numbered<'_> {
         buf[..self.0.len()].copy_from_slice(self.0.as_bytes());
         buf[self.0.len()..len].copy_from_slice(n);
         out.write_arg(&buf[..len]);
+    }
+}
+
+/// The fixed parts of one (plan, key)'s key names, kept in the compiled key's
+/// [`CounterSlot`]: the ids are encoded once, not on every admission.
+pub struct FleetKeys {
+    /// `scpgw:quota:{plan}:key:`
+    counter: Box<str>,
+    /// `scpgw:usage:{plan}:`
+    usage: Box<str>,
+    /// The Redis Cluster slot of both (their hash tag is the plan's).
+    slot: u16,
+}
+
+impl FleetKeys {
+    fn new(plan_id: &str, key_id: &str) -> Self {
+        let usage = usage_prefix(plan_id);
+        let (plan, key) = (key_part(plan_id), key_part(key_id));
+        let counter = [PREFIX, ":quota:{", &plan, "}:", &key, ":"].concat();
+        Self {
+            slot: redis::cluster_routing::get_slot(counter.as_bytes()),
+            counter: counter.into(),
+            usage: usage.into(),
+        }
+    }
+
+    /// `scpgw:quota:{plan}:key:window-start`.
+    fn counter_key(&self, window: Window) -> Numbered<'_> {
+        Numbered(&self.counter, window.start)
+    }
+
+    /// `scpgw:usage:{plan}:hour-start`.
+    fn usage_key(&self, hour: i64) -> Numbered<'_> {
+        Numbered(&self.usage, hour)
     }
 }
 
@@ -154,38 +374,28 @@ impl QuotaStore for RedisQuotaStore {
         Box::pin(async move {
             let keys = slot.fleet.get_or_init(|| FleetKeys::new(plan_id, key_id));
             let hour = now.div_euclid(3600) * 3600;
-            // The EVALSHA command built directly (what `ScriptInvocation` builds, without its
-            // per-argument vectors): 2 keys, then ARGV.
-            let mut eval = redis::Cmd::with_capacity(9, 160);
-            eval.arg("EVALSHA")
-                .arg(self.admit.get_hash())
-                .arg(2)
-                .arg(keys.counter_key(window))
-                .arg(keys.usage_key(hour))
-                .arg(limit)
-                .arg(window.end + COUNTER_GRACE_SECS)
-                .arg(key_id)
-                .arg(hour + self.retention_secs);
-            let reply: i64 = self
-                .fleet
-                .call(|mut conn| async move {
-                    match eval.query_async(&mut conn).await {
-                        // A Redis that has not seen the script (restarted, flushed, a new
-                        // master): load it and evaluate again, as `Script::invoke_async` does.
-                        Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
-                            redis::cmd("SCRIPT")
-                                .arg("LOAD")
-                                .arg(ADMIT)
-                                .exec_async(&mut conn)
-                                .await?;
-                            eval.query_async(&mut conn).await
-                        }
-                        r => r,
-                    }
-                })
-                .await
-                .map_err(unavailable)?;
-            Ok(admission(reply))
+            let wait = self.batches.enqueue(
+                crate::worker::index(),
+                keys,
+                (window, hour),
+                (
+                    limit,
+                    window.end + COUNTER_GRACE_SECS,
+                    key_id,
+                    hour + self.retention_secs,
+                ),
+            );
+            let timeout = self.fleet().timeout();
+            let mut deadline =
+                crate::deadline::Deadline::new(tokio::time::Instant::now() + timeout);
+            let reply = match deadline.wait(wait).await {
+                Ok(Ok(reply)) => reply,
+                Ok(Err(_)) => Err(QuotaError::Unavailable(
+                    "the call to the fleet's Redis was given up".into(),
+                )),
+                Err(_) => Err(unavailable(FleetError::Timeout(timeout))),
+            };
+            reply.map(admission)
         })
     }
 
@@ -207,7 +417,7 @@ impl QuotaStore for RedisQuotaStore {
                 pipe.hgetall(with_number(&prefix, *h));
             }
             let maps: Vec<HashMap<String, u64>> = self
-                .fleet
+                .fleet()
                 .call(|mut conn| async move { pipe.query_async(&mut conn).await })
                 .await
                 .map_err(unavailable)?;
@@ -243,6 +453,16 @@ impl QuotaStore for RedisQuotaStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reply_carries_each_admissions_count_in_order() {
+        assert_eq!(counts("3", 1).unwrap(), [3]);
+        assert_eq!(counts("1,-1,7,0", 4).unwrap(), [1, -1, 7, 0]);
+        // A reply that does not match the call is an error for every admission of it.
+        assert!(counts("1,2", 3).is_err());
+        assert!(counts("1,x", 2).is_err());
+        assert!(counts("", 1).is_err());
+    }
 
     #[test]
     fn one_integer_carries_the_count_and_the_decision() {
@@ -302,6 +522,8 @@ mod tests {
             let plan = format!("plan-{i}");
             let keys = FleetKeys::new(&plan, "k:{1}");
             let counter = get_slot(arg(keys.counter_key(w)).as_bytes());
+            // The slot the admission's call is grouped by.
+            assert_eq!(counter, keys.slot);
             assert_eq!(
                 counter,
                 get_slot(arg(keys.usage_key(1_790_000_000)).as_bytes())
