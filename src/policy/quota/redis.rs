@@ -3,15 +3,15 @@
 //!
 //! An admission is a step of a Lua script (EVALSHA) that checks the window's counter and
 //! increments it only when under the limit, and counts the admission in the key's usage
-//! hour, atomically. The admissions a worker has at one time go together, in one call of the
-//! script, which takes them in turn (see [`Batches`]): each one is still exact, and a busy
-//! worker makes one round trip for many requests instead of one each. Keys are named from
-//! stable ids (usage plan, key, window start) and expire an hour after their window ends;
-//! usage hours expire after the retention period. Both keys of an admission carry the plan as their hash tag
-//! (`scpgw:quota:{plan}:key:window`, `scpgw:usage:{plan}:hour`): in a Redis Cluster they
-//! live in one slot, so the script stays one atomic step on one master, and different plans
-//! spread over the masters. Redis failures and timeouts surface as
-//! [`QuotaError::Unavailable`]; the pipeline applies `quota.failure_mode` and counts
+//! hour, atomically. The admissions a worker has at one time go together, in one call of
+//! the script, which takes them in turn (see [`Batches`]): each one is still exact, and a
+//! busy worker makes one round trip for many requests instead of one each. Keys are named
+//! from stable ids (usage plan, key, window start) and expire an hour after their window
+//! ends; usage hours expire after the retention period. Both keys of an admission carry the
+//! plan as their hash tag (`scpgw:quota:{plan}:key:window`, `scpgw:usage:{plan}:hour`): in
+//! a Redis Cluster they live in one slot, so the script stays one atomic step on one
+//! master, and different plans spread over the masters. Redis failures and timeouts surface
+//! as [`QuotaError::Unavailable`]; the pipeline applies `quota.failure_mode` and counts
 //! `apigw_quota_store_errors_total`.
 
 use std::collections::HashMap;
@@ -110,6 +110,16 @@ async fn query_loading<T: redis::FromRedisValue>(
     }
 }
 
+/// An admission's ARGV (see [`ADMIT`]).
+struct Argv<'a> {
+    limit: u64,
+    /// Unix seconds.
+    counter_expiry: i64,
+    key_id: &'a str,
+    /// Unix seconds.
+    usage_expiry: i64,
+}
+
 /// Where an admission's answer goes.
 type Answer = tokio::sync::oneshot::Sender<Result<i64, QuotaError>>;
 
@@ -170,7 +180,7 @@ impl Batches {
         i: usize,
         keys: &FleetKeys,
         (window, hour): (Window, i64),
-        argv: (u64, i64, &str, i64),
+        argv: Argv<'_>,
     ) -> tokio::sync::oneshot::Receiver<Result<i64, QuotaError>> {
         let (answer, wait) = tokio::sync::oneshot::channel();
         let slot = if self.fleet.is_standalone() {
@@ -197,7 +207,11 @@ impl Batches {
             p.keys
                 .arg(keys.counter_key(window))
                 .arg(keys.usage_key(hour));
-            p.argv.arg(argv.0).arg(argv.1).arg(argv.2).arg(argv.3);
+            p.argv
+                .arg(argv.limit)
+                .arg(argv.counter_expiry)
+                .arg(argv.key_id)
+                .arg(argv.usage_expiry);
             p.answers.push(answer);
             !std::mem::replace(&mut q.flush, true)
         };
@@ -378,12 +392,12 @@ impl QuotaStore for RedisQuotaStore {
                 crate::worker::index(),
                 keys,
                 (window, hour),
-                (
+                Argv {
                     limit,
-                    window.end + COUNTER_GRACE_SECS,
+                    counter_expiry: window.end + COUNTER_GRACE_SECS,
                     key_id,
-                    hour + self.retention_secs,
-                ),
+                    usage_expiry: hour + self.retention_secs,
+                },
             );
             let timeout = self.fleet().timeout();
             let mut deadline =
