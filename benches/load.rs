@@ -7,7 +7,7 @@
 //! processes' user and system time over the run, per request).
 //! Then open-loop latency (oha), the memory of idle connections, and instructions per
 //! request (callgrind) for the floor (also adding the contract's headers), the gateway (also its
-//! bare route among the 1,000 APIs) and nginx.
+//! bare route among the 1,000 APIs) and nginx, and system calls per request (strace).
 //!
 //! Run: `cargo bench --bench load` (needs `wrk`, `taskset`, `curl`; the reference rows need
 //! `nginx` and `haproxy`, row 6 `oha`, the instruction counts `valgrind`, the fleet rows
@@ -20,7 +20,8 @@
 //! instruction counts; or the counts to take, of `floor,bare,full,apis,fleet,trace,nginx`), `LOAD_KEEP`
 //! (a directory the callgrind profiles are copied to, for `callgrind_annotate`),
 //! `LOAD_CALLGRIND_ARGS` (more callgrind options, space-separated, e.g. `--dump-instr=yes`
-//! to find a cost's call site by address),
+//! to find a cost's call site by address), `LOAD_SYSCALLS` (`0`: no system call counts; or
+//! the counts to take, of `floor,bare,full,nginx`; they need `strace`),
 //! `LOAD_GATEWAY` (the gateway executable to measure instead of this build's, e.g. the
 //! profile-guided build of `benches/pgo.sh`, which also trains with this bench).
 //!
@@ -698,6 +699,71 @@ fn callgrind_per_request(
         .parse()
         .ok()?;
     Some((total - state_flush(&dump)) / COUNTED as f64)
+}
+
+/// System calls per proxied request: `strace -c` attached to every thread of the proxy
+/// after 200 warm-up requests, detached after 2,500 more over one keep-alive connection
+/// (the same sequence as the instruction counts). Half a proxy's time goes to the kernel:
+/// a system call more per request (an extra read that finds nothing, a write split in
+/// two) costs more than hundreds of instructions. The total per request and the calls
+/// that make it up, most frequent first.
+fn syscalls_per_request(
+    dir: &Path,
+    label: &str,
+    host: &str,
+    headers: &[String],
+    start: &Starter<'_>,
+) -> Option<(f64, Vec<(String, f64)>)> {
+    const COUNTED: usize = 2_500;
+    let wanted = std::env::var("LOAD_SYSCALLS").unwrap_or_default();
+    if !wanted.is_empty() && !wanted.split(',').any(|w| label.starts_with(w)) {
+        return None;
+    }
+    let (p, addr) = start(&["taskset", "-c", "0"], &format!("sc-{label}"));
+    if let Err(e) = fixed_requests(addr, host, headers, 200) {
+        eprintln!("warning: syscall count of {label} failed: {e}");
+        return None;
+    }
+    let out = dir.join(format!("strace-{label}.txt"));
+    let mut cmd = Command::new("strace");
+    cmd.args(["-c", "-f", "-o"]).arg(&out);
+    // Every thread the proxy has now (a worker's thread and the control threads).
+    for task in std::fs::read_dir(format!("/proc/{}/task", p.pid()))
+        .ok()?
+        .flatten()
+    {
+        cmd.arg("-p").arg(task.file_name());
+    }
+    let strace = Proc::spawn(cmd.stdout(Stdio::null()).stderr(Stdio::null())).ok()?;
+    // strace attaches to each thread in turn: wait until the last is traced.
+    std::thread::sleep(Duration::from_millis(500));
+    let counted = fixed_requests(addr, host, headers, COUNTED);
+    // SIGINT: strace detaches and writes its summary.
+    strace.signal_group("INT");
+    let mut strace = strace;
+    let _ = strace.0.wait();
+    p.stop();
+    if let Err(e) = counted {
+        eprintln!("warning: syscall count of {label} failed: {e}");
+        return None;
+    }
+    // `strace -c`: `% time  seconds  usecs/call  calls  [errors]  syscall` per line.
+    let text = std::fs::read_to_string(&out).ok()?;
+    let mut calls: Vec<(String, f64)> = text
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if f.len() < 5 || f[0].parse::<f64>().is_err() {
+                return None;
+            }
+            let n: f64 = f[3].parse().ok()?;
+            Some((f.last()?.to_string(), n / COUNTED as f64))
+        })
+        .collect();
+    let total = calls.iter().find(|(n, _)| n == "total")?.1;
+    calls.retain(|(n, per)| n != "total" && *per >= 0.01);
+    calls.sort_by(|a, b| b.1.total_cmp(&a.1));
+    Some((total, calls))
 }
 
 /// Instructions of the gateway's state flush in a callgrind profile (inclusive, from
@@ -1573,6 +1639,47 @@ fn main() {
     drop(rows);
     drop(_redis);
     drop(_cluster);
+
+    // System calls per proxied request (1 worker, one keep-alive connection).
+    if has("strace") && std::env::var("LOAD_SYSCALLS").as_deref() != Ok("0") {
+        let dir = tmp.path();
+        let counts = [
+            syscalls_per_request(dir, "floor", "bare.test", &[], &|prefix, _| {
+                start_floor(prefix, 1, backend, false)
+            }),
+            syscalls_per_request(dir, "bare", "bare.test", &[], &|prefix, name| {
+                start_gateway(&single, name, prefix, 1, false, "")
+            }),
+            syscalls_per_request(dir, "full", "full.test", &full_headers, &|prefix, name| {
+                start_gateway(&single, name, prefix, 1, true, "")
+            }),
+            has("nginx")
+                .then(|| {
+                    syscalls_per_request(dir, "nginx", "bare.test", &[], &|prefix, name| {
+                        start_nginx(dir, name, prefix, 1, backend, "master_process off;\n")
+                    })
+                })
+                .flatten(),
+        ];
+        println!();
+        println!("system calls per proxied request (strace -c, 1 worker, 2,500 requests on one keep-alive connection after 200 uncounted):");
+        let names = [
+            "floor",
+            "gateway, bare route",
+            "gateway, full chain",
+            "nginx",
+        ];
+        for (name, count) in names.iter().zip(counts) {
+            match count {
+                Some((total, calls)) => {
+                    let each: Vec<String> =
+                        calls.iter().map(|(n, c)| format!("{n} {c:.2}")).collect();
+                    println!("  {name} {total:.2} ({})", each.join(", "));
+                }
+                None => println!("  {name} -"),
+            }
+        }
+    }
 
     // Instructions per proxied request (1 worker, one keep-alive connection).
     if has("valgrind") && std::env::var("LOAD_CALLGRIND").as_deref() != Ok("0") {
