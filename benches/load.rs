@@ -1692,6 +1692,15 @@ fn main() {
             callgrind_per_request(dir, "floor-headers", "bare.test", &[], &|prefix, _| {
                 start_floor(prefix, 1, backend, true)
             });
+        // The floor given the full chain's request (its token, key and `Origin`, ~250
+        // bytes more): what parsing and forwarding those bytes costs the stack alone.
+        let fl_full = callgrind_per_request(
+            dir,
+            "floor-full-request",
+            "full.test",
+            &full_headers,
+            &|prefix, _| start_floor(prefix, 1, backend, false),
+        );
         let bare = callgrind_per_request(dir, "bare", "bare.test", &[], &|prefix, name| {
             start_gateway(&single, name, prefix, 1, false, "")
         });
@@ -1769,8 +1778,18 @@ fn main() {
             (Some(v), Some(b)) => format!(", {:.3}× the {name}", v / b),
             _ => String::new(),
         };
+        println!(
+            "  floor given the full chain's request (token, key, Origin) {}{}",
+            show(fl_full),
+            vs(fl_full)
+        );
         println!("  gateway, bare route {}{}", show(bare), vs(bare));
-        println!("  gateway, full chain {}{}", show(full), vs(full));
+        println!(
+            "  gateway, full chain {}{}{}",
+            show(full),
+            vs(full),
+            ratio_to(full, fl_full, "floor given its request")
+        );
         println!(
             "  gateway, full chain, fleet/Redis {}{}{}",
             show(fleet),
