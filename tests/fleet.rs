@@ -59,6 +59,7 @@ async fn two_instances_share_one_quota_and_one_report() {
     // The admissions a worker had at one time went to Redis together: fewer script calls
     // than the 1,000 admissions, each one still exact (above).
     let calls = common::redis::evalsha_calls(redis.port) - calls_before;
+    eprintln!("{calls} EVALSHA calls for 1,000 concurrent admissions");
     assert!(
         (1..1000).contains(&calls),
         "{calls} EVALSHA calls for 1,000 concurrent admissions"

@@ -139,7 +139,56 @@ struct Pending {
 struct Queue {
     /// A task is on its way to send what waits here.
     flush: bool,
+    /// Calls of this worker's admissions under way (sent and not yet answered).
+    in_flight: usize,
+    /// The last call sent from this queue carried more than one admission: the worker is
+    /// busy, and its admissions go together (none alone) until a call carries just one.
+    busy: bool,
     pending: Vec<Pending>,
+}
+
+impl Pending {
+    fn new(slot: u16) -> Self {
+        Self {
+            slot,
+            keys: redis::Cmd::with_capacity(2, 96),
+            argv: redis::Cmd::with_capacity(4, 64),
+            answers: Vec::new(),
+        }
+    }
+
+    /// Writes one admission's keys and arguments into the call.
+    fn add(&mut self, keys: &FleetKeys, window_hour: (Window, i64), argv: Argv<'_>) {
+        add_keys(&mut self.keys, keys, window_hour);
+        add_argv(&mut self.argv, argv);
+    }
+}
+
+/// Writes an admission's keys into `cmd`: `keys`'s counter for `window` and usage hour
+/// `hour`.
+fn add_keys(cmd: &mut redis::Cmd, keys: &FleetKeys, (window, hour): (Window, i64)) {
+    cmd.arg(keys.counter_key(window)).arg(keys.usage_key(hour));
+}
+
+/// Writes an admission's arguments into `cmd`.
+fn add_argv(cmd: &mut redis::Cmd, argv: Argv<'_>) {
+    cmd.arg(argv.limit)
+        .arg(argv.counter_expiry)
+        .arg(argv.key_id)
+        .arg(argv.usage_expiry);
+}
+
+/// A call of queue `i`'s worker under way: counted in the queue's `in_flight` from its
+/// start until this is dropped (answered, timed out, or its request gone).
+struct InFlight<'a> {
+    batches: &'a Batches,
+    i: usize,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.batches.queue(self.i).in_flight -= 1;
+    }
 }
 
 /// Group commit of admissions, per worker.
@@ -149,12 +198,19 @@ struct Queue {
 /// one call per slot: the keys of one call must share one). That task runs after the tasks
 /// already woken on the worker (a worker is one `current_thread` runtime, whose queue is
 /// first in, first out), so the admissions of every request the worker handles in that
-/// round go together: a lone request's call goes out as soon as its task yields, and under
-/// load a worker makes one round trip per round instead of one per request, sharing the
-/// redis crate's work per call (command, channel, reply, wake-ups: most of the fleet
-/// mode's cost per request). Each admission is still checked and counted on its own, in
-/// arrival order, in one atomic script. An admission waits at most `quota.timeout` for its
-/// answer, as its own call would.
+/// round go together: under load a worker makes one round trip per round instead of one
+/// per request, sharing the redis crate's work per call (command, channel, reply,
+/// wake-ups: most of the fleet mode's cost per request). Each admission is still checked
+/// and counted on its own, in arrival order, in one atomic script. An admission waits at
+/// most `quota.timeout` for its answer, as its own call would.
+///
+/// An idle worker does not queue ([`Batches::alone`]): an admission that finds no call of
+/// its worker under way, nothing waiting and the worker not busy (its last call from the
+/// queue carried one admission) sends its own call from its request's future, without the
+/// task, the channel and the copy of its arguments (~4,500 instructions of a lone request,
+/// the load bench's single-connection count). The admissions that come while it is out
+/// queue as above; a queued call that carries more than one marks the worker busy, and
+/// its admissions go together from then on, until a queued call carries just one.
 ///
 /// Shared: the queues are one per worker (indexed by `worker::index`, the last one for
 /// threads that are not workers), each behind a mutex that only its worker takes on the
@@ -195,23 +251,11 @@ impl Batches {
                 .iter()
                 .rposition(|p| p.slot == slot && p.answers.len() < BATCH_MAX)
                 .unwrap_or_else(|| {
-                    q.pending.push(Pending {
-                        slot,
-                        keys: redis::Cmd::with_capacity(2, 96),
-                        argv: redis::Cmd::with_capacity(4, 64),
-                        answers: Vec::new(),
-                    });
+                    q.pending.push(Pending::new(slot));
                     q.pending.len() - 1
                 });
             let p = &mut q.pending[at];
-            p.keys
-                .arg(keys.counter_key(window))
-                .arg(keys.usage_key(hour));
-            p.argv
-                .arg(argv.limit)
-                .arg(argv.counter_expiry)
-                .arg(argv.key_id)
-                .arg(argv.usage_expiry);
+            p.add(keys, (window, hour), argv);
             p.answers.push(answer);
             !std::mem::replace(&mut q.flush, true)
         };
@@ -233,10 +277,15 @@ impl Batches {
         };
         let this = self.clone();
         runtime.spawn(async move {
-            let mut pending = {
+            let (mut pending, _calls) = {
                 let mut q = this.queue(i);
                 q.flush = false;
-                std::mem::take(&mut q.pending)
+                q.in_flight += 1;
+                q.busy = q.pending.iter().map(|p| p.answers.len()).sum::<usize>() > 1;
+                (
+                    std::mem::take(&mut q.pending),
+                    InFlight { batches: &this, i },
+                )
             };
             if pending.len() == 1 {
                 if let Some(p) = pending.pop() {
@@ -248,22 +297,59 @@ impl Batches {
         });
     }
 
+    /// A call of queue `i`'s worker, if the worker is idle: no call under way, nothing
+    /// waiting, and its last call from the queue carried a lone admission. An admission
+    /// that finds its worker so sends its own call at once (see [`RedisQuotaStore::admit`]).
+    fn alone(&self, i: usize) -> Option<InFlight<'_>> {
+        let mut q = self.queue(i);
+        if q.flush || q.in_flight > 0 || q.busy || !q.pending.is_empty() {
+            return None;
+        }
+        q.in_flight += 1;
+        Some(InFlight { batches: self, i })
+    }
+
+    /// A call of [`ADMIT`] for `n` admissions, their keys and arguments still to be
+    /// written.
+    fn eval(&self, n: usize) -> redis::Cmd {
+        let mut eval = redis::Cmd::with_capacity(3 + 6 * n, 64 + 96 * n);
+        eval.arg("EVALSHA").arg(self.admit.get_hash()).arg(2 * n);
+        eval
+    }
+
+    /// Makes the call `eval` of [`ADMIT`] for `n` admissions: their replies, in order.
+    async fn call(&self, eval: redis::Cmd, n: usize) -> Result<Vec<i64>, QuotaError> {
+        self.fleet
+            .call(|mut conn| async move { query_loading::<String>(&eval, ADMIT, &mut conn).await })
+            .await
+            .map_err(unavailable)
+            .and_then(|r| counts(&r, n))
+    }
+
+    /// One admission in a call of its own (see [`Batches::alone`]): its keys and arguments
+    /// are written straight into the call.
+    async fn call_one(
+        &self,
+        keys: &FleetKeys,
+        window_hour: (Window, i64),
+        argv: Argv<'_>,
+    ) -> Result<i64, QuotaError> {
+        let mut eval = self.eval(1);
+        add_keys(&mut eval, keys, window_hour);
+        add_argv(&mut eval, argv);
+        Ok(self.call(eval, 1).await?[0])
+    }
+
     /// One call of [`ADMIT`] for the admissions of `p`; each one gets its answer.
     async fn send(&self, p: Pending) {
         let n = p.answers.len();
-        let mut eval = redis::Cmd::with_capacity(3 + 6 * n, 64 + 96 * n);
-        eval.arg("EVALSHA").arg(self.admit.get_hash()).arg(2 * n);
+        let mut eval = self.eval(n);
         for arg in p.keys.args_iter().chain(p.argv.args_iter()) {
             if let redis::Arg::Simple(bytes) = arg {
                 eval.arg(bytes);
             }
         }
-        let replies = self
-            .fleet
-            .call(|mut conn| async move { query_loading::<String>(&eval, ADMIT, &mut conn).await })
-            .await
-            .map_err(unavailable)
-            .and_then(|r| counts(&r, n));
+        let replies = self.call(eval, n).await;
         match replies {
             Ok(replies) => {
                 for (answer, reply) in p.answers.into_iter().zip(replies) {
@@ -388,20 +474,29 @@ impl QuotaStore for RedisQuotaStore {
         Box::pin(async move {
             let keys = slot.fleet.get_or_init(|| FleetKeys::new(plan_id, key_id));
             let hour = now.div_euclid(3600) * 3600;
-            let wait = self.batches.enqueue(
-                crate::worker::index(),
-                keys,
-                (window, hour),
-                Argv {
-                    limit,
-                    counter_expiry: window.end + COUNTER_GRACE_SECS,
-                    key_id,
-                    usage_expiry: hour + self.retention_secs,
-                },
-            );
+            let argv = Argv {
+                limit,
+                counter_expiry: window.end + COUNTER_GRACE_SECS,
+                key_id,
+                usage_expiry: hour + self.retention_secs,
+            };
             let timeout = self.fleet().timeout();
             let mut deadline =
                 crate::deadline::Deadline::new(tokio::time::Instant::now() + timeout);
+            let i = crate::worker::index();
+            // A worker with no call under way sends a lone admission itself, from this
+            // future (no task, no channel: an idle gateway's request pays for no group
+            // commit); the admissions that come meanwhile wait in the queue for the next
+            // call, as under load.
+            if let Some(_call) = self.batches.alone(i) {
+                let call = self.batches.call_one(keys, (window, hour), argv);
+                let reply = match deadline.wait(call).await {
+                    Ok(r) => r,
+                    Err(_) => Err(unavailable(FleetError::Timeout(timeout))),
+                };
+                return reply.map(admission);
+            }
+            let wait = self.batches.enqueue(i, keys, (window, hour), argv);
             let reply = match deadline.wait(wait).await {
                 Ok(Ok(reply)) => reply,
                 Ok(Err(_)) => Err(QuotaError::Unavailable(
@@ -467,6 +562,42 @@ impl QuotaStore for RedisQuotaStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An admission that finds its worker with no call under way and nothing queued makes
+    /// its own call; while a call is under way, or admissions wait, the next one goes to
+    /// the queue; a call stops counting as under way when it ends, failed or not.
+    #[tokio::test]
+    async fn a_lone_admission_calls_at_once_and_the_next_goes_to_the_queue() {
+        // Nothing listens on port 1: every call fails, at once.
+        let cfg = crate::config::QuotaConfig {
+            redis_url: "redis://127.0.0.1:1/0".into(),
+            ..Default::default()
+        };
+        let store = RedisQuotaStore::new(Fleet::start(&cfg).unwrap(), 3600);
+        let b = &store.batches;
+        let i = crate::worker::index();
+        let call = b.alone(i).expect("an idle worker sends at once");
+        assert!(b.alone(i).is_none(), "a call is under way");
+        drop(call);
+        let keys = FleetKeys::new("plan", "key");
+        let window = Window { start: 0, end: 60 };
+        let argv = || Argv {
+            limit: 10,
+            counter_expiry: 3660,
+            key_id: "key",
+            usage_expiry: 7200,
+        };
+        let wait = b.enqueue(i, &keys, (window, 0), argv());
+        assert!(b.alone(i).is_none(), "an admission waits in the queue");
+        assert!(wait.await.unwrap().is_err(), "no Redis: the call failed");
+        assert!(b.alone(i).is_some(), "the queue's call is over");
+        // A lone admission through the store: its own call, which fails; then the worker
+        // is idle again.
+        let slot = CounterSlot::default();
+        let r = store.admit(&slot, "plan", "key", 10, window, 30).await;
+        assert!(matches!(r, Err(QuotaError::Unavailable(_))), "{r:?}");
+        assert!(b.alone(i).is_some(), "the lone call is over");
+    }
 
     #[test]
     fn a_reply_carries_each_admissions_count_in_order() {
