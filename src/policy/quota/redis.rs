@@ -563,9 +563,10 @@ impl QuotaStore for RedisQuotaStore {
 mod tests {
     use super::*;
 
-    /// An admission that finds its worker with no call under way and nothing queued makes
-    /// its own call; while a call is under way, or admissions wait, the next one goes to
-    /// the queue; a call stops counting as under way when it ends, failed or not.
+    /// An admission that finds its worker idle (no call under way, nothing queued, not
+    /// busy) makes its own call; while a call is under way, or admissions wait, or the
+    /// worker's last queued call carried several, the next one goes to the queue; a call
+    /// stops counting as under way when it ends, failed or not.
     #[tokio::test]
     async fn a_lone_admission_calls_at_once_and_the_next_goes_to_the_queue() {
         // Nothing listens on port 1: every call fails, at once.
@@ -591,6 +592,16 @@ mod tests {
         assert!(b.alone(i).is_none(), "an admission waits in the queue");
         assert!(wait.await.unwrap().is_err(), "no Redis: the call failed");
         assert!(b.alone(i).is_some(), "the queue's call is over");
+        // A queued call that carried two: the worker is busy, and its next admission
+        // queues too, until a queued call carries just one.
+        let two = [(); 2].map(|()| b.enqueue(i, &keys, (window, 0), argv()));
+        for wait in two {
+            assert!(wait.await.unwrap().is_err());
+        }
+        assert!(b.alone(i).is_none(), "busy: two went together");
+        let one = b.enqueue(i, &keys, (window, 0), argv());
+        assert!(one.await.unwrap().is_err());
+        assert!(b.alone(i).is_some(), "a call of one: idle again");
         // A lone admission through the store: its own call, which fails; then the worker
         // is idle again.
         let slot = CounterSlot::default();
