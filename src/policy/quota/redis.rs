@@ -111,6 +111,7 @@ async fn query_loading<T: redis::FromRedisValue>(
 }
 
 /// An admission's ARGV (see [`ADMIT`]).
+#[derive(Clone, Copy)]
 struct Argv<'a> {
     limit: u64,
     /// Unix seconds.
@@ -191,6 +192,14 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// Where an admission goes ([`Batches::turn`]).
+enum Turn<'a> {
+    /// A call of its own, from the admission's future, counted as under way.
+    Alone(InFlight<'a>),
+    /// The queue: its answer comes on this receiver.
+    Queued(tokio::sync::oneshot::Receiver<Result<i64, QuotaError>>),
+}
+
 /// Group commit of admissions, per worker.
 ///
 /// An admission waits in its worker's [`Queue`]; the first one of an empty queue starts a
@@ -204,7 +213,7 @@ impl Drop for InFlight<'_> {
 /// and counted on its own, in arrival order, in one atomic script. An admission waits at
 /// most `quota.timeout` for its answer, as its own call would.
 ///
-/// An idle worker does not queue ([`Batches::alone`]): an admission that finds no call of
+/// An idle worker does not queue ([`Batches::turn`]): an admission that finds no call of
 /// its worker under way, nothing waiting and the worker not busy (its last call from the
 /// queue carried one admission) sends its own call from its request's future, without the
 /// task, the channel and the copy of its arguments (~4,500 instructions of a lone request,
@@ -228,24 +237,30 @@ impl Batches {
             .unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Queues an admission on queue `i` (see [`Batches`]): its keys (`keys`'s counter for
-    /// `window`, usage hour `hour`) and arguments go into the call that will carry it; the
-    /// answer comes on the receiver.
-    fn enqueue(
+    /// Where an admission on worker `i` goes, decided under the queue's one lock: a call of
+    /// its own when the worker is idle (no call under way, nothing waiting, and its last
+    /// call from the queue carried a lone admission), else the queue, where its keys
+    /// (`keys`'s counter for `window`, usage hour `hour`) and arguments go into the call
+    /// that will carry it.
+    fn turn(
         self: &Arc<Self>,
         i: usize,
         keys: &FleetKeys,
-        (window, hour): (Window, i64),
+        window_hour: (Window, i64),
         argv: Argv<'_>,
-    ) -> tokio::sync::oneshot::Receiver<Result<i64, QuotaError>> {
-        let (answer, wait) = tokio::sync::oneshot::channel();
+    ) -> Turn<'_> {
         let slot = if self.fleet.is_standalone() {
             0
         } else {
             keys.slot
         };
-        let first = {
+        let (first, wait) = {
             let mut q = self.queue(i);
+            if !q.flush && q.in_flight == 0 && !q.busy && q.pending.is_empty() {
+                q.in_flight += 1;
+                return Turn::Alone(InFlight { batches: self, i });
+            }
+            let (answer, wait) = tokio::sync::oneshot::channel();
             let at = q
                 .pending
                 .iter()
@@ -255,14 +270,14 @@ impl Batches {
                     q.pending.len() - 1
                 });
             let p = &mut q.pending[at];
-            p.add(keys, (window, hour), argv);
+            p.add(keys, window_hour, argv);
             p.answers.push(answer);
-            !std::mem::replace(&mut q.flush, true)
+            (!std::mem::replace(&mut q.flush, true), wait)
         };
         if first {
             self.flush(i);
         }
-        wait
+        Turn::Queued(wait)
     }
 
     /// Sends what waits in queue `i`, from a task of its own.
@@ -297,18 +312,6 @@ impl Batches {
         });
     }
 
-    /// A call of queue `i`'s worker, if the worker is idle: no call under way, nothing
-    /// waiting, and its last call from the queue carried a lone admission. An admission
-    /// that finds its worker so sends its own call at once (see [`RedisQuotaStore::admit`]).
-    fn alone(&self, i: usize) -> Option<InFlight<'_>> {
-        let mut q = self.queue(i);
-        if q.flush || q.in_flight > 0 || q.busy || !q.pending.is_empty() {
-            return None;
-        }
-        q.in_flight += 1;
-        Some(InFlight { batches: self, i })
-    }
-
     /// A call of [`ADMIT`] for `n` admissions, their keys and arguments still to be
     /// written.
     fn eval(&self, n: usize) -> redis::Cmd {
@@ -326,7 +329,7 @@ impl Batches {
             .and_then(|r| counts(&r, n))
     }
 
-    /// One admission in a call of its own (see [`Batches::alone`]): its keys and arguments
+    /// One admission in a call of its own (see [`Batches::turn`]): its keys and arguments
     /// are written straight into the call.
     async fn call_one(
         &self,
@@ -488,15 +491,17 @@ impl QuotaStore for RedisQuotaStore {
             // future (no task, no channel: an idle gateway's request pays for no group
             // commit); the admissions that come meanwhile wait in the queue for the next
             // call, as under load.
-            if let Some(_call) = self.batches.alone(i) {
-                let call = self.batches.call_one(keys, (window, hour), argv);
-                let reply = match deadline.wait(call).await {
-                    Ok(r) => r,
-                    Err(_) => Err(unavailable(FleetError::Timeout(timeout))),
-                };
-                return reply.map(admission);
-            }
-            let wait = self.batches.enqueue(i, keys, (window, hour), argv);
+            let wait = match self.batches.turn(i, keys, (window, hour), argv) {
+                Turn::Alone(_call) => {
+                    let call = self.batches.call_one(keys, (window, hour), argv);
+                    let reply = match deadline.wait(call).await {
+                        Ok(r) => r,
+                        Err(_) => Err(unavailable(FleetError::Timeout(timeout))),
+                    };
+                    return reply.map(admission);
+                }
+                Turn::Queued(wait) => wait,
+            };
             let reply = match deadline.wait(wait).await {
                 Ok(Ok(reply)) => reply,
                 Ok(Err(_)) => Err(QuotaError::Unavailable(
@@ -577,37 +582,55 @@ mod tests {
         let store = RedisQuotaStore::new(Fleet::start(&cfg).unwrap(), 3600);
         let b = &store.batches;
         let i = crate::worker::index();
-        let call = b.alone(i).expect("an idle worker sends at once");
-        assert!(b.alone(i).is_none(), "a call is under way");
-        drop(call);
         let keys = FleetKeys::new("plan", "key");
         let window = Window { start: 0, end: 60 };
-        let argv = || Argv {
+        let argv = Argv {
             limit: 10,
             counter_expiry: 3660,
             key_id: "key",
             usage_expiry: 7200,
         };
-        let wait = b.enqueue(i, &keys, (window, 0), argv());
-        assert!(b.alone(i).is_none(), "an admission waits in the queue");
-        assert!(wait.await.unwrap().is_err(), "no Redis: the call failed");
-        assert!(b.alone(i).is_some(), "the queue's call is over");
+        let turn = || b.turn(i, &keys, (window, 0), argv);
+        let queued = |t: Turn<'_>| match t {
+            Turn::Queued(wait) => wait,
+            Turn::Alone(_) => panic!("went alone, expected the queue"),
+        };
+        let alone = |t: Turn<'_>| matches!(t, Turn::Alone(_));
+        let call = turn();
+        assert!(
+            matches!(call, Turn::Alone(_)),
+            "an idle worker sends at once"
+        );
+        let wait = queued(turn());
+        drop(call);
+        assert!(
+            wait.await.unwrap().is_err(),
+            "no Redis: the queued call failed"
+        );
+        assert!(
+            alone(turn()),
+            "the calls are over and carried one each: idle"
+        );
         // A queued call that carried two: the worker is busy, and its next admission
         // queues too, until a queued call carries just one.
-        let two = [(); 2].map(|()| b.enqueue(i, &keys, (window, 0), argv()));
+        let call = turn();
+        let two = [(); 2].map(|()| queued(turn()));
+        drop(call);
         for wait in two {
             assert!(wait.await.unwrap().is_err());
         }
-        assert!(b.alone(i).is_none(), "busy: two went together");
-        let one = b.enqueue(i, &keys, (window, 0), argv());
-        assert!(one.await.unwrap().is_err());
-        assert!(b.alone(i).is_some(), "a call of one: idle again");
+        let one = queued(turn());
+        assert!(
+            one.await.unwrap().is_err(),
+            "busy: queued though nothing is under way"
+        );
+        assert!(alone(turn()), "a queued call of one: idle again");
         // A lone admission through the store: its own call, which fails; then the worker
         // is idle again.
         let slot = CounterSlot::default();
         let r = store.admit(&slot, "plan", "key", 10, window, 30).await;
         assert!(matches!(r, Err(QuotaError::Unavailable(_))), "{r:?}");
-        assert!(b.alone(i).is_some(), "the lone call is over");
+        assert!(alone(turn()), "the lone call is over");
     }
 
     #[test]
