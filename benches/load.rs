@@ -623,6 +623,13 @@ fn fixed_requests(
     Ok(())
 }
 
+/// The count `label` is wanted by the list in `var` (comma-separated label prefixes;
+/// unset or empty: every count).
+fn wanted(var: &str, label: &str) -> bool {
+    let list = std::env::var(var).unwrap_or_default();
+    list.is_empty() || list.split(',').any(|w| label.starts_with(w))
+}
+
 /// Starts a proxy under a command prefix (valgrind) with a name for its files.
 type Starter<'a> = dyn Fn(&[&str], &str) -> (Proc, SocketAddr) + 'a;
 
@@ -640,8 +647,7 @@ fn callgrind_per_request(
     start: &Starter<'_>,
 ) -> Option<f64> {
     const COUNTED: usize = 2_500;
-    let wanted = std::env::var("LOAD_CALLGRIND").unwrap_or_default();
-    if !wanted.is_empty() && !wanted.split(',').any(|w| label.starts_with(w)) {
+    if !wanted("LOAD_CALLGRIND", label) {
         return None;
     }
     let out = dir.join(format!("callgrind-{label}.out"));
@@ -715,8 +721,7 @@ fn syscalls_per_request(
     start: &Starter<'_>,
 ) -> Option<(f64, Vec<(String, f64)>)> {
     const COUNTED: usize = 2_500;
-    let wanted = std::env::var("LOAD_SYSCALLS").unwrap_or_default();
-    if !wanted.is_empty() && !wanted.split(',').any(|w| label.starts_with(w)) {
+    if !wanted("LOAD_SYSCALLS", label) {
         return None;
     }
     let (p, addr) = start(&["taskset", "-c", "0"], &format!("sc-{label}"));
