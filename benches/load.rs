@@ -577,50 +577,92 @@ fn wait_ready(addr: SocketAddr, host: &str, headers: &[String]) {
     panic!("{host} on {addr} never answered 200 (last: {last:?})");
 }
 
-/// `n` GET requests over one keep-alive connection, each answered in full before the next:
+/// Connections at once for the second instruction count (see [`callgrind_per_request`]).
+const CONCURRENT: usize = 16;
+
+/// One keep-alive connection sending the same GET, each answered in full before the next:
 /// a fixed workload whose instruction count does not depend on timing.
+struct FixedClient {
+    reader: BufReader<std::net::TcpStream>,
+    writer: std::net::TcpStream,
+    req: Vec<u8>,
+}
+
+impl FixedClient {
+    fn connect(addr: SocketAddr, host: &str, headers: &[String]) -> std::io::Result<Self> {
+        let stream = std::net::TcpStream::connect(addr)?;
+        let reader = BufReader::new(stream.try_clone()?);
+        let mut req = format!("GET /prod/ping HTTP/1.1\r\nHost: {host}\r\n");
+        for h in headers {
+            req.push_str(h);
+            req.push_str("\r\n");
+        }
+        req.push_str("\r\n");
+        Ok(Self {
+            reader,
+            writer: stream,
+            req: req.into_bytes(),
+        })
+    }
+
+    /// `n` requests, each answered `200` in full before the next.
+    fn run(&mut self, n: usize) -> std::io::Result<()> {
+        use std::io::{Error, Read, Write};
+        for _ in 0..n {
+            self.writer.write_all(&self.req)?;
+            let mut len = 0usize;
+            let mut status = String::new();
+            self.reader.read_line(&mut status)?;
+            if !status.contains(" 200 ") {
+                return Err(Error::other(format!("fixed workload got {status:?}")));
+            }
+            loop {
+                let mut line = String::new();
+                if self.reader.read_line(&mut line)? == 0 {
+                    return Err(Error::other("connection closed"));
+                }
+                if line == "\r\n" {
+                    break;
+                }
+                if let Some((k, v)) = line.split_once(':') {
+                    if k.eq_ignore_ascii_case("content-length") {
+                        len = v.trim().parse().map_err(Error::other)?;
+                    }
+                }
+            }
+            let mut body = vec![0; len];
+            self.reader.read_exact(&mut body)?;
+        }
+        Ok(())
+    }
+}
+
+/// `n` requests over one new keep-alive connection (see [`FixedClient`]).
 fn fixed_requests(
     addr: SocketAddr,
     host: &str,
     headers: &[String],
     n: usize,
 ) -> std::io::Result<()> {
-    use std::io::{Error, Read, Write};
-    let stream = std::net::TcpStream::connect(addr)?;
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let mut writer = stream;
-    let mut req = format!("GET /prod/ping HTTP/1.1\r\nHost: {host}\r\n");
-    for h in headers {
-        req.push_str(h);
-        req.push_str("\r\n");
+    FixedClient::connect(addr, host, headers)?.run(n)
+}
+
+/// `n` requests on each of `clients` at once, a thread per connection (one connection:
+/// on this thread).
+fn fixed_requests_on(clients: &mut [FixedClient], n: usize) -> std::io::Result<()> {
+    if let [one] = clients {
+        return one.run(n);
     }
-    req.push_str("\r\n");
-    for _ in 0..n {
-        writer.write_all(req.as_bytes())?;
-        let mut len = 0usize;
-        let mut status = String::new();
-        reader.read_line(&mut status)?;
-        if !status.contains(" 200 ") {
-            return Err(Error::other(format!("fixed workload got {status:?}")));
-        }
-        loop {
-            let mut line = String::new();
-            if reader.read_line(&mut line)? == 0 {
-                return Err(Error::other("connection closed"));
-            }
-            if line == "\r\n" {
-                break;
-            }
-            if let Some((k, v)) = line.split_once(':') {
-                if k.eq_ignore_ascii_case("content-length") {
-                    len = v.trim().parse().map_err(Error::other)?;
-                }
-            }
-        }
-        let mut body = vec![0; len];
-        reader.read_exact(&mut body)?;
-    }
-    Ok(())
+    std::thread::scope(|s| {
+        let runs: Vec<_> = clients
+            .iter_mut()
+            .map(|c| s.spawn(move || c.run(n)))
+            .collect();
+        runs.into_iter().try_for_each(|r| {
+            r.join()
+                .unwrap_or_else(|_| Err(std::io::Error::other("client panicked")))
+        })
+    })
 }
 
 /// The count `label` is wanted by the list in `var` (comma-separated label prefixes;
@@ -634,18 +676,28 @@ fn wanted(var: &str, label: &str) -> bool {
 type Starter<'a> = dyn Fn(&[&str], &str) -> (Proc, SocketAddr) + 'a;
 
 /// Instructions per proxied request under callgrind, counted between two points of one
-/// run: 200 requests first (the backend connection, caches, the state directory), then the
-/// counters are zeroed (`callgrind_control -z`), 2,500 requests over one keep-alive
-/// connection, and the counters are dumped (`callgrind_control -d`). Start-up and shutdown
-/// are outside the count; the gateway's state flush (once a second on the control thread,
-/// a matter of time, not of requests) is taken out.
+/// run: 200 requests first (the backend connections, caches, the state directory), then the
+/// counters are zeroed (`callgrind_control -z`), 2,500 requests, and the counters are
+/// dumped (`callgrind_control -d`). Start-up and shutdown are outside the count; the
+/// gateway's state flush (once a second on the control thread, a matter of time, not of
+/// requests) is taken out.
+///
+/// `conns` keep-alive connections carry the requests, each its share one after another;
+/// all of them are opened before the warm-up. One connection is the strictest count (the
+/// proxy waits between requests: every wait for the kernel, timer and wake-up is paid once
+/// per request). Several at once are closer to a loaded proxy: the proxy, slowed down by
+/// callgrind, finds several requests ready at each wake-up and shares what a wake-up costs,
+/// and fleet mode sends several admissions in one Redis call. How much is shared depends on
+/// timing, so that count moves a little from one run to the next.
 fn callgrind_per_request(
     dir: &Path,
     label: &str,
+    conns: usize,
     host: &str,
     headers: &[String],
     start: &Starter<'_>,
 ) -> Option<f64> {
+    const WARM_UP: usize = 200;
     const COUNTED: usize = 2_500;
     if !wanted("LOAD_CALLGRIND", label) {
         return None;
@@ -672,20 +724,25 @@ fn callgrind_per_request(
             std::thread::sleep(Duration::from_millis(2_000));
         }
     };
-    let counted = fixed_requests(addr, host, headers, 200)
-        .map_err(|e| e.to_string())
-        .map(|()| settle())
-        .and_then(|()| {
-            control("-z")
-                .then_some(())
-                .ok_or("callgrind_control -z failed".into())
+    let each = COUNTED / conns;
+    let counted = (0..conns)
+        .map(|_| FixedClient::connect(addr, host, headers))
+        .collect::<std::io::Result<Vec<_>>>()
+        .and_then(|mut clients| {
+            fixed_requests_on(&mut clients, WARM_UP.div_ceil(conns)).map(|()| clients)
         })
-        .and_then(|()| fixed_requests(addr, host, headers, COUNTED).map_err(|e| e.to_string()))
-        .map(|()| settle())
-        .and_then(|()| {
-            control("-d")
-                .then_some(())
-                .ok_or("callgrind_control -d failed".into())
+        .map_err(|e| e.to_string())
+        .and_then(|mut clients| {
+            settle();
+            if !control("-z") {
+                return Err("callgrind_control -z failed".into());
+            }
+            fixed_requests_on(&mut clients, each).map_err(|e| e.to_string())?;
+            settle();
+            if !control("-d") {
+                return Err("callgrind_control -d failed".into());
+            }
+            Ok(())
         });
     p.stop();
     if let Err(e) = counted {
@@ -704,7 +761,7 @@ fn callgrind_per_request(
         .trim()
         .parse()
         .ok()?;
-    Some((total - state_flush(&dump)) / COUNTED as f64)
+    Some((total - state_flush(&dump)) / (each * conns) as f64)
 }
 
 /// System calls per proxied request: `strace -c` attached to every thread of the proxy
@@ -1690,11 +1747,11 @@ fn main() {
     if has("valgrind") && std::env::var("LOAD_CALLGRIND").as_deref() != Ok("0") {
         let dir = tmp.path();
         let show = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.0}"));
-        let fl = callgrind_per_request(dir, "floor", "bare.test", &[], &|prefix, _| {
+        let fl = callgrind_per_request(dir, "floor", 1, "bare.test", &[], &|prefix, _| {
             start_floor(prefix, 1, backend, false)
         });
         let fl_headers =
-            callgrind_per_request(dir, "floor-headers", "bare.test", &[], &|prefix, _| {
+            callgrind_per_request(dir, "floor-headers", 1, "bare.test", &[], &|prefix, _| {
                 start_floor(prefix, 1, backend, true)
             });
         // The floor given the full chain's request (its token, key and `Origin`, ~250
@@ -1702,30 +1759,37 @@ fn main() {
         let fl_full = callgrind_per_request(
             dir,
             "floor-full-request",
+            1,
             "full.test",
             &full_headers,
             &|prefix, _| start_floor(prefix, 1, backend, false),
         );
-        let bare = callgrind_per_request(dir, "bare", "bare.test", &[], &|prefix, name| {
+        let bare = callgrind_per_request(dir, "bare", 1, "bare.test", &[], &|prefix, name| {
             start_gateway(&single, name, prefix, 1, false, "")
         });
-        let full =
-            callgrind_per_request(dir, "full", "full.test", &full_headers, &|prefix, name| {
-                start_gateway(&single, name, prefix, 1, true, "")
-            });
+        let full = callgrind_per_request(
+            dir,
+            "full",
+            1,
+            "full.test",
+            &full_headers,
+            &|prefix, name| start_gateway(&single, name, prefix, 1, true, ""),
+        );
         // The bare route's API among many (the 1,000 APIs row's snapshots): what a large
         // route table and host map cost per request, free of the throughput rows' noise.
-        let many_count = callgrind_per_request(dir, "apis", &host, &[], &|prefix, name| {
+        let many_count = callgrind_per_request(dir, "apis", 1, &host, &[], &|prefix, name| {
             start_gateway(&many, name, prefix, 1, false, "")
         });
         // Fleet mode: the full chain with its quota in Redis (a round trip per request;
-        // Redis's own work is not counted, it is another process).
-        let fleet = has("redis-server")
-            .then(|| {
-                let (redis, cfg) = start_redis();
-                let v = callgrind_per_request(
+        // Redis's own work is not counted, it is another process). One connection, and
+        // CONCURRENT at once (admissions share a call).
+        let [fleet, fleet_at] = if has("redis-server") {
+            let (redis, cfg) = start_redis();
+            let count = |label: &str, conns: usize| {
+                callgrind_per_request(
                     dir,
-                    "fleet",
+                    label,
+                    conns,
                     "full.test",
                     &full_headers,
                     &|prefix, name| {
@@ -1740,11 +1804,42 @@ fn main() {
                         }
                         (p, addr)
                     },
-                );
-                drop(redis);
-                v
-            })
-            .flatten();
+                )
+            };
+            let v = [
+                count("fleet", 1),
+                count(&format!("fleet@{CONCURRENT}"), CONCURRENT),
+            ];
+            drop(redis);
+            v
+        } else {
+            [None, None]
+        };
+        // The floor, the bare route and the full chain with CONCURRENT connections at once.
+        let fl_at = callgrind_per_request(
+            dir,
+            &format!("floor@{CONCURRENT}"),
+            CONCURRENT,
+            "bare.test",
+            &[],
+            &|prefix, _| start_floor(prefix, 1, backend, false),
+        );
+        let bare_at = callgrind_per_request(
+            dir,
+            &format!("bare@{CONCURRENT}"),
+            CONCURRENT,
+            "bare.test",
+            &[],
+            &|prefix, name| start_gateway(&single, name, prefix, 1, false, ""),
+        );
+        let full_at = callgrind_per_request(
+            dir,
+            &format!("full@{CONCURRENT}"),
+            CONCURRENT,
+            "full.test",
+            &full_headers,
+            &|prefix, name| start_gateway(&single, name, prefix, 1, true, ""),
+        );
         // Tracing on, every request unsampled (ratio 0) and every request sampled (ratio
         // 1, the export thread's work included): the exporter sends to the backend.
         let traced = ["0", "1"].map(|ratio| {
@@ -1754,6 +1849,7 @@ fn main() {
             callgrind_per_request(
                 dir,
                 &format!("trace-{ratio}"),
+                1,
                 "bare.test",
                 &[],
                 &|prefix, name| start_gateway(&single, name, prefix, 1, false, &cfg),
@@ -1761,7 +1857,7 @@ fn main() {
         });
         let ng = has("nginx")
             .then(|| {
-                callgrind_per_request(dir, "nginx", "bare.test", &[], &|prefix, name| {
+                callgrind_per_request(dir, "nginx", 1, "bare.test", &[], &|prefix, name| {
                     start_nginx(dir, name, prefix, 1, backend, "master_process off;\n")
                 })
             })
@@ -1816,5 +1912,24 @@ fn main() {
             );
         }
         println!("  nginx {}{}", show(ng), vs(ng));
+        println!();
+        println!(
+            "instructions per proxied request, {CONCURRENT} keep-alive connections at once (callgrind, 1 worker, {} requests on each after {} uncounted):",
+            2_500 / CONCURRENT,
+            200usize.div_ceil(CONCURRENT)
+        );
+        let vs_at = |v: Option<f64>| match (v, fl_at) {
+            (Some(v), Some(f)) => format!(" ({:.2}× the floor)", v / f),
+            _ => String::new(),
+        };
+        println!("  floor {}", show(fl_at));
+        println!("  gateway, bare route {}{}", show(bare_at), vs_at(bare_at));
+        println!("  gateway, full chain {}{}", show(full_at), vs_at(full_at));
+        println!(
+            "  gateway, full chain, fleet/Redis {}{}{}",
+            show(fleet_at),
+            vs_at(fleet_at),
+            ratio_to(fleet_at, full_at, "full chain")
+        );
     }
 }
