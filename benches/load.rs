@@ -1864,72 +1864,69 @@ fn main() {
             .flatten();
         println!();
         println!("instructions per proxied request (callgrind, 1 worker, 2,500 requests on one keep-alive connection after 200 uncounted):");
-        let vs = |v: Option<f64>| match (v, fl) {
+        // `count (1.23× the floor), 1.234× the <base>`, with what was taken.
+        let times_floor = |v: Option<f64>, floor: Option<f64>| match (v, floor) {
             (Some(v), Some(f)) => format!(" ({:.2}× the floor)", v / f),
             _ => String::new(),
         };
-        println!("  floor {}", show(fl));
-        println!(
-            "  floor adding the contract's 8 headers (values made once) {}{}",
-            show(fl_headers),
-            vs(fl_headers)
-        );
-        // `, 1.234× the bare route`, when both counts were taken.
         let ratio_to = |v: Option<f64>, base: Option<f64>, name: &str| match (v, base) {
             (Some(v), Some(b)) => format!(", {:.3}× the {name}", v / b),
             _ => String::new(),
         };
-        println!(
-            "  floor given the full chain's request (token, key, Origin) {}{}",
-            show(fl_full),
-            vs(fl_full)
+        let line = |name: &str, v: Option<f64>, floor: Option<f64>, base: Option<f64>, of: &str| {
+            println!(
+                "  {name} {}{}{}",
+                show(v),
+                times_floor(v, floor),
+                ratio_to(v, base, of)
+            );
+        };
+        println!("  floor {}", show(fl));
+        line(
+            "floor adding the contract's 8 headers (values made once)",
+            fl_headers,
+            fl,
+            None,
+            "",
         );
-        println!("  gateway, bare route {}{}", show(bare), vs(bare));
-        println!(
-            "  gateway, full chain {}{}{}",
-            show(full),
-            vs(full),
-            ratio_to(full, fl_full, "floor given its request")
+        line(
+            "floor given the full chain's request (token, key, Origin)",
+            fl_full,
+            fl,
+            None,
+            "",
         );
-        println!(
-            "  gateway, full chain, fleet/Redis {}{}{}",
-            show(fleet),
-            vs(fleet),
-            ratio_to(fleet, full, "full chain")
-        );
-        println!(
-            "  gateway, bare route among {apis} APIs × 300 resources {}{}{}",
-            show(many_count),
-            vs(many_count),
-            ratio_to(many_count, bare, "bare route")
+        line("gateway, bare route", bare, fl, None, "");
+        let full_line = "gateway, full chain";
+        line(full_line, full, fl, fl_full, "floor given its request");
+        let fleet_line = "gateway, full chain, fleet/Redis";
+        line(fleet_line, fleet, fl, full, "full chain");
+        line(
+            &format!("gateway, bare route among {apis} APIs × 300 resources"),
+            many_count,
+            fl,
+            bare,
+            "bare route",
         );
         for (ratio, v) in ["0 (unsampled)", "1 (every request)"].iter().zip(traced) {
-            println!(
-                "  gateway, bare route, tracing sample_ratio {ratio} {}{}{}",
-                show(v),
-                vs(v),
-                ratio_to(v, bare, "bare route")
+            line(
+                &format!("gateway, bare route, tracing sample_ratio {ratio}"),
+                v,
+                fl,
+                bare,
+                "bare route",
             );
         }
-        println!("  nginx {}{}", show(ng), vs(ng));
+        line("nginx", ng, fl, None, "");
         println!();
         println!(
             "instructions per proxied request, {CONCURRENT} keep-alive connections at once (callgrind, 1 worker, {} requests on each after {} uncounted):",
             2_500 / CONCURRENT,
             200usize.div_ceil(CONCURRENT)
         );
-        let vs_at = |v: Option<f64>| match (v, fl_at) {
-            (Some(v), Some(f)) => format!(" ({:.2}× the floor)", v / f),
-            _ => String::new(),
-        };
         println!("  floor {}", show(fl_at));
-        println!("  gateway, bare route {}{}", show(bare_at), vs_at(bare_at));
-        println!("  gateway, full chain {}{}", show(full_at), vs_at(full_at));
-        println!(
-            "  gateway, full chain, fleet/Redis {}{}{}",
-            show(fleet_at),
-            vs_at(fleet_at),
-            ratio_to(fleet_at, full_at, "full chain")
-        );
+        line("gateway, bare route", bare_at, fl_at, None, "");
+        line(full_line, full_at, fl_at, None, "");
+        line(fleet_line, fleet_at, fl_at, full_at, "full chain");
     }
 }
