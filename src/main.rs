@@ -12,7 +12,16 @@
 //! size, and a loaded worker has more requests than that in flight; jemalloc's cache also
 //! fills and flushes under its lock at this size (~1 KB). With 1,000 APIs loaded it used
 //! 412 MB in 1.23 s, against glibc's 428 MB in 1.33 s. Each idle connection took 21.1 KiB,
-//! against 20.0 with glibc. A C dependency for a 1–4% saving was not taken.
+//! against 20.0 with glibc. A C dependency for a 1–4% saving was not taken. mimalloc
+//! (0.1.52), measured the same day in the same way: no change with one connection, ~850
+//! fewer instructions per request in the bare route and the full chain with 16 connections
+//! at once (the floor unchanged), but 28.9 KiB per idle connection against 20.0, and 1,000
+//! APIs in 478 MB and 2.27 s against 428 MB and 1.33 s.
+//!
+//! What glibc costs under load is its per-thread cache's limit of 7 free blocks per size:
+//! a worker with more requests in flight takes the slow path for the request's two boxes
+//! (~1 KB each, see `pipeline::handle`). `GLIBC_TUNABLES=glibc.malloc.tcache_count=64` in
+//! the gateway's environment lifts it (docs/operations.md).
 
 fn main() -> std::process::ExitCode {
     scp_gateway::cli::main()

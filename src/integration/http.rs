@@ -501,6 +501,26 @@ mod tests {
     }
 
     #[test]
+    fn a_dropped_field_list_lends_its_buffer_to_the_next_empty() {
+        // hyper's `AppendedHeaders` (vendored patch) keeps a dropped list's buffer for the
+        // thread's next one: the next request's list must start with none of its fields.
+        let mut first = AppendedHeaders::with_capacity(512);
+        first.push(&X_SCP_API_ID, &HeaderValue::from_static("secret-api"));
+        let buffer = first.as_bytes().as_ptr();
+        drop(first);
+        // Asking for less room than the kept buffer has: a new block would be another
+        // size (and another address).
+        let mut next = AppendedHeaders::with_capacity(16);
+        assert!(next.is_empty(), "the next list starts empty");
+        assert_eq!(next.as_bytes().as_ptr(), buffer, "the buffer was kept");
+        next.push(&X_SCP_STAGE, &HeaderValue::from_static("prod"));
+        assert_eq!(next.as_bytes(), b"x-scp-stage: prod\r\n");
+        // A list made while the kept one is in use gets a buffer of its own.
+        let other = AppendedHeaders::with_capacity(512);
+        assert_ne!(other.as_bytes().as_ptr(), buffer);
+    }
+
+    #[test]
     fn headers_new_to_the_map_are_appended_replacements_stay_in_it() {
         let rid = RequestId::Kept(HeaderValue::from_static("rid"));
         let host = HeaderValue::from_static("api.example.com");
