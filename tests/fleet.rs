@@ -240,6 +240,62 @@ async fn admission_keys_expire_on_their_own() {
     }
 }
 
+/// Once Redis has refused a key in its window, the instance refuses the key's next
+/// requests of that window itself: a client hammering an exhausted key does not reach
+/// Redis. A reload that raises the plan's limit asks Redis again, and the count goes on
+/// from where it stood (the refused requests were not counted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exhausted_key_is_refused_without_asking_redis_until_a_reload() {
+    let redis = Redis::start();
+    let b = Backend::start("b").await;
+    let doc = keyed_api(&b, 2);
+    let gw = Gateway::start(
+        &[("api1.json", &doc)],
+        &fleet_toml_with_timeout(&url(&redis), "closed", "2s"),
+    );
+    wait_connected(&gw).await;
+    let c = client();
+    for want in [200, 200, 429] {
+        assert_eq!(keyed_get(&c, &gw).await.status(), want);
+    }
+    let calls = common::redis::evalsha_calls(redis.port);
+    for _ in 0..5 {
+        let r = keyed_get(&c, &gw).await;
+        assert_eq!(r.status(), 429);
+        assert_eq!(r.headers()["ratelimit-remaining"], "0");
+        assert!(r.headers().contains_key("retry-after"), "{:?}", r.headers());
+    }
+    assert_eq!(
+        common::redis::evalsha_calls(redis.port),
+        calls,
+        "refused again without a call to Redis"
+    );
+
+    let mut next = doc.clone();
+    next["revision"] = serde_json::json!(2);
+    next["usage_plans"][0]["limit"] = serde_json::json!(3);
+    write_json(&gw.snapshot_dir().join("api1.json"), &next);
+    gw.signal("HUP");
+    let reloaded = eventually(Duration::from_secs(10), async || {
+        keyed_get(&c, &gw).await.status() == 200
+    })
+    .await;
+    assert!(
+        reloaded.is_some(),
+        "the raised limit never admitted: {}",
+        gw.log()
+    );
+    assert_eq!(keyed_get(&c, &gw).await.status(), 429, "3 admitted in all");
+    assert!(common::redis::evalsha_calls(redis.port) > calls);
+    let counters = common::redis::cli(redis.port, &["--scan", "--pattern", "scpgw:quota:*"]);
+    let counter = counters.trim();
+    assert_eq!(
+        common::redis::cli(redis.port, &["GET", counter]).trim(),
+        "3",
+        "{counter}: the refused requests were not counted"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_at_start_up_then_up() {
     // Held until Redis starts on it: no other test's listener can take the port meanwhile

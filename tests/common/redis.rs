@@ -77,7 +77,6 @@ fn wait_listening(port: u16) {
     }
 }
 
-/// Runs `redis-cli -p port args...` and returns what it printed.
 /// EVALSHA calls the server on `port` has served (`INFO commandstats`).
 pub fn evalsha_calls(port: u16) -> u64 {
     let info = cli(port, &["INFO", "commandstats"]);
@@ -87,6 +86,7 @@ pub fn evalsha_calls(port: u16) -> u64 {
         .map_or(0, |n| n.parse().expect("a number of calls"))
 }
 
+/// Runs `redis-cli -p port args...` and returns what it printed.
 pub fn cli(port: u16, args: &[&str]) -> String {
     let out = Command::new("redis-cli")
         .args(["-p", &port.to_string()])
