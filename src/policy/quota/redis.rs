@@ -135,13 +135,50 @@ type Answer = tokio::sync::oneshot::Sender<Result<i64, QuotaError>>;
 
 /// The admissions one call will carry: their keys and arguments already written as the
 /// call's KEYS and ARGV (see [`ADMIT`]; no string of their own), and where each one's
-/// answer goes, in the same order.
+/// answer goes, in the same order. Used again once its call is answered (see
+/// [`Queue::spare`]).
 struct Pending {
     /// The slot of every key here (in a Redis Cluster; 0 for a standalone Redis).
     slot: u16,
-    keys: redis::Cmd,
-    argv: redis::Cmd,
+    keys: Args,
+    argv: Args,
     answers: Vec<Answer>,
+}
+
+/// Arguments written for a call still to be made: their bytes end to end, and where each
+/// one ends. What a `redis::Cmd` keeps, but one that can be emptied and written again (a
+/// `Cmd` cannot), so that a worker's calls reuse their buffers.
+#[derive(Default)]
+struct Args {
+    data: Vec<u8>,
+    ends: Vec<usize>,
+}
+
+impl Args {
+    fn iter(&self) -> impl Iterator<Item = &[u8]> {
+        self.ends.iter().scan(0, |start, &end| {
+            let arg = &self.data[*start..end];
+            *start = end;
+            Some(arg)
+        })
+    }
+
+    fn clear(&mut self) {
+        self.data.clear();
+        self.ends.clear();
+    }
+
+    fn reserve(&mut self, args: usize, bytes: usize) {
+        self.data.reserve(bytes);
+        self.ends.reserve(args);
+    }
+}
+
+impl redis::RedisWrite for Args {
+    fn write_arg(&mut self, arg: &[u8]) {
+        self.data.extend_from_slice(arg);
+        self.ends.push(self.data.len());
+    }
 }
 
 /// Admissions of one worker waiting for their call to Redis.
@@ -160,19 +197,41 @@ struct Queue {
     /// count).
     size_hint: usize,
     pending: Vec<Pending>,
+    /// Calls answered, emptied, their buffers kept for the next ones (at most
+    /// [`SPARE_MAX`]): a call's buffers are several KiB under load, which glibc's
+    /// allocator serves on its slow path (~400 instructions per request in the load
+    /// bench's 16-connection count, allocation and release).
+    spare: Vec<Pending>,
 }
+
+/// Emptied calls a queue keeps (about as many as it has calls under way at once).
+const SPARE_MAX: usize = 4;
 
 impl Pending {
     /// A call for the keys of `slot`, with room for `n` admissions.
     fn new(slot: u16, n: usize) -> Self {
-        let n = n.clamp(1, BATCH_MAX);
-        Self {
+        let empty = Self {
             slot,
-            // Two keys of about 50 bytes each, four arguments of about 12 (see `add`).
-            keys: redis::Cmd::with_capacity(2 * n, 112 * n),
-            argv: redis::Cmd::with_capacity(4 * n, 64 * n),
-            answers: Vec::with_capacity(n),
-        }
+            keys: Args::default(),
+            argv: Args::default(),
+            answers: Vec::new(),
+        };
+        empty.reuse(slot, n)
+    }
+
+    /// An answered call, emptied, for the keys of `slot` with room for `n` admissions (its
+    /// buffers kept, grown if need be).
+    fn reuse(mut self, slot: u16, n: usize) -> Self {
+        let n = n.clamp(1, BATCH_MAX);
+        self.slot = slot;
+        self.keys.clear();
+        // Two keys of about 50 bytes each, four arguments of about 12 (see `add`).
+        self.keys.reserve(2 * n, 112 * n);
+        self.argv.clear();
+        self.argv.reserve(4 * n, 64 * n);
+        self.answers.clear();
+        self.answers.reserve(n);
+        self
     }
 
     /// Writes one admission's keys and arguments into the call.
@@ -182,18 +241,21 @@ impl Pending {
     }
 }
 
-/// Writes an admission's keys into `cmd`: `keys`'s counter for `window` and usage hour
+/// Writes an admission's keys into `out`: `keys`'s counter for `window` and usage hour
 /// `hour`.
-fn add_keys(cmd: &mut redis::Cmd, keys: &FleetKeys, (window, hour): (Window, i64)) {
-    cmd.arg(keys.counter_key(window)).arg(keys.usage_key(hour));
+fn add_keys(out: &mut impl redis::RedisWrite, keys: &FleetKeys, (window, hour): (Window, i64)) {
+    use redis::ToRedisArgs;
+    keys.counter_key(window).write_redis_args(out);
+    keys.usage_key(hour).write_redis_args(out);
 }
 
-/// Writes an admission's arguments into `cmd`.
-fn add_argv(cmd: &mut redis::Cmd, argv: Argv<'_>) {
-    cmd.arg(argv.limit)
-        .arg(argv.counter_expiry)
-        .arg(argv.key_id)
-        .arg(argv.usage_expiry);
+/// Writes an admission's arguments into `out`.
+fn add_argv(out: &mut impl redis::RedisWrite, argv: Argv<'_>) {
+    use redis::ToRedisArgs;
+    argv.limit.write_redis_args(out);
+    argv.counter_expiry.write_redis_args(out);
+    argv.key_id.write_redis_args(out);
+    argv.usage_expiry.write_redis_args(out);
 }
 
 /// A call of queue `i`'s worker under way: counted in the queue's `in_flight` from its
@@ -284,7 +346,11 @@ impl Batches {
                 .rposition(|p| p.slot == slot && p.answers.len() < BATCH_MAX)
                 .unwrap_or_else(|| {
                     let room = q.size_hint;
-                    q.pending.push(Pending::new(slot, room));
+                    let p = match q.spare.pop() {
+                        Some(p) => p.reuse(slot, room),
+                        None => Pending::new(slot, room),
+                    };
+                    q.pending.push(p);
                     q.pending.len() - 1
                 });
             let p = &mut q.pending[at];
@@ -323,10 +389,10 @@ impl Batches {
             };
             if pending.len() == 1 {
                 if let Some(p) = pending.pop() {
-                    this.send(p).await;
+                    this.send(i, p).await;
                 }
             } else {
-                futures_util::future::join_all(pending.into_iter().map(|p| this.send(p))).await;
+                futures_util::future::join_all(pending.into_iter().map(|p| this.send(i, p))).await;
             }
         });
     }
@@ -362,27 +428,30 @@ impl Batches {
         Ok(self.call(eval, 1).await?[0])
     }
 
-    /// One call of [`ADMIT`] for the admissions of `p`; each one gets its answer.
-    async fn send(&self, p: Pending) {
+    /// One call of [`ADMIT`] for the admissions of `p` (from queue `i`); each one gets its
+    /// answer, and `p` goes back to the queue's spares.
+    async fn send(&self, i: usize, mut p: Pending) {
         let n = p.answers.len();
         let mut eval = self.eval(n);
-        for arg in p.keys.args_iter().chain(p.argv.args_iter()) {
-            if let redis::Arg::Simple(bytes) = arg {
-                eval.arg(bytes);
-            }
+        for arg in p.keys.iter().chain(p.argv.iter()) {
+            eval.arg(arg);
         }
         let replies = self.call(eval, n).await;
         match replies {
             Ok(replies) => {
-                for (answer, reply) in p.answers.into_iter().zip(replies) {
+                for (answer, reply) in p.answers.drain(..).zip(replies) {
                     let _ = answer.send(Ok(reply));
                 }
             }
             Err(e) => {
-                for answer in p.answers {
+                for answer in p.answers.drain(..) {
                     let _ = answer.send(Err(e.clone()));
                 }
             }
+        }
+        let mut q = self.queue(i);
+        if q.spare.len() < SPARE_MAX {
+            q.spare.push(p);
         }
     }
 }
@@ -662,6 +731,7 @@ mod tests {
             wait.await.unwrap().is_err(),
             "no Redis: the queued call failed"
         );
+        assert_eq!(b.queue(i).spare.len(), 1, "the answered call is kept");
         assert!(
             alone(turn()),
             "the calls are over and carried one each: idle"
@@ -670,6 +740,7 @@ mod tests {
         // queues too, until a queued call carries just one.
         let call = turn();
         let two = [(); 2].map(|()| queued(turn()));
+        assert!(b.queue(i).spare.is_empty(), "the kept call carries these");
         drop(call);
         for wait in two {
             assert!(wait.await.unwrap().is_err());
@@ -705,6 +776,62 @@ mod tests {
         assert_eq!(admission(-42), (42, false));
         // A plan with a limit of 0 refuses the first call: count 0, refused.
         assert_eq!(admission(0), (0, false));
+    }
+
+    /// An admission's keys and arguments, as a reused call's buffers hold them: what the
+    /// crate's own command would carry, and only the last admission's after a reuse.
+    #[test]
+    fn a_reused_call_carries_what_a_command_would() {
+        let keys = FleetKeys::new("plan", "k:1");
+        let w = |start| Window {
+            start,
+            end: start + 60,
+        };
+        let argv = |limit| Argv {
+            limit,
+            counter_expiry: -3660,
+            key_id: "k:1",
+            usage_expiry: 7200,
+        };
+        let written = |p: &Pending| -> Vec<Vec<u8>> {
+            p.keys
+                .iter()
+                .chain(p.argv.iter())
+                .map(<[u8]>::to_vec)
+                .collect()
+        };
+        let as_cmd = |window, limit| -> Vec<Vec<u8>> {
+            let (mut k, mut a) = (redis::Cmd::new(), redis::Cmd::new());
+            add_keys(&mut k, &keys, (window, 3600));
+            add_argv(&mut a, argv(limit));
+            k.args_iter()
+                .chain(a.args_iter())
+                .map(|arg| match arg {
+                    redis::Arg::Simple(b) => b.to_vec(),
+                    redis::Arg::Cursor => panic!("no cursor"),
+                })
+                .collect()
+        };
+        let mut p = Pending::new(0, 1);
+        p.add(&keys, (w(0), 3600), argv(10));
+        assert_eq!(written(&p), as_cmd(w(0), 10));
+        p.add(&keys, (w(60), 3600), argv(7));
+        assert_eq!(written(&p).len(), 12);
+        let p = p.reuse(5, 3);
+        assert!(written(&p).is_empty());
+        assert_eq!(p.slot, 5);
+        let mut p = p;
+        p.add(&keys, (w(120), 3600), argv(u64::MAX));
+        assert_eq!(written(&p), as_cmd(w(120), u64::MAX));
+        let text: Vec<String> = written(&p)
+            .iter()
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        assert_eq!(
+            text[2..],
+            [&u64::MAX.to_string(), "-3660", "k:1", "7200"],
+            "{text:?}"
+        );
     }
 
     /// The one argument a key name writes into a command.
