@@ -402,8 +402,23 @@ impl Fleet {
         F: FnOnce(FleetConn) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
+        self.call_until(tokio::time::Instant::now() + self.timeout, f)
+            .await
+    }
+
+    /// Runs one call, given up at `at` (a call made for requests that have been waiting
+    /// since before it: the timeout counted from the first one's arrival).
+    pub async fn call_until<T, F, Fut>(
+        &self,
+        at: tokio::time::Instant,
+        f: F,
+    ) -> Result<T, FleetError>
+    where
+        F: FnOnce(FleetConn) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
         let (conn, slot) = self.conn().ok_or(FleetError::NotConnected)?;
-        let mut deadline = Deadline::new(tokio::time::Instant::now() + self.timeout);
+        let mut deadline = Deadline::new(at);
         match deadline.wait(f((*conn).clone())).await {
             Ok(Err(e)) if e.kind() == redis::ErrorKind::ReadOnly => {
                 // A replica answered: the address now names another server (a failover

@@ -290,7 +290,8 @@ enum Turn<'a> {
 /// per request, sharing the redis crate's work per call (command, channel, reply,
 /// wake-ups: most of the fleet mode's cost per request). Each admission is still checked
 /// and counted on its own, in arrival order, in one atomic script. An admission waits at
-/// most `quota.timeout` for its answer, as its own call would.
+/// most `quota.timeout` for its answer, as its own call would: a call is given up
+/// `quota.timeout` after its first admission was queued.
 ///
 /// An idle worker does not queue ([`Batches::turn`]): an admission that finds no call of
 /// its worker under way, nothing waiting and the worker not busy (its last call from the
@@ -374,6 +375,10 @@ impl Batches {
             q.pending.clear();
             return;
         };
+        // The first admission of the call has just been queued: the call is given up
+        // `quota.timeout` from now, so that none of its admissions waits longer (the
+        // admissions have no timer of their own).
+        let at = tokio::time::Instant::now() + self.fleet.timeout();
         let this = self.clone();
         runtime.spawn(async move {
             let (mut pending, _calls) = {
@@ -389,10 +394,11 @@ impl Batches {
             };
             if pending.len() == 1 {
                 if let Some(p) = pending.pop() {
-                    this.send(i, p).await;
+                    this.send(i, p, at).await;
                 }
             } else {
-                futures_util::future::join_all(pending.into_iter().map(|p| this.send(i, p))).await;
+                futures_util::future::join_all(pending.into_iter().map(|p| this.send(i, p, at)))
+                    .await;
             }
         });
     }
@@ -405,10 +411,18 @@ impl Batches {
         eval
     }
 
-    /// Makes the call `eval` of [`ADMIT`] for `n` admissions: their replies, in order.
-    async fn call(&self, eval: redis::Cmd, n: usize) -> Result<Vec<i64>, QuotaError> {
+    /// Makes the call `eval` of [`ADMIT`] for `n` admissions, given up at `at`: their
+    /// replies, in order.
+    async fn call(
+        &self,
+        eval: redis::Cmd,
+        n: usize,
+        at: tokio::time::Instant,
+    ) -> Result<Vec<i64>, QuotaError> {
         self.fleet
-            .call(|mut conn| async move { query_loading::<String>(&eval, ADMIT, &mut conn).await })
+            .call_until(at, |mut conn| async move {
+                query_loading::<String>(&eval, ADMIT, &mut conn).await
+            })
             .await
             .map_err(unavailable)
             .and_then(|r| counts(&r, n))
@@ -425,18 +439,19 @@ impl Batches {
         let mut eval = self.eval(1);
         add_keys(&mut eval, keys, window_hour);
         add_argv(&mut eval, argv);
-        Ok(self.call(eval, 1).await?[0])
+        let at = tokio::time::Instant::now() + self.fleet.timeout();
+        Ok(self.call(eval, 1, at).await?[0])
     }
 
-    /// One call of [`ADMIT`] for the admissions of `p` (from queue `i`); each one gets its
-    /// answer, and `p` goes back to the queue's spares.
-    async fn send(&self, i: usize, mut p: Pending) {
+    /// One call of [`ADMIT`] for the admissions of `p` (from queue `i`), given up at `at`;
+    /// each one gets its answer, and `p` goes back to the queue's spares.
+    async fn send(&self, i: usize, mut p: Pending, at: tokio::time::Instant) {
         let n = p.answers.len();
         let mut eval = self.eval(n);
         for arg in p.keys.iter().chain(p.argv.iter()) {
             eval.arg(arg);
         }
-        let replies = self.call(eval, n).await;
+        let replies = self.call(eval, n, at).await;
         match replies {
             Ok(replies) => {
                 for (answer, reply) in p.answers.drain(..).zip(replies) {
@@ -593,31 +608,20 @@ impl QuotaStore for RedisQuotaStore {
                 key_id,
                 usage_expiry: hour + self.retention_secs,
             };
-            let timeout = self.fleet().timeout();
-            let mut deadline =
-                crate::deadline::Deadline::new(tokio::time::Instant::now() + timeout);
             let i = crate::worker::index();
             // A worker with no call under way sends a lone admission itself, from this
             // future (no task, no channel: an idle gateway's request pays for no group
             // commit); the admissions that come meanwhile wait in the queue for the next
-            // call, as under load.
-            let wait = match self.batches.turn(i, keys, (window, hour), argv) {
-                Turn::Alone(_call) => {
-                    let call = self.batches.call_one(keys, (window, hour), argv);
-                    let reply = match deadline.wait(call).await {
-                        Ok(r) => r,
-                        Err(_) => Err(unavailable(FleetError::Timeout(timeout))),
-                    };
-                    return reply.map(|r| keys.answered(window, admission(r)));
-                }
-                Turn::Queued(wait) => wait,
-            };
-            let reply = match deadline.wait(wait).await {
-                Ok(Ok(reply)) => reply,
-                Ok(Err(_)) => Err(QuotaError::Unavailable(
-                    "the call to the fleet's Redis was given up".into(),
-                )),
-                Err(_) => Err(unavailable(FleetError::Timeout(timeout))),
+            // call, as under load. Either way the call is what is bounded by
+            // `quota.timeout` (a queued admission's by its call's first admission's arrival,
+            // see `Batches::flush`): no timer per admission.
+            let reply = match self.batches.turn(i, keys, (window, hour), argv) {
+                Turn::Alone(_call) => self.batches.call_one(keys, (window, hour), argv).await,
+                Turn::Queued(wait) => wait.await.unwrap_or_else(|_| {
+                    Err(QuotaError::Unavailable(
+                        "the call to the fleet's Redis was given up".into(),
+                    ))
+                }),
             };
             reply.map(|r| keys.answered(window, admission(r)))
         })
