@@ -774,6 +774,107 @@ mod tests {
         assert!(alone(turn()), "the lone call is over");
     }
 
+    /// A Redis that answers every command with `+OK` except `EVALSHA`, which it never
+    /// answers (a server gone silent in the middle of the admissions).
+    async fn silent_on_evalsha() -> std::net::SocketAddr {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut seen = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n @ 1..) = sock.read(&mut buf).await {
+                        seen.extend_from_slice(&buf[..n]);
+                        // Commands are arrays of bulk strings: `*N`, then `$len` and the
+                        // argument for each.
+                        while let Some(name) = next_command(&mut seen) {
+                            if !name.eq_ignore_ascii_case(b"EVALSHA")
+                                && sock.write_all(b"+OK\r\n").await.is_err()
+                            {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    /// Takes the first whole command off `seen`: its name.
+    fn next_command(seen: &mut Vec<u8>) -> Option<Vec<u8>> {
+        let line = |at: usize| -> Option<(usize, usize)> {
+            let end = at + seen.get(at..)?.windows(2).position(|w| w == b"\r\n")?;
+            let n = std::str::from_utf8(&seen[at + 1..end]).ok()?.parse().ok()?;
+            Some((n, end + 2))
+        };
+        let (args, mut at) = line(0)?;
+        let mut name = None;
+        for _ in 0..args {
+            let (len, start) = line(at)?;
+            at = start + len + 2;
+            if at > seen.len() {
+                return None;
+            }
+            name.get_or_insert_with(|| seen[start..start + len].to_vec());
+        }
+        seen.drain(..at);
+        name
+    }
+
+    /// A queued admission's call to a Redis that does not answer is given up at
+    /// `quota.timeout`, as a lone one's: no admission waits on (it has no timer of its
+    /// own; the call's counts from its first admission).
+    #[tokio::test]
+    async fn a_queued_admission_is_given_up_at_the_timeout() {
+        let addr = silent_on_evalsha().await;
+        let timeout = std::time::Duration::from_millis(50);
+        let cfg = crate::config::QuotaConfig {
+            redis_url: format!("redis://{addr}/0"),
+            timeout,
+            ..Default::default()
+        };
+        let store = RedisQuotaStore::new(Fleet::start(&cfg).unwrap(), 3600);
+        let window = Window { start: 0, end: 60 };
+        let slot = CounterSlot::default();
+        // Lone admissions until one reaches the server (before that: not connected).
+        let given_up = format!("{:?}", Some(unavailable(FleetError::Timeout(timeout))));
+        let mut lone = String::new();
+        for _ in 0..500 {
+            let r = store.admit(&slot, "plan", "key", 10, window, 30).await;
+            lone = format!("{:?}", r.err());
+            if lone == given_up {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(lone, given_up, "a lone admission to a silent Redis");
+        // A call under way (its marker only): the next admission is queued, and its
+        // call, to the same silent server, is given up too.
+        let b = &store.batches;
+        let i = crate::worker::index();
+        let keys = FleetKeys::new("plan", "key");
+        let argv = Argv {
+            limit: 10,
+            counter_expiry: 3660,
+            key_id: "key",
+            usage_expiry: 7200,
+        };
+        let call = b.turn(i, &keys, (window, 0), argv);
+        assert!(matches!(call, Turn::Alone(_)));
+        let Turn::Queued(wait) = b.turn(i, &keys, (window, 0), argv) else {
+            panic!("went alone, expected the queue");
+        };
+        // Generous: the timeout is 50 ms; without a bound the wait would never end.
+        let answer = tokio::time::timeout(100 * timeout, wait)
+            .await
+            .expect("the queued admission was not given up");
+        assert_eq!(format!("{:?}", answer.unwrap().err()), given_up);
+        drop(call);
+    }
+
     #[test]
     fn a_reply_carries_each_admissions_count_in_order() {
         assert_eq!(counts("3", 1).unwrap(), [3]);
