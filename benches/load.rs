@@ -23,7 +23,9 @@
 //! to find a cost's call site by address), `LOAD_SYSCALLS` (`0`: no system call counts; or
 //! the counts to take, of `floor,bare,full,nginx`; they need `strace`),
 //! `LOAD_GATEWAY` (the gateway executable to measure instead of this build's, e.g. the
-//! profile-guided build of `benches/pgo.sh`, which also trains with this bench).
+//! profile-guided build of `benches/pgo.sh`, which also trains with this bench),
+//! `LOAD_GATEWAY_B` (a second gateway executable, measured on the 1-worker bare route and
+//! full chain rows in the same rounds as the first: an A/B of two builds in one run).
 //!
 //! Pinning on 2 cores: this process (the backend) and the load generator share CPU 1; the
 //! proxy under test runs on CPU 0 with 1 worker, and on CPUs 0-1 with 2 workers. Every
@@ -163,6 +165,9 @@ fn full_chain(backend: SocketAddr) -> Value {
     doc
 }
 
+/// The rows of the second gateway executable, `LOAD_GATEWAY_B`, are named with this.
+const GATEWAY_B: &str = "gateway B";
+
 /// The gateway executable under test: `LOAD_GATEWAY`, or the one this build made.
 fn gateway_bin() -> String {
     std::env::var("LOAD_GATEWAY").unwrap_or_else(|_| env!("CARGO_BIN_EXE_scp-gateway").into())
@@ -248,6 +253,19 @@ fn start_gateway(
     access_log: bool,
     extra: &str,
 ) -> (Proc, SocketAddr) {
+    start_gateway_bin(&gateway_bin(), dir, name, prefix, workers, access_log, extra)
+}
+
+/// [`start_gateway`] with the executable `bin`.
+fn start_gateway_bin(
+    bin: &str,
+    dir: &Path,
+    name: &str,
+    prefix: &[&str],
+    workers: u64,
+    access_log: bool,
+    extra: &str,
+) -> (Proc, SocketAddr) {
     let mut cfg = format!("[runtime]\nworkers = {workers}\n[snapshots]\nwatch = false\n{extra}");
     if access_log {
         cfg.push_str(&format!(
@@ -260,7 +278,7 @@ fn start_gateway(
     let mut p = Proc::spawn(
         Command::new(prefix[0])
             .args(&prefix[1..])
-            .arg(gateway_bin())
+            .arg(bin)
             .args(["run", "--config"])
             .arg(&conf)
             .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
@@ -901,14 +919,14 @@ fn rss_kib(pid: u32) -> Option<u64> {
         .ok()
 }
 
-/// CPU time (user and system) used so far by every live process of the process group
-/// `pgid` (a proxy this bench started, with nginx's workers and valgrind's client), in clock
-/// ticks (`/proc/<pid>/stat`).
-fn group_cpu_ticks(pgid: u32) -> u64 {
+/// CPU time used so far by every live process of the process group `pgid` (a proxy this
+/// bench started, with nginx's workers and valgrind's client), in clock ticks
+/// (`/proc/<pid>/stat`): user and system together, and user alone.
+fn group_cpu_ticks(pgid: u32) -> CpuTicks {
     let Ok(dir) = std::fs::read_dir("/proc") else {
-        return 0;
+        return CpuTicks::default();
     };
-    let mut ticks = 0;
+    let mut ticks = CpuTicks::default();
     for entry in dir.flatten() {
         let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
             continue;
@@ -923,9 +941,26 @@ fn group_cpu_ticks(pgid: u32) -> u64 {
             continue;
         }
         let field = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-        ticks += field(11) + field(12);
+        ticks.all += field(11) + field(12);
+        ticks.user += field(11);
     }
     ticks
+}
+
+/// CPU time in clock ticks: user and system together, and user alone.
+#[derive(Debug, Default, Clone, Copy)]
+struct CpuTicks {
+    all: u64,
+    user: u64,
+}
+
+impl CpuTicks {
+    fn since(self, before: CpuTicks) -> CpuTicks {
+        CpuTicks {
+            all: self.all.saturating_sub(before.all),
+            user: self.user.saturating_sub(before.user),
+        }
+    }
 }
 
 /// Clock ticks per second (`getconf CLK_TCK`; 100 on Linux).
@@ -1013,8 +1048,9 @@ struct Run {
     requests: f64,
     new_conns: usize,
     /// CPU time the proxy's processes used during the run, in clock ticks (0 without a
-    /// proxy process).
+    /// proxy process), and the user-space part of it.
     cpu_ticks: u64,
+    user_ticks: u64,
 }
 
 fn to_ms(v: &str) -> f64 {
@@ -1053,7 +1089,7 @@ fn wrk(
     } = *load;
     settle(name);
     let before = accepted.load(Ordering::Relaxed);
-    let cpu_before = proxy.map_or(0, group_cpu_ticks);
+    let cpu_before = proxy.map_or(CpuTicks::default(), group_cpu_ticks);
     let mut cmd = Command::new("taskset");
     cmd.args([
         "-c",
@@ -1086,7 +1122,9 @@ fn wrk(
         }
     }
     run.new_conns = accepted.load(Ordering::Relaxed) - before;
-    run.cpu_ticks = proxy.map_or(0, |p| group_cpu_ticks(p).saturating_sub(cpu_before));
+    let used = proxy.map_or(CpuTicks::default(), |p| group_cpu_ticks(p).since(cpu_before));
+    run.cpu_ticks = used.all;
+    run.user_ticks = used.user;
     run
 }
 
@@ -1135,6 +1173,18 @@ impl Row {
                 .iter()
                 .filter(|r| r.cpu_ticks > 0 && r.requests > 0.0)
                 .map(|r| r.cpu_ticks as f64 * 1e6 / ticks_per_second / r.requests)
+                .collect(),
+        )
+    }
+    /// The user-space part of [`Row::cpu_us_per_request`]: with the instruction counts, the
+    /// time an instruction of the proxy's own code takes under load (a larger code or data
+    /// footprint shows as more time per instruction, not as more instructions).
+    fn user_us_per_request(&self, ticks_per_second: f64) -> f64 {
+        median(
+            self.runs
+                .iter()
+                .filter(|r| r.cpu_ticks > 0 && r.requests > 0.0)
+                .map(|r| r.user_ticks as f64 * 1e6 / ticks_per_second / r.requests)
                 .collect(),
         )
     }
@@ -1262,6 +1312,7 @@ fn main() {
             _proc: Some(p),
         });
     };
+    let gateway_b = std::env::var("LOAD_GATEWAY_B").ok();
     for (workers, cpus) in [(1u64, "0"), (2, "0,1")] {
         let w = format!("{workers}w");
         let pin = ["taskset", "-c", cpus];
@@ -1300,6 +1351,20 @@ fn main() {
             "full.test",
             &full_headers,
         );
+        // A second gateway executable (another build of the same or other sources), on the
+        // same rows in the same rounds: an A/B that this shared machine's drift between
+        // runs does not blur. One worker.
+        if let (1, Some(b)) = (workers, gateway_b.as_deref()) {
+            let p = start_gateway_bin(b, &single, "b-bare-1w", &pin, 1, false, "");
+            add(format!("{GATEWAY_B}, bare route ({w})"), p, "bare.test", &[]);
+            let p = start_gateway_bin(b, &single, "b-full-1w", &pin, 1, true, "");
+            add(
+                format!("{GATEWAY_B}, full chain ({w})"),
+                p,
+                "full.test",
+                &full_headers,
+            );
+        }
     }
     // Tracing on the bare route: the OTLP exporter sends to the backend (it answers 200 to
     // anything), which shares CPU 1 with the load generator, as a local collector would.
@@ -1385,14 +1450,19 @@ fn main() {
             let run = wrk(&r.name, &url, &r.host, &r.headers, &load, proxy);
             // Each row's figure per round on stderr: a row that drifts over the run (or
             // one disturbed round) shows there, where the medians hide it.
-            let cpu_us = if run.requests > 0.0 {
-                run.cpu_ticks as f64 * 1e6 / ticks / run.requests
-            } else {
-                0.0
+            let per_request = |t: u64| {
+                if run.requests > 0.0 {
+                    t as f64 * 1e6 / ticks / run.requests
+                } else {
+                    0.0
+                }
             };
             eprintln!(
-                "  {:<52} {:>8.0} req/s {:>6.2} µs/req",
-                r.name, run.rps, cpu_us
+                "  {:<52} {:>8.0} req/s {:>6.2} µs/req ({:.2} user)",
+                r.name,
+                run.rps,
+                per_request(run.cpu_ticks),
+                per_request(run.user_ticks)
             );
             r.runs.push(run);
         }
@@ -1405,22 +1475,40 @@ fn main() {
     if let Ok(bin) = std::env::var("LOAD_GATEWAY") {
         println!("gateway under test: {bin} (LOAD_GATEWAY)");
     }
+    if let Some(bin) = &gateway_b {
+        println!("{GATEWAY_B}: {bin} (LOAD_GATEWAY_B)");
+    }
     let cpu = |name: &str| {
         rows.iter()
             .find(|r| r.name.starts_with(name))
             .map(|r| r.cpu_us_per_request(ticks))
     };
+    let user = |name: &str| {
+        rows.iter()
+            .find(|r| r.name.starts_with(name))
+            .map(|r| r.user_us_per_request(ticks))
+    };
     println!(
-        "{:<50} {:>9} {:>13} {:>8} {:>8} {:>8} {:>8} {:>9} {:>10}",
-        "row", "req/s", "range", "p50 ms", "p99 ms", "/nginx", "/floor", "conn/1k", "cpu µs/req"
+        "{:<50} {:>9} {:>13} {:>8} {:>8} {:>8} {:>8} {:>9} {:>10} {:>5}",
+        "row",
+        "req/s",
+        "range",
+        "p50 ms",
+        "p99 ms",
+        "/nginx",
+        "/floor",
+        "conn/1k",
+        "cpu µs/req",
+        "user"
     );
     println!(
-        "{:<50} {:>9.0} {:>13} {:>8.3} {:>8.3} {:>8} {:>8} {:>9} {:>10}",
+        "{:<50} {:>9.0} {:>13} {:>8.3} {:>8.3} {:>8} {:>8} {:>9} {:>10} {:>5}",
         "direct to the backend",
         direct_rps,
         "",
         median(direct_runs.iter().map(|r| r.p50_ms).collect()),
         median(direct_runs.iter().map(|r| r.p99_ms).collect()),
+        "",
         "",
         "",
         "",
@@ -1436,7 +1524,7 @@ fn main() {
             |base: Option<f64>| base.map_or("-".to_owned(), |b| format!("{:.2}×", r.rps() / b));
         let (lo, hi) = r.range();
         println!(
-            "{:<50} {:>9.0} {:>13} {:>8.3} {:>8.3} {:>8} {:>8} {:>9.2} {:>10.2}",
+            "{:<50} {:>9.0} {:>13} {:>8.3} {:>8.3} {:>8} {:>8} {:>9.2} {:>10.2} {:>5.2}",
             r.name,
             r.rps(),
             format!("{lo:.0}–{hi:.0}"),
@@ -1445,7 +1533,8 @@ fn main() {
             ratio(find(&format!("nginx {w}"))),
             ratio(find(&format!("floor {w}"))),
             r.new_conns_per_1000(),
-            r.cpu_us_per_request(ticks)
+            r.cpu_us_per_request(ticks),
+            r.user_us_per_request(ticks)
         );
     }
     println!();
@@ -1512,6 +1601,32 @@ fn main() {
                 }
                 println!();
             }
+            // User space alone: the part of the CPU time the instruction counts describe.
+            if let (Some(bare), Some(floor)) = (
+                user(&format!("gateway, bare route ({w})")),
+                user(&format!("floor ({w})")),
+            ) {
+                print!(
+                    "{w}: user-space CPU per request: bare route {:.2}× the floor's",
+                    bare / floor
+                );
+                if let Some(full) = user(&format!("gateway, full chain ({w})")) {
+                    print!("; full chain {:.2}× the floor's", full / floor);
+                }
+                println!();
+            }
+        }
+    }
+    for row in ["bare route", "full chain"] {
+        let (a, b) = (
+            format!("gateway, {row} (1w)"),
+            format!("{GATEWAY_B}, {row} (1w)"),
+        );
+        if let (Some(ratio), Some(cpu_a), Some(cpu_b)) = (vs(&b, &a), cpu(&a), cpu(&b)) {
+            println!(
+                "LOAD_GATEWAY_B: {row} {ratio} this build's (1w); CPU per request {:.3}× this build's",
+                cpu_b / cpu_a
+            );
         }
     }
     // Redis runs on CPU 1 with the backend and wrk: its time per admission slows the load
