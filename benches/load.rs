@@ -20,7 +20,7 @@
 //! instruction counts; or the counts to take, of `floor,bare,full,apis,fleet,trace,nginx`), `LOAD_KEEP`
 //! (a directory the callgrind profiles are copied to, for `callgrind_annotate`),
 //! `LOAD_CALLGRIND_ARGS` (more callgrind options, space-separated, e.g. `--dump-instr=yes`
-//! to find a cost's call site by address), `LOAD_SYSCALLS` (`0`: no system call counts; or
+//! to find a cost's call site by address), `LOAD_OPEN` (`0`: no open-loop runs), `LOAD_SYSCALLS` (`0`: no system call counts; or
 //! the counts to take, of `floor,bare,full,nginx`; they need `strace`),
 //! `LOAD_GATEWAY` (the gateway executable to measure instead of this build's, e.g. the
 //! profile-guided build of `benches/pgo.sh`, which also trains with this bench),
@@ -253,7 +253,15 @@ fn start_gateway(
     access_log: bool,
     extra: &str,
 ) -> (Proc, SocketAddr) {
-    start_gateway_bin(&gateway_bin(), dir, name, prefix, workers, access_log, extra)
+    start_gateway_bin(
+        &gateway_bin(),
+        dir,
+        name,
+        prefix,
+        workers,
+        access_log,
+        extra,
+    )
 }
 
 /// [`start_gateway`] with the executable `bin`.
@@ -1122,7 +1130,9 @@ fn wrk(
         }
     }
     run.new_conns = accepted.load(Ordering::Relaxed) - before;
-    let used = proxy.map_or(CpuTicks::default(), |p| group_cpu_ticks(p).since(cpu_before));
+    let used = proxy.map_or(CpuTicks::default(), |p| {
+        group_cpu_ticks(p).since(cpu_before)
+    });
     run.cpu_ticks = used.all;
     run.user_ticks = used.user;
     run
@@ -1356,7 +1366,12 @@ fn main() {
         // runs does not blur. One worker.
         if let (1, Some(b)) = (workers, gateway_b.as_deref()) {
             let p = start_gateway_bin(b, &single, "b-bare-1w", &pin, 1, false, "");
-            add(format!("{GATEWAY_B}, bare route ({w})"), p, "bare.test", &[]);
+            add(
+                format!("{GATEWAY_B}, bare route ({w})"),
+                p,
+                "bare.test",
+                &[],
+            );
             let p = start_gateway_bin(b, &single, "b-full-1w", &pin, 1, true, "");
             add(
                 format!("{GATEWAY_B}, full chain ({w})"),
@@ -1699,7 +1714,7 @@ fn main() {
         None => ("the floor", find("floor (1w)")),
     };
     let rate = (max.unwrap_or(0.0) / 2.0).round() as u64;
-    if has("oha") && rate > 0 {
+    if has("oha") && rate > 0 && std::env::var("LOAD_OPEN").as_deref() != Ok("0") {
         let targets: Vec<&Row> = rows
             .iter()
             .filter(|r| {
