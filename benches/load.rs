@@ -244,28 +244,9 @@ fn first_line(child: &mut Child) -> String {
     line
 }
 
-/// Starts the release gateway on `dir`'s snapshots with its own state directory `name`.
+/// Starts the gateway executable `bin` (see [`gateway_bin`]) on `dir`'s snapshots with its
+/// own state directory `name`.
 fn start_gateway(
-    dir: &Path,
-    name: &str,
-    prefix: &[&str],
-    workers: u64,
-    access_log: bool,
-    extra: &str,
-) -> (Proc, SocketAddr) {
-    start_gateway_bin(
-        &gateway_bin(),
-        dir,
-        name,
-        prefix,
-        workers,
-        access_log,
-        extra,
-    )
-}
-
-/// [`start_gateway`] with the executable `bin`.
-fn start_gateway_bin(
     bin: &str,
     dir: &Path,
     name: &str,
@@ -1178,23 +1159,21 @@ impl Row {
     /// in microseconds: what a request costs the proxy, less sensitive than req/s to the
     /// load generator's share of this machine.
     fn cpu_us_per_request(&self, ticks_per_second: f64) -> f64 {
-        median(
-            self.runs
-                .iter()
-                .filter(|r| r.cpu_ticks > 0 && r.requests > 0.0)
-                .map(|r| r.cpu_ticks as f64 * 1e6 / ticks_per_second / r.requests)
-                .collect(),
-        )
+        self.us_per_request(ticks_per_second, |r| r.cpu_ticks)
     }
     /// The user-space part of [`Row::cpu_us_per_request`]: with the instruction counts, the
     /// time an instruction of the proxy's own code takes under load (a larger code or data
     /// footprint shows as more time per instruction, not as more instructions).
     fn user_us_per_request(&self, ticks_per_second: f64) -> f64 {
+        self.us_per_request(ticks_per_second, |r| r.user_ticks)
+    }
+    /// The median over runs of `ticks` (clock ticks of a run) per request, in µs.
+    fn us_per_request(&self, ticks_per_second: f64, ticks: fn(&Run) -> u64) -> f64 {
         median(
             self.runs
                 .iter()
                 .filter(|r| r.cpu_ticks > 0 && r.requests > 0.0)
-                .map(|r| r.user_ticks as f64 * 1e6 / ticks_per_second / r.requests)
+                .map(|r| ticks(r) as f64 * 1e6 / ticks_per_second / r.requests)
                 .collect(),
         )
     }
@@ -1269,6 +1248,8 @@ fn main() {
         )
         .unwrap();
     };
+    // The gateway executable under test.
+    let gw = gateway_bin();
     let single = tmp.path().join("single");
     write(
         &single,
@@ -1352,9 +1333,9 @@ fn main() {
                 &[],
             );
         }
-        let p = start_gateway(&single, &format!("bare-{w}"), &pin, workers, false, "");
+        let p = start_gateway(&gw, &single, &format!("bare-{w}"), &pin, workers, false, "");
         add(format!("gateway, bare route ({w})"), p, "bare.test", &[]);
-        let p = start_gateway(&single, &format!("full-{w}"), &pin, workers, true, "");
+        let p = start_gateway(&gw, &single, &format!("full-{w}"), &pin, workers, true, "");
         add(
             format!("gateway, full chain ({w})"),
             p,
@@ -1365,14 +1346,14 @@ fn main() {
         // same rows in the same rounds: an A/B that this shared machine's drift between
         // runs does not blur. One worker.
         if let (1, Some(b)) = (workers, gateway_b.as_deref()) {
-            let p = start_gateway_bin(b, &single, "b-bare-1w", &pin, 1, false, "");
+            let p = start_gateway(b, &single, "b-bare-1w", &pin, 1, false, "");
             add(
                 format!("{GATEWAY_B}, bare route ({w})"),
                 p,
                 "bare.test",
                 &[],
             );
-            let p = start_gateway_bin(b, &single, "b-full-1w", &pin, 1, true, "");
+            let p = start_gateway(b, &single, "b-full-1w", &pin, 1, true, "");
             add(
                 format!("{GATEWAY_B}, full chain ({w})"),
                 p,
@@ -1389,6 +1370,7 @@ fn main() {
             "[tracing]\notlp_endpoint = \"http://{backend}\"\nsample_ratio = {ratio}\nexport_priority = \"{priority}\"\n"
         );
         let p = start_gateway(
+            &gw,
             &single,
             &format!("trace-{ratio}-{priority}"),
             &["taskset", "-c", "0"],
@@ -1401,7 +1383,15 @@ fn main() {
     // Fleet mode: the full chain with quotas in Redis (redis-server pinned with the backend).
     let _redis = has("redis-server").then(|| {
         let (redis, cfg) = start_redis();
-        let p = start_gateway(&single, "fleet", &["taskset", "-c", "0"], 1, true, &cfg);
+        let p = start_gateway(
+            &gw,
+            &single,
+            "fleet",
+            &["taskset", "-c", "0"],
+            1,
+            true,
+            &cfg,
+        );
         add(
             "gateway, full chain, fleet/Redis (1w)".into(),
             p,
@@ -1414,13 +1404,13 @@ fn main() {
     let _cluster = (has("redis-server") && has("redis-cli")).then(|| {
         let (nodes, seed) = start_redis_cluster(tmp.path(), 3);
         let cfg = format!("[quota]\nbackend = \"redis\"\nredis_url = \"redis://{seed}\"\nredis_cluster = true\nfailure_mode = \"closed\"\n");
-        let p = start_gateway(&single, "fleet-cluster", &["taskset", "-c", "0"], 1, true, &cfg);
+        let p = start_gateway(&gw, &single, "fleet-cluster", &["taskset", "-c", "0"], 1, true, &cfg);
         add("gateway, full chain, fleet/Redis Cluster (1w)".into(), p, "full.test", &full_headers);
         nodes
     });
     let started = Instant::now();
     let host = format!("api{:04}.test", apis / 2);
-    let p = start_gateway(&many, "many", &["taskset", "-c", "0"], 1, false, "");
+    let p = start_gateway(&gw, &many, "many", &["taskset", "-c", "0"], 1, false, "");
     let many_rss = rss_kib(p.0.pid()).unwrap_or(0);
     add(
         format!("gateway, {apis} APIs × 300 resources (1w)"),
@@ -1493,16 +1483,13 @@ fn main() {
     if let Some(bin) = &gateway_b {
         println!("{GATEWAY_B}: {bin} (LOAD_GATEWAY_B)");
     }
-    let cpu = |name: &str| {
+    let per_request = |name: &str, of: fn(&Row, f64) -> f64| {
         rows.iter()
             .find(|r| r.name.starts_with(name))
-            .map(|r| r.cpu_us_per_request(ticks))
+            .map(|r| of(r, ticks))
     };
-    let user = |name: &str| {
-        rows.iter()
-            .find(|r| r.name.starts_with(name))
-            .map(|r| r.user_us_per_request(ticks))
-    };
+    let cpu = |name: &str| per_request(name, Row::cpu_us_per_request);
+    let user = |name: &str| per_request(name, Row::user_us_per_request);
     println!(
         "{:<50} {:>9} {:>13} {:>8} {:>8} {:>8} {:>8} {:>9} {:>10} {:>5}",
         "row",
@@ -1602,6 +1589,12 @@ fn main() {
                     "{w}: CPU per request: bare route {:.2}× the floor's",
                     bare / floor
                 );
+                // User space alone: the part of the CPU time the instruction counts describe.
+                let user_of =
+                    |row: &str| user(&format!("{row} ({w})")).zip(user(&format!("floor ({w})")));
+                if let Some((b, f)) = user_of("gateway, bare route") {
+                    print!(" (user space {:.2}×)", b / f);
+                }
                 if let Some(ng) = cpu(&format!("nginx ({w})")) {
                     print!(", {:.2}× nginx's", bare / ng);
                 }
@@ -1613,20 +1606,9 @@ fn main() {
                 }
                 if let Some(full) = cpu(&format!("gateway, full chain ({w})")) {
                     print!("; full chain {:.2}× the bare route's", full / bare);
-                }
-                println!();
-            }
-            // User space alone: the part of the CPU time the instruction counts describe.
-            if let (Some(bare), Some(floor)) = (
-                user(&format!("gateway, bare route ({w})")),
-                user(&format!("floor ({w})")),
-            ) {
-                print!(
-                    "{w}: user-space CPU per request: bare route {:.2}× the floor's",
-                    bare / floor
-                );
-                if let Some(full) = user(&format!("gateway, full chain ({w})")) {
-                    print!("; full chain {:.2}× the floor's", full / floor);
+                    if let Some((u, f)) = user_of("gateway, full chain") {
+                        print!(" (user space {:.2}× the floor's)", u / f);
+                    }
                 }
                 println!();
             }
@@ -1840,10 +1822,10 @@ fn main() {
                 start_floor(prefix, 1, backend, false)
             }),
             syscalls_per_request(dir, "bare", "bare.test", &[], &|prefix, name| {
-                start_gateway(&single, name, prefix, 1, false, "")
+                start_gateway(&gw, &single, name, prefix, 1, false, "")
             }),
             syscalls_per_request(dir, "full", "full.test", &full_headers, &|prefix, name| {
-                start_gateway(&single, name, prefix, 1, true, "")
+                start_gateway(&gw, &single, name, prefix, 1, true, "")
             }),
             has("nginx")
                 .then(|| {
@@ -1895,7 +1877,7 @@ fn main() {
             &|prefix, _| start_floor(prefix, 1, backend, false),
         );
         let bare = callgrind_per_request(dir, "bare", 1, "bare.test", &[], &|prefix, name| {
-            start_gateway(&single, name, prefix, 1, false, "")
+            start_gateway(&gw, &single, name, prefix, 1, false, "")
         });
         let full = callgrind_per_request(
             dir,
@@ -1903,12 +1885,12 @@ fn main() {
             1,
             "full.test",
             &full_headers,
-            &|prefix, name| start_gateway(&single, name, prefix, 1, true, ""),
+            &|prefix, name| start_gateway(&gw, &single, name, prefix, 1, true, ""),
         );
         // The bare route's API among many (the 1,000 APIs row's snapshots): what a large
         // route table and host map cost per request, free of the throughput rows' noise.
         let many_count = callgrind_per_request(dir, "apis", 1, &host, &[], &|prefix, name| {
-            start_gateway(&many, name, prefix, 1, false, "")
+            start_gateway(&gw, &many, name, prefix, 1, false, "")
         });
         // Fleet mode: the full chain with its quota in Redis (a round trip per request;
         // Redis's own work is not counted, it is another process). One connection, and
@@ -1923,7 +1905,7 @@ fn main() {
                     "full.test",
                     &full_headers,
                     &|prefix, name| {
-                        let (p, addr) = start_gateway(&single, name, prefix, 1, true, &cfg);
+                        let (p, addr) = start_gateway(&gw, &single, name, prefix, 1, true, &cfg);
                         // Connected to Redis in the background: the first requests may
                         // meet the failure mode (503).
                         let started = Instant::now();
@@ -1960,7 +1942,7 @@ fn main() {
             CONCURRENT,
             "bare.test",
             &[],
-            &|prefix, name| start_gateway(&single, name, prefix, 1, false, ""),
+            &|prefix, name| start_gateway(&gw, &single, name, prefix, 1, false, ""),
         );
         let full_at = callgrind_per_request(
             dir,
@@ -1968,7 +1950,7 @@ fn main() {
             CONCURRENT,
             "full.test",
             &full_headers,
-            &|prefix, name| start_gateway(&single, name, prefix, 1, true, ""),
+            &|prefix, name| start_gateway(&gw, &single, name, prefix, 1, true, ""),
         );
         // Tracing on, every request unsampled (ratio 0) and every request sampled (ratio
         // 1, the export thread's work included): the exporter sends to the backend.
@@ -1982,7 +1964,7 @@ fn main() {
                 1,
                 "bare.test",
                 &[],
-                &|prefix, name| start_gateway(&single, name, prefix, 1, false, &cfg),
+                &|prefix, name| start_gateway(&gw, &single, name, prefix, 1, false, &cfg),
             )
         });
         let ng = has("nginx")
