@@ -41,7 +41,7 @@ use std::convert::Infallible;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -161,12 +161,40 @@ fn full_chain(backend: SocketAddr) -> Value {
     doc["auths"] = json!([{"id": "au1", "name": "jwt", "connected_stages": ["prod"],
         "verification": {"alg": "HS256", "secret_base64": base64::engine::general_purpose::STANDARD.encode(SECRET)}}]);
     doc["usage_plans"] = json!([{"id": "up1", "name": "big", "limit": 2_000_000_000u64, "rate": "month",
-        "api_keys": [{"id": "k1", "name": "bench", "key": "load-benchmark-key"}]}]);
+        "api_keys": (0..=ROTATED_KEYS)
+            .map(|i| match i {
+                0 => json!({"id": "k1", "name": "bench", "key": "load-benchmark-key"}),
+                i => json!({"id": format!("k-rotated-{i}"), "name": "bench", "key": rotated_key(i)}),
+            })
+            .collect::<Vec<_>>()}]);
     doc
 }
 
 /// The rows of the second gateway executable, `LOAD_GATEWAY_B`, are named with this.
 const GATEWAY_B: &str = "gateway B";
+
+/// API keys the "many keys" rows spread their requests over (round robin; each key's quota
+/// counter is its own, so a Redis call carries admissions of many counters, not of one).
+const ROTATED_KEYS: usize = 64;
+
+/// The [`ROTATED_KEYS`] keys are this and a number from 1.
+const ROTATED_KEY_PREFIX: &str = "load-benchmark-key-";
+
+/// The `i`-th (from 1) of the [`ROTATED_KEYS`] keys.
+fn rotated_key(i: usize) -> String {
+    format!("{ROTATED_KEY_PREFIX}{i}")
+}
+
+/// A wrk script that sends each request with the next of the [`ROTATED_KEYS`] keys as its
+/// `x-scp-apikey` (the other headers as given with `-H`), written into `dir`.
+fn rotating_keys(dir: &Path) -> PathBuf {
+    let path = dir.join("rotating-keys.lua");
+    let script = format!(
+        "local i = 0\nrequest = function()\n  i = i % {ROTATED_KEYS} + 1\n  wrk.headers[\"x-scp-apikey\"] = \"{ROTATED_KEY_PREFIX}\" .. i\n  return wrk.format()\nend\n"
+    );
+    std::fs::write(&path, script).expect("write the wrk script");
+    path
+}
 
 /// The gateway executable under test: `LOAD_GATEWAY`, or the one this build made.
 fn gateway_bin() -> String {
@@ -1068,6 +1096,7 @@ fn wrk(
     url: &str,
     host: &str,
     headers: &[String],
+    script: Option<&Path>,
     load: &Load<'_>,
     proxy: Option<u32>,
 ) -> Run {
@@ -1093,6 +1122,9 @@ fn wrk(
     ]);
     for h in headers {
         cmd.args(["-H", h]);
+    }
+    if let Some(script) = script {
+        cmd.arg("-s").arg(script);
     }
     let out = cmd.arg(url).output().expect("run wrk");
     let text = String::from_utf8_lossy(&out.stdout);
@@ -1134,6 +1166,8 @@ struct Row {
     addr: SocketAddr,
     host: String,
     headers: Vec<String>,
+    /// A wrk script that makes each request (`-s`), if the requests differ.
+    script: Option<PathBuf>,
     runs: Vec<Run>,
     _proc: Option<Proc>,
 }
@@ -1289,7 +1323,13 @@ fn main() {
     let only: Vec<String> = std::env::var("LOAD_ROWS")
         .map(|v| v.split(',').map(str::to_owned).collect())
         .unwrap_or_default();
-    let mut add = |name: String, (p, addr): (Proc, SocketAddr), host: &str, headers: &[String]| {
+    // `script`: a wrk script that makes each request (see `rotating_keys`); without one,
+    // every request is the same.
+    let mut add = |name: String,
+                   (p, addr): (Proc, SocketAddr),
+                   host: &str,
+                   headers: &[String],
+                   script: Option<&Path>| {
         if !only.is_empty() && !only.iter().any(|o| name.contains(o.as_str())) {
             return;
         }
@@ -1299,6 +1339,7 @@ fn main() {
             addr,
             host: host.into(),
             headers: headers.to_vec(),
+            script: script.map(Path::to_path_buf),
             runs: Vec::new(),
             _proc: Some(p),
         });
@@ -1309,17 +1350,18 @@ fn main() {
         let pin = ["taskset", "-c", cpus];
         if has("nginx") {
             let p = start_nginx(tmp.path(), &w, &pin, workers, backend, "");
-            add(format!("nginx ({w})"), p, "bare.test", &[]);
+            add(format!("nginx ({w})"), p, "bare.test", &[], None);
         }
         if has("haproxy") {
             let p = start_haproxy(tmp.path(), &w, cpus, workers, backend);
-            add(format!("HAProxy ({w})"), p, "bare.test", &[]);
+            add(format!("HAProxy ({w})"), p, "bare.test", &[], None);
         }
         add(
             format!("floor ({w})"),
             start_floor(&pin, workers, backend, false),
             "bare.test",
             &[],
+            None,
         );
         // The floor doing what the contract has every proxy do to each request and answer
         // (the gateway's headers, values made once): what of the gap to the floor is the
@@ -1331,16 +1373,24 @@ fn main() {
                 start_floor(&pin, workers, backend, true),
                 "bare.test",
                 &[],
+                None,
             );
         }
         let p = start_gateway(&gw, &single, &format!("bare-{w}"), &pin, workers, false, "");
-        add(format!("gateway, bare route ({w})"), p, "bare.test", &[]);
+        add(
+            format!("gateway, bare route ({w})"),
+            p,
+            "bare.test",
+            &[],
+            None,
+        );
         let p = start_gateway(&gw, &single, &format!("full-{w}"), &pin, workers, true, "");
         add(
             format!("gateway, full chain ({w})"),
             p,
             "full.test",
             &full_headers,
+            None,
         );
         // A second gateway executable (another build of the same or other sources), on the
         // same rows in the same rounds: an A/B that this shared machine's drift between
@@ -1352,6 +1402,7 @@ fn main() {
                 p,
                 "bare.test",
                 &[],
+                None,
             );
             let p = start_gateway(b, &single, "b-full-1w", &pin, 1, true, "");
             add(
@@ -1359,6 +1410,7 @@ fn main() {
                 p,
                 "full.test",
                 &full_headers,
+                None,
             );
         }
     }
@@ -1378,26 +1430,42 @@ fn main() {
             false,
             &cfg,
         );
-        add(tracing_row(ratio, priority), p, "bare.test", &[]);
+        add(tracing_row(ratio, priority), p, "bare.test", &[], None);
     }
-    // Fleet mode: the full chain with quotas in Redis (redis-server pinned with the backend).
+    // The full chain with its requests spread over many keys (a counter each), locally and
+    // in fleet mode: the comparison of the one-key rows (one hot key) for a crowd of
+    // clients. Each request's key comes from a wrk script, in both rows.
+    let rotating = rotating_keys(tmp.path());
+    let keys = |store: &str| format!("gateway, full chain{store}, {ROTATED_KEYS} keys (1w)");
+    let p = start_gateway(
+        &gw,
+        &single,
+        "full-keys",
+        &["taskset", "-c", "0"],
+        1,
+        true,
+        "",
+    );
+    add(keys(""), p, "full.test", &full_headers, Some(&rotating));
+    // Fleet mode: the full chain with quotas in Redis (redis-server pinned with the backend),
+    // with one key and with the many.
     let _redis = has("redis-server").then(|| {
         let (redis, cfg) = start_redis();
-        let p = start_gateway(
-            &gw,
-            &single,
-            "fleet",
-            &["taskset", "-c", "0"],
-            1,
-            true,
-            &cfg,
-        );
-        add(
-            "gateway, full chain, fleet/Redis (1w)".into(),
-            p,
-            "full.test",
-            &full_headers,
-        );
+        for (state, name, script) in [
+            (
+                "fleet",
+                "gateway, full chain, fleet/Redis (1w)".to_owned(),
+                None,
+            ),
+            (
+                "fleet-keys",
+                keys(", fleet/Redis"),
+                Some(rotating.as_path()),
+            ),
+        ] {
+            let p = start_gateway(&gw, &single, state, &["taskset", "-c", "0"], 1, true, &cfg);
+            add(name, p, "full.test", &full_headers, script);
+        }
         redis
     });
     // The same against a Redis Cluster of 3 masters (pinned with the backend).
@@ -1405,7 +1473,7 @@ fn main() {
         let (nodes, seed) = start_redis_cluster(tmp.path(), 3);
         let cfg = format!("[quota]\nbackend = \"redis\"\nredis_url = \"redis://{seed}\"\nredis_cluster = true\nfailure_mode = \"closed\"\n");
         let p = start_gateway(&gw, &single, "fleet-cluster", &["taskset", "-c", "0"], 1, true, &cfg);
-        add("gateway, full chain, fleet/Redis Cluster (1w)".into(), p, "full.test", &full_headers);
+        add("gateway, full chain, fleet/Redis Cluster (1w)".into(), p, "full.test", &full_headers, None);
         nodes
     });
     let started = Instant::now();
@@ -1417,6 +1485,7 @@ fn main() {
         p,
         &host,
         &[],
+        None,
     );
     let load_time = started.elapsed();
     let many_rss = rss_kib(
@@ -1443,7 +1512,7 @@ fn main() {
     let ticks = clock_ticks_per_second();
     for round in 0..rounds {
         eprintln!("round {}/{rounds}", round + 1);
-        direct_runs.push(wrk("direct", &direct, "backend", &[], &load, None));
+        direct_runs.push(wrk("direct", &direct, "backend", &[], None, &load, None));
         {
             use rand::{seq::SliceRandom, SeedableRng};
             order.shuffle(&mut rand::rngs::SmallRng::seed_from_u64(round as u64));
@@ -1452,7 +1521,15 @@ fn main() {
             let r = &mut rows[i];
             let url = format!("http://{}/prod/ping", r.addr);
             let proxy = r._proc.as_ref().map(Proc::pid);
-            let run = wrk(&r.name, &url, &r.host, &r.headers, &load, proxy);
+            let run = wrk(
+                &r.name,
+                &url,
+                &r.host,
+                &r.headers,
+                r.script.as_deref(),
+                &load,
+                proxy,
+            );
             // Each row's figure per round on stderr: a row that drifts over the run (or
             // one disturbed round) shows there, where the medians hide it.
             let per_request = |t: u64| {
@@ -1645,6 +1722,23 @@ fn main() {
             fleet_cpu("gateway, full chain, fleet/Redis (1w)")
         );
     }
+    if let Some(to_local) = vs(
+        &format!("gateway, full chain, fleet/Redis, {ROTATED_KEYS} keys (1w)"),
+        &format!("gateway, full chain, {ROTATED_KEYS} keys (1w)"),
+    ) {
+        let cpu_ratio = cpu(&format!(
+            "gateway, full chain, fleet/Redis, {ROTATED_KEYS} keys (1w)"
+        ))
+        .zip(cpu(&format!(
+            "gateway, full chain, {ROTATED_KEYS} keys (1w)"
+        )))
+        .map_or(String::new(), |(f, l)| {
+            format!("; CPU per request {:.2}× the local store's", f / l)
+        });
+        println!(
+            "fleet mode, requests spread over {ROTATED_KEYS} keys: full chain with the Redis quota store {to_local} the local store (1w){cpu_ratio}"
+        );
+    }
     if let Some(bare) = find("gateway, bare route (1w)") {
         for (ratio, priority) in TRACING_ROWS {
             let name = tracing_row(ratio, priority);
@@ -1701,6 +1795,7 @@ fn main() {
             .iter()
             .filter(|r| {
                 r.name.ends_with("(1w)")
+                    && r.script.is_none()
                     && !r.name.contains("fleet")
                     && !r.name.contains("APIs")
                     && !r.name.starts_with(FLOOR_HEADERS)
