@@ -1,7 +1,8 @@
 //! Load benchmark: a minimal backend direct, through nginx, HAProxy, the floor (a minimal
 //! proxy built the way the data plane is built, `support/floor.rs`; with 1 worker also as
 //! it adds the contract's headers) and scp-gateway (bare
-//! route, full policy chain, fleet mode, 1,000 APIs × 300 resources), measured side by side
+//! route, full policy chain, fleet mode, the full chain locally and in fleet mode over 64
+//! API keys, 1,000 APIs × 300 resources), measured side by side
 //! in one run with wrk over keep-alive connections, rounds interleaved (rows in a shuffled
 //! order per round), medians reported, with the proxy's CPU time per request (its
 //! processes' user and system time over the run, per request).
