@@ -189,6 +189,9 @@ impl App {
                     if let Err(e) = app.reports.push(fleet).await {
                         tracing::warn!(error = %e, "report aggregates could not be shared with the fleet; retrying");
                     }
+                    if let Err(e) = app.quota.push().await {
+                        tracing::warn!(error = %e, "usage counts could not be added to the fleet's usage hours; retrying");
+                    }
                 }
             }
         });

@@ -480,6 +480,10 @@ async fn serve(config: Config, demo_backend: Option<SocketAddr>) -> ExitCode {
         );
     }
     app.flush_state();
+    // Fleet mode: the usage counted since the last push (none is lost on a graceful stop).
+    if let Err(e) = app.quota.push().await {
+        tracing::warn!(error = %e, "the last usage counts could not be added to the fleet's usage hours; they are lost");
+    }
     if let Some(log) = &app.access_log {
         log.close();
     }

@@ -14,6 +14,7 @@ use time::{Date, OffsetDateTime, Time};
 
 use crate::snapshot::model::QuotaRate;
 
+mod fleet_usage;
 mod redis;
 pub use self::redis::RedisQuotaStore;
 
@@ -123,6 +124,13 @@ pub trait QuotaStore: Send + Sync + 'static {
 
     /// Writes what is only in memory to durable storage.
     fn flush(&self) -> Result<(), QuotaError>;
+
+    /// Shares with the fleet what only this instance holds (fleet mode: the usage its
+    /// workers counted since the last push). Called once a second, when the gateway stops
+    /// and (by the store itself) before a usage query; a failed push is retried by the next.
+    fn push(&self) -> BoxFuture<'_, Result<(), QuotaError>> {
+        Box::pin(async { Ok(()) })
+    }
 
     /// Forgets windows that ended and usage hours older than `before` (Unix seconds).
     fn prune(&self, before: i64) -> Result<(), QuotaError>;

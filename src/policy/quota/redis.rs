@@ -2,16 +2,18 @@
 //! usage plan's limit holds for the fleet and not per instance.
 //!
 //! An admission is a step of a Lua script (EVALSHA) that checks the window's counter and
-//! increments it only when under the limit, and counts the admission in the key's usage
-//! hour, atomically. The admissions a worker has at one time go together, in one call of
+//! increments it only when under the limit, atomically. Admitted requests are counted in
+//! the key's usage hour by the worker and added to Redis once a second (see
+//! [`super::fleet_usage`]). The admissions a worker has at one time go together, in one call of
 //! the script, which takes them counter by counter (see [`Batches`], [`ADMIT`]): each one
 //! is still exact, a busy worker makes one round trip for many requests instead of one
-//! each, and a hot key's admissions in one call cost Redis two commands, not two each. Keys are named
-//! from stable ids (usage plan, key, window start) and expire an hour after their window
-//! ends; usage hours expire after the retention period. Both keys of an admission carry the
-//! plan as their hash tag (`scpgw:quota:{plan}:key:window`, `scpgw:usage:{plan}:hour`): in
-//! a Redis Cluster they live in one slot, so the script stays one atomic step on one
-//! master, and different plans spread over the masters. Redis failures and timeouts surface
+//! each, and a hot key's admissions in one call cost Redis one command, not one each. Keys
+//! are named from stable ids (usage plan, key, window start) and expire an hour after
+//! their window ends; usage hours expire after the retention period. Both kinds of key
+//! carry the plan as their hash tag (`scpgw:quota:{plan}:key:window`,
+//! `scpgw:usage:{plan}:hour`): in a Redis Cluster a plan's keys live in one slot, so a
+//! call of the script is one atomic step on one master, and different plans spread over
+//! the masters. Redis failures and timeouts surface
 //! as [`QuotaError::Unavailable`]; the pipeline applies `quota.failure_mode` and counts
 //! `apigw_quota_store_errors_total`.
 
@@ -21,60 +23,55 @@ use std::sync::{Arc, Mutex};
 
 use futures_util::future::BoxFuture;
 
+use super::fleet_usage::{Tally, UsageName, PUSH};
 use super::{CounterSlot, QuotaError, QuotaStore, UsageRow, Window};
 use crate::fleet::{key_part, Fleet, FleetError, PREFIX};
 
 /// The admissions of one call, key by key, each key's as if they were calls of their own,
-/// one after the other. KEYS: each group's window counter and usage hour (a hash of key id
-/// → count) in turn; ARGV: each group's limit, counter expiry (Unix s), key id, usage
-/// expiry (Unix s) and number of admissions `n` in turn. A group is the admissions of one
-/// call for one counter (same key, window, limit and usage hour: see [`Group`]). Returns
-/// one integer per group, comma-separated in one string: the counter just after adding the
-/// group's `n` (the reply is parsed on the worker, and the client parses a string several
-/// times faster than an array).
+/// one after the other. KEYS: each group's window counter in turn; ARGV: each group's
+/// limit, counter expiry (Unix s) and number of admissions `n` in turn. A group is the
+/// admissions of one call for one counter (same key, window and limit: see [`Group`]).
+/// Returns one integer per group, comma-separated in one string: the counter just after
+/// adding the group's `n` (the reply is parsed on the worker, and the client parses a
+/// string several times faster than an array).
 ///
 /// A group adds its `n` to the counter first and takes back as many as went over the
 /// limit: the script is one atomic step, so no reader ever sees the count above the limit.
-/// The first `limit − (count − n)` admissions of the group, in arrival order, are admitted
-/// and counted in the usage hour, the rest refused and not counted: exactly what `n`
-/// admissions one at a time would give, and the worker works out each one's count from
-/// the group's ([`GroupReply`]). Under load most admissions of a call are a few hot keys':
-/// one `INCRBY` and one `HINCRBY` serve a group (Redis's time per call of 10 admissions of
-/// one key: 19 µs → 2.8 µs, `INFO commandstats` under `redis-benchmark`; 10 admissions of
-/// 10 keys cost what they did, 19 µs). The numbers go back to Redis as the strings they
-/// came as where they can: a Lua number given to `redis.call` is formatted with `%.17g`,
-/// which cost about a fifth of the call. A refusal costs a `DECRBY`; an instance asks
-/// again for a key refused in this window only after a snapshot reload (see
-/// [`FleetKeys::exhausted`]), so a client hammering an exhausted key does not reach Redis.
+/// The first `limit − (count − n)` admissions of the group, in arrival order, are admitted,
+/// the rest refused and not counted: exactly what `n` admissions one at a time would give,
+/// and the worker works out each one's count from the group's ([`GroupReply`]) and counts
+/// the admitted ones in their usage hour ([`super::fleet_usage`]). Under load most
+/// admissions of a call are a few hot keys': one `INCRBY` serves a group (Redis's time per
+/// call of 10 admissions of one key: 19 µs → 2.8 µs, `INFO commandstats` under
+/// `redis-benchmark`, when the script still counted usage too). The numbers go back to
+/// Redis as the strings they came as where they can: a Lua number given to `redis.call` is
+/// formatted with `%.17g`, which cost about a fifth of the call. A refusal costs a
+/// `DECRBY`; an instance asks again for a key refused in this window only after a snapshot
+/// reload (see [`FleetKeys::exhausted`]), so a client hammering an exhausted key does not
+/// reach Redis.
 ///
-/// Each key's expiry is set when the script makes it (the counter's first increment, a key
-/// id's first in the usage hour; the same time for every key id of an hour): a key never
-/// exists without it, as both happen in this one atomic step, and two `EXPIREAT`s fewer on
-/// every other admission take about a fifth off Redis's time per admission (measured with
+/// A counter's expiry is set when the script makes it (its first increment): the key never
+/// exists without it, as both happen in this one atomic step, and an `EXPIREAT` fewer on
+/// every other admission took about a fifth off Redis's time per admission (measured with
 /// `redis-benchmark` and `INFO commandstats`: 5.4–6.9 µs → 3.7–5.0 µs per call).
 const ADMIT: &str = r"
 local out = {}
 local a = 0
-for i = 1, #KEYS, 2 do
-  local count = redis.call('INCRBY', KEYS[i], ARGV[a + 5])
-  local n = tonumber(ARGV[a + 5])
+for i = 1, #KEYS do
+  local count = redis.call('INCRBY', KEYS[i], ARGV[a + 3])
+  local n = tonumber(ARGV[a + 3])
   if count == n then
     redis.call('EXPIREAT', KEYS[i], ARGV[a + 2])
   end
-  local admitted = ARGV[a + 5]
   local over = count - tonumber(ARGV[a + 1])
   if over > 0 then
     if over > n then
       over = n
     end
     redis.call('DECRBY', KEYS[i], over)
-    admitted = n - over
-  end
-  if admitted ~= 0 and redis.call('HINCRBY', KEYS[i + 1], ARGV[a + 3], admitted) == tonumber(admitted) then
-    redis.call('EXPIREAT', KEYS[i + 1], ARGV[a + 4])
   end
   out[#out + 1] = count
-  a = a + 5
+  a = a + 3
 end
 return table.concat(out, ',')
 ";
@@ -133,6 +130,8 @@ const COUNTER_GRACE_SECS: i64 = 3600;
 pub struct RedisQuotaStore {
     retention_secs: i64,
     batches: Arc<Batches>,
+    /// [`PUSH`], which adds the workers' usage tallies to the usage hours.
+    push: redis::Script,
 }
 
 impl RedisQuotaStore {
@@ -146,11 +145,43 @@ impl RedisQuotaStore {
                 admit: redis::Script::new(ADMIT),
                 fleet,
             }),
+            push: redis::Script::new(PUSH),
         })
     }
 
     fn fleet(&self) -> &Fleet {
         &self.batches.fleet
+    }
+
+    /// Adds the requests every worker admitted since the last push to their usage hours:
+    /// one call of [`PUSH`] (one per slot in a Redis Cluster, concurrently). What a call
+    /// could not add is given back and sent with the next push.
+    async fn push_usage(&self) -> Result<(), QuotaError> {
+        let counts = self.batches.take_usage();
+        if counts.is_empty() {
+            return Ok(());
+        }
+        let calls = counts.into_calls(!self.fleet().is_standalone());
+        let sha = self.push.get_hash();
+        let results = futures_util::future::join_all(calls.into_iter().map(|t| async move {
+            let cmd = t.command(sha, self.retention_secs);
+            let r =
+                self.fleet()
+                    .call(move |mut conn| async move {
+                        query_loading::<i64>(&cmd, PUSH, &mut conn).await
+                    })
+                    .await;
+            (t, r)
+        }))
+        .await;
+        let mut failed = None;
+        for (t, r) in results {
+            if let Err(e) = r {
+                self.batches.untake_usage(t);
+                failed.get_or_insert(unavailable(e));
+            }
+        }
+        failed.map_or(Ok(()), Err)
     }
 }
 
@@ -176,13 +207,10 @@ async fn query_loading<T: redis::FromRedisValue>(
 
 /// An admission's ARGV (see [`ADMIT`]).
 #[derive(Clone, Copy)]
-struct Argv<'a> {
+struct Argv {
     limit: u64,
     /// Unix seconds.
     counter_expiry: i64,
-    key_id: &'a str,
-    /// Unix seconds.
-    usage_expiry: i64,
 }
 
 /// Where an admission's answer goes.
@@ -199,6 +227,10 @@ struct Pending {
     keys: Args,
     /// Each group's arguments but its number of admissions (written as the call is made).
     argv: Args,
+    /// Each group's usage name, its two strings in turn (see [`UsageName`]): copied into
+    /// the worker's usage tally when the key is new there. Copies, not a reference to the
+    /// compiled key, which a reload may drop while the call is out.
+    names: Args,
     groups: Vec<Group>,
     /// Each admission's group (an index in `groups`) and where its answer goes, in
     /// arrival order.
@@ -213,8 +245,12 @@ struct Group {
     counter_at: usize,
     prefix_len: usize,
     window: Window,
-    hour: i64,
     limit: u64,
+    /// The key's usage name ([`UsageName::id`]; its strings are in the call's `names`) and
+    /// the usage hour its admitted requests are counted in once the call is answered.
+    usage_id: u64,
+    hour: i64,
+    usage_slot: u16,
     /// Admissions in the group.
     n: usize,
     /// What Redis did for the group, once the call is answered, and how many of its
@@ -280,6 +316,9 @@ struct Queue {
     /// count).
     size_hint: usize,
     pending: Vec<Pending>,
+    /// This worker's admitted requests not yet added to their usage hours in Redis
+    /// ([`RedisQuotaStore::push`]).
+    usage: Tally,
     /// Calls answered, emptied, their buffers kept for the next ones (at most
     /// [`SPARE_MAX`]): a call's buffers are several KiB under load, which glibc's
     /// allocator serves on its slow path (~400 instructions per request in the load
@@ -297,6 +336,7 @@ impl Pending {
             slot,
             keys: Args::default(),
             argv: Args::default(),
+            names: Args::default(),
             groups: Vec::new(),
             answers: Vec::new(),
         };
@@ -309,10 +349,12 @@ impl Pending {
         let n = n.clamp(1, BATCH_MAX);
         self.slot = slot;
         self.keys.clear();
-        // Two keys of about 50 bytes each, four arguments of about 12 (see `add`).
-        self.keys.reserve(2 * n, 112 * n);
+        // A key of about 50 bytes, two arguments of about 12 (see `add`).
+        self.keys.reserve(n, 56 * n);
         self.argv.clear();
-        self.argv.reserve(4 * n, 64 * n);
+        self.argv.reserve(2 * n, 24 * n);
+        self.names.clear();
+        self.names.reserve(2 * n, 48 * n);
         self.groups.clear();
         self.groups.reserve(n);
         self.answers.clear();
@@ -320,16 +362,28 @@ impl Pending {
         self
     }
 
+    /// Counts each group's admitted requests in their usage hours (the call is answered).
+    fn count_usage(&self, usage: &mut Tally) {
+        let mut names = self.names.iter();
+        for g in &self.groups {
+            let (prefix, key_id) = (names.next(), names.next());
+            let Ok(admitted @ 1..) = u64::try_from(g.reply.admitted) else {
+                continue;
+            };
+            usage.add(g.usage_id, g.hour, admitted, || UsageName {
+                id: g.usage_id,
+                prefix: String::from_utf8_lossy(prefix.unwrap_or_default()).into(),
+                key_id: String::from_utf8_lossy(key_id.unwrap_or_default()).into(),
+                slot: g.usage_slot,
+            });
+        }
+    }
+
     /// Adds one admission to the call, answered on `answer`: to the group of its counter if
     /// one of the last few has it, else as a group of its own, its keys and arguments
     /// written into the call.
-    fn add(
-        &mut self,
-        keys: &FleetKeys,
-        (window, hour): (Window, i64),
-        argv: Argv<'_>,
-        answer: Answer,
-    ) {
+    fn add(&mut self, keys: &FleetKeys, (window, hour): (Window, i64), argv: Argv, answer: Answer) {
+        use redis::{RedisWrite, ToRedisArgs};
         let prefix = keys.counter.as_bytes();
         let found = self
             .groups
@@ -356,13 +410,17 @@ impl Pending {
                     counter_at: self.keys.data.len(),
                     prefix_len: prefix.len(),
                     window,
-                    hour,
                     limit: argv.limit,
+                    usage_id: keys.usage.id,
+                    hour,
+                    usage_slot: keys.usage.slot,
                     n: 0,
                     reply: GroupReply::default(),
                     answered: 0,
                 });
-                add_keys(&mut self.keys, keys, (window, hour));
+                keys.counter_key(window).write_redis_args(&mut self.keys);
+                self.names.write_arg(keys.usage.prefix.as_bytes());
+                self.names.write_arg(keys.usage.key_id.as_bytes());
                 add_argv(&mut self.argv, argv);
                 self.groups.len() - 1
             }
@@ -372,21 +430,11 @@ impl Pending {
     }
 }
 
-/// Writes an admission's keys into `out`: `keys`'s counter for `window` and usage hour
-/// `hour`.
-fn add_keys(out: &mut impl redis::RedisWrite, keys: &FleetKeys, (window, hour): (Window, i64)) {
-    use redis::ToRedisArgs;
-    keys.counter_key(window).write_redis_args(out);
-    keys.usage_key(hour).write_redis_args(out);
-}
-
 /// Writes an admission's arguments into `out`.
-fn add_argv(out: &mut impl redis::RedisWrite, argv: Argv<'_>) {
+fn add_argv(out: &mut impl redis::RedisWrite, argv: Argv) {
     use redis::ToRedisArgs;
     argv.limit.write_redis_args(out);
     argv.counter_expiry.write_redis_args(out);
-    argv.key_id.write_redis_args(out);
-    argv.usage_expiry.write_redis_args(out);
 }
 
 /// A call of queue `i`'s worker under way: counted in the queue's `in_flight` from its
@@ -451,15 +499,14 @@ impl Batches {
 
     /// Where an admission on worker `i` goes, decided under the queue's one lock: a call of
     /// its own when the worker is idle (no call under way, nothing waiting, and its last
-    /// call from the queue carried a lone admission), else the queue, where its keys
-    /// (`keys`'s counter for `window`, usage hour `hour`) and arguments go into the call
-    /// that will carry it.
+    /// call from the queue carried a lone admission), else the queue, where its key
+    /// (`keys`'s counter for `window`) and arguments go into the call that will carry it.
     fn turn(
         self: &Arc<Self>,
         i: usize,
         keys: &FleetKeys,
         window_hour: (Window, i64),
-        argv: Argv<'_>,
+        argv: Argv,
     ) -> Turn<'_> {
         let slot = if self.fleet.is_standalone() {
             0
@@ -535,8 +582,8 @@ impl Batches {
 
     /// A call of [`ADMIT`] for `n` groups, their keys and arguments still to be written.
     fn eval(&self, n: usize) -> redis::Cmd {
-        let mut eval = redis::Cmd::with_capacity(3 + 7 * n, 64 + 100 * n);
-        eval.arg("EVALSHA").arg(self.admit.get_hash()).arg(2 * n);
+        let mut eval = redis::Cmd::with_capacity(3 + 4 * n, 64 + 80 * n);
+        eval.arg("EVALSHA").arg(self.admit.get_hash()).arg(n);
         eval
     }
 
@@ -557,16 +604,17 @@ impl Batches {
             .and_then(|r| counts(&r, n))
     }
 
-    /// One admission in a call of its own (see [`Batches::turn`]): its keys and arguments
+    /// One admission in a call of its own (see [`Batches::turn`]): its key and arguments
     /// are written straight into the call, as a group of one. The counter after it.
     async fn call_one(
         &self,
         keys: &FleetKeys,
-        window_hour: (Window, i64),
-        argv: Argv<'_>,
+        window: Window,
+        argv: Argv,
     ) -> Result<i64, QuotaError> {
+        use redis::ToRedisArgs;
         let mut eval = self.eval(1);
-        add_keys(&mut eval, keys, window_hour);
+        keys.counter_key(window).write_redis_args(&mut eval);
         add_argv(&mut eval, argv);
         eval.arg(1);
         let at = tokio::time::Instant::now() + self.fleet.timeout();
@@ -583,7 +631,7 @@ impl Batches {
         {
             let mut argv = p.argv.iter();
             for g in &p.groups {
-                for arg in argv.by_ref().take(4) {
+                for arg in argv.by_ref().take(2) {
                     eval.arg(arg);
                 }
                 eval.arg(g.n);
@@ -598,6 +646,12 @@ impl Batches {
                 }
                 Ok(())
             });
+        // Counted in usage before any answer goes: a request's usage is in the tally by
+        // the time its response is.
+        let mut q = self.queue(i);
+        if replies.is_ok() {
+            p.count_usage(&mut q.usage);
+        }
         match replies {
             Ok(()) => {
                 for (g, answer) in p.answers.drain(..) {
@@ -612,10 +666,29 @@ impl Batches {
                 }
             }
         }
-        let mut q = self.queue(i);
         if q.spare.len() < SPARE_MAX {
             q.spare.push(p);
         }
+    }
+
+    /// Counts one admitted request of `name` in the usage hour `hour`, in queue `i`'s tally.
+    fn count_usage(&self, i: usize, name: &UsageName, hour: i64) {
+        self.queue(i).usage.add(name.id, hour, 1, || name.clone());
+    }
+
+    /// Every worker's usage tally, emptied.
+    fn take_usage(&self) -> Tally {
+        let mut all = Tally::default();
+        for i in 0..self.queues.len() {
+            let mine = std::mem::take(&mut self.queue(i).usage);
+            all.merge(mine);
+        }
+        all
+    }
+
+    /// Gives back counts a push could not add (the shared queue's tally takes them).
+    fn untake_usage(&self, counts: Tally) {
+        self.queue(usize::MAX).usage.merge(counts);
     }
 }
 
@@ -668,8 +741,8 @@ impl redis::ToRedisArgs for Numbered<'_> {
 pub struct FleetKeys {
     /// `scpgw:quota:{plan}:key:`
     counter: Box<str>,
-    /// `scpgw:usage:{plan}:`
-    usage: Box<str>,
+    /// Where the key's usage hours are (`scpgw:usage:{plan}:`, the key id).
+    usage: UsageName,
     /// The Redis Cluster slot of both (their hash tag is the plan's).
     slot: u16,
     /// The start of the window in which Redis refused this key (`i64::MIN`: none): its
@@ -684,13 +757,13 @@ pub struct FleetKeys {
 
 impl FleetKeys {
     fn new(plan_id: &str, key_id: &str) -> Self {
-        let usage = usage_prefix(plan_id);
         let (plan, key) = (key_part(plan_id), key_part(key_id));
         let counter = [PREFIX, ":quota:{", &plan, "}:", &key, ":"].concat();
+        let slot = redis::cluster_routing::get_slot(counter.as_bytes());
         Self {
-            slot: redis::cluster_routing::get_slot(counter.as_bytes()),
+            slot,
             counter: counter.into(),
-            usage: usage.into(),
+            usage: UsageName::new(usage_prefix(plan_id), key_id, slot),
             exhausted: AtomicI64::new(i64::MIN),
         }
     }
@@ -701,8 +774,9 @@ impl FleetKeys {
     }
 
     /// `scpgw:usage:{plan}:hour-start`.
+    #[cfg(test)]
     fn usage_key(&self, hour: i64) -> Numbered<'_> {
-        Numbered(&self.usage, hour)
+        Numbered(&self.usage.prefix, hour)
     }
 
     /// Redis refused this key in `window` ([`FleetKeys::exhausted`]).
@@ -724,7 +798,7 @@ fn usage_prefix(plan_id: &str) -> String {
 }
 
 /// `prefix` and `n` in decimal, in one allocation (`format!` costs several times more).
-fn with_number(prefix: &str, n: i64) -> String {
+pub(super) fn with_number(prefix: &str, n: i64) -> String {
     let mut buf = itoa::Buffer::new();
     let n = buf.format(n);
     let mut k = String::with_capacity(prefix.len() + n.len());
@@ -755,8 +829,6 @@ impl QuotaStore for RedisQuotaStore {
         let argv = Argv {
             limit,
             counter_expiry: window.end + COUNTER_GRACE_SECS,
-            key_id,
-            usage_expiry: hour + self.retention_secs,
         };
         let i = crate::worker::index();
         // A worker with no call under way sends a lone admission itself, from this future
@@ -771,10 +843,16 @@ impl QuotaStore for RedisQuotaStore {
         // under load (glibc's per-thread cache full) costs malloc's slow path.
         match self.batches.turn(i, keys, (window, hour), argv) {
             Turn::Alone(call) => Box::pin(async move {
-                let count = self.batches.call_one(keys, (window, hour), argv).await;
+                let count = self.batches.call_one(keys, window, argv).await;
                 drop(call);
                 let reply = GroupReply::new(count?, 1, limit)?.nth(0);
-                Ok(keys.answered(window, admission(reply)))
+                let answer = keys.answered(window, admission(reply));
+                if answer.1 {
+                    // (A request given up while its lone call is out is not counted in
+                    // usage, though Redis may have counted it in the window.)
+                    self.batches.count_usage(i, &keys.usage, hour);
+                }
+                Ok(answer)
             }),
             Turn::Queued(wait) => Box::pin(async move {
                 let reply = wait.await.unwrap_or_else(|_| {
@@ -808,6 +886,10 @@ impl QuotaStore for RedisQuotaStore {
         to: i64,
     ) -> BoxFuture<'a, Result<Vec<UsageRow>, QuotaError>> {
         Box::pin(async move {
+            // This instance's counts first, so that its own requests show at once.
+            if let Err(e) = self.push_usage().await {
+                tracing::debug!(error = %e, "usage could not be pushed before a usage query");
+            }
             let first = from.div_euclid(3600) * 3600;
             let hours: Vec<i64> = (0..MAX_USAGE_HOURS)
                 .map(|i| first + i * 3600)
@@ -837,9 +919,14 @@ impl QuotaStore for RedisQuotaStore {
         })
     }
 
-    /// Nothing to write: every admission is already in Redis.
+    /// Nothing to write: every admission is already in Redis (usage is sent by
+    /// [`QuotaStore::push`]).
     fn flush(&self) -> Result<(), QuotaError> {
         Ok(())
+    }
+
+    fn push(&self) -> BoxFuture<'_, Result<(), QuotaError>> {
+        Box::pin(self.push_usage())
     }
 
     /// Nothing to prune: keys carry their own expiry.
@@ -875,8 +962,6 @@ mod tests {
         let argv = Argv {
             limit: 10,
             counter_expiry: 3660,
-            key_id: "key",
-            usage_expiry: 7200,
         };
         let turn = || b.turn(i, &keys, (window, 0), argv);
         let queued = |t: Turn<'_>| match t {
@@ -1008,8 +1093,6 @@ mod tests {
         let argv = Argv {
             limit: 10,
             counter_expiry: 3660,
-            key_id: "key",
-            usage_expiry: 7200,
         };
         let call = b.turn(i, &keys, (window, 0), argv);
         assert!(matches!(call, Turn::Alone(_)));
@@ -1055,8 +1138,6 @@ mod tests {
         let argv = |limit| Argv {
             limit,
             counter_expiry: -3660,
-            key_id: "k:1",
-            usage_expiry: 7200,
         };
         let written = |p: &Pending| -> Vec<Vec<u8>> {
             p.keys
@@ -1066,8 +1147,9 @@ mod tests {
                 .collect()
         };
         let as_cmd = |window, limit| -> Vec<Vec<u8>> {
+            use redis::ToRedisArgs;
             let (mut k, mut a) = (redis::Cmd::new(), redis::Cmd::new());
-            add_keys(&mut k, &keys, (window, 3600));
+            keys.counter_key(window).write_redis_args(&mut k);
             add_argv(&mut a, argv(limit));
             k.args_iter()
                 .chain(a.args_iter())
@@ -1082,7 +1164,7 @@ mod tests {
         p.add(&keys, (w(0), 3600), argv(10), answer());
         assert_eq!(written(&p), as_cmd(w(0), 10));
         p.add(&keys, (w(60), 3600), argv(7), answer());
-        assert_eq!(written(&p).len(), 12);
+        assert_eq!(written(&p).len(), 6, "a key and two arguments per group");
         let p = p.reuse(5, 3);
         assert!(written(&p).is_empty());
         assert!(p.groups.is_empty() && p.answers.is_empty());
@@ -1094,11 +1176,52 @@ mod tests {
             .iter()
             .map(|a| String::from_utf8_lossy(a).into_owned())
             .collect();
+        assert_eq!(text[1..], [&u64::MAX.to_string(), "-3660"], "{text:?}");
+        let names: Vec<&[u8]> = p.names.iter().collect();
         assert_eq!(
-            text[2..],
-            [&u64::MAX.to_string(), "-3660", "k:1", "7200"],
-            "{text:?}"
+            names,
+            [&b"scpgw:usage:{plan}:"[..], b"k:1"],
+            "the usage name"
         );
+    }
+
+    /// Once a call is answered, each group's admitted requests (not its refused ones) are
+    /// counted in the usage hour of its key, under the key's own name.
+    #[test]
+    fn an_answered_call_counts_what_it_admitted_in_usage() {
+        let (a, b, c) = (
+            FleetKeys::new("plan", "a"),
+            FleetKeys::new("plan", "b"),
+            FleetKeys::new("plan", "c"),
+        );
+        let w = Window { start: 0, end: 60 };
+        let argv = |limit| Argv {
+            limit,
+            counter_expiry: 3660,
+        };
+        let answer = || tokio::sync::oneshot::channel().0;
+        let mut p = Pending::new(0, 8);
+        for _ in 0..3 {
+            p.add(&a, (w, 0), argv(10), answer());
+        }
+        p.add(&a, (w, 3600), argv(10), answer());
+        p.add(&b, (w, 0), argv(1), answer());
+        p.add(&b, (w, 0), argv(1), answer());
+        p.add(&c, (w, 0), argv(5), answer());
+        // Redis's counts: a from 0 → 3, then 3 → 4 in the next hour; b from 0 → 2 with a
+        // limit of 1 (one admitted); c already at its limit (none admitted).
+        for (g, count) in p.groups.iter_mut().zip([3, 4, 2, 6]) {
+            g.reply = GroupReply::new(count, g.n, g.limit).unwrap();
+        }
+        let mut usage = Tally::default();
+        p.count_usage(&mut usage);
+        let want = [
+            (("scpgw:usage:{plan}:0", "a"), 3),
+            (("scpgw:usage:{plan}:0", "b"), 1),
+            (("scpgw:usage:{plan}:3600", "a"), 1),
+        ]
+        .map(|((k, id), n)| ((k.to_string(), id.to_string()), n));
+        assert_eq!(usage.totals(), want.into());
     }
 
     /// Admissions of one counter (key, window, limit, usage hour) in one call make one
@@ -1114,11 +1237,9 @@ mod tests {
             start,
             end: start + 60,
         };
-        let argv = |limit, key_id| Argv {
+        let argv = |limit, _key_id: &str| Argv {
             limit,
             counter_expiry: 3660,
-            key_id,
-            usage_expiry: 7200,
         };
         let answer = || tokio::sync::oneshot::channel().0;
         let mut p = Pending::new(0, 8);
@@ -1129,8 +1250,8 @@ mod tests {
         assert_eq!(p.groups.iter().map(|g| g.n).collect::<Vec<_>>(), [3, 1]);
         let groups: Vec<usize> = p.answers.iter().map(|(g, _)| *g).collect();
         assert_eq!(groups, [0, 1, 0, 0], "each answer knows its group");
-        assert_eq!(p.keys.iter().count(), 4, "two keys per group");
-        assert_eq!(p.argv.iter().count(), 8, "four arguments per group");
+        assert_eq!(p.keys.iter().count(), 2, "one key per group");
+        assert_eq!(p.argv.iter().count(), 4, "two arguments per group");
         p.add(&a_elsewhere, (w(0), 0), argv(10, "a"), answer());
         p.add(&a, (w(60), 0), argv(10, "a"), answer());
         p.add(&a, (w(0), 3600), argv(10, "a"), answer());
