@@ -25,8 +25,8 @@
 //! the counts to take, of `floor,bare,full,nginx`; they need `strace`),
 //! `LOAD_GATEWAY` (the gateway executable to measure instead of this build's, e.g. the
 //! profile-guided build of `benches/pgo.sh`, which also trains with this bench),
-//! `LOAD_GATEWAY_B` (a second gateway executable, measured on the 1-worker bare route and
-//! full chain rows in the same rounds as the first: an A/B of two builds in one run).
+//! `LOAD_GATEWAY_B` (a second gateway executable, measured on the 1-worker bare route, full
+//! chain and fleet rows in the same rounds as the first: an A/B of two builds in one run).
 //!
 //! Pinning on 2 cores: this process (the backend) and the load generator share CPU 1; the
 //! proxy under test runs on CPU 0 with 1 worker, and on CPUs 0-1 with 2 workers. Every
@@ -399,7 +399,24 @@ fn start_cluster_node(d: &Path) -> (Proc, String) {
 
 /// A standalone Redis on CPU 1 (no persistence) and the gateway configuration that keeps
 /// quotas in it.
-fn start_redis() -> (Proc, String) {
+/// `EVALSHA` calls Redis has served and its time in them (µs), from `INFO commandstats`.
+fn redis_script_stats(port: u16) -> Option<(u64, u64)> {
+    let out = Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "INFO", "commandstats"])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().find(|l| l.starts_with("cmdstat_evalsha:"))?;
+    let field = |name: &str| -> Option<u64> {
+        line.split([':', ','])
+            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))?
+            .parse()
+            .ok()
+    };
+    Some((field("calls")?, field("usec")?))
+}
+
+fn start_redis() -> (Proc, String, u16) {
     let port = free_port();
     let redis = Proc::spawn(
         Command::new("taskset")
@@ -409,7 +426,7 @@ fn start_redis() -> (Proc, String) {
     )
     .expect("start redis-server");
     let cfg = format!("[quota]\nbackend = \"redis\"\nredis_url = \"redis://127.0.0.1:{port}/0\"\nfailure_mode = \"closed\"\n");
-    (redis, cfg)
+    (redis, cfg, port)
 }
 
 /// A Redis Cluster of `masters` masters on CPU 1, made by `redis-cli --cluster create`;
@@ -1450,22 +1467,34 @@ fn main() {
     add(keys(""), p, "full.test", &full_headers, Some(&rotating));
     // Fleet mode: the full chain with quotas in Redis (redis-server pinned with the backend),
     // with one key and with the many.
+    // The standalone Redis of the fleet rows: its script calls are counted per row.
+    let mut redis_port = None;
     let _redis = has("redis-server").then(|| {
-        let (redis, cfg) = start_redis();
-        for (state, name, script) in [
-            (
-                "fleet",
-                "gateway, full chain, fleet/Redis (1w)".to_owned(),
-                None,
-            ),
-            (
-                "fleet-keys",
-                keys(", fleet/Redis"),
-                Some(rotating.as_path()),
-            ),
-        ] {
-            let p = start_gateway(&gw, &single, state, &["taskset", "-c", "0"], 1, true, &cfg);
-            add(name, p, "full.test", &full_headers, script);
+        let (redis, cfg, port) = start_redis();
+        redis_port = has("redis-cli").then_some(port);
+        // `LOAD_GATEWAY_B`'s executable on the same rows too (same Redis: the plan's limit
+        // is far above what a run admits).
+        let bins = std::iter::once(("gateway", gw.as_str()))
+            .chain(gateway_b.as_deref().map(|b| (GATEWAY_B, b)));
+        for (who, bin) in bins {
+            for (state, row, script) in [
+                ("fleet", "full chain, fleet/Redis (1w)".to_owned(), None),
+                (
+                    "fleet-keys",
+                    keys(", fleet/Redis").replacen("gateway, ", "", 1),
+                    Some(rotating.as_path()),
+                ),
+            ] {
+                let state = format!("{state}-{}", who.replace(' ', "-"));
+                let p = start_gateway(bin, &single, &state, &["taskset", "-c", "0"], 1, true, &cfg);
+                add(
+                    format!("{who}, {row}"),
+                    p,
+                    "full.test",
+                    &full_headers,
+                    script,
+                );
+            }
         }
         redis
     });
@@ -1511,6 +1540,8 @@ fn main() {
     };
     let mut order: Vec<usize> = (0..rows.len()).collect();
     let ticks = clock_ticks_per_second();
+    // Fleet rows: (script calls per 1,000 requests, Redis µs per request) per round.
+    let mut redis_runs: std::collections::BTreeMap<String, Vec<(f64, f64)>> = Default::default();
     for round in 0..rounds {
         eprintln!("round {}/{rounds}", round + 1);
         direct_runs.push(wrk("direct", &direct, "backend", &[], None, &load, None));
@@ -1522,6 +1553,10 @@ fn main() {
             let r = &mut rows[i];
             let url = format!("http://{}/prod/ping", r.addr);
             let proxy = r._proc.as_ref().map(Proc::pid);
+            let fleet_row = r.name.contains("fleet/Redis,") || r.name.contains("fleet/Redis (");
+            let redis_before = redis_port
+                .filter(|_| fleet_row)
+                .and_then(redis_script_stats);
             let run = wrk(
                 &r.name,
                 &url,
@@ -1547,6 +1582,15 @@ fn main() {
                 per_request(run.cpu_ticks),
                 per_request(run.user_ticks)
             );
+            if let (Some((calls, usec)), Some(port)) = (redis_before, redis_port) {
+                if let Some((calls_after, usec_after)) = redis_script_stats(port) {
+                    let per_1k = |n: u64| n as f64 * 1000.0 / run.requests.max(1.0);
+                    redis_runs.entry(r.name.clone()).or_default().push((
+                        per_1k(calls_after.saturating_sub(calls)),
+                        per_1k(usec_after.saturating_sub(usec)) / 1000.0,
+                    ));
+                }
+            }
             r.runs.push(run);
         }
     }
@@ -1692,7 +1736,13 @@ fn main() {
             }
         }
     }
-    for row in ["bare route", "full chain"] {
+    let fleet_keys_row = format!("full chain, fleet/Redis, {ROTATED_KEYS} keys");
+    for row in [
+        "bare route",
+        "full chain",
+        "full chain, fleet/Redis",
+        &fleet_keys_row,
+    ] {
         let (a, b) = (
             format!("gateway, {row} (1w)"),
             format!("{GATEWAY_B}, {row} (1w)"),
@@ -1738,6 +1788,16 @@ fn main() {
         });
         println!(
             "fleet mode, requests spread over {ROTATED_KEYS} keys: full chain with the Redis quota store {to_local} the local store (1w){cpu_ratio}"
+        );
+    }
+    // How well a worker's admissions share calls under load, and what they cost Redis
+    // (its time counts against CPU 1, which the load generator and the backend share).
+    for (name, runs) in &redis_runs {
+        let calls = median(runs.iter().map(|r| r.0).collect());
+        let usec = median(runs.iter().map(|r| r.1).collect());
+        println!(
+            "fleet mode: {name}: {calls:.0} script calls per 1,000 requests ({:.1} admissions a call), Redis {usec:.2} µs per request",
+            1000.0 / calls.max(f64::MIN_POSITIVE)
         );
     }
     if let Some(bare) = find("gateway, bare route (1w)") {
@@ -1992,7 +2052,7 @@ fn main() {
         // Redis's own work is not counted, it is another process). One connection, and
         // CONCURRENT at once (admissions share a call).
         let [fleet, fleet_at] = if has("redis-server") {
-            let (redis, cfg) = start_redis();
+            let (redis, cfg, _) = start_redis();
             let count = |label: &str, conns: usize| {
                 callgrind_per_request(
                     dir,
