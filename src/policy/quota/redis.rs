@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use futures_util::future::BoxFuture;
 
 use super::fleet_usage::{Tally, UsageName, PUSH};
-use super::{CounterSlot, QuotaError, QuotaStore, UsageRow, Window};
+use super::{AdmitFuture, CounterSlot, QuotaError, QuotaStore, UsageRow, Window};
 use crate::fleet::{key_part, Fleet, FleetError, PREFIX};
 
 /// The admissions of one call, key by key, each key's as if they were calls of their own,
@@ -451,6 +451,30 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// A queued admission waiting for the answer of the call that carries it.
+pub struct Queued<'a> {
+    wait: tokio::sync::oneshot::Receiver<Result<i64, QuotaError>>,
+    keys: &'a FleetKeys,
+    window: Window,
+}
+
+impl std::future::Future for Queued<'_> {
+    type Output = Result<(u64, bool), QuotaError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let reply = std::task::ready!(std::pin::Pin::new(&mut self.wait).poll(cx));
+        std::task::Poll::Ready(match reply {
+            Ok(reply) => reply.map(|r| self.keys.answered(self.window, admission(r))),
+            Err(_) => Err(QuotaError::Unavailable(
+                "the call to the fleet's Redis was given up".into(),
+            )),
+        })
+    }
+}
+
 /// Where an admission goes ([`Batches::turn`]).
 enum Turn<'a> {
     /// A call of its own, from the admission's future, counted as under way.
@@ -824,7 +848,7 @@ impl QuotaStore for RedisQuotaStore {
         limit: u64,
         window: Window,
         now: i64,
-    ) -> BoxFuture<'a, Result<(u64, bool), QuotaError>> {
+    ) -> AdmitFuture<'a> {
         let keys = slot.fleet.get_or_init(|| FleetKeys::new(plan_id, key_id));
         let hour = now.div_euclid(3600) * 3600;
         let argv = Argv {
@@ -839,11 +863,10 @@ impl QuotaStore for RedisQuotaStore {
         // admission's by its call's first admission's arrival, see `Batches::flush`): no
         // timer per admission.
         //
-        // Decided here, before the box: each way boxes only what it holds. A queued
-        // admission's future is a few words; one holding a whole call is ~900 bytes, which
-        // under load (glibc's per-thread cache full) costs malloc's slow path.
+        // Decided here: only a lone admission's future, which holds a whole call (~900
+        // bytes), is boxed; a queued one is a few words, not boxed (see `AdmitFuture`).
         match self.batches.turn(i, keys, (window, hour), argv) {
-            Turn::Alone(call) => Box::pin(async move {
+            Turn::Alone(call) => AdmitFuture::Boxed(Box::pin(async move {
                 let count = self.batches.call_one(keys, window, argv).await;
                 drop(call);
                 let reply = GroupReply::new(count?, 1, limit)?.nth(0);
@@ -854,15 +877,8 @@ impl QuotaStore for RedisQuotaStore {
                     self.batches.count_usage(i, &keys.usage, hour);
                 }
                 Ok(answer)
-            }),
-            Turn::Queued(wait) => Box::pin(async move {
-                let reply = wait.await.unwrap_or_else(|_| {
-                    Err(QuotaError::Unavailable(
-                        "the call to the fleet's Redis was given up".into(),
-                    ))
-                });
-                reply.map(|r| keys.answered(window, admission(r)))
-            }),
+            })),
+            Turn::Queued(wait) => AdmitFuture::Queued(Queued { wait, keys, window }),
         }
     }
 
