@@ -1232,13 +1232,12 @@ mod tests {
         }
         let mut usage = Tally::default();
         p.count_usage(&mut usage);
-        let want = [
-            (("scpgw:usage:{plan}:0", "a"), 3),
-            (("scpgw:usage:{plan}:0", "b"), 1),
-            (("scpgw:usage:{plan}:3600", "a"), 1),
-        ]
-        .map(|((k, id), n)| ((k.to_string(), id.to_string()), n));
-        assert_eq!(usage.totals(), want.into());
+        let want = super::super::fleet_usage::totals(&[
+            ("scpgw:usage:{plan}:0", "a", 3),
+            ("scpgw:usage:{plan}:0", "b", 1),
+            ("scpgw:usage:{plan}:3600", "a", 1),
+        ]);
+        assert_eq!(usage.totals(), want);
     }
 
     /// Admissions of one counter (key, window, limit, usage hour) in one call make one
