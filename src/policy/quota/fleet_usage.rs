@@ -36,6 +36,11 @@ end
 return #KEYS
 ";
 
+/// Counts one call of [`PUSH`] carries at most. A script blocks Redis while it runs: a
+/// push of very many keys goes in several calls, between which Redis serves the
+/// admissions (a few hundred `HINCRBY`s are well under a millisecond).
+const PUSH_MAX: usize = 500;
+
 /// Where one (plan, key)'s usage goes: made once, when the key is compiled, and copied
 /// into a worker's tally when the key is first counted there after a push.
 #[derive(Debug, Clone)]
@@ -96,14 +101,20 @@ impl Tally {
     }
 
     /// The counts, split by the calls that carry them: one per Redis Cluster slot (`by_slot`),
-    /// else one for all.
+    /// else one for all, and none with more than [`PUSH_MAX`] counts.
     pub fn into_calls(self, by_slot: bool) -> Vec<Tally> {
-        let mut calls: FxHashMap<u16, Tally> = FxHashMap::default();
+        let mut open: FxHashMap<u16, Tally> = FxHashMap::default();
+        let mut full = Vec::new();
         for (k, v) in self.counts {
             let slot = if by_slot { v.0.slot } else { 0 };
-            calls.entry(slot).or_default().counts.insert(k, v);
+            let call = open.entry(slot).or_default();
+            call.counts.insert(k, v);
+            if call.counts.len() == PUSH_MAX {
+                full.extend(open.remove(&slot));
+            }
         }
-        calls.into_values().collect()
+        full.extend(open.into_values());
+        full
     }
 
     /// The call of [`PUSH`] (by its SHA-1) that adds these counts, each usage hour's
@@ -232,6 +243,20 @@ mod tests {
         assert_eq!(one.into_calls(false).len(), 1);
         let mut calls = t.into_calls(true);
         calls.sort_by_key(|c| c.counts.len());
+        // More than a call carries: several calls, every count in one of them.
+        let mut many = Tally::default();
+        for i in 0..(2 * PUSH_MAX as u64 + 1) {
+            let name = UsageName::new("scpgw:usage:{p}:".into(), &format!("k{i}"), 1);
+            many.add(name.id, 0, 1, || name.clone());
+        }
+        let sizes: Vec<usize> = many
+            .into_calls(false)
+            .iter()
+            .map(|c| c.counts.len())
+            .collect();
+        assert_eq!(sizes.len(), 3, "{sizes:?}");
+        assert!(sizes.iter().all(|n| *n <= PUSH_MAX), "{sizes:?}");
+        assert_eq!(sizes.iter().sum::<usize>(), 2 * PUSH_MAX + 1);
         assert_eq!(
             calls.iter().map(|c| c.counts.len()).collect::<Vec<_>>(),
             [1, 2]

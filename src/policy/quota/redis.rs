@@ -155,8 +155,9 @@ impl RedisQuotaStore {
     }
 
     /// Adds the requests every worker admitted since the last push to their usage hours:
-    /// one call of [`PUSH`] (one per slot in a Redis Cluster, concurrently). What a call
-    /// could not add is given back and sent with the next push.
+    /// one call of [`PUSH`] (one per slot in a Redis Cluster, and per 500 counts: see
+    /// `Tally::into_calls`), concurrently. What a call could not add is given back and sent
+    /// with the next push.
     async fn push_usage(&self) -> Result<(), QuotaError> {
         let counts = self.batches.take_usage();
         if counts.is_empty() {
