@@ -1026,6 +1026,30 @@ mod tests {
         assert!(alone(turn()), "the lone call is over");
     }
 
+    /// A push that Redis does not take keeps its counts for the next push: none is lost
+    /// while Redis is away.
+    #[tokio::test]
+    async fn a_failed_push_keeps_its_counts_for_the_next() {
+        // Nothing listens on port 1: every call fails.
+        let cfg = crate::config::QuotaConfig {
+            redis_url: "redis://127.0.0.1:1/0".into(),
+            ..Default::default()
+        };
+        let store = RedisQuotaStore::new(Fleet::start(&cfg).unwrap(), 3600);
+        let keys = FleetKeys::new("plan", "key");
+        for _ in 0..3 {
+            store
+                .batches
+                .count_usage(crate::worker::index(), &keys.usage, 7200);
+        }
+        assert!(store.push().await.is_err(), "no Redis to push to");
+        let kept = store.batches.take_usage();
+        let want = super::super::fleet_usage::totals(&[("scpgw:usage:{plan}:7200", "key", 3)]);
+        assert_eq!(kept.totals(), want);
+        // Nothing counted: nothing to push, and no call.
+        assert!(store.push().await.is_ok());
+    }
+
     /// A Redis that answers every command with `+OK` except `EVALSHA`, which it never
     /// answers (a server gone silent in the middle of the admissions).
     async fn silent_on_evalsha() -> std::net::SocketAddr {
