@@ -961,18 +961,23 @@ impl QuotaStore for RedisQuotaStore {
 mod tests {
     use super::*;
 
+    /// A store whose Redis is not there: nothing listens on port 1, so every call fails
+    /// at once.
+    fn unreachable_store() -> Arc<RedisQuotaStore> {
+        let cfg = crate::config::QuotaConfig {
+            redis_url: "redis://127.0.0.1:1/0".into(),
+            ..Default::default()
+        };
+        RedisQuotaStore::new(Fleet::start(&cfg).unwrap(), 3600)
+    }
+
     /// An admission that finds its worker idle (no call under way, nothing queued, not
     /// busy) makes its own call; while a call is under way, or admissions wait, or the
     /// worker's last queued call carried several, the next one goes to the queue; a call
     /// stops counting as under way when it ends, failed or not.
     #[tokio::test]
     async fn a_lone_admission_calls_at_once_and_the_next_goes_to_the_queue() {
-        // Nothing listens on port 1: every call fails, at once.
-        let cfg = crate::config::QuotaConfig {
-            redis_url: "redis://127.0.0.1:1/0".into(),
-            ..Default::default()
-        };
-        let store = RedisQuotaStore::new(Fleet::start(&cfg).unwrap(), 3600);
+        let store = unreachable_store();
         let b = &store.batches;
         let i = crate::worker::index();
         let keys = FleetKeys::new("plan", "key");
@@ -1030,12 +1035,7 @@ mod tests {
     /// while Redis is away.
     #[tokio::test]
     async fn a_failed_push_keeps_its_counts_for_the_next() {
-        // Nothing listens on port 1: every call fails.
-        let cfg = crate::config::QuotaConfig {
-            redis_url: "redis://127.0.0.1:1/0".into(),
-            ..Default::default()
-        };
-        let store = RedisQuotaStore::new(Fleet::start(&cfg).unwrap(), 3600);
+        let store = unreachable_store();
         let keys = FleetKeys::new("plan", "key");
         for _ in 0..3 {
             store
