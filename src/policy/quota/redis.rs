@@ -252,7 +252,6 @@ struct Group {
     /// the usage hour its admitted requests are counted in once the call is answered.
     usage_id: u64,
     hour: i64,
-    usage_slot: u16,
     /// Admissions in the group.
     n: usize,
     /// What Redis did for the group, once the call is answered, and how many of its
@@ -376,7 +375,9 @@ impl Pending {
                 id: g.usage_id,
                 prefix: String::from_utf8_lossy(prefix.unwrap_or_default()).into(),
                 key_id: String::from_utf8_lossy(key_id.unwrap_or_default()).into(),
-                slot: g.usage_slot,
+                // The call's slot is its keys' (and their usage hours'); 0 for a
+                // standalone Redis, which takes every push in one call.
+                slot: self.slot,
             });
         }
     }
@@ -415,7 +416,6 @@ impl Pending {
                     limit: argv.limit,
                     usage_id: keys.usage.id,
                     hour,
-                    usage_slot: keys.usage.slot,
                     n: 0,
                     reply: GroupReply::default(),
                     answered: 0,
