@@ -22,7 +22,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo, TlsCertificates};
 
 use crate::config::QuotaConfig;
-use crate::deadline::Deadline;
+use crate::timer::Deadline;
 
 /// Key prefix of everything the gateway keeps in Redis.
 pub const PREFIX: &str = "scpgw";

@@ -18,9 +18,9 @@ use serde_json::{Map, Value};
 use super::http::forward;
 use super::{Outcome, Timing};
 use crate::body::{ForwardBody, GatewayBody};
-use crate::deadline::Deadline;
 use crate::rejection::Rejection;
 use crate::snapshot::compile::FunctionTarget;
+use crate::timer::Deadline;
 use crate::upstream::Settings;
 
 /// Largest function answer accepted (→ 502 beyond).

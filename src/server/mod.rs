@@ -101,7 +101,7 @@ fn run(i: usize, app: Arc<App>, socks: WorkerListeners, shutdown: watch::Receive
         }
     };
     rt.block_on(async move {
-        crate::deadline::enable();
+        crate::timer::enable();
         let builder = Arc::new(http_builder(&app.config.limits));
         let open = Arc::new(AtomicUsize::new(0));
         let mut accepts = Vec::new();
@@ -126,9 +126,9 @@ fn run(i: usize, app: Arc<App>, socks: WorkerListeners, shutdown: watch::Receive
         // their time closed even without traffic.
         let watchdog = tokio::spawn(watchdog::run(app.config.limits.clone(), shutdown.clone()));
         let sweeper = tokio::spawn(async {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
-                tick.tick().await;
+                crate::timer::sleep_until(tokio::time::Instant::now() + Duration::from_secs(1))
+                    .await;
                 crate::upstream::pool::sweep();
             }
         });
@@ -143,7 +143,7 @@ fn run(i: usize, app: Arc<App>, socks: WorkerListeners, shutdown: watch::Receive
         }
         sweeper.abort();
         watchdog.abort();
-        crate::deadline::disable();
+        crate::timer::disable();
         open.load(Ordering::Acquire)
     })
 }

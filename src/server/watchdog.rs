@@ -64,15 +64,17 @@ pub fn tick(limits: &Limits) -> Duration {
 /// Runs the watchdog of the current worker until the worker's runtime ends.
 pub async fn run(limits: Limits, mut shutdown: watch::Receiver<bool>) {
     let mut watched: Vec<Watched> = Vec::new();
-    let mut interval = tokio::time::interval(tick(&limits));
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let tick = tick(&limits);
     let mut draining = *shutdown.borrow();
+    let mut next = tokio::time::Instant::now();
     loop {
+        // On the worker's timer board (`timer`): no timer in the runtime's wheel.
         tokio::select! {
-            _ = interval.tick() => {}
+            () = crate::timer::sleep_until(next) => {}
             _ = shutdown.changed(), if !draining => draining = true,
         }
         let now = Instant::now();
+        next = tokio::time::Instant::from_std(now) + tick;
         NEW.with_borrow_mut(|new| {
             watched.extend(new.drain(..).map(|activity| Watched {
                 activity,

@@ -20,8 +20,8 @@ use super::pool::{self, Pooled};
 use super::wire::{self, Wire};
 use super::{Settings, Upstream};
 use crate::body::{client_body_failure, ForwardBody};
-use crate::deadline::Deadline;
 use crate::rejection::Rejection;
+use crate::timer::Deadline;
 
 /// A backend's answer (its head, without the hop-by-hop headers of the connection it came
 /// on; the body streams).
