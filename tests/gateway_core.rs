@@ -620,3 +620,32 @@ async fn https_backends_with_an_extra_ca_and_h2() {
     );
     assert_eq!(h["traceparent"].as_array().map(Vec::len), Some(1), "{v}");
 }
+
+/// The `Date` of the gateway's own answers is the current second, on a connection that
+/// stays open across seconds (hyper's date cache, brought up to date as each answer is
+/// written: `vendor/hyper/PATCHED.md`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_carry_the_current_date() {
+    let b = Backend::start("b").await;
+    let gw = Gateway::start(&[("api1.json", &routing_api(&b))], "");
+    let c = client();
+    let date_of = |r: &reqwest::Response| {
+        let v = r.headers()["date"].to_str().unwrap().to_owned();
+        httpdate::parse_http_date(&v).unwrap_or_else(|e| panic!("Date {v:?}: {e}"))
+    };
+    let near_now = |d: std::time::SystemTime| {
+        let now = std::time::SystemTime::now();
+        // The Date has whole seconds: it may be up to a second behind now.
+        d <= now && now.duration_since(d).unwrap() < Duration::from_secs(2)
+    };
+    let first = gw.get(&c, HOST, "/prod/customers").await;
+    assert_eq!(first.status(), 404);
+    let d1 = date_of(&first);
+    assert!(near_now(d1), "{d1:?}");
+    // The same keep-alive connection, seconds later.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let second = gw.get(&c, HOST, "/prod/customers").await;
+    let d2 = date_of(&second);
+    assert!(near_now(d2), "{d2:?}");
+    assert!(d2 > d1, "the Date did not move: {d1:?} then {d2:?}");
+}

@@ -523,9 +523,9 @@ impl Http1Transaction for Server {
         true
     }
 
-    fn update_date() {
-        date::update();
-    }
+    // scp-gateway patch (see PATCHED.md): the date is brought up to date as it is
+    // written (`date::extend`), not on every poll.
+    fn update_date() {}
 }
 
 #[cfg(feature = "server")]
