@@ -523,9 +523,8 @@ impl Http1Transaction for Server {
         true
     }
 
-    // scp-gateway patch (see PATCHED.md): the date is brought up to date as it is
-    // written (`date::extend`), not on every poll.
-    fn update_date() {}
+    // scp-gateway patch (see PATCHED.md): no `update_date` (the trait's default does
+    // nothing); the date is brought up to date as it is written (`date::extend`).
 }
 
 #[cfg(feature = "server")]
