@@ -414,8 +414,8 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Response<GatewayB
             let mut apis: Vec<serde_json::Value> = state
                 .apis()
                 .map(|a| {
-                    let mut stages: Vec<&str> = a.stages.keys().map(|s| &**s).collect();
-                    stages.sort_unstable();
+                    // Sorted by name (see `CompiledApi::stages`).
+                    let stages: Vec<&str> = a.stages.iter().map(|s| &*s.name).collect();
                     serde_json::json!({
                         "api_id": &*a.id,
                         "name": a.name,

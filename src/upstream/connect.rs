@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use hyper::client::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -118,10 +118,10 @@ async fn open_addr(
         }
         _ => (BackendIo::Plain(tcp), false),
     };
-    let io = Transport(TokioIo::new(Counted {
-        inner: io,
+    let io = Transport {
+        io,
         wire: wire.clone(),
-    }));
+    };
     let handle = if h2 {
         let (send, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
@@ -149,48 +149,19 @@ async fn open_addr(
     Ok(Fresh { handle, wire })
 }
 
-/// A backend connection's transport as hyper sees it: the counted socket, which also hands
-/// hyper's HTTP/1 client the header fields its [`Wire`] holds for the request head being
-/// written ([`hyper::rt::Write::take_appended_headers`], see `vendor/hyper/PATCHED.md`).
-struct Transport(TokioIo<Counted>);
-
-impl hyper::rt::Read for Transport {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: hyper::rt::ReadBufCursor<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
-    }
-}
-
-impl hyper::rt::Write for Transport {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, data)
-    }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.0.is_write_vectored()
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
-    }
-    fn take_appended_headers(self: Pin<&mut Self>) -> Option<hyper::ext::AppendedHeaders> {
-        self.0.inner().wire.take_appended()
-    }
+/// A backend connection's transport as hyper sees it: the socket, counting the bytes it
+/// received and keeping, when asked, the bytes written for a request ([`Wire`]); it also
+/// hands hyper's HTTP/1 client the header fields its [`Wire`] holds for the request head
+/// being written ([`hyper::rt::Write::take_appended_headers`], see `vendor/hyper/PATCHED.md`).
+///
+/// hyper's I/O traits are implemented here directly, as hyper-util's `TokioIo` does, rather
+/// than over `TokioIo` and a counting `AsyncRead` layer: the count is the read's own length,
+/// not worked out again from the buffer before and after (a backend connection is read
+/// six times per request, most of them finding nothing).
+struct Transport {
+    io: BackendIo,
+    /// Written only by the connection's own task; read when a request on it fails.
+    wire: Arc<Wire>,
 }
 
 /// A backend socket: plain TCP or TLS.
@@ -199,35 +170,41 @@ enum BackendIo {
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
-/// A backend socket that counts the bytes it received and keeps, when asked, the bytes
-/// written for a request ([`Wire`]).
-struct Counted {
-    inner: BackendIo,
-    /// Written only by the connection's own task; read when a request on it fails.
-    wire: Arc<Wire>,
-}
-
-impl AsyncRead for Counted {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        let r = match &mut this.inner {
+impl BackendIo {
+    fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self {
             BackendIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
             BackendIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        };
-        let n = buf.filled().len() - before;
-        if n > 0 {
-            this.wire.add_received(n);
         }
-        r
     }
 }
 
-impl Counted {
+impl hyper::rt::Read for Transport {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        mut buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        // SAFETY: as in hyper-util's `TokioIo`: the socket only writes initialised bytes
+        // into the unfilled part it is lent, and reports how many in `filled`.
+        let n = unsafe {
+            let mut tbuf = ReadBuf::uninit(buf.as_mut());
+            match this.io.poll_read(cx, &mut tbuf) {
+                Poll::Ready(Ok(())) => tbuf.filled().len(),
+                other => return other,
+            }
+        };
+        if n > 0 {
+            this.wire.add_received(n);
+        }
+        // SAFETY: the socket filled these `n` bytes just above.
+        unsafe { buf.advance(n) };
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl Transport {
     /// Tells the wire what a write took: the bytes written, or all of them when the write
     /// failed (they were not sent whole).
     fn wrote(&self, bufs: &[io::IoSlice<'_>], r: &Poll<io::Result<usize>>) {
@@ -239,14 +216,14 @@ impl Counted {
     }
 }
 
-impl AsyncWrite for Counted {
+impl hyper::rt::Write for Transport {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        let r = match &mut this.inner {
+        let r = match &mut this.io {
             BackendIo::Plain(s) => Pin::new(s).poll_write(cx, data),
             BackendIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, data),
         };
@@ -259,7 +236,7 @@ impl AsyncWrite for Counted {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        let r = match &mut this.inner {
+        let r = match &mut this.io {
             BackendIo::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             BackendIo::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
         };
@@ -267,21 +244,24 @@ impl AsyncWrite for Counted {
         r
     }
     fn is_write_vectored(&self) -> bool {
-        match &self.inner {
+        match &self.io {
             BackendIo::Plain(s) => s.is_write_vectored(),
             BackendIo::Tls(s) => s.is_write_vectored(),
         }
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().inner {
+        match &mut self.get_mut().io {
             BackendIo::Plain(s) => Pin::new(s).poll_flush(cx),
             BackendIo::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().inner {
+        match &mut self.get_mut().io {
             BackendIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
             BackendIo::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
+    }
+    fn take_appended_headers(self: Pin<&mut Self>) -> Option<hyper::ext::AppendedHeaders> {
+        self.wire.take_appended()
     }
 }
