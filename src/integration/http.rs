@@ -83,6 +83,23 @@ fn dropped_on_forward(s: &str, info: &ForwardInfo<'_>) -> bool {
     !trusted_peer && matches!(s, "x-forwarded-proto" | "x-forwarded-host")
 }
 
+/// The static of a name the gateway sets itself, for a client's copy that must not go on:
+/// one of its own `x-scp-*` headers, or a forwarding header of an untrusted peer.
+fn own_static(name: &HeaderName) -> Option<&'static HeaderName> {
+    Some(match name.as_str() {
+        "x-scp-apikey" => &X_SCP_APIKEY,
+        "x-scp-request-id" => &X_SCP_REQUEST_ID,
+        "x-scp-api-id" => &X_SCP_API_ID,
+        "x-scp-stage" => &X_SCP_STAGE,
+        "x-scp-api-key-id" => &X_SCP_API_KEY_ID,
+        "x-scp-jwt-sub" => &X_SCP_JWT_SUB,
+        "x-scp-privatelink-endpoint-id" => &X_SCP_ENDPOINT_ID,
+        "x-forwarded-proto" => &X_FORWARDED_PROTO,
+        "x-forwarded-host" => &X_FORWARDED_HOST,
+        _ => return None,
+    })
+}
+
 /// A name [`rewrite_request_headers`] removes once its pass over the headers is done. A
 /// client's copy of one of the gateway's own headers, or of a custom hop-by-hop one, is
 /// named by its static: a clone of a custom name that hyper parsed allocates (its bytes are
@@ -91,17 +108,7 @@ fn to_remove(name: &HeaderName) -> Cow<'static, HeaderName> {
     if let Some(hop) = crate::hop_by_hop::static_name(name.as_str()) {
         return Cow::Borrowed(hop);
     }
-    let own = match name.as_str() {
-        "x-scp-apikey" => &X_SCP_APIKEY,
-        "x-scp-request-id" => &X_SCP_REQUEST_ID,
-        "x-scp-api-id" => &X_SCP_API_ID,
-        "x-scp-stage" => &X_SCP_STAGE,
-        "x-scp-api-key-id" => &X_SCP_API_KEY_ID,
-        "x-scp-jwt-sub" => &X_SCP_JWT_SUB,
-        "x-scp-privatelink-endpoint-id" => &X_SCP_ENDPOINT_ID,
-        _ => return Cow::Owned(name.clone()),
-    };
-    Cow::Borrowed(own)
+    own_static(name).map_or_else(|| Cow::Owned(name.clone()), Cow::Borrowed)
 }
 
 /// Where the headers the gateway adds to a forwarded request go.
@@ -118,6 +125,21 @@ pub enum Added<'a> {
 }
 
 impl Added<'_> {
+    /// Has a client's field that must not go on (one of the gateway's own names, see
+    /// [`own_static`]) left out of the head as the backend connection writes it, instead of
+    /// removed from the map: `true` if it will be. A removal from the map hashes the name
+    /// and moves the map's last entry into its place (~300 instructions, on every request
+    /// that carries an `x-scp-apikey`); a field left out has its value replaced by a
+    /// marker that the connection skips as it writes the head. Hop-by-hop names and the
+    /// client's `Host` are always removed: hyper reads them in the map
+    /// (`AppendedHeaders::leave_out` refuses them too).
+    fn leave_out(&mut self, name: &HeaderName, value: &mut HeaderValue) -> bool {
+        match self {
+            Added::Map => false,
+            Added::Appended(a) => own_static(name).is_some() && a.leave_out(name, value),
+        }
+    }
+
     /// Adds a header the map does not hold.
     fn new_header(&mut self, h: &mut HeaderMap, name: &'static HeaderName, value: &HeaderValue) {
         match self {
@@ -146,7 +168,9 @@ pub fn rewrite_request_headers(h: &mut HeaderMap, info: &ForwardInfo<'_>, mut ad
     // One pass over the client's headers finds what goes and what is already there, so
     // that each header below costs one map operation (a request's headers are few; a
     // probe per name would hash each name again).
-    let mut doomed = Removals::default();
+    // Made when a first name goes (most requests remove none): an unused list still cost
+    // its drop, a look at each of its slots.
+    let mut doomed: Option<Removals> = None;
     let (mut connection, mut xff, mut xfp, mut xfh, mut cookies) = (false, false, false, false, 0);
     let mut host: Option<HeaderValue> = None;
     let mut traceparent_ok = false;
@@ -172,14 +196,18 @@ pub fn rewrite_request_headers(h: &mut HeaderMap, info: &ForwardInfo<'_>, mut ad
         }
         if dropped_on_forward(s, info) {
             connection |= s == "connection";
-            doomed.add(name, to_remove);
+            if !added.leave_out(name, value) {
+                doomed.get_or_insert_default().add(name, to_remove);
+            }
         }
     }
     if connection {
-        doomed.add_connection_listed(h);
+        doomed.get_or_insert_default().add_connection_listed(h);
     }
-    for n in doomed.iter() {
-        h.remove(n);
+    if let Some(doomed) = doomed {
+        for n in doomed.iter() {
+            h.remove(n);
+        }
     }
     if let (Some(backend), None) = (info.backend_host, &host) {
         // No `Host` from the client (HTTP/1.0, or HTTP/2's `:authority`): the backend's
@@ -479,8 +507,7 @@ mod tests {
     fn rewrite_appending(h: &mut HeaderMap, info: &ForwardInfo<'_>) -> Vec<String> {
         let mut appended = AppendedHeaders::with_capacity(512);
         rewrite_request_headers(h, info, Added::Appended(&mut appended));
-        let text = std::str::from_utf8(appended.as_bytes()).unwrap();
-        text.split_terminator("\r\n").map(str::to_owned).collect()
+        lines_of(&appended)
     }
 
     #[test]
@@ -517,6 +544,155 @@ mod tests {
         assert_eq!(next.as_bytes(), b"x-scp-stage: prod\r\n");
     }
 
+    /// A transport that hands the client connection `fields` for the first request head
+    /// it writes, as the gateway's backend transport does (`upstream::connect`).
+    struct WithFields {
+        io: hyper_util::rt::TokioIo<tokio::io::DuplexStream>,
+        fields: Option<AppendedHeaders>,
+    }
+
+    impl hyper::rt::Read for WithFields {
+        fn poll_read(
+            self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: hyper::rt::ReadBufCursor<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+        }
+    }
+
+    impl hyper::rt::Write for WithFields {
+        fn poll_write(
+            self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            std::pin::Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+        }
+
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.get_mut().io).poll_flush(cx)
+        }
+
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+        }
+
+        fn take_appended_headers(self: std::pin::Pin<&mut Self>) -> Option<AppendedHeaders> {
+            self.get_mut().fields.take()
+        }
+    }
+
+    /// The header lines of the head hyper's HTTP/1 client writes for a request with map
+    /// `h`, its transport holding `fields` for it.
+    fn written_head(h: HeaderMap, fields: AppendedHeaders) -> Vec<String> {
+        use tokio::io::AsyncReadExt;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let (near, mut far) = tokio::io::duplex(64 * 1024);
+            let io = WithFields {
+                io: hyper_util::rt::TokioIo::new(near),
+                fields: Some(fields),
+            };
+            let (mut sender, conn) =
+                hyper::client::conn::http1::handshake::<_, http_body_util::Empty<bytes::Bytes>>(io)
+                    .await
+                    .unwrap();
+            tokio::spawn(conn);
+            let mut req = Request::new(http_body_util::Empty::new());
+            *req.headers_mut() = h;
+            // The answer never comes: only the head written matters.
+            tokio::spawn(sender.send_request(req));
+            let mut head = Vec::new();
+            while !head.ends_with(b"\r\n\r\n") {
+                let mut byte = [0u8; 1];
+                far.read_exact(&mut byte).await.unwrap();
+                head.push(byte[0]);
+            }
+            let text = String::from_utf8(head).unwrap();
+            text.split_terminator("\r\n")
+                .skip(1)
+                .filter(|l| !l.is_empty())
+                .map(str::to_owned)
+                .collect()
+        })
+    }
+
+    #[test]
+    fn a_clients_copy_of_an_own_header_is_left_out_of_the_head_written() {
+        let rid = RequestId::Kept(HeaderValue::from_static("rid"));
+        let host = HeaderValue::from_static("api.example.com");
+        let mut h = HeaderMap::new();
+        h.insert("host", host.clone());
+        h.insert("x-scp-apikey", HeaderValue::from_static("secret-key"));
+        h.append("x-scp-apikey", HeaderValue::from_static("second-secret"));
+        h.insert("x-scp-stage", HeaderValue::from_static("forged"));
+        h.insert("x-forwarded-proto", HeaderValue::from_static("forged"));
+        h.insert("x-custom", HeaderValue::from_static("kept"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        let mut fields = AppendedHeaders::with_capacity(512);
+        rewrite_request_headers(&mut h, &info(&rid, &host), Added::Appended(&mut fields));
+        // Hop-by-hop names are removed from the map (hyper reads the map's): never left out.
+        assert!(!h.contains_key("keep-alive"));
+        let lines = written_head(h, fields);
+        for line in &lines {
+            assert!(
+                !line.contains("secret") && !line.contains("forged"),
+                "{line:?} was written: {lines:?}"
+            );
+        }
+        for name in ["x-scp-stage", "x-forwarded-proto", "x-custom"] {
+            let n = lines
+                .iter()
+                .filter(|l| l.starts_with(&format!("{name}: ")))
+                .count();
+            assert_eq!(n, 1, "{name} written once: {lines:?}");
+        }
+        assert!(
+            !lines.iter().any(|l| l.starts_with("x-scp-apikey")),
+            "{lines:?}"
+        );
+        assert!(lines.contains(&"x-custom: kept".to_owned()), "{lines:?}");
+        assert!(lines.contains(&"x-scp-stage: prod".to_owned()), "{lines:?}");
+    }
+
+    /// The lines of appended fields.
+    fn lines_of(fields: &AppendedHeaders) -> Vec<String> {
+        let text = std::str::from_utf8(fields.as_bytes()).unwrap();
+        text.split_terminator("\r\n").map(str::to_owned).collect()
+    }
+
+    #[test]
+    fn names_hyper_reads_are_never_left_out_only_removed() {
+        // hyper frames the request and decides on its connection from these in the map: a
+        // field left out (its value replaced by the marker) would be misread.
+        let mut fields = AppendedHeaders::with_capacity(0);
+        for name in [
+            header::CONNECTION,
+            header::CONTENT_LENGTH,
+            header::EXPECT,
+            header::HOST,
+            header::TE,
+            header::TRANSFER_ENCODING,
+            header::UPGRADE,
+        ] {
+            let mut value = HeaderValue::from_static("close");
+            assert!(!fields.leave_out(&name, &mut value), "{name}");
+            assert_eq!(value, "close", "{name} kept its value");
+        }
+        let mut value = HeaderValue::from_static("secret");
+        assert!(fields.leave_out(&X_SCP_APIKEY, &mut value));
+        assert_ne!(value, "secret");
+    }
+
     #[test]
     fn headers_new_to_the_map_are_appended_replacements_stay_in_it() {
         let rid = RequestId::Kept(HeaderValue::from_static("rid"));
@@ -526,11 +702,13 @@ mod tests {
         h.append("x-forwarded-for", HeaderValue::from_static("198.51.100.1"));
         h.insert("x-scp-stage", HeaderValue::from_static("forged"));
         h.insert("traceparent", HeaderValue::from_static("garbage"));
-        let lines = rewrite_appending(&mut h, &info(&rid, &host));
+        let mut fields = AppendedHeaders::with_capacity(512);
+        rewrite_request_headers(&mut h, &info(&rid, &host), Added::Appended(&mut fields));
+        let lines = lines_of(&fields);
         // Extended or replaced: in the map, where the client's were.
         assert_eq!(h["x-forwarded-for"], "198.51.100.1, 203.0.113.9");
         assert!(valid_traceparent(h["traceparent"].as_bytes()));
-        // New (the client's forged copy removed): appended, in order, each once.
+        // New (the client's forged copy left out of the head): appended, in order.
         assert_eq!(
             lines,
             [
@@ -542,10 +720,17 @@ mod tests {
                 "x-scp-api-key-id: k01",
             ]
         );
+        // As written: each name once, the forged value nowhere.
+        let written = written_head(h, fields);
         for line in &lines {
             let (name, _) = line.split_once(": ").unwrap();
-            assert!(!h.contains_key(name), "{name} is in the map too");
+            let n = written
+                .iter()
+                .filter(|l| l.starts_with(&format!("{name}: ")))
+                .count();
+            assert_eq!(n, 1, "{name} written once: {written:?}");
         }
+        assert!(!written.iter().any(|l| l.contains("forged")), "{written:?}");
 
         // Nothing in the map: every added header is appended, a new traceparent last.
         let mut h = HeaderMap::new();

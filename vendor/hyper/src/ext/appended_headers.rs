@@ -30,7 +30,13 @@ use http::header::{HeaderName, HeaderValue};
 #[derive(Clone, Debug, Default)]
 pub struct AppendedHeaders {
     bytes: Vec<u8>,
+    /// A field of the request's map was left out (see [`AppendedHeaders::leave_out`]).
+    leaves_out: bool,
 }
+
+/// The value of a map field left out of the head: known by its address (a `static`'s is its
+/// own; no value parsed from a message or made by a caller points into it).
+static LEFT_OUT: &str = "(left out of the head by AppendedHeaders::leave_out)";
 
 impl AppendedHeaders {
     /// Room for `bytes` bytes of fields (names, values, and 4 bytes per field).
@@ -44,7 +50,62 @@ impl AppendedHeaders {
             .flatten()
             .unwrap_or_default();
         buf.reserve(bytes);
-        AppendedHeaders { bytes: buf }
+        AppendedHeaders {
+            bytes: buf,
+            leaves_out: false,
+        }
+    }
+
+    /// Leaves a field of the request's map out of the head the HTTP/1 client writes, name
+    /// and all: for a field that must not go out (a credential the proxy consumed, a header
+    /// a client could forge), without removing it from the map. `value` is the field's
+    /// value in the map (as `HeaderMap::iter_mut` lends it); it is replaced by a marker the
+    /// client knows by its address as it writes the map (a pointer comparison per field,
+    /// and only for a request that left one out). A removal from the map would hash the
+    /// name, move the map's last entry into the gap and hash that one's name again. The
+    /// field's old value is dropped here; its name stays in the map until the head is
+    /// written, then is dropped with the rest of the map.
+    ///
+    /// `false`, and nothing is left out, for a name hyper reads in a request's map to frame
+    /// the request or decide on its connection (`Connection`, `Content-Length`, `Expect`,
+    /// `Host`, `TE`, `Transfer-Encoding`, `Upgrade`): such a field must be removed from the
+    /// map, not only left unwritten.
+    ///
+    /// Only HTTP/1 client connections write the map this way: a request that may go out
+    /// over HTTP/2, or whose map anything else reads afterwards, must have such fields
+    /// removed (a field left out would be written with the marker as its value, or be read
+    /// as one).
+    pub fn leave_out(&mut self, name: &HeaderName, value: &mut HeaderValue) -> bool {
+        use http::header::{
+            CONNECTION, CONTENT_LENGTH, EXPECT, HOST, TE, TRANSFER_ENCODING, UPGRADE,
+        };
+        const READ_BY_HYPER: [HeaderName; 7] = [
+            CONNECTION,
+            CONTENT_LENGTH,
+            EXPECT,
+            HOST,
+            TE,
+            TRANSFER_ENCODING,
+            UPGRADE,
+        ];
+        if READ_BY_HYPER.contains(name) {
+            return false;
+        }
+        *value = HeaderValue::from_static(LEFT_OUT);
+        self.leaves_out = true;
+        true
+    }
+
+    /// Whether [`AppendedHeaders::leave_out`] left any field out.
+    #[cfg(feature = "client")]
+    pub(crate) fn leaves_out(&self) -> bool {
+        self.leaves_out
+    }
+
+    /// Whether `value` is the marker of a field left out.
+    #[cfg(feature = "client")]
+    pub(crate) fn is_left_out(value: &HeaderValue) -> bool {
+        value.as_bytes().as_ptr() == LEFT_OUT.as_ptr()
     }
 
     /// Appends one field.
@@ -186,5 +247,5 @@ impl Drop for AppendedHeaders {
 std::thread_local! {
     /// The fields of the next HTTP/1 response head this thread encodes.
     static NEXT_RESPONSE: std::cell::RefCell<AppendedHeaders> =
-        const { std::cell::RefCell::new(AppendedHeaders { bytes: Vec::new() }) };
+        const { std::cell::RefCell::new(AppendedHeaders { bytes: Vec::new(), leaves_out: false }) };
 }

@@ -637,6 +637,15 @@ where
 
         self.enforce_version(&mut head);
 
+        // scp-gateway patch (see PATCHED.md): fields the transport holds for this request,
+        // taken before the map is written (they may name map fields to leave out).
+        #[cfg(feature = "client")]
+        let appended = if T::is_client() {
+            self.io.take_appended_headers()
+        } else {
+            None
+        };
+
         let buf = self.io.headers_buf();
         match super::role::encode_headers::<T>(
             Encode {
@@ -648,6 +657,8 @@ where
                 title_case_headers: self.state.title_case_headers,
                 #[cfg(feature = "server")]
                 date_header: self.state.date_header,
+                #[cfg(feature = "client")]
+                appended: appended.as_ref(),
             },
             buf,
         ) {
@@ -659,8 +670,8 @@ where
                 // scp-gateway patch (see PATCHED.md): fields the transport holds for this
                 // request go after the map's, before the blank line that ends the head.
                 #[cfg(feature = "client")]
-                if T::is_client() {
-                    if let Some(appended) = self.io.take_appended_headers() {
+                if let Some(appended) = appended {
+                    if !appended.is_empty() {
                         let buf = self.io.headers_buf();
                         debug_assert!(buf.ends_with(b"\r\n\r\n"));
                         buf.truncate(buf.len() - 2);

@@ -92,6 +92,10 @@ pub(crate) struct Encode<'encode, T> {
     title_case_headers: bool,
     #[cfg(feature = "server")]
     date_header: bool,
+    // scp-gateway patch (see PATCHED.md): the fields a client request's transport holds for
+    // it, whose `skip` names leave fields of the map unwritten.
+    #[cfg(feature = "client")]
+    appended: Option<&'encode crate::ext::AppendedHeaders>,
 }
 
 /// Extra flags that a request "wants", like expect-continue or upgrades.

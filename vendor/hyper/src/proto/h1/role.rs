@@ -1253,13 +1253,19 @@ impl Http1Transaction for Client {
         }
         extend(dst, b"\r\n");
 
+        // scp-gateway patch (see PATCHED.md): fields marked by `AppendedHeaders::leave_out`
+        // are not written.
+        let leaves_out = msg.appended.is_some_and(|a| a.leaves_out());
         if let Some(orig_headers) = msg.head.extensions.get::<HeaderCaseMap>() {
             write_headers_original_case(
                 &msg.head.headers,
                 orig_headers,
                 dst,
                 msg.title_case_headers,
+                leaves_out,
             );
+        } else if leaves_out {
+            write_headers_leaving_out(&msg.head.headers, msg.title_case_headers, dst);
         } else if msg.title_case_headers {
             write_headers_title_case(&msg.head.headers, dst);
         } else {
@@ -1644,6 +1650,27 @@ pub(crate) fn write_headers(headers: &HeaderMap, dst: &mut Vec<u8>) {
     }
 }
 
+// scp-gateway patch (see PATCHED.md): `write_headers` or `write_headers_title_case`,
+// leaving out the fields marked by `AppendedHeaders::leave_out`.
+#[cfg(feature = "client")]
+#[inline(never)]
+fn write_headers_leaving_out(headers: &HeaderMap, title_case_headers: bool, dst: &mut Vec<u8>) {
+    use crate::ext::AppendedHeaders;
+    for (name, value) in headers {
+        if AppendedHeaders::is_left_out(value) {
+            continue;
+        }
+        if title_case_headers {
+            title_case(dst, name.as_str().as_bytes());
+        } else {
+            extend(dst, name.as_str().as_bytes());
+        }
+        extend(dst, b": ");
+        extend(dst, value.as_bytes());
+        extend(dst, b"\r\n");
+    }
+}
+
 #[cold]
 #[cfg(feature = "client")]
 fn write_headers_original_case(
@@ -1651,6 +1678,9 @@ fn write_headers_original_case(
     orig_case: &HeaderCaseMap,
     dst: &mut Vec<u8>,
     title_case_headers: bool,
+    // scp-gateway patch (see PATCHED.md): fields marked by `AppendedHeaders::leave_out`
+    // are not written.
+    leaves_out: bool,
 ) {
     // For each header name/value pair, there may be a value in the casemap
     // that corresponds to the HeaderValue. So, we iterator all the keys,
@@ -1661,6 +1691,9 @@ fn write_headers_original_case(
         let mut names = orig_case.get_all(name);
 
         for value in headers.get_all(name) {
+            if leaves_out && crate::ext::AppendedHeaders::is_left_out(value) {
+                continue;
+            }
             if let Some(orig_name) = names.next() {
                 extend(dst, orig_name.as_ref());
             } else if title_case_headers {
@@ -2789,6 +2822,8 @@ mod tests {
                             title_case_headers: false,
                             #[cfg(feature = "server")]
                             date_header: true,
+                            #[cfg(feature = "client")]
+                            appended: None,
                         },
                         &mut vec,
                     )
@@ -2845,6 +2880,8 @@ mod tests {
                     title_case_headers: false,
                     #[cfg(feature = "server")]
                     date_header: true,
+                    #[cfg(feature = "client")]
+                    appended: None,
                 },
                 &mut vec,
             )
@@ -2886,6 +2923,8 @@ mod tests {
                 title_case_headers: true,
                 #[cfg(feature = "server")]
                 date_header: true,
+                #[cfg(feature = "client")]
+                appended: None,
             },
             &mut vec,
         )
@@ -2920,6 +2959,8 @@ mod tests {
                 title_case_headers: false,
                 #[cfg(feature = "server")]
                 date_header: true,
+                #[cfg(feature = "client")]
+                appended: None,
             },
             &mut vec,
         )
@@ -2957,6 +2998,8 @@ mod tests {
                 title_case_headers: true,
                 #[cfg(feature = "server")]
                 date_header: true,
+                #[cfg(feature = "client")]
+                appended: None,
             },
             &mut vec,
         )
@@ -2983,6 +3026,8 @@ mod tests {
                 req_method: &mut Some(Method::CONNECT),
                 title_case_headers: false,
                 date_header: true,
+                #[cfg(feature = "client")]
+                appended: None,
             },
             &mut vec,
         )
@@ -3014,6 +3059,8 @@ mod tests {
                 req_method: &mut None,
                 title_case_headers: true,
                 date_header: true,
+                #[cfg(feature = "client")]
+                appended: None,
             },
             &mut vec,
         )
@@ -3050,6 +3097,8 @@ mod tests {
                 req_method: &mut None,
                 title_case_headers: false,
                 date_header: true,
+                #[cfg(feature = "client")]
+                appended: None,
             },
             &mut vec,
         )
@@ -3086,6 +3135,8 @@ mod tests {
                 req_method: &mut None,
                 title_case_headers: true,
                 date_header: true,
+                #[cfg(feature = "client")]
+                appended: None,
             },
             &mut vec,
         )
@@ -3429,7 +3480,7 @@ mod tests {
         orig_cases.insert(name, Bytes::from_static(b"X-EmptY"));
 
         let mut dst = Vec::new();
-        super::write_headers_original_case(&headers, &orig_cases, &mut dst, false);
+        super::write_headers_original_case(&headers, &orig_cases, &mut dst, false, false);
 
         assert_eq!(
             dst, b"X-EmptY:\r\n",
@@ -3449,7 +3500,7 @@ mod tests {
         orig_cases.append(name, Bytes::from_static(b"X-EMPTY"));
 
         let mut dst = Vec::new();
-        super::write_headers_original_case(&headers, &orig_cases, &mut dst, false);
+        super::write_headers_original_case(&headers, &orig_cases, &mut dst, false, false);
 
         assert_eq!(dst, b"X-Empty: a\r\nX-EMPTY: b\r\n");
     }
@@ -3587,6 +3638,8 @@ mod tests {
                     req_method: &mut Some(Method::GET),
                     title_case_headers: false,
                     date_header: true,
+                    #[cfg(feature = "client")]
+                    appended: None,
                 },
                 &mut vec,
             )
@@ -3616,6 +3669,8 @@ mod tests {
                     req_method: &mut Some(Method::GET),
                     title_case_headers: false,
                     date_header: true,
+                    #[cfg(feature = "client")]
+                    appended: None,
                 },
                 &mut vec,
             )
