@@ -969,6 +969,7 @@ fn integrate<'a>(
             None => http_integration::Added::Map,
         },
     );
+    // Handed to the connection only if it changes the head (pushes or leaves out a field).
     let appended = appended.filter(|a| !a.is_empty());
     let client_span = client_span.and_then(|(span, _)| span);
     let frame_body = |h: &mut http::HeaderMap| {

@@ -147,9 +147,9 @@ impl AppendedHeaders {
         }
     }
 
-    /// No field was pushed.
+    /// No field was pushed and none left out: the list changes nothing in the head.
     pub fn is_empty(&self) -> bool {
-        self.bytes.is_empty()
+        self.bytes.is_empty() && !self.leaves_out
     }
 
     /// The fields as they will be written: `name: value\r\n` each.

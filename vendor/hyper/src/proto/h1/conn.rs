@@ -671,7 +671,7 @@ where
                 // request go after the map's, before the blank line that ends the head.
                 #[cfg(feature = "client")]
                 if let Some(appended) = appended {
-                    if !appended.is_empty() {
+                    if !appended.as_bytes().is_empty() {
                         let buf = self.io.headers_buf();
                         debug_assert!(buf.ends_with(b"\r\n\r\n"));
                         buf.truncate(buf.len() - 2);
