@@ -33,7 +33,7 @@ use crate::policy::jwt::{bearer, Verified};
 use crate::policy::quota::{self, Admission};
 use crate::policy::resource_policy::{Caller, CompiledPolicy};
 use crate::rejection::{AuthFailure, BadRequest, Rejection};
-use crate::request_id::RequestId;
+use crate::request_id::{Number, RequestId};
 use crate::routing::{Params, Route};
 use crate::snapshot::model::EndpointType;
 use crate::snapshot::{CompiledApi, CompiledDeployment, CompiledStage, Integration, MethodRoute};
@@ -369,19 +369,14 @@ fn finish(ctx: &RequestContext<'_>, h: &mut http::HeaderMap) {
 fn add_fields(ctx: &RequestContext<'_>, cors: Option<&CorsPolicy>, out: &mut impl FieldSink) {
     out.add_made(&X_SCP_REQUEST_ID, &ctx.request_id);
     if let Some(a) = ctx.rate_limit {
-        let limit = match &ctx.api_key {
-            Some((plan, _)) if plan.limit == a.limit => plan.limit_header.clone(),
-            _ => crate::request_id::number_value(a.limit),
-        };
-        out.add(&RATELIMIT_LIMIT, &limit);
-        out.add(
-            &RATELIMIT_REMAINING,
-            &crate::request_id::number_value(a.remaining),
-        );
-        out.add(
-            &RATELIMIT_RESET,
-            &crate::request_id::repeated_number_value(a.reset_secs),
-        );
+        match &ctx.api_key {
+            Some((plan, _)) if plan.limit == a.limit => {
+                out.add(&RATELIMIT_LIMIT, &plan.limit_header);
+            }
+            _ => out.add_made(&RATELIMIT_LIMIT, &Number(a.limit)),
+        }
+        out.add_made(&RATELIMIT_REMAINING, &Number(a.remaining));
+        out.add_made(&RATELIMIT_RESET, &Number(a.reset_secs));
     }
     if let Some(cors) = cors {
         cors.add_fields(ctx.origin.as_ref(), out);

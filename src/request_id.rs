@@ -59,21 +59,22 @@ pub fn number_value(n: u64) -> HeaderValue {
     token_value(buf.format(n).as_bytes())
 }
 
-/// [`number_value`] for a number that repeats from one request to the next (the seconds
-/// until a quota window resets: the same for every request of a second): the value made
-/// last on this thread is handed out again while the number is the same.
-pub fn repeated_number_value(n: u64) -> HeaderValue {
-    thread_local! {
-        static LAST: RefCell<Option<(u64, HeaderValue)>> = const { RefCell::new(None) };
+/// A decimal number as a field's value (the `RateLimit-*` fields of an answer): its digits
+/// are written where the field goes, in an HTTP/1 head's appended fields, and a header
+/// value is made of them only for a map. A header value cut from the worker's buffer, pushed
+/// and dropped cost ~120 instructions per field; the digits pushed as they are, ~35.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Number(pub u64);
+
+impl FieldValue for Number {
+    fn to_value(&self) -> HeaderValue {
+        number_value(self.0)
     }
-    LAST.with_borrow_mut(|last| match last {
-        Some((m, v)) if *m == n => v.clone(),
-        _ => {
-            let v = number_value(n);
-            *last = Some((n, v.clone()));
-            v
-        }
-    })
+    fn push_to(&self, fields: &mut AppendedHeaders, name: &HeaderName) {
+        let mut digits = itoa::Buffer::new();
+        // SAFETY: ASCII digits are a valid field value.
+        unsafe { fields.push_unchecked(name, digits.format(self.0).as_bytes()) }
+    }
 }
 
 /// A W3C `traceparent` value, `00-<trace id>-<span id>-<flags>`, in lower-case hex: built
@@ -259,6 +260,8 @@ static HEX_PAIRS: [[u8; 2]; 256] = {
 
 #[cfg(test)]
 mod tests {
+    use super::{AppendedHeaders, FieldValue, HeaderName, Number};
+
     #[test]
     fn unique_and_hex() {
         let a = super::next();
@@ -294,8 +297,15 @@ mod tests {
         assert_eq!(super::traceparent(&[0; 16], &[0; 8], 0).len(), 55);
         assert_eq!(super::number_value(0), "0");
         assert_eq!(super::number_value(u64::MAX), "18446744073709551615");
-        for n in [30, 30, 29, 30, 0, 0, u64::MAX] {
-            assert_eq!(super::repeated_number_value(n), n.to_string().as_str());
+        let name = HeaderName::from_static("ratelimit-reset");
+        for n in [30, 29, 0, u64::MAX] {
+            assert_eq!(Number(n).to_value(), n.to_string().as_str());
+            let mut fields = AppendedHeaders::with_capacity(0);
+            Number(n).push_to(&mut fields, &name);
+            assert_eq!(
+                fields.as_bytes(),
+                format!("ratelimit-reset: {n}\r\n").as_bytes()
+            );
         }
     }
 

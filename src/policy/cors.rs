@@ -81,8 +81,11 @@ impl CorsPolicy {
         })
     }
 
-    /// The `Access-Control-Allow-Origin` value for `origin`, if it is allowed.
-    fn allow_origin(&self, origin: &HeaderValue) -> Option<HeaderValue> {
+    /// The `Access-Control-Allow-Origin` value for `origin`, if it is allowed: `origin`
+    /// itself or `*`, borrowed (a clone of the request's value is a reference count taken
+    /// and dropped on every answer to a browser).
+    fn allow_origin<'o>(&self, origin: &'o HeaderValue) -> Option<&'o HeaderValue> {
+        static ANY: HeaderValue = HeaderValue::from_static("*");
         // Compared as bytes: a listed origin is text, so a value equal to one is too (a
         // check of every byte first would cost more than the comparison).
         let o = origin.as_bytes();
@@ -94,15 +97,11 @@ impl CorsPolicy {
             .iter()
             .any(|a| a.as_bytes().eq_ignore_ascii_case(o))
         {
-            return Some(origin.clone());
+            return Some(origin);
         }
         // Any other origin is echoed only if it is visible ASCII.
         if self.any_origin && origin.to_str().is_ok() {
-            return Some(if self.credentials {
-                origin.clone()
-            } else {
-                HeaderValue::from_static("*")
-            });
+            return Some(if self.credentials { origin } else { &ANY });
         }
         None
     }
@@ -136,7 +135,7 @@ impl CorsPolicy {
             return Preflight::Rejected;
         }
         let mut h = HeaderMap::new();
-        h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, allow_origin);
+        h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, allow_origin.clone());
         if let Some(v) = &self.allow_methods {
             h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, v.clone());
         }
@@ -173,7 +172,7 @@ impl CorsPolicy {
         let Some(allow) = origin.and_then(|o| self.allow_origin(o)) else {
             return;
         };
-        out.add(&header::ACCESS_CONTROL_ALLOW_ORIGIN, &allow);
+        out.add(&header::ACCESS_CONTROL_ALLOW_ORIGIN, allow);
         if let Some(v) = &self.expose_headers {
             out.add(&header::ACCESS_CONTROL_EXPOSE_HEADERS, v);
         }

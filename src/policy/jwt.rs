@@ -260,7 +260,9 @@ type CachedToken = (Arc<Map<String, Value>>, Option<HeaderValue>, i64);
 /// Verified tokens kept per stage at most.
 pub const CACHE_TOKENS: usize = 4096;
 
-type TokenCache = quick_cache::sync::Cache<Box<str>, CachedToken>;
+/// Keyed by the token's bytes: a token verified before is found without the check that it
+/// is text (only tokens that verified, all text, are ever put in).
+type TokenCache = quick_cache::sync::Cache<Box<[u8]>, CachedToken>;
 
 /// The auths connected to one stage.
 pub struct StageJwt {
@@ -315,19 +317,35 @@ impl Verified {
 
 /// The bearer token of a request's (first) `Authorization` value, if any.
 pub fn bearer(authorization: Option<&http::HeaderValue>) -> Option<&str> {
-    // What `HeaderValue::to_str` accepts (a header value holds no control byte but tab, so
-    // visible ASCII is ASCII), checked many bytes at a time: a token is a few hundred bytes
-    // and `to_str` looks at them one by one. The scheme is compared as bytes, in place (a
-    // search for the space costs more than the seven bytes it looks at).
+    bearer_bytes(authorization).and_then(token_text)
+}
+
+/// The bytes after `Bearer ` (the scheme in any case, one space) and any further blanks,
+/// if there are some: the token as [`bearer`] reads it, not yet checked to be text.
+fn bearer_bytes(authorization: Option<&http::HeaderValue>) -> Option<&[u8]> {
     let v = authorization?.as_bytes();
-    let (scheme, token) = v.split_at_checked(7)?;
-    if !scheme.eq_ignore_ascii_case(b"bearer ") {
+    let (scheme, token) = v.split_first_chunk::<7>()?;
+    // The scheme compared as one word: each letter's case bit set (an upper-case letter
+    // becomes its lower-case; no other byte becomes `b`, `e`, `a` or `r` by it), the
+    // space compared as it is. A byte-by-byte case-insensitive comparison cost ~50
+    // instructions on every request with a token.
+    const LETTERS: u64 = 0x0000_2020_2020_2020;
+    let mut word = [0u8; 8];
+    word[..7].copy_from_slice(scheme);
+    if u64::from_le_bytes(word) | LETTERS != u64::from_le_bytes(*b"bearer \0") {
         return None;
     }
     let token = token.trim_ascii();
+    (!token.is_empty()).then_some(token)
+}
+
+/// `token` as text, if it is what `HeaderValue::to_str` accepts (a header value holds no
+/// control byte but tab, so visible ASCII is ASCII), checked many bytes at a time: a token
+/// is a few hundred bytes and `to_str` looks at them one by one.
+fn token_text(token: &[u8]) -> Option<&str> {
     // ASCII: no byte has its high bit set. An OR over all of them has no early exit, so the
     // compiler folds many bytes per instruction (`is_ascii` looked at them one by one).
-    if token.is_empty() || token.iter().fold(0, |high, b| high | b) >= 0x80 {
+    if token.iter().fold(0, |high, b| high | b) >= 0x80 {
         return None;
     }
     // SAFETY: every byte is below 0x80 (checked just above): ASCII, which is UTF-8
@@ -358,19 +376,27 @@ impl StageJwt {
         authorization: Option<&http::HeaderValue>,
         now: i64,
     ) -> Result<Verified, AuthFailure> {
-        let Some(token) = bearer(authorization) else {
-            return Err(if self.auths.is_empty() {
+        let no_token = || {
+            if self.auths.is_empty() {
                 AuthFailure::NoAuth
             } else {
                 AuthFailure::MissingToken
-            });
+            }
         };
-        if let Some((claims, sub_header, valid_until)) = self.cache().get(token) {
+        let Some(raw) = bearer_bytes(authorization) else {
+            return Err(no_token());
+        };
+        // Looked up by its bytes, before the check that it is text: an entry is a token
+        // that verified, which was text.
+        if let Some((claims, sub_header, valid_until)) = self.cache().get(raw) {
             if now <= valid_until {
                 return Ok(Verified { claims, sub_header });
             }
-            self.cache().remove(token);
+            self.cache().remove(raw);
         }
+        let Some(token) = token_text(raw) else {
+            return Err(no_token());
+        };
         self.verify_token(token, now)
     }
 
@@ -406,7 +432,7 @@ impl StageJwt {
                         let verified = Verified::new(Arc::new(claims));
                         if let Some(until) = auth.valid_until(&verified.claims) {
                             self.cache().insert(
-                                token.into(),
+                                token.as_bytes().into(),
                                 (verified.claims.clone(), verified.sub_header.clone(), until),
                             );
                         }
@@ -464,6 +490,18 @@ mod tests {
             Some("two-spaces")
         );
         assert_eq!(bearer(Some(&with(b"Bearerx abc"))), None);
+        // The scheme in any case, each letter exactly (the word comparison's case bit).
+        assert_eq!(bearer(Some(&with(b"BEARER abc"))), Some("abc"));
+        assert_eq!(bearer(Some(&with(b"bEaReR abc"))), Some("abc"));
+        for other in [
+            &b"Bearez abc"[..],
+            b"Dearer abc",
+            b"Bearer@abc",
+            b"Bearer-abc",
+            b"Rearer abc",
+        ] {
+            assert_eq!(bearer(Some(&with(other))), None, "{other:?}");
+        }
         assert_eq!(bearer(Some(&with(b"Bearer\tabc"))), None);
         // Bytes beyond ASCII, valid UTF-8 or not, make no token (as `to_str` refuses them).
         assert_eq!(bearer(Some(&with("Bearer t\u{e9}st".as_bytes()))), None);
@@ -651,23 +689,25 @@ mod tests {
             Arc::ptr_eq(&first.claims, &second.claims),
             "second check is a hit"
         );
-        assert_eq!(v.cache().get(token.as_str()).unwrap().2, exp + 60);
+        assert_eq!(v.cache().get(token.as_bytes()).unwrap().2, exp + 60);
 
         // A hit is only as good as its deadline: an entry past it is not used (this token
         // does not verify, so only a cache hit could accept it).
         let forged = format!("{token}x");
         let claims = first.claims.clone();
-        v.cache()
-            .insert(forged.as_str().into(), (claims.clone(), None, now() + 100));
+        v.cache().insert(
+            forged.as_bytes().into(),
+            (claims.clone(), None, now() + 100),
+        );
         assert!(v.verify(Some(&authorization(&forged)), now()).is_ok());
         v.cache()
-            .insert(forged.as_str().into(), (claims, None, now() - 1));
+            .insert(forged.as_bytes().into(), (claims, None, now() - 1));
         assert_eq!(
             v.verify(Some(&authorization(&forged)), now()).unwrap_err(),
             AuthFailure::Signature
         );
         assert!(
-            v.cache().get(forged.as_str()).is_none(),
+            v.cache().get(forged.as_bytes()).is_none(),
             "stale entry dropped"
         );
     }
