@@ -67,7 +67,7 @@ pub struct ForwardInfo<'a> {
 /// downstream), and forwarding headers unless the peer is a trusted proxy.
 fn dropped_on_forward(s: &str, info: &ForwardInfo<'_>) -> bool {
     let trusted_peer = info.trusted_peer;
-    if is_hop_by_hop(s) || s.as_bytes().contains(&b'_') {
+    if is_hop_by_hop(s) || has_underscore(s.as_bytes()) {
         return true;
     }
     if s == "host" {
@@ -98,6 +98,27 @@ fn own_static(name: &HeaderName) -> Option<&'static HeaderName> {
         "x-forwarded-host" => &X_FORWARDED_HOST,
         _ => return None,
     })
+}
+
+/// Whether a header name holds `_`, looked for eight bytes at a time: `contains` looked at
+/// a name byte by byte (~4 instructions a byte, on every field of every request). A word
+/// with a `_` has a zero byte once XORed with eight `_`s, and `(x - 0x01…) & !x & 0x80…`
+/// is not zero exactly when `x` has a zero byte.
+fn has_underscore(name: &[u8]) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    let any = |w: u64| {
+        let x = w ^ (ONES * u64::from(b'_'));
+        x.wrapping_sub(ONES) & !x & (ONES << 7) != 0
+    };
+    let word = |b: &[u8]| b.first_chunk::<8>().map_or(0, |w| u64::from_le_bytes(*w));
+    let half = |b: &[u8]| b.first_chunk::<4>().map_or(0, |w| u32::from_le_bytes(*w));
+    match name.len() {
+        0..=3 => name.contains(&b'_'),
+        // The first four bytes and the last four (overlapping when fewer than eight).
+        len @ 4..=7 => any(u64::from(half(name)) | u64::from(half(&name[len - 4..])) << 32),
+        // Whole words, then the last eight bytes (overlapping the last whole word).
+        len => name.chunks_exact(8).any(|c| any(word(c))) || any(word(&name[len - 8..])),
+    }
 }
 
 /// A name [`rewrite_request_headers`] removes once its pass over the headers is done. A
@@ -668,6 +689,34 @@ mod tests {
     fn lines_of(fields: &AppendedHeaders) -> Vec<String> {
         let text = std::str::from_utf8(fields.as_bytes()).unwrap();
         text.split_terminator("\r\n").map(str::to_owned).collect()
+    }
+
+    #[test]
+    fn an_underscore_is_found_wherever_it_is() {
+        for len in 0..40 {
+            let plain = vec![b'a'; len];
+            assert!(!has_underscore(&plain), "{len}");
+            // Bytes one bit away from `_` (0x5f) are not it.
+            for near in [0x5e, 0x5d, 0x7f, 0x4f, 0xdf, 0x60] {
+                assert!(!has_underscore(&vec![near; len]), "{len} {near:#x}");
+            }
+            for at in 0..len {
+                let mut name = plain.clone();
+                name[at] = b'_';
+                assert!(has_underscore(&name), "{len} at {at}");
+            }
+        }
+        for name in [
+            "x_scp_apikey",
+            "x-scp-apikey",
+            "authorization",
+            "a_",
+            "_",
+            "te",
+        ] {
+            let n = name.as_bytes();
+            assert_eq!(has_underscore(n), n.contains(&b'_'), "{name}");
+        }
     }
 
     #[test]
