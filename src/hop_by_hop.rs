@@ -83,7 +83,16 @@ impl Removals {
     /// Adds the names `h`'s `Connection` lists.
     #[inline]
     pub fn add_connection_listed(&mut self, h: &HeaderMap) {
-        self.more.extend(connection_listed(h).map(Cow::Owned));
+        // The usual values (`keep-alive`, which nginx and browsers send on every HTTP/1.1
+        // message, and `close`) name no header: compared whole, without the split, trim
+        // and parse of each element (~250 instructions, a dozen small copies, per message).
+        let only_options = h.get_all(header::CONNECTION).iter().all(|v| {
+            let v = v.as_bytes();
+            v.eq_ignore_ascii_case(b"keep-alive") || v.eq_ignore_ascii_case(b"close")
+        });
+        if !only_options {
+            self.more.extend(connection_listed(h).map(Cow::Owned));
+        }
     }
 
     #[inline]
@@ -135,6 +144,35 @@ pub fn strip(h: &mut HeaderMap) -> Option<HeaderValue> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_plain_keep_alive_or_close_names_no_header() {
+        for value in ["keep-alive", "Keep-Alive", "close", "CLOSE"] {
+            let mut h = HeaderMap::new();
+            h.insert("connection", HeaderValue::from_static(value));
+            h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+            h.insert("content-type", HeaderValue::from_static("text/plain"));
+            h.insert(
+                "close",
+                HeaderValue::from_static("an end-to-end field named close"),
+            );
+            let kept = strip(&mut h);
+            assert_eq!(kept.unwrap(), "timeout=5", "{value}");
+            assert!(!h.contains_key("connection") && !h.contains_key("keep-alive"));
+            assert_eq!(h["content-type"], "text/plain", "{value}");
+            assert!(h.contains_key("close"), "{value}: an option, not a name");
+        }
+        // A list, or a second value naming a field, still removes that field.
+        for values in [&["keep-alive, x-hop"][..], &["keep-alive", "x-hop"]] {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append("connection", HeaderValue::from_static(v));
+            }
+            h.insert("x-hop", HeaderValue::from_static("1"));
+            strip(&mut h);
+            assert!(!h.contains_key("x-hop"), "{values:?}");
+        }
+    }
 
     #[test]
     fn strips_every_hop_by_hop_field_and_what_connection_names() {
