@@ -47,6 +47,17 @@ pub fn connection_listed(h: &HeaderMap) -> impl Iterator<Item = HeaderName> + '_
         .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
 }
 
+/// Whether a `Connection` value may name header fields to remove: anything but one of the
+/// usual options alone (`keep-alive`, which nginx and browsers send on every HTTP/1.1
+/// message, or `close`), compared whole. Looked at in the pass over a message's fields,
+/// so that the usual value costs no lookup of `Connection` and no split, trim and parse of
+/// its elements (~350 instructions and a dozen small copies per message).
+#[inline]
+pub fn lists_names(connection: &HeaderValue) -> bool {
+    let v = connection.as_bytes();
+    !(v.eq_ignore_ascii_case(b"keep-alive") || v.eq_ignore_ascii_case(b"close"))
+}
+
 /// Names to remove from a map once a pass over it is done (a map cannot lose entries while
 /// it is iterated), each once (a pass over the values meets a repeated field's name again).
 /// The first two are kept inline: nothing is allocated unless more go.
@@ -80,19 +91,11 @@ impl Removals {
         }
     }
 
-    /// Adds the names `h`'s `Connection` lists.
+    /// Adds the names `h`'s `Connection` lists (call it when one of its values
+    /// [`lists_names`]).
     #[inline]
     pub fn add_connection_listed(&mut self, h: &HeaderMap) {
-        // The usual values (`keep-alive`, which nginx and browsers send on every HTTP/1.1
-        // message, and `close`) name no header: compared whole, without the split, trim
-        // and parse of each element (~250 instructions, a dozen small copies, per message).
-        let only_options = h.get_all(header::CONNECTION).iter().all(|v| {
-            let v = v.as_bytes();
-            v.eq_ignore_ascii_case(b"keep-alive") || v.eq_ignore_ascii_case(b"close")
-        });
-        if !only_options {
-            self.more.extend(connection_listed(h).map(Cow::Owned));
-        }
+        self.more.extend(connection_listed(h).map(Cow::Owned));
     }
 
     #[inline]
@@ -110,25 +113,24 @@ fn hop_name(name: &HeaderName) -> Cow<'static, HeaderName> {
 /// (first) `Keep-Alive` value it removed: a backend's announced idle time, read without a
 /// lookup of its own.
 ///
-/// One pass over the names, then one removal per header actually present (a message
+/// One pass over the fields, then one removal per header actually present (a message
 /// carries a handful of headers; probing seven absent names would hash each of them).
 /// Nothing is allocated unless more than two names go, or `Connection` names others.
 /// A message with none (most answers of an HTTP/1.1 backend that keeps its connections
-/// alive by default) costs only a look at its names, up to the first that goes.
+/// alive by default) costs only a look at its names.
 pub fn strip(h: &mut HeaderMap) -> Option<HeaderValue> {
-    if !h.keys().any(|n| is_hop_by_hop(n.as_str())) {
-        return None;
-    }
-    let mut gone = Removals::default();
-    let mut connection = false;
-    for name in h.keys() {
+    // Made at the first hop-by-hop field: a message with none costs the pass alone.
+    let mut gone: Option<Removals> = None;
+    let mut listed = false;
+    for (name, value) in h.iter() {
         let s = name.as_str();
         if is_hop_by_hop(s) {
-            connection |= s == "connection";
-            gone.add(name, hop_name);
+            listed |= s == "connection" && lists_names(value);
+            gone.get_or_insert_default().add(name, hop_name);
         }
     }
-    if connection {
+    let mut gone = gone?;
+    if listed {
         gone.add_connection_listed(h);
     }
     let mut keep_alive = None;

@@ -13,7 +13,7 @@ use http::{Request, Response};
 use super::Timing;
 use crate::body::ForwardBody;
 use crate::config::UpstreamConfig;
-use crate::hop_by_hop::{is_hop_by_hop, Removals};
+use crate::hop_by_hop::{is_hop_by_hop, lists_names, Removals};
 use crate::rejection::Rejection;
 use crate::request_id::{FieldValue, RequestId, Token};
 use crate::upstream::{SendError, Settings, Upstream, UpstreamBody};
@@ -192,7 +192,7 @@ pub fn rewrite_request_headers(h: &mut HeaderMap, info: &ForwardInfo<'_>, mut ad
     // Made when a first name goes (most requests remove none): an unused list still cost
     // its drop, a look at each of its slots.
     let mut doomed: Option<Removals> = None;
-    let (mut connection, mut xff, mut xfp, mut xfh, mut cookies) = (false, false, false, false, 0);
+    let (mut listed, mut xff, mut xfp, mut xfh, mut cookies) = (false, false, false, false, 0);
     let mut host: Option<HeaderValue> = None;
     let mut traceparent_ok = false;
     let mut traceparent = false;
@@ -216,13 +216,13 @@ pub fn rewrite_request_headers(h: &mut HeaderMap, info: &ForwardInfo<'_>, mut ad
             _ => {}
         }
         if dropped_on_forward(s, info) {
-            connection |= s == "connection";
+            listed |= s == "connection" && lists_names(value);
             if !added.leave_out(name, value) {
                 doomed.get_or_insert_default().add(name, to_remove);
             }
         }
     }
-    if connection {
+    if listed {
         doomed.get_or_insert_default().add_connection_listed(h);
     }
     if let Some(doomed) = doomed {
