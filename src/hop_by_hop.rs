@@ -119,7 +119,10 @@ fn hop_name(name: &HeaderName) -> Cow<'static, HeaderName> {
 /// A message with none (most answers of an HTTP/1.1 backend that keeps its connections
 /// alive by default) costs only a look at its names.
 pub fn strip(h: &mut HeaderMap) -> Option<HeaderValue> {
-    // Made at the first hop-by-hop field: a message with none costs the pass alone.
+    // Made at the first hop-by-hop field: a message with none costs the pass alone. One pass
+    // over names and values rather than a look at the names first (which stops at the first
+    // that goes) and then this: ~35 more for an answer without hop-by-hop fields (hyper's,
+    // Go's), ~180 less for one with `Connection: keep-alive` (nginx's, Node's, Apache's).
     let mut gone: Option<Removals> = None;
     let mut listed = false;
     for (name, value) in h.iter() {
