@@ -93,7 +93,8 @@ pub(crate) struct Encode<'encode, T> {
     #[cfg(feature = "server")]
     date_header: bool,
     // scp-gateway patch (see PATCHED.md): the fields a client request's transport holds for
-    // it, whose `skip` names leave fields of the map unwritten.
+    // it; when they left a map field out (`AppendedHeaders::leave_out`), the client skips
+    // the fields that hold the marker as it writes the map.
     #[cfg(feature = "client")]
     appended: Option<&'encode crate::ext::AppendedHeaders>,
 }
