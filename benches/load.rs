@@ -18,7 +18,9 @@
 //! `LOAD_CONNECTIONS` (default 64), `LOAD_APIS` (default 1000), `LOAD_IDLE` (idle
 //! connections, default 10000), `LOAD_ROWS` (comma-separated parts of row names: only those
 //! rows are measured, e.g. `LOAD_ROWS=fleet,full chain (1w)`), `LOAD_CALLGRIND` (`0`: no
-//! instruction counts; or the counts to take, of `floor,bare,full,apis,fleet,trace,nginx`), `LOAD_KEEP`
+//! instruction counts; or the counts to take, of `floor,bare,full,apis,fleet,trace,nginx`; a
+//! name takes the counts whose label starts with it: `bare` also takes `bare-ka`, the bare
+//! route behind a backend answering with nginx's head, and `bare@16`), `LOAD_KEEP`
 //! (a directory the callgrind profiles are copied to, for `callgrind_annotate`),
 //! `LOAD_CALLGRIND_ARGS` (more callgrind options, space-separated, e.g. `--dump-instr=yes`
 //! to find a cost's call site by address), `LOAD_OPEN` (`0`: no open-loop runs), `LOAD_SYSCALLS` (`0`: no system call counts; or
@@ -95,6 +97,21 @@ fn work_dir() -> tempfile::TempDir {
 
 /// The minimal backend: `200 ok`, keep-alive; counts accepted connections.
 fn start_backend(accepted: Arc<AtomicUsize>) -> SocketAddr {
+    start_backend_answering(accepted, false)
+}
+
+/// The answer head nginx 1.22 writes for `return 200 "ok"` (hyper adds `Date` and
+/// `Content-Length`): what most real backends send, `Connection: keep-alive` included,
+/// which the minimal backend's head (hyper's) does not have.
+const NGINX_LIKE_HEAD: [(&str, &str); 3] = [
+    ("server", "nginx/1.22.1"),
+    ("content-type", "text/plain"),
+    ("connection", "keep-alive"),
+];
+
+/// A backend answering `200 ok` on keep-alive connections, with an nginx-like answer
+/// head ([`NGINX_LIKE_HEAD`]) if `nginx_like`; counts accepted connections.
+fn start_backend_answering(accepted: Arc<AtomicUsize>, nginx_like: bool) -> SocketAddr {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -111,10 +128,17 @@ fn start_backend(accepted: Arc<AtomicUsize>) -> SocketAddr {
                 accepted.fetch_add(1, Ordering::Relaxed);
                 let _ = stream.set_nodelay(true);
                 tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(|_req| async {
-                        Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from_static(
-                            b"ok",
-                        ))))
+                    let svc = hyper::service::service_fn(move |_req| async move {
+                        let mut answer = http::Response::new(Full::new(Bytes::from_static(b"ok")));
+                        if nginx_like {
+                            for (name, value) in NGINX_LIKE_HEAD {
+                                answer.headers_mut().insert(
+                                    http::HeaderName::from_static(name),
+                                    http::HeaderValue::from_static(value),
+                                );
+                            }
+                        }
+                        Ok::<_, Infallible>(answer)
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
@@ -2123,6 +2147,23 @@ fn main() {
                 &|prefix, name| start_gateway(&gw, &single, name, prefix, 1, false, &cfg),
             )
         });
+        // The floor and the bare route behind a backend whose answer head is nginx's
+        // (`Server`, `Content-Type`, `Connection: keep-alive`): the answer's hop-by-hop
+        // handling and its larger head, which the minimal backend's answer does not have.
+        let nginx_like = start_backend_answering(Arc::new(AtomicUsize::new(0)), true);
+        let single_ka = tmp.path().join("single-nginx-like");
+        write(
+            &single_ka,
+            "bare.json",
+            &snapshot("bare", "bare.test", nginx_like, 2),
+        );
+        let fl_ka = callgrind_per_request(dir, "floor-ka", 1, "bare.test", &[], &|prefix, _| {
+            start_floor(prefix, 1, nginx_like, false)
+        });
+        let bare_ka =
+            callgrind_per_request(dir, "bare-ka", 1, "bare.test", &[], &|prefix, name| {
+                start_gateway(&gw, &single_ka, name, prefix, 1, false, "")
+            });
         let ng = has("nginx")
             .then(|| {
                 callgrind_per_request(dir, "nginx", 1, "bare.test", &[], &|prefix, name| {
@@ -2186,6 +2227,22 @@ fn main() {
             );
         }
         line("nginx", ng, fl, None, "");
+        line(
+            "floor, backend answering with nginx's head (Connection: keep-alive ...)",
+            fl_ka,
+            fl,
+            None,
+            "",
+        );
+        println!(
+            "  gateway, bare route, backend answering with nginx's head {}{}{}",
+            show(bare_ka),
+            match (bare_ka, fl_ka) {
+                (Some(v), Some(f)) => format!(" ({:.2}× that floor)", v / f),
+                _ => String::new(),
+            },
+            ratio_to(bare_ka, bare, "bare route")
+        );
         println!();
         println!(
             "instructions per proxied request, {CONCURRENT} keep-alive connections at once (callgrind, 1 worker, {} requests on each after {} uncounted):",
