@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::HeaderValue;
-use rustc_hash::{FxHashMap, FxHashSet};
+use rustc_hash::FxHashMap;
 use subtle::ConstantTimeEq;
 
 use crate::rejection::AuthFailure;
@@ -45,16 +45,20 @@ pub struct CompiledPlan {
     pub limit_header: HeaderValue,
     /// The quota window in force (computed once per window, not per request).
     pub window: crate::policy::quota::WindowCache,
-    /// SHA-256 digest → key. Fx hashing: the digests are uniform and cannot be steered
-    /// (SipHash, std's default against chosen keys, costs ten times more per request).
-    keys: FxHashMap<[u8; 32], Arc<ApiKey>>,
+    /// The plan's keys; a key's [`ApiKey::index`] is its place here.
+    keys: Box<[Arc<ApiKey>]>,
+    /// SHA-256 digest → the key's index. Fx hashing: the digests are uniform and cannot be
+    /// steered (SipHash, std's default against chosen keys, costs ten times more per
+    /// request).
+    digests: FxHashMap<[u8; 32], u32>,
     /// Values presented before and found, per worker: a value's SHA-256 is made once per
     /// worker, not per request.
     found: FoundKeys,
 }
 
 /// The values of a plan's keys that requests presented and that were found, one map per
-/// worker (see [`crate::worker`]): the value's tag → the key's digest.
+/// worker (see [`crate::worker`]): the value's tag → the key's index (a found value needs
+/// no second lookup).
 ///
 /// Why: SHA-256 of the presented value is the one expensive step of a key check. With
 /// the CPU's SHA extensions it is ~100 ns; without them (Intel before Ice Lake, still
@@ -82,7 +86,7 @@ struct FoundKeys {
 
 #[repr(align(64))]
 #[derive(Default)]
-struct FoundShard(Mutex<FxHashMap<u128, [u8; 32]>>);
+struct FoundShard(Mutex<FxHashMap<u128, u32>>);
 
 impl FoundKeys {
     fn new() -> Self {
@@ -99,7 +103,7 @@ impl FoundKeys {
     }
 
     /// The current worker's map.
-    fn shard(&self) -> std::sync::MutexGuard<'_, FxHashMap<u128, [u8; 32]>> {
+    fn shard(&self) -> std::sync::MutexGuard<'_, FxHashMap<u128, u32>> {
         let shard = &self.shards[crate::worker::index().min(self.shards.len() - 1)];
         // A panic while held cannot leave the map half-changed (one insert or get).
         shard
@@ -129,6 +133,8 @@ impl std::fmt::Debug for FoundKeys {
 #[derive(Debug)]
 pub struct ApiKey {
     pub id: Arc<str>,
+    /// The key's place in its plan (see [`StageKeys::allowed`]).
+    pub index: u32,
     /// `id` as the `x-scp-api-key-id` value forwarded to backends.
     pub header: Option<HeaderValue>,
     /// Where the quota store keeps this key's counter under its plan.
@@ -141,16 +147,20 @@ impl CompiledPlan {
     pub fn compile(p: &UsagePlan) -> Self {
         // Every secret of a key (primary and secondary) maps to the one key: both count as
         // the same key id for quotas, throttling, usage and `x-scp-api-key-id`.
-        let mut keys = FxHashMap::default();
+        let mut digests = FxHashMap::default();
+        let mut keys = Vec::with_capacity(p.api_keys.len());
         for k in &p.api_keys {
-            let key = Arc::new(ApiKey {
+            // A snapshot's plan has far fewer than 2^32 keys (each is a JSON object).
+            let index = u32::try_from(keys.len()).unwrap_or(u32::MAX);
+            keys.push(Arc::new(ApiKey {
                 id: Arc::from(k.id.as_str()),
+                index,
                 header: crate::interned::header_value(&k.id),
                 quota: Default::default(),
                 throttle: Default::default(),
-            });
+            }));
             for digest in k.digests().flatten() {
-                keys.insert(digest, key.clone());
+                digests.insert(digest, index);
             }
         }
         Self {
@@ -161,7 +171,8 @@ impl CompiledPlan {
             limit_header: crate::interned::header_value(&p.limit.to_string())
                 .unwrap_or_else(|| HeaderValue::from(p.limit)),
             window: Default::default(),
-            keys,
+            keys: keys.into(),
+            digests,
             found: FoundKeys::new(),
         }
     }
@@ -171,18 +182,26 @@ impl CompiledPlan {
     pub fn find(&self, presented: &[u8]) -> Option<&Arc<ApiKey>> {
         let tag = self.found.tag(presented);
         let known = self.found.shard().get(&tag).copied();
-        if let Some(digest) = known {
-            return self.keys.get(&digest);
-        }
-        let (digest, key) = self.find_by_digest(presented)?;
-        self.found.shard().insert(tag, digest);
-        Some(key)
+        let index = match known {
+            Some(index) => index,
+            None => {
+                let index = self.find_by_digest(presented)?;
+                self.found.shard().insert(tag, index);
+                index
+            }
+        };
+        self.keys.get(index as usize)
     }
 
-    /// The key whose value is `presented`, by the value's SHA-256 digest, and that digest.
-    fn find_by_digest(&self, presented: &[u8]) -> Option<([u8; 32], &Arc<ApiKey>)> {
+    /// The plan's key with this id.
+    pub fn key_by_id(&self, id: &str) -> Option<&Arc<ApiKey>> {
+        self.keys.iter().find(|k| &*k.id == id)
+    }
+
+    /// The index of the key whose value is `presented`, by the value's SHA-256 digest.
+    fn find_by_digest(&self, presented: &[u8]) -> Option<u32> {
         let digest = crate::snapshot::model::sha256(presented);
-        let (stored, id) = self.keys.get_key_value(&digest)?;
+        let (stored, index) = self.digests.get_key_value(&digest)?;
         // Compared a word at a time (subtle compares a byte slice byte by byte).
         let words = |d: &[u8; 32]| -> [u64; 4] {
             std::array::from_fn(|i| {
@@ -191,7 +210,7 @@ impl CompiledPlan {
                 u64::from_ne_bytes(w)
             })
         };
-        bool::from(words(stored)[..].ct_eq(&words(&digest)[..])).then_some((digest, id))
+        bool::from(words(stored)[..].ct_eq(&words(&digest)[..])).then_some(*index)
     }
 }
 
@@ -199,7 +218,30 @@ impl CompiledPlan {
 #[derive(Debug, Default)]
 pub struct StageKeys {
     pub plan: Option<Arc<CompiledPlan>>,
-    pub allowed: Option<FxHashSet<Arc<str>>>,
+    /// When the stage lists its keys: for each key of the plan, by [`ApiKey::index`],
+    /// whether it is listed (ids that are no key of the plan are left out: no value can
+    /// be one of them).
+    pub allowed: Option<Box<[bool]>>,
+}
+
+impl StageKeys {
+    /// The rules of a stage with usage plan `plan` and, if it lists them, keys `listed`
+    /// (ids).
+    pub fn new<'a>(
+        plan: Option<Arc<CompiledPlan>>,
+        listed: Option<impl IntoIterator<Item = &'a str>>,
+    ) -> Self {
+        let allowed = listed.map(|ids| {
+            let mut allowed = vec![false; plan.as_ref().map_or(0, |p| p.keys.len())];
+            for id in ids {
+                if let Some(k) = plan.as_ref().and_then(|p| p.key_by_id(id)) {
+                    allowed[k.index as usize] = true;
+                }
+            }
+            allowed.into()
+        });
+        Self { plan, allowed }
+    }
 }
 
 impl StageKeys {
@@ -216,7 +258,7 @@ impl StageKeys {
             .find(presented.as_bytes())
             .ok_or(AuthFailure::UnknownKey)?;
         if let Some(allowed) = &self.allowed {
-            if !allowed.contains(&key.id) {
+            if !allowed.get(key.index as usize).copied().unwrap_or(false) {
                 return Err(AuthFailure::KeyNotAllowed);
             }
         }
@@ -292,16 +334,45 @@ mod tests {
             AuthFailure::UnknownKey
         );
         assert_eq!(all.check(None).unwrap_err(), AuthFailure::MissingKey);
-        let only_k02 = StageKeys {
-            plan: Some(plan()),
-            allowed: Some([Arc::from("k02")].into_iter().collect()),
-        };
+        let only_k02 = StageKeys::new(Some(plan()), Some(["k02", "k99"]));
         assert_eq!(
             only_k02
                 .check(hdr("mobile-app-key-0001").as_ref())
                 .unwrap_err(),
             AuthFailure::KeyNotAllowed
         );
+        // The listed key passes, found by digest the first time and then among the
+        // worker's values found; an id that is no key of the plan lets nothing through.
+        for _ in 0..2 {
+            assert_eq!(
+                &*only_k02
+                    .check(hdr("plain-key-value").as_ref())
+                    .unwrap()
+                    .1
+                    .id,
+                "k02"
+            );
+        }
+        let only_k01 = StageKeys::new(Some(plan()), Some(["k01"]));
+        assert_eq!(
+            &*only_k01
+                .check(hdr("mobile-app-key-0001").as_ref())
+                .unwrap()
+                .1
+                .id,
+            "k01"
+        );
+        assert_eq!(
+            only_k01.check(hdr("plain-key-value").as_ref()).unwrap_err(),
+            AuthFailure::KeyNotAllowed
+        );
+        let none_listed = StageKeys::new(Some(plan()), Some(["k99"]));
+        for v in ["mobile-app-key-0001", "plain-key-value"] {
+            assert_eq!(
+                none_listed.check(hdr(v).as_ref()).unwrap_err(),
+                AuthFailure::KeyNotAllowed
+            );
+        }
         let no_plan = StageKeys::default();
         assert_eq!(
             no_plan.check(hdr("plain-key-value").as_ref()).unwrap_err(),

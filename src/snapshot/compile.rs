@@ -425,17 +425,15 @@ pub fn compile(s: Snapshot) -> Result<CompiledApi, Vec<Issue>> {
                 .map(|(_, c)| c.clone())
                 .collect(),
         );
-        let keys = StageKeys {
-            plan: st
-                .usage_plan_id
+        let keys = StageKeys::new(
+            st.usage_plan_id
                 .as_deref()
                 .and_then(|id| plans.get(id))
                 .cloned(),
-            allowed: st
-                .usage_plan_api_keys
+            st.usage_plan_api_keys
                 .as_ref()
-                .map(|ks| ks.iter().map(|k| Arc::from(k.id.as_str())).collect()),
-        };
+                .map(|ks| ks.iter().map(|k| k.id.as_str())),
+        );
         let Some(deployment) = deployments.get(st.deployment_id.as_str()).cloned() else {
             errors.push(issue(
                 format!("stages[{i}].deployment_id"),
