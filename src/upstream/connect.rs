@@ -167,16 +167,48 @@ struct Transport {
 /// A backend socket: plain TCP or TLS.
 enum BackendIo {
     Plain(TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    Tls(Box<TlsIo>),
 }
 
+type TlsIo = tokio_rustls::client::TlsStream<TcpStream>;
+
+/// The TLS stream's reads and writes are called, not inlined, into the transport's: a
+/// plain connection's read or write then saves and restores fewer registers (the TLS
+/// code inlined made each call ~40 instructions dearer).
 impl BackendIo {
+    #[inline(always)]
     fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         match self {
             BackendIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            BackendIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            BackendIo::Tls(s) => tls_read(s, cx, buf),
         }
     }
+
+    #[inline(always)]
+    fn poll_write_vectored(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self {
+            BackendIo::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            BackendIo::Tls(s) => tls_write_vectored(s, cx, bufs),
+        }
+    }
+}
+
+#[inline(never)]
+fn tls_read(s: &mut TlsIo, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    Pin::new(s).poll_read(cx, buf)
+}
+
+#[inline(never)]
+fn tls_write_vectored(
+    s: &mut TlsIo,
+    cx: &mut Context<'_>,
+    bufs: &[io::IoSlice<'_>],
+) -> Poll<io::Result<usize>> {
+    Pin::new(s).poll_write_vectored(cx, bufs)
 }
 
 impl hyper::rt::Read for Transport {
@@ -236,10 +268,7 @@ impl hyper::rt::Write for Transport {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        let r = match &mut this.io {
-            BackendIo::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            BackendIo::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-        };
+        let r = this.io.poll_write_vectored(cx, bufs);
         this.wrote(bufs, &r);
         r
     }
