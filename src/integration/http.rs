@@ -193,6 +193,9 @@ pub fn rewrite_request_headers(h: &mut HeaderMap, info: &ForwardInfo<'_>, mut ad
     // its drop, a look at each of its slots.
     let mut doomed: Option<Removals> = None;
     let (mut listed, mut xff, mut xfp, mut xfh, mut cookies) = (false, false, false, false, 0);
+    // A `Connection` that is only `keep-alive` or `close` (browsers send it on every
+    // HTTP/1.1 request): removed by its name after the pass, with no list made for it.
+    let mut plain_connection = false;
     let mut host: Option<HeaderValue> = None;
     let mut traceparent_ok = false;
     let mut traceparent = false;
@@ -216,14 +219,23 @@ pub fn rewrite_request_headers(h: &mut HeaderMap, info: &ForwardInfo<'_>, mut ad
             _ => {}
         }
         if dropped_on_forward(s, info) {
-            listed |= s == "connection" && lists_names(value);
+            if s == "connection" {
+                if !lists_names(value) {
+                    plain_connection = true;
+                    continue;
+                }
+                listed = true;
+            }
             if !added.leave_out(name, value) {
                 doomed.get_or_insert_default().add(name, to_remove);
             }
         }
     }
     if listed {
+        // `Connection` itself is in `doomed` (all its values go with it).
         doomed.get_or_insert_default().add_connection_listed(h);
+    } else if plain_connection {
+        h.remove(header::CONNECTION);
     }
     if let Some(doomed) = doomed {
         for n in doomed.iter() {
@@ -522,6 +534,32 @@ mod tests {
         assert_eq!(h["x-scp-stage"], "prod");
         assert_eq!(h["x-scp-request-id"], "rid");
         assert!(valid_traceparent(h["traceparent"].as_bytes()));
+    }
+
+    #[test]
+    fn a_browsers_plain_connection_goes_and_only_it() {
+        // `keep-alive` or `close` alone (browsers, curl with -H), in either case and with
+        // a second value: Connection goes, the fields around it stay, for either backend.
+        for values in [&["keep-alive"][..], &["Close"], &["keep-alive", "CLOSE"]] {
+            for appended in [false, true] {
+                let mut h = HeaderMap::new();
+                for v in values {
+                    h.append("connection", HeaderValue::from_static(v));
+                }
+                h.insert("x-custom", HeaderValue::from_static("kept"));
+                h.insert("keep-alive", HeaderValue::from_static("kept-no-more"));
+                let rid = RequestId::Kept(HeaderValue::from_static("rid"));
+                let host = HeaderValue::from_static("api.example.com");
+                if appended {
+                    rewrite_appending(&mut h, &info(&rid, &host));
+                } else {
+                    rewrite_request_headers(&mut h, &info(&rid, &host), Added::Map);
+                }
+                assert!(!h.contains_key("connection"), "{values:?}");
+                assert!(!h.contains_key("keep-alive"), "{values:?}");
+                assert_eq!(h["x-custom"], "kept", "{values:?}");
+            }
+        }
     }
 
     /// Rewrites `h` for a plain backend: the appended fields' lines.
