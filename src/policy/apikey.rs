@@ -193,11 +193,6 @@ impl CompiledPlan {
         self.keys.get(index as usize)
     }
 
-    /// The plan's key with this id.
-    pub fn key_by_id(&self, id: &str) -> Option<&Arc<ApiKey>> {
-        self.keys.iter().find(|k| &*k.id == id)
-    }
-
     /// The index of the key whose value is `presented`, by the value's SHA-256 digest.
     fn find_by_digest(&self, presented: &[u8]) -> Option<u32> {
         let digest = crate::snapshot::model::sha256(presented);
@@ -232,11 +227,13 @@ impl StageKeys {
         listed: Option<impl IntoIterator<Item = &'a str>>,
     ) -> Self {
         let allowed = listed.map(|ids| {
-            let mut allowed = vec![false; plan.as_ref().map_or(0, |p| p.keys.len())];
-            for id in ids {
-                if let Some(k) = plan.as_ref().and_then(|p| p.key_by_id(id)) {
-                    allowed[k.index as usize] = true;
-                }
+            let keys = plan.as_ref().map_or(&[][..], |p| &p.keys[..]);
+            // Ids to places once, so that a long list against a large plan stays linear.
+            let by_id: FxHashMap<&str, usize> =
+                keys.iter().map(|k| (&*k.id, k.index as usize)).collect();
+            let mut allowed = vec![false; keys.len()];
+            for i in ids.into_iter().filter_map(|id| by_id.get(id)) {
+                allowed[*i] = true;
             }
             allowed.into()
         });
