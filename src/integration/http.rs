@@ -13,7 +13,7 @@ use http::{Request, Response};
 use super::Timing;
 use crate::body::ForwardBody;
 use crate::config::UpstreamConfig;
-use crate::hop_by_hop::{is_hop_by_hop, ConnectionSeen, Removals};
+use crate::hop_by_hop::{is_hop_by_hop, lists_names, Removals};
 use crate::rejection::Rejection;
 use crate::request_id::{FieldValue, RequestId, Token};
 use crate::upstream::{SendError, Settings, Upstream, UpstreamBody};
@@ -192,8 +192,10 @@ pub fn rewrite_request_headers(h: &mut HeaderMap, info: &ForwardInfo<'_>, mut ad
     // Made when a first name goes (most requests remove none): an unused list still cost
     // its drop, a look at each of its slots.
     let mut doomed: Option<Removals> = None;
-    let (mut xff, mut xfp, mut xfh, mut cookies) = (false, false, false, 0);
-    let mut connection = ConnectionSeen::default();
+    let (mut listed, mut xff, mut xfp, mut xfh, mut cookies) = (false, false, false, false, 0);
+    // A `Connection` that is only `keep-alive` or `close` (browsers send it on every
+    // HTTP/1.1 request): removed by its name after the pass, with no list made for it.
+    let mut plain_connection = false;
     let mut host: Option<HeaderValue> = None;
     let mut traceparent_ok = false;
     let mut traceparent = false;
@@ -216,14 +218,25 @@ pub fn rewrite_request_headers(h: &mut HeaderMap, info: &ForwardInfo<'_>, mut ad
             }
             _ => {}
         }
-        if !dropped_on_forward(s, info) || (s == "connection" && !connection.needs_list(value)) {
-            continue;
-        }
-        if !added.leave_out(name, value) {
-            doomed.get_or_insert_default().add(name, to_remove);
+        if dropped_on_forward(s, info) {
+            if s == "connection" {
+                if !lists_names(value) {
+                    plain_connection = true;
+                    continue;
+                }
+                listed = true;
+            }
+            if !added.leave_out(name, value) {
+                doomed.get_or_insert_default().add(name, to_remove);
+            }
         }
     }
-    connection.finish(h, &mut doomed);
+    if listed {
+        // `Connection` itself is in `doomed` (all its values go with it).
+        doomed.get_or_insert_default().add_connection_listed(h);
+    } else if plain_connection {
+        h.remove(header::CONNECTION);
+    }
     if let Some(doomed) = doomed {
         for n in doomed.iter() {
             h.remove(n);
